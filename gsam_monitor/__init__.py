@@ -6,9 +6,21 @@ its scale-invariant and shrinkage variants, spectral metrics and Gaussianity che
 to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
 """
 
-from gsam_monitor import metrics
+from gsam_monitor import metrics, sinks
+from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor.sinks import JsonlSink, TensorBoardSink, WandbSink
 from gsam_monitor.stats import LayerStats, MardiaAccumulator
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerStats", "MardiaAccumulator", "__version__", "metrics"]
+__all__ = [
+    "GSAMMonitor",
+    "JsonlSink",
+    "LayerStats",
+    "MardiaAccumulator",
+    "TensorBoardSink",
+    "WandbSink",
+    "__version__",
+    "metrics",
+    "sinks",
+]

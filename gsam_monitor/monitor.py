@@ -1,0 +1,779 @@
+"""GSAMMonitor: per-layer activation geometry of a model, logged while it trains or runs.
+
+The monitor hooks the chosen layers (``gsam_monitor.layers``), feeds every forward's hidden
+states, padding dropped and tokens optionally subsampled (``gsam_monitor.hooks``), into one
+``LayerStats`` per layer and phase, and every ``every_n_steps`` optimizer steps turns them
+into metrics (``gsam_monitor.metrics.compute``) that go to the sinks (``gsam_monitor.sinks``).
+
+Windows: ``"interval"`` statistics restart after every log; ``"cumulative"`` ones never do;
+``"ema"`` ones decay by ``0.5 ** (1 / ema_half_life)`` at every ``step()``. Held-out scores
+(``heldout_loglik``) rate each window under the previous logged window's fit.
+
+Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 5d)`` bytes
+per phase (fp64: 8·d², so d = 768: 4.7 MB, d = 4096: 134 MB, d = 8192: 537 MB), twice that
+when ``heldout_loglik`` is selected (the previous window's fit is kept), plus one transient
+copy per layer at log time for cumulative/EMA windows under ``torch.distributed``. The
+budget ``max_state_bytes`` is checked at construction.
+
+A monitor problem never stops training: exceptions inside hooks, metric computation or a
+sink are counted (``errors``), warned about once, and skipped; a failing sink is disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gsam_monitor import metrics as _metrics
+from gsam_monitor.hooks import (
+    ForwardContext,
+    HookHandles,
+    TokenSampler,
+    attention_mask_position,
+    extract_hidden,
+    in_backward,
+    infer_phase,
+    register_context_hooks,
+    register_layer_hook,
+    to_rows,
+)
+from gsam_monitor.layers import LayerSpec, LayerTarget, resolve_layers, unwrap_model
+from gsam_monitor.sinks import Sink, layer_key, make_sink, metric_key
+from gsam_monitor.stats import LayerStats
+
+__all__ = ["DEFAULT_MAX_STATE_BYTES", "GSAMMonitor", "state_bytes_per_layer"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_STATE_BYTES = 8 * 2**30
+"""8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits."""
+
+_PHASES = ("train", "eval")
+_WINDOWS = ("interval", "cumulative", "ema")
+_HIGHER_METRICS = {"mean_kurtosis", "anisotropy"}
+META_PREFIX = "gsam_monitor"
+
+
+def state_bytes_per_layer(
+    dim: int,
+    *,
+    state_dtype: torch.dtype = torch.float64,
+    phases: Sequence[str] = _PHASES,
+    heldout: bool = True,
+) -> int:
+    """Bytes of statistics the monitor keeps for one layer of feature size ``dim``.
+
+    ``LayerStats.state_bytes(dim)`` per phase, doubled when the previous window's fit is
+    kept for ``heldout_loglik``.
+    """
+    return LayerStats.state_bytes(dim, state_dtype) * len(phases) * (2 if heldout else 1)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _dist() -> Any | None:
+    """``torch.distributed`` when a process group is initialised, else ``None``."""
+    if not torch.distributed.is_available():
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_initialized() else None
+
+
+class GSAMMonitor:
+    """Watch the activation geometry of chosen layers and log GSAM and related metrics.
+
+    Args:
+        model: The model (DDP-, FSDP- or ``torch.compile``-wrapped models are fine).
+        layers: What to watch: ``"auto"`` (every block of the repeated stack), module names,
+            globs (``"encoder.layer.*"``), compiled regexes, module types or module objects,
+            plus ``"embeddings"`` (embedding output) and ``"final_norm"``; one or a list.
+        ignore: Specs of the same kinds to leave out.
+        every_n_steps: Log every this many optimizer steps (``step()`` calls).
+        window: ``"interval"`` (reset after each log), ``"cumulative"`` (never reset) or
+            ``"ema"`` (moments decay with ``ema_half_life``).
+        ema_half_life: Half-life of the EMA window in ``step()`` calls; default ``every_n_steps``.
+        collect_steps: Collect only during the last ``k`` steps before each log; the hooks
+            are removed on the other steps, so they cost nothing. ``None``: every step.
+        max_tokens_per_layer: At most this many tokens per layer per forward call, sampled
+            uniformly without replacement among the non-padding ones; ``None``: every token.
+        metrics: ``"default"``, ``"all"`` or a list of ``metrics.METRIC_NAMES``.
+        sinks: Sink objects, callables ``(metrics, step)`` or names (``"tensorboard"``,
+            ``"wandb"``, ``"jsonl"``, ``"logging"``).
+        state_dtype: Dtype of the accumulated moments (fp64; fp32 halves the memory).
+        product_dtype: Dtype of the per-batch Gram products (see ``LayerStats``).
+        phases: Which phases to monitor: ``"train"`` (grad enabled and ``model.training``)
+            and/or ``"eval"`` (``torch.no_grad()`` or eval mode, e.g. plain inference).
+        seed: Seed of the token subsampling (offset by the distributed rank).
+        max_state_bytes: Refuse configurations whose statistics would exceed this many bytes
+            (see ``state_bytes_per_layer``); ``None`` for no limit.
+        spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
+            support it every this many logs; ``None`` or 0 never.
+        process_group: The ``torch.distributed`` group to sync over (default: the world).
+
+    Raises:
+        ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
+            non-positive interval, an unknown window, phase or sink, or a configuration whose
+            state exceeds ``max_state_bytes``.
+        TypeError: an argument of the wrong type.
+
+    Example::
+
+        monitor = GSAMMonitor(model, every_n_steps=100, sinks=[TensorBoardSink("runs/gsam")])
+        with monitor:
+            for batch in loader:
+                loss = model(**batch).loss
+                loss.backward(); optimizer.step(); optimizer.zero_grad()
+                monitor.step()          # logs "gsam/encoder.layer.0", ... every 100 steps
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec | Iterable[LayerSpec] = "auto",
+        *,
+        ignore: LayerSpec | Iterable[LayerSpec] | None = None,
+        every_n_steps: int = 100,
+        window: Literal["interval", "cumulative", "ema"] = "interval",
+        ema_half_life: float | None = None,
+        collect_steps: int | None = None,
+        max_tokens_per_layer: int | None = 2048,
+        metrics: str | Iterable[str] = "default",
+        sinks: Iterable[Any] | Any = (),
+        state_dtype: torch.dtype = torch.float64,
+        product_dtype: torch.dtype | str | None = None,
+        phases: str | Sequence[str] = _PHASES,
+        seed: int = 0,
+        max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
+        spectrum_every_n_logs: int | None = 10,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        self.every_n_steps = _positive_int(every_n_steps, "every_n_steps", "e.g. every_n_steps=100")
+        if window not in _WINDOWS:
+            raise ValueError(f"window must be one of {_WINDOWS}; got {window!r}.")
+        self.window = window
+        if ema_half_life is not None and window != "ema":
+            raise ValueError(f"ema_half_life only applies to window='ema'; got window={window!r}. Drop ema_half_life.")
+        if ema_half_life is None:
+            ema_half_life = float(self.every_n_steps)
+        if isinstance(ema_half_life, bool) or not isinstance(ema_half_life, (int, float)) or not ema_half_life > 0:
+            raise ValueError(f"ema_half_life must be a positive number of steps; got {ema_half_life!r}.")
+        self.ema_half_life = float(ema_half_life)
+        if collect_steps is not None:
+            collect_steps = _positive_int(collect_steps, "collect_steps", "or None to collect on every step")
+            if collect_steps > self.every_n_steps:
+                raise ValueError(
+                    f"collect_steps={collect_steps} exceeds every_n_steps={self.every_n_steps}; it must be at most "
+                    f"the interval (or None to collect on every step)."
+                )
+        self.collect_steps = collect_steps
+        if max_tokens_per_layer is not None:
+            max_tokens_per_layer = _positive_int(
+                max_tokens_per_layer, "max_tokens_per_layer", "or None for every token"
+            )
+        self.max_tokens_per_layer = max_tokens_per_layer
+        self.metric_names = _metrics.validate_names(metrics)
+        self.heldout = "heldout_loglik" in self.metric_names
+        self.higher_moments = bool(_HIGHER_METRICS & set(self.metric_names))
+        if isinstance(phases, str):
+            phases = (phases,)
+        phases = tuple(phases)
+        bad = [p for p in phases if p not in _PHASES]
+        if bad or not phases or len(set(phases)) != len(phases):
+            raise ValueError(f"phases must be a non-empty selection of {_PHASES} without repeats; got {phases!r}.")
+        self.phases = phases
+        if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point:
+            raise TypeError(
+                f"state_dtype must be a floating torch dtype (torch.float64 or float32); got {state_dtype!r}."
+            )
+        self.state_dtype = state_dtype
+        self.product_dtype = product_dtype
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int; got {type(seed).__name__}.")
+        if max_state_bytes is not None:
+            max_state_bytes = _positive_int(max_state_bytes, "max_state_bytes", "or None for no limit")
+        self.max_state_bytes = max_state_bytes
+        if spectrum_every_n_logs is not None and spectrum_every_n_logs != 0:
+            spectrum_every_n_logs = _positive_int(spectrum_every_n_logs, "spectrum_every_n_logs", "or None to disable")
+        self.spectrum_every_n_logs = spectrum_every_n_logs or None
+        self.process_group = process_group
+
+        self.model = model
+        self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
+        self._check_budget()
+        if isinstance(sinks, (str, Sink)) or callable(sinks):
+            sinks = [sinks]
+        self.sinks: list[Sink] = [make_sink(s) for s in sinks]
+
+        if self.every_n_steps < 10:
+            warnings.warn(
+                f"GSAMMonitor(every_n_steps={self.every_n_steps}): each log runs one eigendecomposition per layer "
+                f"and reads the statistics back to the host; logging more often than every 10 steps slows "
+                f"training. Use every_n_steps >= 10 (or collect_steps=) outside of tests.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+        dist = _dist()
+        rank = dist.get_rank() if dist is not None else 0
+        self.seed = seed
+        self._sampler = TokenSampler(seed + rank)
+        self._mask_position = attention_mask_position(unwrap_model(model))
+        self._context = ForwardContext()
+        self._handles = HookHandles()
+        self._stats: dict[tuple[str, str], LayerStats] = {}
+        self._reference: dict[tuple[str, str], LayerStats] = {}
+        self._disabled_layers: set[str] = set()
+        self._disabled_sinks: set[int] = set()
+        self._warned: set[str] = set()
+        self._attached = False
+        self._forced = 0
+        self._eager_hook: Any = None
+        self.step_count = 0
+        self._last_log_step = 0
+        self.n_logs = 0
+        self.errors = 0
+        self.missing_layers: list[str] = []
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_budget(self) -> None:
+        if self.max_state_bytes is None:
+            return
+        per_layer = [
+            (
+                t.name,
+                t.dim,
+                state_bytes_per_layer(t.dim, state_dtype=self.state_dtype, phases=self.phases, heldout=self.heldout),
+            )
+            for t in self.targets
+            if t.dim is not None
+        ]
+        total = sum(b for _, _, b in per_layer)
+        if total <= self.max_state_bytes:
+            return
+        dims = sorted({d for _, d, _ in per_layer})
+        copies = "2 (held-out fit kept)" if self.heldout else "1"
+        raise ValueError(
+            f"max_state_bytes: the monitor's statistics would need {_gib(total)} ({len(per_layer)} layers of "
+            f"d = {', '.join(map(str, dims))}; {len(self.phases)} phase(s) x {copies} "
+            f"x {str(self.state_dtype).replace('torch.', '')} d^2 state each), over max_state_bytes = "
+            f"{_gib(self.max_state_bytes)}. Fix: monitor fewer layers (layers= / ignore=), use "
+            f"state_dtype=torch.float32 (halves it), drop 'heldout_loglik' from metrics= or a phase from "
+            f"phases=, or raise max_state_bytes."
+        )
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The monitored layers' keys, in selection order."""
+        return [t.name for t in self.targets]
+
+    # ------------------------------------------------------------------ attach / detach
+    @property
+    def attached(self) -> bool:
+        """Whether the monitor is attached (its hooks may still be parked by ``collect_steps``)."""
+        return self._attached
+
+    @property
+    def hooks_registered(self) -> bool:
+        """Whether hooks are on the model right now."""
+        return len(self._handles) > 0
+
+    def attach(self) -> GSAMMonitor:
+        """Start monitoring: register the hooks (now, or when ``collect_steps`` says so)."""
+        self._attached = True
+        self._sync_hooks()
+        return self
+
+    def detach(self) -> None:
+        """Stop monitoring and remove every hook (idempotent). Statistics are kept."""
+        self._attached = False
+        self._handles.remove()
+        self._context.clear()
+
+    def close(self) -> None:
+        """Detach and close the sinks (flushing TensorBoard files)."""
+        self.detach()
+        for i, sink in enumerate(self.sinks):
+            if i in self._disabled_sinks:
+                continue
+            close = getattr(sink, "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as err:
+                self._sink_failed(i, sink, err)
+
+    def __enter__(self) -> GSAMMonitor:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[GSAMMonitor]:
+        """Keep the hooks registered for the body, whatever ``collect_steps`` says (e.g. for an
+        evaluation loop between two logs)."""
+        self._forced += 1
+        self._sync_hooks()
+        try:
+            yield self
+        finally:
+            self._forced -= 1
+            self._sync_hooks()
+
+    def _want_hooks(self) -> bool:
+        if self._forced > 0:
+            return True
+        if not self._attached:
+            return False
+        if self.collect_steps is None:
+            return True
+        # The next forward belongs to step step_count + 1; collect on the last k of each interval.
+        return self.step_count % self.every_n_steps >= self.every_n_steps - self.collect_steps
+
+    def _sync_hooks(self) -> None:
+        want = self._want_hooks()
+        if want and not self.hooks_registered:
+            self._register()
+        elif not want and self.hooks_registered:
+            self._handles.remove()
+            self._context.clear()
+
+    def _register(self) -> None:
+        for handle in register_context_hooks(self.model, self._context, self._mask_position, self._hook_error):
+            self._handles.add(handle)
+        for target in self.targets:
+            self._handles.add(register_layer_hook(target.module, target.kind, self._make_callback(target)))
+
+    def _make_callback(self, target: LayerTarget) -> Any:
+        def callback(module: nn.Module, value: Any) -> None:
+            if torch.compiler.is_compiling():
+                # Inside a torch.compile trace: run the monitor eagerly (a graph break) rather
+                # than tracing its bookkeeping into the model's graph.
+                if self._eager_hook is None:
+                    self._eager_hook = torch.compiler.disable(self._on_activation)
+                self._eager_hook(target, module, value)
+            else:
+                self._on_activation(target, module, value)
+
+        return callback
+
+    # ------------------------------------------------------------------ the hook path
+    def _on_activation(self, target: LayerTarget, module: nn.Module, value: Any) -> None:
+        try:
+            if in_backward() or target.name in self._disabled_layers:
+                return  # a gradient-checkpointing recomputation: these tokens were counted
+            context = self._context
+            phase = context.phase if context.active and context.phase else infer_phase(module)
+            if phase not in self.phases:
+                return
+            hidden = extract_hidden(value)
+            if hidden is None:
+                self._warn_once(
+                    f"unpack:{target.name}",
+                    f"GSAMMonitor: layer {target.name!r} produced {type(value).__name__} with no floating tensor "
+                    f"of shape (..., d); it is not monitored. Select a sub-module that returns the hidden states.",
+                )
+                return
+            x, channels_first = to_rows(hidden.detach(), module)  # (..., d)
+            mask = None
+            if context.mask is not None and not channels_first:
+                if tuple(context.mask.shape) == tuple(x.shape[:-1]):  # (B, T)
+                    mask = context.mask.to(x.device, non_blocking=True) != 0
+                elif x.dim() == 3:
+                    self._warn_once(
+                        "mask-shape",
+                        f"GSAMMonitor: the attention_mask has shape {tuple(context.mask.shape)} but layer "
+                        f"{target.name!r} outputs {tuple(x.shape)}; its padding cannot be dropped, so every "
+                        f"position is counted (e.g. cached decoding steps of generate()).",
+                    )
+            d = x.shape[-1]
+            rows = x.reshape(-1, d)  # (B*T, d)
+            keep = mask.reshape(-1) if mask is not None else None
+            rows, keep = self._sampler.sample(rows, keep, self.max_tokens_per_layer)
+            stats = self._stats_for(target, phase, d, rows.device)
+            if stats is not None:
+                stats.update(rows, mask=keep)
+        except Exception as err:  # never let monitoring stop the model
+            self._hook_error(err, target.name)
+
+    def _stats_for(self, target: LayerTarget, phase: str, dim: int, device: torch.device) -> LayerStats | None:
+        key = (target.name, phase)
+        stats = self._stats.get(key)
+        if stats is None:
+            if self.max_state_bytes is not None:
+                held = sum(s.nbytes for s in self._all_stats())
+                need = LayerStats.state_bytes(dim, self.state_dtype) * (2 if self.heldout else 1)
+                if held + need > self.max_state_bytes:
+                    self._disabled_layers.add(target.name)
+                    self._warn_once(
+                        f"budget:{target.name}",
+                        f"GSAMMonitor: layer {target.name!r} (d = {dim}) would take the statistics to "
+                        f"{_gib(held + need)}, over max_state_bytes = {_gib(self.max_state_bytes)}; it is not "
+                        f"monitored. Monitor fewer layers, use state_dtype=torch.float32, or raise max_state_bytes.",
+                    )
+                    return None
+            stats = self._new_stats(dim, device)
+            self._stats[key] = stats
+        elif stats.device != device:  # the model moved after attach: follow it
+            stats.to(device)
+            ref = self._reference.get(key)
+            if ref is not None:
+                ref.to(device)
+        if stats.dim != dim:
+            raise ValueError(
+                f"layer {target.name!r} changed its feature size from {stats.dim} to {dim}; its statistics cannot "
+                f"continue. Call monitor.reset() after changing the model."
+            )
+        return stats
+
+    def _new_stats(self, dim: int, device: torch.device | str) -> LayerStats:
+        return LayerStats(
+            dim,
+            device=device,
+            state_dtype=self.state_dtype,
+            product_dtype=self.product_dtype,
+            higher_moments=self.higher_moments,
+        )
+
+    def _all_stats(self) -> Iterator[LayerStats]:
+        yield from self._stats.values()
+        yield from self._reference.values()
+
+    # ------------------------------------------------------------------ errors
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            log.debug(message)
+            return
+        self._warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _hook_error(self, err: BaseException, where: str = "model") -> None:
+        self.errors += 1
+        self._warn_once(
+            "hook-error",
+            f"GSAMMonitor: an error in the hook of {where!r} was caught and skipped ({type(err).__name__}: {err}); "
+            f"training goes on. Further errors are counted in '{META_PREFIX}/errors'.",
+        )
+
+    def _sink_failed(self, index: int, sink: Any, err: BaseException) -> None:
+        self.errors += 1
+        self._disabled_sinks.add(index)
+        self._warn_once(
+            f"sink:{index}",
+            f"GSAMMonitor: sink {sink!r} raised {type(err).__name__}: {err}; it is disabled and training goes on.",
+        )
+
+    # ------------------------------------------------------------------ schedule
+    def step(self, global_step: int | None = None) -> dict[str, float] | None:
+        """Count one optimizer step; on schedule compute, sync, log and start a new window.
+
+        Args:
+            global_step: The trainer's step count, when it keeps one (resumed runs, gradient
+                accumulation); ``None`` adds one to the monitor's own count.
+
+        Returns:
+            The logged metrics (``{"gsam/encoder.layer.0": ..., ...}``) on a logging step, else None.
+        """
+        if global_step is None:
+            self.step_count += 1
+        else:
+            if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+                raise ValueError(f"global_step must be a non-negative int or None; got {global_step!r}.")
+            self.step_count = int(global_step)
+        result = None
+        if self.step_count // self.every_n_steps > self._last_log_step // self.every_n_steps:
+            result = self.log()
+        if self.window == "ema":
+            # After the log, so the newest step's data enters the next log with weight 1.
+            factor = 0.5 ** (1.0 / self.ema_half_life)
+            for stats in self._stats.values():
+                stats.decay_(factor)
+        self._sync_hooks()
+        return result
+
+    def log(self, global_step: int | None = None, *, phases: Sequence[str] | None = None) -> dict[str, float]:
+        """Compute, sync, write to the sinks and advance the window now, off schedule.
+
+        Args:
+            global_step: The step to log at (default: the monitor's step count).
+            phases: Only these phases (default: all monitored phases).
+
+        Returns:
+            The flat metrics written (finite values only), ``{}`` when nothing was collected.
+        """
+        step = self.step_count if global_step is None else int(global_step)
+        phases = self._check_phases(phases)
+        flat: dict[str, float] = {}
+        try:
+            windows = self._synced_windows(phases, in_place=self.window == "interval")
+            flat, spectra = self._metrics_of(windows)
+            self._advance(windows)
+        except Exception as err:
+            self._hook_error(err, "log")
+            spectra = {}
+        self._last_log_step = self.step_count
+        self.n_logs += 1
+        self.last_metrics = flat
+        if flat:
+            self._write(flat, spectra, step)
+        return flat
+
+    def compute(self, phase: str | None = None) -> dict[str, dict[str, float]]:
+        """The current window's metrics per layer, without logging or resetting.
+
+        Args:
+            phase: ``"train"`` or ``"eval"`` for that phase's layers under their plain names;
+                ``None`` for every phase with data, eval layers keyed ``"{layer}/eval"``.
+
+        Returns:
+            ``{layer: {metric: value}}`` for the layers that saw data (NaN where undefined).
+        """
+        phases = self._check_phases(None if phase is None else [phase])
+        windows = self._synced_windows(phases, in_place=False)
+        out: dict[str, dict[str, float]] = {}
+        for (name, ph), stats in windows.items():
+            if float(stats.count) <= 0:
+                continue
+            values = _metrics.compute(stats, self._reference.get((name, ph)), names=self.metric_names)
+            out[name if phase is not None else layer_key(name, ph)] = values
+        return out
+
+    def _check_phases(self, phases: Sequence[str] | None) -> tuple[str, ...]:
+        if phases is None:
+            return self.phases
+        if isinstance(phases, str):
+            phases = (phases,)
+        bad = [p for p in phases if p not in self.phases]
+        if bad:
+            raise ValueError(f"phase must be one of the monitored phases {self.phases}; got {bad[0]!r}.")
+        return tuple(phases)
+
+    # ------------------------------------------------------------------ window machinery
+    def _synced_windows(self, phases: Sequence[str], *, in_place: bool) -> dict[tuple[str, str], LayerStats]:
+        """Each (layer, phase) window, summed over ranks under torch.distributed.
+
+        ``in_place`` reduces the live statistics (they are reset right after, interval windows);
+        otherwise clones are reduced so that the local state stays local.
+        """
+        keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self._disabled_layers]
+        dist = _dist()
+        if dist is None or dist.get_world_size(self.process_group) == 1:
+            return {k: self._stats[k] for k in keys if k in self._stats}
+        # Ranks must reduce the same tensors in the same order: agree first on which windows
+        # exist anywhere (and their sizes), creating empty ones where a rank saw no data.
+        device = self._comm_device(dist)
+        dims = torch.tensor(
+            [self._stats[k].dim if k in self._stats else 0 for k in keys], dtype=torch.int64, device=device
+        )
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=self.process_group)
+        out: dict[tuple[str, str], LayerStats] = {}
+        for key, dim in zip(keys, dims.tolist(), strict=True):
+            if dim == 0:
+                continue
+            stats = self._stats.get(key)
+            if stats is None:
+                stats = self._stats[key] = self._new_stats(int(dim), device)
+            synced = stats if in_place else stats.clone()
+            synced.all_reduce_(self.process_group)
+            out[key] = synced
+        return out
+
+    def _comm_device(self, dist: Any) -> torch.device:
+        for stats in self._stats.values():
+            return stats.device
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _metrics_of(
+        self, windows: Mapping[tuple[str, str], LayerStats]
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        counts = {key: float(stats.count) for key, stats in windows.items()}
+        active_phases = {ph for (_, ph), n in counts.items() if n > 0}
+        if not active_phases:
+            self._warn_once(
+                "empty-window",
+                f"GSAMMonitor: no activations were captured in the window ending at step {self.step_count}; "
+                f"is the model called between steps, and is the monitor attached (attach() or `with monitor:`)?",
+            )
+            self.missing_layers = []
+            return {}, {}
+        want_spectrum = self.spectrum_every_n_logs is not None and self.n_logs % self.spectrum_every_n_logs == 0
+        flat: dict[str, float] = {}
+        spectra: dict[str, torch.Tensor] = {}
+        missing: list[str] = []
+        for phase in self.phases:
+            if phase not in active_phases:
+                continue
+            n_missing = 0
+            for target in self.targets:
+                key = (target.name, phase)
+                if target.name in self._disabled_layers:
+                    continue
+                if counts.get(key, 0.0) <= 0:
+                    n_missing += 1
+                    missing.append(layer_key(target.name, phase))
+                    continue
+                try:
+                    values, evals = _metrics.compute_with_spectrum(
+                        windows[key], self._reference.get(key), names=self.metric_names
+                    )
+                except Exception as err:
+                    self._hook_error(err, f"metrics of {target.name}")
+                    continue
+                for metric, value in values.items():
+                    value = float(value)
+                    if math.isfinite(value):  # NaN/inf never reach a sink
+                        flat[metric_key(metric, target.name, phase)] = value
+                if want_spectrum and evals is not None:
+                    spectra[layer_key(target.name, phase)] = evals
+            flat[metric_key(META_PREFIX, "missing_layers", phase)] = float(n_missing)
+        if missing:
+            self._warn_once(
+                "missing:" + ",".join(missing),
+                f"GSAMMonitor: no activations reached {', '.join(missing)} in the window ending at step "
+                f"{self.step_count}; reported as missing ('{META_PREFIX}/missing_layers'), nothing logged for them.",
+            )
+        self.missing_layers = missing
+        flat[f"{META_PREFIX}/errors"] = float(self.errors)
+        return flat, spectra
+
+    @torch.no_grad()
+    def _advance(self, windows: Mapping[tuple[str, str], LayerStats]) -> None:
+        for key, synced in windows.items():
+            has_data = float(synced.count) > 0
+            if self.window == "interval":
+                if self.heldout and has_data:
+                    old = self._reference.get(key)
+                    self._reference[key] = synced  # the synced live state, summed over ranks
+                    if old is not None:
+                        old.reset()
+                        self._stats[key] = old
+                    else:
+                        del self._stats[key]  # re-created at the next activation
+                else:
+                    self._stats[key].reset()
+            elif self.heldout and has_data:
+                self._reference[key] = synced if synced is not self._stats.get(key) else synced.clone()
+
+    # ------------------------------------------------------------------ output
+    def _is_writer(self) -> bool:
+        dist = _dist()
+        return dist is None or dist.get_rank() == 0
+
+    def _write(self, flat: Mapping[str, float], spectra: Mapping[str, torch.Tensor], step: int) -> None:
+        if not self._is_writer():
+            return
+        for i, sink in enumerate(self.sinks):
+            if i in self._disabled_sinks:
+                continue
+            try:
+                sink.write(dict(flat), step)
+                if spectra and hasattr(sink, "write_spectrum"):
+                    sink.write_spectrum(dict(spectra), step)
+            except Exception as err:
+                self._sink_failed(i, sink, err)
+
+    # ------------------------------------------------------------------ state
+    def stats(self, layer: str, phase: str = "train") -> LayerStats | None:
+        """The live statistics of ``layer`` in ``phase`` (``None`` before its first activation)."""
+        return self._stats.get((layer, phase))
+
+    def reset(self) -> None:
+        """Drop the statistics of every window and the held-out fits (the step count stays)."""
+        for stats in self._stats.values():
+            stats.reset()
+        self._reference.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state: tensors and plain values only, so that
+        ``torch.load(path, weights_only=True)`` can read it back."""
+
+        def pack(table: Mapping[tuple[str, str], LayerStats]) -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            for (name, phase), stats in table.items():
+                out.setdefault(phase, {})[name] = stats.state_dict()
+            return out
+
+        return {
+            "format": "gsam_monitor.GSAMMonitor",
+            "version": 1,
+            "layers": self.layer_names,
+            "window": self.window,
+            "step_count": self.step_count,
+            "last_log_step": self._last_log_step,
+            "n_logs": self.n_logs,
+            "errors": self.errors,
+            "stats": pack(self._stats),
+            "reference": pack(self._reference),
+            "sampler": self._sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output (e.g. from a checkpoint) to continue the windows.
+
+        Raises:
+            ValueError: if it is not a monitor state, or was saved for other layers.
+        """
+        if state_dict.get("format") != "gsam_monitor.GSAMMonitor":
+            raise ValueError(
+                "load_state_dict: not a GSAMMonitor state (no format 'gsam_monitor.GSAMMonitor'); pass the dict that "
+                "monitor.state_dict() returned."
+            )
+        saved = list(state_dict["layers"])
+        if saved != self.layer_names:
+            raise ValueError(
+                f"load_state_dict: the state is for layers {saved}, this monitor watches {self.layer_names}; construct "
+                f"the monitor with the same layers= and ignore= as the run that saved it."
+            )
+
+        def unpack(table: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], LayerStats]:
+            out: dict[tuple[str, str], LayerStats] = {}
+            for phase, layers in table.items():
+                for name, sd in layers.items():
+                    device = self._device_of(name)
+                    out[(name, phase)] = LayerStats.from_state_dict(sd, device=device, product_dtype=self.product_dtype)
+            return out
+
+        self._stats = unpack(state_dict["stats"])
+        self._reference = unpack(state_dict["reference"])
+        self.step_count = int(state_dict["step_count"])
+        self._last_log_step = int(state_dict["last_log_step"])
+        self.n_logs = int(state_dict["n_logs"])
+        self.errors = int(state_dict["errors"])
+        self._sampler.load_state_dict(state_dict["sampler"])
+        self._sync_hooks()
+
+    def _device_of(self, layer: str) -> torch.device:
+        for target in self.targets:
+            if target.name == layer:
+                param = next(target.module.parameters(), None)
+                if param is not None:
+                    return param.device
+        return torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return (
+            f"GSAMMonitor(layers={len(self.targets)}, every_n_steps={self.every_n_steps}, window={self.window!r}, "
+            f"phases={self.phases}, step={self.step_count}, attached={self._attached})"
+        )
+
+
+def _positive_int(value: Any, name: str, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int ({hint}); got {value!r}.")
+    return int(value)
