@@ -1,0 +1,420 @@
+"""GSAMTrainerCallback: GSAM monitoring for the Hugging Face ``transformers.Trainer``.
+
+One line in a Trainer setup::
+
+    trainer = Trainer(model, args, ..., callbacks=[GSAMTrainerCallback()])
+
+What happens, hook by hook (transformers v5):
+
+* ``on_train_begin``: a ``GSAMMonitor`` is built on the model the Trainer passes to its
+  callbacks and attached. Its interval is ``every_n_steps`` or else the Trainer's
+  ``logging_steps``. Its sinks are the Trainer's own: the ``TensorBoardCallback``'s
+  ``tb_writer`` (the run in ``TENSORBOARD_LOGGING_DIR`` or ``output_dir/runs/<date>``; v5 has
+  no ``args.logging_dir``) and the active W&B run, against the Trainer's
+  ``train/global_step`` axis. Only world process zero gets sinks; every rank steps the
+  monitor, because the statistics are summed over ranks at each log. When the run resumes
+  from a checkpoint holding ``gsam_monitor_state.pt``, the monitor's windows and counters
+  are restored from it (``torch.load(weights_only=True)``).
+* ``on_step_end``: ``monitor.step(state.global_step)``, so windows count optimizer steps
+  (not micro-batches under gradient accumulation) and a resumed run continues the count.
+* ``on_evaluate``: the evaluation forwards (``model.eval()`` under ``no_grad``) went into the
+  monitor's ``"eval"`` phase; they are logged now (``"{metric}/{layer}/eval"``) at the global
+  step of the evaluation, and that window restarts.
+* ``on_save``: ``monitor.state_dict()`` is written with ``torch.save`` into the checkpoint
+  folder (``gsam_monitor_state.pt``; ``gsam_monitor_state_rank{r}.pt`` for other ranks).
+* ``on_train_end``: the monitor detaches (its hooks leave the model) and closes its sinks.
+
+When training raises, the Trainer calls no callback. The callback therefore wraps the
+``train`` method of the Trainer it belongs to (found once, from the call stack, when the
+Trainer first calls it) so that an exception escaping ``trainer.train()`` detaches the
+monitor before it propagates. Two more nets: ``with GSAMTrainerCallback(...) as cb:`` detaches
+on exit, and the hooks are removed when the callback is garbage-collected (e.g. a failed
+Trainer dropped in a notebook).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from gsam_monitor.callbacks._common import check_monitor_kwargs
+from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor.sinks import TensorBoardSink, WandbSink
+
+__all__ = ["STATE_FILE", "GSAMTrainerCallback"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "gsam_monitor_state.pt"
+"""The monitor's state in a Trainer checkpoint folder (rank 0; ``..._rank{r}.pt`` for others)."""
+
+TRAINER_STEP_METRIC = "train/global_step"
+"""The x-axis the Trainer's WandbCallback declares; our W&B points use it too."""
+
+_STACK_DEPTH = 12  # frames from a callback hook up to the Trainer method that called the handler
+
+
+def _find_trainer(max_depth: int = _STACK_DEPTH) -> tuple[Any | None, str | None, bool]:
+    """The ``Trainer`` whose method is calling the callbacks, from the call stack.
+
+    Trainer hooks receive no reference to the Trainer; its ``callback_handler.on_*`` is
+    called from a Trainer method, a few frames up. Returns ``(trainer, resume_from_checkpoint,
+    found_resume)``; the second is read from ``_inner_training_loop``'s local of that name.
+    """
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    trainer = None
+    resume: str | None = None
+    found_resume = False
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        local_self = frame.f_locals.get("self")
+        if isinstance(local_self, Trainer):
+            trainer = local_self
+            if "resume_from_checkpoint" in frame.f_code.co_varnames:
+                resume = frame.f_locals.get("resume_from_checkpoint")
+                found_resume = True
+            break
+        frame = frame.f_back
+    del frame
+    return trainer, resume if isinstance(resume, (str, os.PathLike)) else None, found_resume
+
+
+def _close_quietly(monitor: GSAMMonitor) -> None:
+    try:
+        monitor.close()
+    except Exception as err:  # a finalizer or exception path must not raise
+        log.debug("GSAMTrainerCallback: closing the monitor raised %r", err)
+
+
+class _TrainerTensorBoardSink:
+    """Writes into the Trainer's ``TensorBoardCallback`` writer, whichever one it holds now.
+
+    The TensorBoardCallback creates its writer in ``on_train_begin``, closes it (and sets it to
+    ``None``) in ``on_train_end`` and creates another lazily at its next log, all in one
+    directory. Looking the writer up at every write follows those changes; when there is none,
+    the sink opens its own writer in the same directory, so TensorBoard shows one run.
+    """
+
+    def __init__(self, tb_callback: Any, fallback_dir: str | os.PathLike[str]) -> None:
+        self._tb = tb_callback
+        self._fallback_dir = str(fallback_dir)
+        self._own: TensorBoardSink | None = None
+
+    @property
+    def log_dir(self) -> str:
+        return str(getattr(self._tb, "logging_dir", None) or self._fallback_dir)
+
+    def _sink(self) -> TensorBoardSink:
+        writer = getattr(self._tb, "tb_writer", None)
+        if writer is not None:
+            return TensorBoardSink(writer)  # borrowed: never closed here
+        if self._own is None:
+            self._own = TensorBoardSink(self.log_dir)
+        return self._own
+
+    def write(self, metrics: Mapping[str, float], step: int) -> None:
+        self._sink().write(metrics, step)
+
+    def write_spectrum(self, spectra: Mapping[str, torch.Tensor], step: int) -> None:
+        self._sink().write_spectrum(spectra, step)
+
+    def close(self) -> None:
+        if self._own is not None:
+            self._own.close()
+            self._own = None
+
+    def __repr__(self) -> str:
+        return f"TrainerTensorBoardSink({self.log_dir!r})"
+
+
+class GSAMTrainerCallback(TrainerCallback):
+    """Monitor GSAM and activation geometry during ``Trainer.train()``.
+
+    Args:
+        layers: Which layers to watch (``GSAMMonitor``'s ``layers=``; default: every block of
+            the model's repeated stack).
+        every_n_steps: Log every this many optimizer steps; ``None`` follows the Trainer's
+            ``logging_steps`` (so the GSAM curves and the loss share their x values).
+        tensorboard: ``None`` writes into the Trainer's TensorBoard run when its
+            ``TensorBoardCallback`` is active (``report_to`` includes ``"tensorboard"``);
+            ``True`` also opens one in the Trainer's default place (``TENSORBOARD_LOGGING_DIR``,
+            else ``output_dir/runs/<date>_<host>``) when it is not; ``False`` never writes there.
+        wandb: ``None`` logs into the W&B run when the Trainer's ``WandbCallback`` is active or a
+            run is open at train begin; ``True`` requires a run at the first log; ``False`` never.
+        sinks: Extra sinks (objects, callables ``(metrics, step)`` or names), as ``GSAMMonitor``.
+        **monitor_kwargs: Every other ``GSAMMonitor`` argument (``max_tokens_per_layer``,
+            ``window``, ``collect_steps``, ``metrics``, ``phases``, ``state_dtype``, ...).
+
+    Attributes:
+        monitor: The ``GSAMMonitor`` (``None`` before train begins).
+        last_metrics: The last values logged per phase: ``{"train": {...}, "eval": {...}}``.
+        last_steps: The global step of each phase's last log.
+
+    Raises:
+        TypeError: a keyword argument that ``GSAMMonitor`` does not take, or a non-bool
+            ``tensorboard``/``wandb``.
+        ValueError: (at train begin) what ``GSAMMonitor`` refuses: unknown layers, metrics, ...
+
+    Example::
+
+        from gsam_monitor.callbacks import GSAMTrainerCallback
+
+        args = TrainingArguments("out", logging_steps=50, report_to=["tensorboard"])
+        trainer = Trainer(model, args, train_dataset=ds, callbacks=[GSAMTrainerCallback()])
+        trainer.train()          # "gsam/bert.encoder.layer.0", ... beside the loss in TensorBoard
+    """
+
+    def __init__(
+        self,
+        layers: Any = "auto",
+        *,
+        every_n_steps: int | None = None,
+        tensorboard: bool | None = None,
+        wandb: bool | None = None,
+        sinks: Iterable[Any] | Any = (),
+        **monitor_kwargs: Any,
+    ) -> None:
+        check_monitor_kwargs(monitor_kwargs, type(self).__name__)
+        for name, value in (("tensorboard", tensorboard), ("wandb", wandb)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{type(self).__name__}({name}=) must be None, True or False; got {value!r}.")
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise ValueError(
+                f"every_n_steps must be a positive int, or None to follow TrainingArguments.logging_steps; "
+                f"got {every_n_steps!r}."
+            )
+        self.layers = layers
+        self.every_n_steps = every_n_steps
+        self.tensorboard = tensorboard
+        self.wandb = wandb
+        self.extra_sinks = sinks
+        self.monitor_kwargs = dict(monitor_kwargs)
+        self.monitor: GSAMMonitor | None = None
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self.last_steps: dict[str, int] = {}
+        self._sinks: list[Any] = []
+        self._guarded: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._finalizer: weakref.finalize | None = None
+        self._eval_collect: Any = None
+        self._pending_checkpoint: str | None = None
+
+    # ------------------------------------------------------------------ public helpers
+    def load_checkpoint(self, checkpoint_dir: str | os.PathLike[str]) -> None:
+        """Restore the monitor from ``checkpoint_dir`` at the next train begin.
+
+        Only needed when the Trainer cannot be found on the call stack (an unusual Trainer
+        subclass): normally the folder passed to ``trainer.train(resume_from_checkpoint=...)``
+        is used.
+        """
+        self._pending_checkpoint = os.fspath(checkpoint_dir)
+
+    def close(self) -> None:
+        """Detach the monitor from the model and close its sinks (idempotent)."""
+        self._end_eval_collect()
+        if self.monitor is not None:
+            _close_quietly(self.monitor)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+
+    def __enter__(self) -> GSAMTrainerCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        trainer, _, _ = _find_trainer()
+        if trainer is not None:
+            self._guard(trainer)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
+        trainer, resume, found_resume = _find_trainer()
+        if trainer is not None:
+            self._guard(trainer)
+        if model is None:
+            raise ValueError(
+                "GSAMTrainerCallback: the Trainer passed no model to on_train_begin; construct the Trainer with "
+                "model=... (model_init= models are passed too)."
+            )
+        if self.monitor is not None and self.monitor.model is not model:
+            self.close()  # a new model (hyper-parameter search, model_init): start afresh
+            self.monitor = None
+        if self.monitor is None:
+            every = self.every_n_steps if self.every_n_steps is not None else max(1, int(state.logging_steps))
+            self._sinks = self._trainer_sinks(trainer, args, state) if state.is_world_process_zero else []
+            extra = self.extra_sinks
+            if isinstance(extra, str) or callable(extra) or hasattr(extra, "write"):
+                extra = [extra]
+            self.monitor = GSAMMonitor(
+                model, self.layers, every_n_steps=every, sinks=[*self._sinks, *extra], **self.monitor_kwargs
+            )
+        checkpoint = self._pending_checkpoint or resume
+        if checkpoint is None and not found_resume and state.global_step > 0:
+            # Trainer not found on the stack: the checkpoint the Trainer resumed from is, by its
+            # naming rule, output_dir/checkpoint-<global_step>.
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self._pending_checkpoint = None
+        if checkpoint is not None:
+            self._restore(checkpoint, args, state)
+        self.monitor.attach()
+        if self._finalizer is None:
+            # Last resort for a run that raised where the Trainer was not found: the hooks leave
+            # the model when this callback (held by the Trainer) is garbage-collected.
+            self._finalizer = weakref.finalize(self, _close_quietly, self.monitor)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        monitor = self.monitor
+        if monitor is None or not monitor.attached:
+            return
+        result = monitor.step(int(state.global_step))
+        if result:
+            self._record("train", result, state.global_step)
+        # DefaultFlowCallback (always before user callbacks) has just decided whether an
+        # evaluation follows this step; with collect_steps the hooks may be parked, so keep
+        # them on for the evaluation forwards.
+        if control.should_evaluate and "eval" in monitor.phases and self._eval_collect is None:
+            self._eval_collect = monitor.collect()
+            self._eval_collect.__enter__()
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any
+    ) -> None:
+        self._end_eval_collect()
+        monitor = self.monitor
+        if monitor is None or not monitor.attached or "eval" not in monitor.phases:
+            return
+        result = monitor.log(int(state.global_step), phases=["eval"])
+        if result:
+            self._record("eval", result, state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.monitor is None:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            warnings.warn(
+                f"GSAMTrainerCallback: checkpoint folder {str(folder)!r} not found; the monitor's state is not "
+                f"saved with this checkpoint (a resumed run restarts its windows).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        torch.save(self.monitor.state_dict(), folder / _state_file(args.process_index))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _record(self, phase: str, values: Mapping[str, float], step: int) -> None:
+        self.last_metrics[phase] = dict(values)
+        self.last_steps[phase] = int(step)
+
+    def _end_eval_collect(self) -> None:
+        if self._eval_collect is not None:
+            ctx, self._eval_collect = self._eval_collect, None
+            ctx.__exit__(None, None, None)
+
+    def _guard(self, trainer: Any) -> None:
+        """Wrap ``trainer.train`` so that an exception escaping it detaches the monitor."""
+        if trainer in self._guarded:
+            return
+        self._guarded.add(trainer)
+        original = trainer.train
+        ref = weakref.ref(self)
+
+        def train(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except BaseException:
+                callback = ref()
+                if callback is not None:
+                    log.info("GSAMTrainerCallback: training raised; detaching the monitor.")
+                    callback.close()
+                raise
+
+        train.__wrapped__ = original  # type: ignore[attr-defined]
+        train.__doc__ = original.__doc__
+        trainer.train = train
+
+    def _trainer_sinks(self, trainer: Any, args: TrainingArguments, state: TrainerState) -> list[Any]:
+        callbacks = list(trainer.callback_handler.callbacks) if trainer is not None else []
+        sinks: list[Any] = []
+        if self.tensorboard is not False:
+            tb = next((cb for cb in callbacks if type(cb).__name__ == "TensorBoardCallback"), None)
+            if tb is None and trainer is None and "tensorboard" in (args.report_to or []):
+                tb = _DefaultTensorBoardPlace()
+            if tb is None and self.tensorboard:
+                tb = _DefaultTensorBoardPlace()
+            if tb is not None:
+                sinks.append(_TrainerTensorBoardSink(tb, _default_tb_dir(args)))
+        if self.wandb is not False:
+            has_callback = any(type(cb).__name__ == "WandbCallback" for cb in callbacks)
+            wandb_module = sys.modules.get("wandb")
+            has_run = wandb_module is not None and getattr(wandb_module, "run", None) is not None
+            if self.wandb or has_callback or has_run or (trainer is None and "wandb" in (args.report_to or [])):
+                sinks.append(WandbSink(step_metric=TRAINER_STEP_METRIC, commit=True))
+        return sinks
+
+    def _restore(self, checkpoint: str | os.PathLike[str], args: TrainingArguments, state: TrainerState) -> None:
+        assert self.monitor is not None
+        rank = int(args.process_index)
+        path = Path(checkpoint) / _state_file(rank)
+        drop_window = False
+        if not path.is_file() and rank > 0 and (Path(checkpoint) / STATE_FILE).is_file():
+            # Rank 0's file only: take its counters and held-out fits, not its window, which
+            # the sum over ranks would otherwise count once per rank.
+            path, drop_window = Path(checkpoint) / STATE_FILE, True
+        if not path.is_file():
+            warnings.warn(
+                f"GSAMTrainerCallback: resuming from {os.fspath(checkpoint)!r}, which holds no {STATE_FILE}; the "
+                f"monitor's windows restart at global step {state.global_step}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if drop_window:
+            saved = {**saved, "stats": {}}
+        self.monitor.load_state_dict(saved)
+        log.info("GSAMTrainerCallback: monitor state restored from %s (step %d).", path, self.monitor.step_count)
+
+
+class _DefaultTensorBoardPlace:
+    """Stands in for a TensorBoardCallback that is not there: no writer, the default folder."""
+
+    tb_writer = None
+    logging_dir = None
+
+
+def _default_tb_dir(args: TrainingArguments) -> str:
+    """Where the Trainer's TensorBoardCallback writes: ``TENSORBOARD_LOGGING_DIR`` or ``output_dir/runs/...``."""
+    env = os.getenv("TENSORBOARD_LOGGING_DIR")
+    if env:
+        return os.path.expanduser(env)
+    from transformers.integrations.integration_utils import default_logdir
+
+    return os.path.join(args.output_dir, default_logdir())
+
+
+def _state_file(rank: int) -> str:
+    return STATE_FILE if rank == 0 else STATE_FILE.replace(".pt", f"_rank{rank}.pt")
