@@ -190,9 +190,7 @@ def test_reservoir_errors():
         sample.update(torch.randn(4, 6))
     with pytest.raises(ValueError, match=r"mask must have shape x.shape\[:-1\] = \(4,\)"):
         sample.update(torch.randn(4, 5), mask=torch.ones(4, 5, dtype=torch.bool))
-    with pytest.raises(
-        ValueError, match=r"dim=1 is not sampled separately; tracked dims are \[3\]"
-    ):
+    with pytest.raises(ValueError, match=r"dim=1 is not sampled separately; tracked dims are \[3\]"):
         sample.values(dim=1)
     with pytest.raises(ValueError, match="state is missing keys"):
         sample.load_state_dict({"capacity": 10})
@@ -233,9 +231,7 @@ def test_fit_scores_match_an_independent_computation():
     assert fits[0]["family"] == "norm"
     norm = fits[0]
     mu, sd = x.mean(), x.std()
-    np.testing.assert_allclose(
-        [norm["params"]["loc"], norm["params"]["scale"]], [mu, sd], rtol=1e-6
-    )
+    np.testing.assert_allclose([norm["params"]["loc"], norm["params"]["scale"]], [mu, sd], rtol=1e-6)
     mu, sd = norm["params"]["loc"], norm["params"]["scale"]
     logpdf = -0.5 * np.log(2 * np.pi * sd**2) - (x - mu) ** 2 / (2 * sd**2)
     loglik = logpdf.sum()
@@ -318,10 +314,7 @@ def test_fit_errors():
 def _smoothed_mixture_mode(weights, means, sds, h, around, half_width=2.0):
     """Mode of the mixture convolved with the KDE kernel N(0, h^2), near ``around``."""
     grid = np.linspace(around - half_width, around + half_width, 40_001)
-    dens = sum(
-        w * stats.norm.pdf(grid, m, np.sqrt(s**2 + h**2))
-        for w, m, s in zip(weights, means, sds, strict=True)
-    )
+    dens = sum(w * stats.norm.pdf(grid, m, np.sqrt(s**2 + h**2)) for w, m, s in zip(weights, means, sds, strict=True))
     return grid[np.argmax(dens)]
 
 
@@ -334,9 +327,7 @@ def test_modes_of_a_three_component_mixture():
     # still < a third of a secondary bump's sd (grid step 0.008).
     rng = np.random.default_rng(7)
     weights, means, sds = (0.7, 0.15, 0.15), (0.0, -6.0, 5.0), (1.0, 0.5, 0.5)
-    x = np.concatenate(
-        [rng.normal(m, s, int(5000 * w)) for w, m, s in zip(weights, means, sds, strict=True)]
-    )
+    x = np.concatenate([rng.normal(m, s, int(5000 * w)) for w, m, s in zip(weights, means, sds, strict=True)])
     modes = find_modes(x)
     h = x.std(ddof=1) * x.size ** (-1 / 5)
     assert modes["bandwidth"] == pytest.approx(h, rel=1e-9)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
+from gsam_monitor import LayerStats
 from gsam_monitor.analysis import class_separation, group_cosine_contrast, powerlaw_alpha
 
 # --------------------------------------------------------------------------- power law
@@ -177,17 +178,41 @@ def test_between_variance_outside_the_support_is_reported_and_dropped(caplog):
 
 
 def test_class_separation_with_real_layerstats():
-    stats_mod = pytest.importorskip("gsam_monitor.stats", reason="foundation not merged yet")
     rng = np.random.default_rng(6)
     rows_a, rows_b, _, _ = _two_gaussian_classes(rng, 3000, 5000)
     by_class = {}
     for label, rows in (("a", rows_a), ("b", rows_b)):
-        s = stats_mod.LayerStats(rows.shape[1])
+        s = LayerStats(rows.shape[1])
         for chunk in np.array_split(rows, 7):
             s.update(torch.from_numpy(chunk))
         by_class[label] = s
     out = class_separation(by_class)
     assert out["fisher_ratio"] == pytest.approx(_numpy_lda([rows_a, rows_b])[0], rel=1e-8)
+
+
+@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+def test_class_separation_of_layernorm_outputs_in_layerstats(product_dtype):
+    # Real post-LayerNorm activations (fp32, rank d-1) through LayerStats with fp64 or fp32
+    # Gram products: the null direction must fall below the rank tolerance of either.
+    torch.manual_seed(0)
+    d = 32
+    norm = torch.nn.LayerNorm(d)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+        shift = torch.zeros(d)
+        shift[:4] = 0.8
+        rows = [norm(torch.randn(4000, d) + c * shift) for c in (0, 1, 2)]
+    by_class = []
+    for r in rows:
+        s = LayerStats(d, product_dtype=product_dtype)
+        s.update(r.reshape(8, 500, d))
+        by_class.append(s)
+    out = class_separation(by_class)
+    assert out["rank"] == d - 1
+    assert out["between_outside_support"] < 1e-6
+    expected = _numpy_lda([r.double().numpy() for r in rows])[:2]
+    np.testing.assert_allclose(out["eigenvalues"], expected, rtol=1e-4)
 
 
 def test_empty_classes_are_ignored():
@@ -214,7 +239,7 @@ def test_class_separation_errors():
     points = [_Moments(np.zeros((5, 3))), _Moments(np.ones((5, 3)))]
     with pytest.raises(ValueError, match="within-class covariance is zero"):
         class_separation(points)
-    with pytest.raises(ValueError, match=r"rtol must be in \(0, 1\), got 0"):
+    with pytest.raises(ValueError, match=r"rtol must be in \(0, 1\) or None, got 0"):
         class_separation([a, a], rtol=0)
     weird = _Moments(rng.normal(size=(50, 3)))
     weird.count = "many"

@@ -206,9 +206,7 @@ class ReservoirSample:
         self._generator.manual_seed(self.seed)
         self._pooled = torch.zeros((1, self.capacity + 1), dtype=dtype, device=self.device)
         self._pooled_count = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._dim_buffer = torch.zeros(
-            (len(self.dims), self.dim_capacity + 1), dtype=dtype, device=self.device
-        )
+        self._dim_buffer = torch.zeros((len(self.dims), self.dim_capacity + 1), dtype=dtype, device=self.device)
         self._dim_count = torch.zeros(len(self.dims), dtype=torch.int64, device=self.device)
         self._dim_index = torch.tensor(self.dims, dtype=torch.int64, device=self.device)
         self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -237,10 +235,7 @@ class ReservoirSample:
         d = int(x.shape[-1])
         if self._input_dim < 0:
             if self.dims and max(self.dims) >= d:
-                raise ValueError(
-                    f"dims {self.dims} must be < d = {d} (the last axis of x); drop the "
-                    f"indices >= {d}."
-                )
+                raise ValueError(f"dims {self.dims} must be < d = {d} (the last axis of x); drop the indices >= {d}.")
             self._input_dim = d
         elif d != self._input_dim:
             raise ValueError(
@@ -353,9 +348,7 @@ class ReservoirSample:
         device = torch.device(device)
         if device == self.device:
             return self
-        next_seed = int(
-            torch.randint(0, 2**62, (1,), generator=self._generator, device=self.device)
-        )
+        next_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator, device=self.device))
         self.device = device
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(next_seed)
@@ -404,9 +397,7 @@ class ReservoirSample:
             "rng_state",
         } - set(state)
         if missing:
-            raise ValueError(
-                f"state is missing keys {sorted(missing)}; pass ReservoirSample.state_dict()."
-            )
+            raise ValueError(f"state is missing keys {sorted(missing)}; pass ReservoirSample.state_dict().")
         saved = (
             int(state["capacity"]),
             int(state["dim_capacity"]),
@@ -533,8 +524,7 @@ def fit_families(
                 ks = float(stats.kstest(x, frozen.cdf).statistic)
         except Exception as exc:  # a family that cannot be fitted is skipped, not fatal
             warnings.warn(
-                f"fit_families: fitting {name!r} failed ({type(exc).__name__}: {exc}); "
-                f"it is left out of the ranking.",
+                f"fit_families: fitting {name!r} failed ({type(exc).__name__}: {exc}); it is left out of the ranking.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -622,13 +612,10 @@ def find_modes(
     """
     if not (isinstance(prominence, (int, float)) and 0 <= prominence < 1):
         raise ValueError(
-            f"prominence must be a fraction of the primary peak's height in [0, 1), got "
-            f"{prominence!r}; e.g. 0.01."
+            f"prominence must be a fraction of the primary peak's height in [0, 1), got {prominence!r}; e.g. 0.01."
         )
     if not (isinstance(distance, (int, float)) and distance >= 0):
-        raise ValueError(
-            f"distance must be >= 0 (in standard deviations), got {distance!r}; e.g. 0.5."
-        )
+        raise ValueError(f"distance must be >= 0 (in standard deviations), got {distance!r}; e.g. 0.5.")
     _check_positive_int("grid_size", grid_size)
     if grid_size < 16:
         raise ValueError(f"grid_size must be >= 16, got {grid_size}; e.g. 2048.")
@@ -646,9 +633,7 @@ def find_modes(
     else:
         low, high = (float(v) for v in grid_range)
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(
-                f"grid_range must be finite (low, high) with low < high, got {grid_range!r}."
-            )
+            raise ValueError(f"grid_range must be finite (low, high) with low < high, got {grid_range!r}.")
     grid = np.linspace(low, high, grid_size)
     step = grid[1] - grid[0]
     density = kde(grid)
@@ -671,12 +656,8 @@ def find_modes(
     for mode in modes:
         mode["offset_sd"] = (mode["location"] - primary["location"]) / sd
         mode["volume"] = mode["height"] * mode["width"]
-    left = sorted(
-        (m for m in modes if m["location"] < primary["location"]), key=lambda m: -m["location"]
-    )
-    right = sorted(
-        (m for m in modes if m["location"] > primary["location"]), key=lambda m: m["location"]
-    )
+    left = sorted((m for m in modes if m["location"] < primary["location"]), key=lambda m: -m["location"])
+    right = sorted((m for m in modes if m["location"] > primary["location"]), key=lambda m: m["location"])
     return {
         "primary": primary,
         "left": left,
@@ -712,9 +693,7 @@ def tail_fractions(
             are not positive finite numbers.
     """
     ks_list = list(ks)
-    if not ks_list or not all(
-        isinstance(k, (int, float, np.number)) and math.isfinite(k) and k > 0 for k in ks_list
-    ):
+    if not ks_list or not all(isinstance(k, (int, float, np.number)) and math.isfinite(k) and k > 0 for k in ks_list):
         raise ValueError(f"ks must be positive finite numbers, got {ks!r}; e.g. (3, 5, 10).")
     x = _as_finite_1d(values, "values", minimum=2)
     sd = float(x.std())
@@ -818,9 +797,7 @@ def _as_finite_1d(values: Any, name: str, minimum: int = MIN_VALUES) -> np.ndarr
             f"{name}[np.isfinite({name})] (ReservoirSample drops them for you)."
         )
     if x.size < minimum:
-        raise ValueError(
-            f"{name} has {x.size} values, at least {minimum} are needed; collect more."
-        )
+        raise ValueError(f"{name} has {x.size} values, at least {minimum} are needed; collect more.")
     return x
 
 

@@ -31,21 +31,15 @@ import scipy.linalg
 import torch
 from scipy import stats
 
+from gsam_monitor import metrics
+
 __all__ = [
-    "SUPPORT_RTOL",
     "class_separation",
     "group_cosine_contrast",
     "powerlaw_alpha",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Eigenvalues of S_W below ``SUPPORT_RTOL * max eigenvalue`` count as zero in
-#: :func:`class_separation`. Activations computed in fp32 that lie on a hyperplane (post-
-#: LayerNorm) leave a rounding floor of about d * (2^-24)^2 ~ 1e-12 relative on the normal
-#: direction; 1e-10 is above it and below the smallest eigenvalues of real activation
-#: spectra (condition numbers up to ~1e8).
-SUPPORT_RTOL = 1e-10
 
 
 class ClassMoments(Protocol):
@@ -95,8 +89,7 @@ def powerlaw_alpha(
         or not 1 <= rank_range[0] < rank_range[1]
     ):
         raise ValueError(
-            f"rank_range must be (first, last) 1-based ints with 1 <= first < last, got "
-            f"{rank_range!r}; e.g. (10, 150)."
+            f"rank_range must be (first, last) 1-based ints with 1 <= first < last, got {rank_range!r}; e.g. (10, 150)."
         )
     lam = _as_array(eigenvalues, "eigenvalues")
     if lam.ndim != 1:
@@ -137,7 +130,7 @@ def powerlaw_alpha(
 def class_separation(
     stats_by_class: Mapping[Any, ClassMoments] | Sequence[ClassMoments],
     *,
-    rtol: float = SUPPORT_RTOL,
+    rtol: float | None = None,
 ) -> dict[str, Any]:
     """LDA class separation from per-class streaming moments.
 
@@ -150,8 +143,12 @@ def class_separation(
 
     S_W is singular for post-LayerNorm activations (they lie on a hyperplane: rank d-1) and
     whenever a class has fewer rows than dimensions. The problem is then solved on the
-    support of S_W (no ridge): the eigenvectors of S_W with eigenvalue above
-    ``rtol * max eigenvalue`` span it, and ``scipy.linalg.eigh(U^T S_B U, U^T S_W U)`` is
+    support of S_W (no ridge): the eigenvectors of S_W with eigenvalue above the monitor's
+    rank tolerance (``metrics.rank_tolerance``, scipy's rule: ``1e6 * eps(fp64) * max`` ~
+    2.2e-10 relative when every class's Gram products were fp64, ``1e3 * eps(fp32) * max``
+    ~ 1.2e-4 when any were fp32, as on GPU; objects without ``product_dtype`` count as
+    fp64) span it, so ``rank`` here equals the ``rank`` metric of the pooled within-class
+    scatter, and ``scipy.linalg.eigh(U^T S_B U, U^T S_W U)`` is
     solved there. For LayerNorm outputs the class means lie in the same hyperplane, so
     nothing is lost; in general, between-class variance outside the support (directions
     with zero within-class variance, i.e. infinite separation) is dropped and reported as
@@ -161,7 +158,8 @@ def class_separation(
         stats_by_class: per-class moments, a dict label -> ``LayerStats`` or a sequence of
             them; anything with ``.count``, ``.mean`` and ``.covariance(ddof=0)`` works.
             Classes with count 0 are ignored.
-        rtol: relative eigenvalue threshold of the support of S_W.
+        rtol: relative eigenvalue threshold of the support of S_W, overriding the rule
+            above.
 
     Returns:
         Dict with ``fisher_ratio`` (largest lambda), ``eigenvalues`` (the top
@@ -175,14 +173,15 @@ def class_separation(
         ValueError: with fewer than 2 non-empty classes, mismatched dimensions, non-finite
             moments, a zero within-class covariance, or a bad ``rtol``.
     """
-    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
-        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}; e.g. {SUPPORT_RTOL}.")
+    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be in (0, 1) or None, got {rtol!r}; e.g. 1e-10.")
     if isinstance(stats_by_class, Mapping):
         items = list(stats_by_class.items())
     else:
         items = list(enumerate(stats_by_class))
     labels, counts, means, covs = [], [], [], []
     dim = None
+    product_dtype = torch.float64
     for label, moments in items:
         count = float(_as_array(moments.count, "count"))
         if count <= 0:
@@ -198,9 +197,11 @@ def class_separation(
                 f"use the stats of one layer for every class."
             )
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
-            raise ValueError(
-                f"class {label!r} has non-finite mean or covariance; check the activations."
-            )
+            raise ValueError(f"class {label!r} has non-finite mean or covariance; check the activations.")
+        # LayerStats with product_dtype None ("native") may have fp32 products: as metrics.
+        class_dtype = getattr(moments, "product_dtype", torch.float64) or torch.float32
+        if class_dtype != torch.float64:
+            product_dtype = torch.float32
         labels.append(label)
         counts.append(count)
         means.append(mean)
@@ -222,19 +223,14 @@ def class_separation(
     w, u = np.linalg.eigh(s_within)
     if not w[-1] > 0:
         raise ValueError(
-            "the within-class covariance is zero (every class is a point mass); the "
-            "separation is undefined."
+            "the within-class covariance is zero (every class is a point mass); the separation is undefined."
         )
-    support = w > rtol * w[-1]
+    support = w > metrics.rank_tolerance(torch.from_numpy(w), product_dtype, rtol)
     u_r = u[:, support]  # (d, r)
     reduced_between = u_r.T @ s_between @ u_r
     reduced_between = 0.5 * (reduced_between + reduced_between.T)
     trace_between = float(np.trace(s_between))
-    outside = (
-        max(0.0, 1.0 - float(np.trace(reduced_between)) / trace_between)
-        if trace_between > 0
-        else 0.0
-    )
+    outside = max(0.0, 1.0 - float(np.trace(reduced_between)) / trace_between) if trace_between > 0 else 0.0
     if outside > 1e-6:
         logger.warning(
             "class_separation: %.3g of the between-class variance lies outside the support "
@@ -309,17 +305,11 @@ def group_cosine_contrast(
     """
     x = _as_array(vectors, "vectors")
     if x.ndim != 2 or x.shape[0] < 3 or x.shape[1] < 1:
-        raise ValueError(
-            f"vectors must be (n, d) with n >= 3, got shape {x.shape}; stack one vector per item."
-        )
+        raise ValueError(f"vectors must be (n, d) with n >= 3, got shape {x.shape}; stack one vector per item.")
     if not np.all(np.isfinite(x)):
         raise ValueError("vectors contain NaN or inf; drop those items first.")
-    if pca_variance is not None and not (
-        isinstance(pca_variance, (int, float)) and 0 < pca_variance <= 1
-    ):
-        raise ValueError(
-            f"pca_variance must be a fraction in (0, 1] or None, got {pca_variance!r}; e.g. 0.9."
-        )
+    if pca_variance is not None and not (isinstance(pca_variance, (int, float)) and 0 < pca_variance <= 1):
+        raise ValueError(f"pca_variance must be a fraction in (0, 1] or None, got {pca_variance!r}; e.g. 0.9.")
     n = x.shape[0]
     explained = 1.0
     if pca_variance is not None:
@@ -347,9 +337,7 @@ def group_cosine_contrast(
     def contrast(labels: Any, name: str) -> dict[str, float]:
         lab = np.asarray(labels, dtype=object).reshape(-1)
         if lab.size != n:
-            raise ValueError(
-                f"{name} has {lab.size} labels but vectors has {n} rows; give one label per vector."
-            )
+            raise ValueError(f"{name} has {lab.size} labels but vectors has {n} rows; give one label per vector.")
         groups: dict[Any, list[int]] = {}
         for i, g in enumerate(lab.tolist()):
             groups.setdefault(g, []).append(i)
@@ -392,6 +380,4 @@ def _as_array(value: Any, name: str) -> np.ndarray:
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a tensor or an array of numbers, got {type(value).__name__}."
-        ) from None
+        raise ValueError(f"{name} must be a tensor or an array of numbers, got {type(value).__name__}.") from None

@@ -102,9 +102,7 @@ def analyze_layer(
             dim_values = sample.values(dim=dim)
             if dim_values.size < MIN_VALUES:
                 continue
-            dim_fits = fit_families(
-                dim_values, families, criterion, max_values=dim_max_values, seed=seed
-            )
+            dim_fits = fit_families(dim_values, families, criterion, max_values=dim_max_values, seed=seed)
             modes = find_modes(dim_values, max_values=dim_max_values, seed=seed)
             best = dim_fits[0]["family"]
             counts[best] += 1
