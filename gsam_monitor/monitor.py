@@ -77,7 +77,7 @@ def state_bytes_per_layer(
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.3f} GiB"
 
 
 def _dist() -> Any | None:

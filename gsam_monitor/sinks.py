@@ -184,14 +184,16 @@ class WandbSink:
     The sink never passes ``step=`` to ``run.log``: it declares ``gsam_step`` with
     ``define_metric`` and every logged metric prefix (``"gsam/*"``, ``"rank/*"``, ...) with
     ``step_metric="gsam_step"``, so W&B never drops a point with "Step must only increase",
-    whatever the training loop logs. With ``commit=None`` (default) a row is committed only
-    when nothing else logged since this sink's last write; otherwise the values join the row
-    in progress, so the sink never advances the step under a loop that logs with ``step=``.
+    whatever the training loop logs. With ``commit=None`` (default) the values join the row in
+    progress (``commit=False``), so the sink never advances the step of a loop that logs with
+    ``step=``; a row still holding the sink's previous values is committed first, and W&B
+    commits the last one at ``finish()``.
 
     Args:
         run: A ``wandb`` run; ``None`` uses ``wandb.run`` at the first write.
         step_metric: Name of the x-axis metric.
         commit: ``True``/``False`` to force ``run.log(commit=...)``; ``None`` for the rule above.
+            ``True`` gives every write a row of its own (fine when the loop logs without ``step=``).
 
     Raises:
         ImportError: if wandb is not installed.
@@ -204,7 +206,9 @@ class WandbSink:
         self.step_metric = step_metric
         self.commit = commit
         self._defined: set[str] = set()
-        self._last_step: int | None = None
+        self._pending_step: int | None = None
+        self._pending_keys: set[str] = set()
+        self._pending_value: int | None = None
 
     @property
     def run(self) -> Any:
@@ -235,13 +239,24 @@ class WandbSink:
 
     def _log(self, run: Any, data: dict[str, Any], step: int) -> None:
         self._define(run, list(data))
-        commit = self.commit
-        if commit is None:
-            current = self._run_step(run)
-            # Commit only when nobody else logged since our last write (or ever, at the first).
-            commit = current is None or current == (self._last_step if self._last_step is not None else 0)
-        run.log({**data, self.step_metric: step}, commit=commit)
-        self._last_step = self._run_step(run) if self.commit is None else None
+        if self.commit is not None:
+            run.log({**data, self.step_metric: step}, commit=self.commit)
+            return
+        current = self._run_step(run)
+        if current is None:  # no step counter to reason with: a row of our own
+            run.log({**data, self.step_metric: step}, commit=True)
+            return
+        # Our values join the row in progress (commit=False), so the training loop's own step
+        # sequence is never advanced by us. If nobody committed since our last write, that row
+        # still holds our previous values: commit it first when they would be overwritten.
+        same_row = current == self._pending_step
+        if same_row and (set(data) & self._pending_keys or self._pending_value != step):
+            run.log({}, commit=True)
+            same_row = False
+        run.log({**data, self.step_metric: step}, commit=False)
+        self._pending_keys = (self._pending_keys if same_row else set()) | set(data)
+        self._pending_value = step
+        self._pending_step = self._run_step(run)
 
     def write(self, metrics: Mapping[str, float], step: int) -> None:
         self._log(self.run, dict(metrics), step)

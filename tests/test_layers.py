@@ -112,7 +112,7 @@ def test_selection_errors(bert) -> None:
         resolve_layers(model, "encoder.layer.0", ignore="encoder.layer.*")
     with pytest.raises(ValueError, match="layers= is empty"):
         resolve_layers(model, [])
-    with pytest.raises(ValueError, match="'encoder.layer.2' is selected twice"):
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.2' is selected twice"):
         resolve_layers(model, ["auto", "encoder.layer.2"])
     with pytest.raises(ValueError, match=r"'encoder.layer.0.attention' .* is inside 'encoder.layer.0'"):
         resolve_layers(model, ["encoder.layer.0", "encoder.layer.0.attention"])
@@ -128,7 +128,7 @@ def test_selection_errors(bert) -> None:
 
 def test_auto_without_a_stack_fails_with_the_top_level_names() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="found no repeated block stack.*Top-level modules: 0, 1, 2"):
+    with pytest.raises(ValueError, match=r"found no repeated block stack.*Top-level modules: 0, 1, 2"):
         resolve_layers(model, "auto")
     with pytest.raises(ValueError, match="'embeddings': found no repeated block stack"):
         resolve_layers(model, "embeddings")

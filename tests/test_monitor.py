@@ -1,0 +1,398 @@
+"""GSAMMonitor: schedule, windows, held-out scores, collect_steps, faults, state and budget,
+against independent fp64 numpy/scipy computations on the rows fed."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from torch import nn
+
+from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor.monitor import DEFAULT_MAX_STATE_BYTES, state_bytes_per_layer
+from tests.reference import gsam_pdet, mle_cov
+from tests.tiny_models import Stack
+
+D = 3
+
+
+def _monitor(model: nn.Module, **kwargs) -> GSAMMonitor:
+    kwargs.setdefault("layers", "auto")
+    kwargs.setdefault("max_tokens_per_layer", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
+        return GSAMMonitor(model, **kwargs)
+
+
+def _batches(n_steps: int, seed: int = 0, rows: int = 7) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((D, D))
+    return [torch.from_numpy(rng.standard_normal((rows + t % 3, D)) @ mix + t * 0.1) for t in range(n_steps)]
+
+
+def _weighted_moments(parts: list[np.ndarray], weights: list[float]) -> tuple[float, np.ndarray, np.ndarray]:
+    x = np.concatenate(parts)
+    w = np.concatenate([np.full(len(p), wt) for p, wt in zip(parts, weights, strict=True)])
+    n = w.sum()
+    mean = (w[:, None] * x).sum(0) / n
+    xc = x - mean
+    return n, mean, (w[:, None] * xc).T @ xc / n
+
+
+@pytest.mark.parametrize("window", ["interval", "cumulative", "ema"])
+def test_windows_match_numpy_weighted_moments(window: str) -> None:
+    model = Stack(dim=D, depth=1)
+    half_life = 2.0
+    kwargs = {"ema_half_life": half_life} if window == "ema" else {}
+    monitor = _monitor(model, every_n_steps=3, window=window, **kwargs)
+    batches = _batches(9)
+    logs = {}
+    with monitor, torch.no_grad():
+        for t, x in enumerate(batches, start=1):
+            model(x)
+            stats = monitor.stats("blocks.0", "eval")
+            snapshot = (float(stats.count), stats.mean.clone(), stats.covariance().clone())
+            out = monitor.step()
+            assert (out is not None) == (t % 3 == 0)
+            if out is not None:
+                logs[t] = (out, snapshot)
+    parts = [b.numpy() for b in batches]
+    for last, (out, (count, mean, cov)) in logs.items():
+        if window == "interval":
+            used, weights = parts[last - 3 : last], [1.0] * 3
+        elif window == "cumulative":
+            used, weights = parts[:last], [1.0] * last
+        else:  # the newest step weighs 1, each older step 2^(-1/half_life) less
+            used, weights = parts[:last], [0.5 ** ((last - j) / half_life) for j in range(1, last + 1)]
+        n, m, c = _weighted_moments(used, weights)
+        assert count == pytest.approx(n, rel=1e-12)
+        np.testing.assert_allclose(mean.numpy(), m, rtol=1e-9)
+        np.testing.assert_allclose(cov.numpy(), c, rtol=1e-9)
+        assert out["n/blocks.0/eval"] == pytest.approx(n, rel=1e-12)
+        if window != "ema":
+            assert out["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(np.concatenate(used))[0], rel=1e-9)
+
+
+def test_heldout_scores_each_window_under_the_previous_fit() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=2, metrics=["gsam", "heldout_loglik", "rank"])
+    batches = _batches(4, seed=1, rows=20)
+    outs = []
+    with monitor, torch.no_grad():
+        for x in batches:
+            model(x)
+            outs.append(monitor.step())
+    assert "heldout_loglik/blocks.0/eval" not in outs[1]  # no earlier window yet
+    first = np.concatenate([b.numpy() for b in batches[:2]])
+    second = np.concatenate([b.numpy() for b in batches[2:]])
+    mvn = scipy.stats.multivariate_normal(first.mean(0), mle_cov(first))
+    expected = float(mvn.logpdf(second).mean()) / D
+    assert outs[3]["heldout_loglik/blocks.0/eval"] == pytest.approx(expected, rel=1e-9)
+    assert outs[3]["rank/blocks.0/eval"] == D
+
+
+def test_step_schedule_keys_and_global_step() -> None:
+    model = Stack(dim=D, depth=2)
+    seen = []
+    monitor = _monitor(model, every_n_steps=10, sinks=[lambda m, s: seen.append((s, m))])
+    x = _batches(1)[0]
+    with monitor, torch.no_grad():
+        model(x)
+        assert monitor.step(global_step=7) is None
+        model(x)
+        out = monitor.step(global_step=12)  # crossed 10: log
+        assert monitor.step(global_step=13) is None
+    assert seen == [(12, out)]
+    for layer in ("blocks.0", "blocks.1"):
+        for metric in ("gsam", "rank", "gsam_oas", "effective_rank", "nonfinite", "n"):
+            assert f"{metric}/{layer}/eval" in out
+    assert out["gsam_monitor/missing_layers/eval"] == 0 and out["gsam_monitor/errors"] == 0
+    assert all(math.isfinite(v) for v in out.values())
+    with pytest.raises(ValueError, match="global_step must be a non-negative int"):
+        monitor.step(global_step=-1)
+
+
+def test_compute_and_log_per_phase() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=100, metrics=["gsam", "n"])
+    x = _batches(2)
+    with monitor:
+        model(x[0])  # train phase
+        with torch.no_grad():
+            model(x[1])
+    assert set(monitor.compute()) == {"blocks.0", "blocks.0/eval"}
+    assert set(monitor.compute(phase="eval")) == {"blocks.0"}
+    assert monitor.compute("eval")["blocks.0"]["n"] == len(x[1])
+    flat = monitor.log(global_step=5, phases=["eval"])
+    per_layer = {f"{m}/blocks.0/eval" for m in ("gsam", "n", "d", "nonfinite")}  # n, d, nonfinite always
+    assert set(flat) == per_layer | {"gsam_monitor/missing_layers/eval", "gsam_monitor/errors"}
+    assert float(monitor.stats("blocks.0", "eval").count) == 0  # the eval window restarted
+    assert float(monitor.stats("blocks.0", "train").count) == len(x[0])
+    with pytest.raises(ValueError, match="phase must be one of the monitored phases"):
+        monitor.compute(phase="test")
+
+
+def test_collect_steps_keeps_hooks_off_between_windows() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=5, collect_steps=2)
+    baseline = len(model.blocks[0]._forward_hooks)
+    registered = []
+    x = _batches(1)[0]
+    with monitor, torch.no_grad():
+        for _ in range(10):
+            registered.append(len(model.blocks[0]._forward_hooks) - baseline)
+            model(x)
+            out = monitor.step()
+            if out is not None:
+                assert out["n/blocks.0/eval"] == 2 * len(x)  # steps 4 and 5 only
+        with monitor.collect():  # e.g. an evaluation loop between logs
+            assert len(model.blocks[0]._forward_hooks) - baseline == 1
+        assert len(model.blocks[0]._forward_hooks) == baseline
+    assert registered == [0, 0, 0, 1, 1] * 2
+    assert len(model.blocks[0]._forward_hooks) == baseline
+
+
+def test_missing_layer_is_reported_not_logged() -> None:
+    class Skipping(Stack):
+        skip = False
+
+        def forward(self, x, attention_mask=None):
+            x = self.blocks[0](x)
+            return x if self.skip else self.blocks[1](x)
+
+    model = Skipping(dim=D, depth=2)
+    monitor = _monitor(model, every_n_steps=1)
+    x = _batches(1)[0]
+    with monitor, torch.no_grad():
+        model(x)
+        assert monitor.step()["gsam_monitor/missing_layers/eval"] == 0
+        model.skip = True
+        with pytest.warns(RuntimeWarning, match=r"no activations reached blocks.1/eval .* reported as missing"):
+            model(x)
+            out = monitor.step()
+    assert out["gsam_monitor/missing_layers/eval"] == 1
+    assert monitor.missing_layers == ["blocks.1/eval"]
+    assert not [k for k in out if "blocks.1" in k]
+    assert "gsam/blocks.0/eval" in out
+
+
+def test_nonfinite_rows_are_dropped_counted_and_logged() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=1)
+    x = _batches(1, rows=10)[0]
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    bad[5, 0] = float("inf")
+    with monitor, torch.no_grad():
+        model(bad)
+        out = monitor.step()
+    clean = np.delete(x.numpy(), [2, 5], axis=0)
+    assert out["nonfinite/blocks.0/eval"] == 2 and out["n/blocks.0/eval"] == len(clean)
+    assert out["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(clean)[0], rel=1e-9)
+
+
+def test_empty_window_warns_and_returns_nothing() -> None:
+    model = Stack(dim=D, depth=1)
+    calls = []
+    monitor = _monitor(model, every_n_steps=1, sinks=[lambda m, s: calls.append(s)])
+    with monitor, pytest.warns(RuntimeWarning, match="no activations were captured in the window ending at step 1"):
+        assert monitor.step() == {}
+    assert calls == []
+
+
+def test_a_raising_sink_is_disabled_after_one_warning() -> None:
+    model = Stack(dim=D, depth=1)
+    calls = {"bad": 0, "good": 0}
+
+    def bad(metrics, step):
+        calls["bad"] += 1
+        raise OSError("disk full")
+
+    def good(metrics, step):
+        calls["good"] += 1
+
+    monitor = _monitor(model, every_n_steps=1, sinks=[bad, good])
+    x = _batches(1)[0]
+    with monitor, torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=r"sink .* raised OSError: disk full; it is disabled"):
+            model(x)
+            monitor.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            model(x)
+            out = monitor.step()
+    assert calls == {"bad": 1, "good": 2}
+    assert out["gsam_monitor/errors"] == 1
+
+
+def test_hooks_are_removed_when_the_body_raises() -> None:
+    model = Stack(dim=D, depth=2)
+    for exc in (RuntimeError("training step failed"), KeyboardInterrupt()):
+        monitor = _monitor(model)
+        with pytest.raises(type(exc)):
+            with monitor:
+                assert monitor.hooks_registered
+                model(_batches(1)[0])
+                raise exc
+        assert not monitor.hooks_registered
+        assert not model._forward_pre_hooks and not model._forward_hooks
+        assert all(not b._forward_hooks for b in model.blocks)
+
+
+def test_state_dict_round_trip_resumes_mid_window(tmp_path) -> None:
+    """Save at step 7 (mid-window, with token subsampling), load with weights_only=True into a
+    fresh monitor: the next logs equal those of the uninterrupted run."""
+    batches = _batches(15, seed=3, rows=9)
+    kwargs = {"every_n_steps": 5, "max_tokens_per_layer": 4, "metrics": ["gsam", "heldout_loglik", "n", "rank"]}
+
+    def run(monitor, model, steps):
+        outs = []
+        with torch.no_grad():
+            for t in steps:
+                model(batches[t - 1])
+                out = monitor.step()
+                if out is not None:
+                    outs.append(out)
+        return outs
+
+    model = Stack(dim=D, depth=2)
+    straight = _monitor(model, **kwargs).attach()
+    expected = run(straight, model, range(1, 16))
+    straight.detach()
+
+    first = _monitor(model, **kwargs).attach()
+    before = run(first, model, range(1, 8))
+    path = tmp_path / "monitor.pt"
+    torch.save(first.state_dict(), path)
+    first.detach()
+    state = torch.load(path, weights_only=True)
+    resumed = _monitor(model, **kwargs)
+    resumed.load_state_dict(state)
+    resumed.attach()
+    after = run(resumed, model, range(8, 16))
+    assert resumed.step_count == 15
+    got = before + after
+    assert len(got) == len(expected) == 3
+    for a, b in zip(got, expected, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-12), key
+
+    with pytest.raises(ValueError, match="the state is for layers"):
+        _monitor(model, layers="blocks.0").load_state_dict(state)
+    with pytest.raises(ValueError, match="not a GSAMMonitor state"):
+        resumed.load_state_dict({"stats": {}})
+
+
+def test_reset_and_repr() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=100)
+    with monitor, torch.no_grad():
+        model(_batches(1)[0])
+        monitor.step()
+    monitor.reset()
+    assert float(monitor.stats("blocks.0", "eval").count) == 0 and monitor.step_count == 1
+    assert "every_n_steps=100" in repr(monitor)
+
+
+def test_configuration_errors_name_the_argument() -> None:
+    model = Stack(dim=D, depth=1)
+    with pytest.raises(ValueError, match=r"every_n_steps must be a positive int .* got 0"):
+        GSAMMonitor(model, every_n_steps=0)
+    with pytest.raises(ValueError, match=r"every_n_steps must be a positive int .* got 2.5"):
+        GSAMMonitor(model, every_n_steps=2.5)
+    with pytest.raises(ValueError, match=r"window must be one of .* got 'sliding'"):
+        GSAMMonitor(model, window="sliding")
+    with pytest.raises(ValueError, match="ema_half_life only applies to window='ema'"):
+        GSAMMonitor(model, ema_half_life=3)
+    with pytest.raises(ValueError, match="ema_half_life must be a positive number"):
+        GSAMMonitor(model, window="ema", ema_half_life=-1)
+    with pytest.raises(ValueError, match="collect_steps=20 exceeds every_n_steps=10"):
+        GSAMMonitor(model, every_n_steps=10, collect_steps=20)
+    with pytest.raises(ValueError, match="max_tokens_per_layer must be a positive int"):
+        GSAMMonitor(model, max_tokens_per_layer=0)
+    with pytest.raises(ValueError, match=r"metrics: unknown metric name\(s\) 'gsm' \(did you mean 'gsam'\?\)"):
+        GSAMMonitor(model, metrics=["gsm"])
+    with pytest.raises(ValueError, match=r"phases must be a non-empty selection .* got \('train', 'test'\)"):
+        GSAMMonitor(model, phases=("train", "test"))
+    with pytest.raises(TypeError, match="state_dtype must be a floating torch dtype"):
+        GSAMMonitor(model, state_dtype=torch.int32)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        GSAMMonitor(model, seed="0")
+    with pytest.raises(ValueError, match=r"sinks=: unknown sink name 'tensorbord'\. Did you mean 'tensorboard'"):
+        GSAMMonitor(model, sinks=["tensorbord"])
+    with pytest.raises(TypeError, match="sinks= entries must be Sink objects"):
+        GSAMMonitor(model, sinks=[42])
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        GSAMMonitor("bert")
+    with pytest.raises(ValueError, match="spectrum_every_n_logs must be a positive int"):
+        GSAMMonitor(model, spectrum_every_n_logs=-2)
+    with pytest.warns(UserWarning, match=r"every_n_steps=5\): each log runs one eigendecomposition"):
+        GSAMMonitor(model, every_n_steps=5)
+
+
+class _Wide(nn.Module):
+    """Blocks of feature size 8192 whose dimension is known without allocating weights."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.LayerNorm(8192) for _ in range(depth))
+
+
+def test_state_budget() -> None:
+    # The documented formula: itemsize * (d^2 + 5d) per phase, doubled for the held-out fit.
+    assert LayerStats.state_bytes(8192) == 8 * (8192**2 + 5 * 8192) + 16
+    assert state_bytes_per_layer(8192) == 4 * LayerStats.state_bytes(8192)
+    # Three d = 8192 layers, both phases, held-out fits: within the default budget.
+    GSAMMonitor(_Wide(3))
+    assert 3 * state_bytes_per_layer(8192) <= DEFAULT_MAX_STATE_BYTES
+    with pytest.raises(
+        ValueError,
+        match=r"max_state_bytes: .* need 8.005 GiB .* over max_state_bytes = 8.000 GiB\. Fix: monitor fewer "
+        r"layers.*float32",
+    ):
+        GSAMMonitor(_Wide(4))
+    GSAMMonitor(_Wide(4), state_dtype=torch.float32)
+    GSAMMonitor(_Wide(8), metrics=["gsam", "rank"], phases="train")
+    GSAMMonitor(_Wide(4), max_state_bytes=None)
+    with pytest.raises(ValueError, match="max_state_bytes must be a positive int"):
+        GSAMMonitor(_Wide(1), max_state_bytes=0)
+
+
+def test_runtime_budget_skips_layers_whose_size_was_unknown() -> None:
+    class Opaque(nn.Module):  # no parameters: the feature size is only known at run time
+        def forward(self, x):
+            return x * 1.0
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Opaque()
+            self.b = Opaque()
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    net = Net()
+    budget = LayerStats.state_bytes(D) * 2 + 100  # room for one layer with its held-out fit
+    monitor = _monitor(net, layers=["a", "b"], max_state_bytes=budget)
+    with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="layer 'b' .* over max_state_bytes"):
+        net(torch.randn(4, D))
+    assert monitor.stats("a", "eval") is not None and monitor.stats("b", "eval") is None
+
+
+def test_model_moved_to_another_dtype_after_attach() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=2)
+    x = _batches(2)
+    with monitor, torch.no_grad():
+        model(x[0])
+        model.float()
+        model(x[1].float())
+        out = monitor.step(global_step=2)
+    rows = np.concatenate([x[0].numpy(), x[1].float().double().numpy()])
+    assert out["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-6)

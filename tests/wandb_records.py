@@ -1,0 +1,58 @@
+"""Read the history and metric records of an offline W&B run (``run-*.wandb``).
+
+The file is a LevelDB-style log (32 KiB blocks of records with a 7-byte header: CRC32,
+length, type) after a 7-byte ``:W&B`` file header; each record is a ``wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _records(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    pos, out, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        if _BLOCK - pos % _BLOCK < 7:  # block trailer padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == _FULL:
+            out.append(chunk)
+        elif kind == _FIRST:
+            buf = chunk
+        elif kind == _MIDDLE:
+            buf += chunk
+        elif kind == _LAST:
+            out.append(buf + chunk)
+            buf = b""
+    return out
+
+
+def read_run(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """``(history rows, [(metric name or glob, step_metric), ...])`` of the offline run files
+    under ``run_dir``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    files = glob.glob(str(Path(run_dir) / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
+    assert len(files) == 1, files
+    rows, metrics = [], []
+    for raw in _records(Path(files[0])):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in record.history.item}
+            rows.append({k: v for k, v in row.items() if k not in ("_timestamp", "_runtime")})
+        elif kind == "metric":
+            metrics.append((record.metric.name or record.metric.glob_name, record.metric.step_metric))
+    return rows, metrics
