@@ -20,7 +20,7 @@ import gsam_monitor.callbacks  # noqa: E402
 from gsam_monitor.callbacks import GSAMTrainerCallback  # noqa: E402
 from gsam_monitor.callbacks.hf import STATE_FILE  # noqa: E402
 from tests.reference import gsam_pdet  # noqa: E402
-from tests.wandb_offline import read_history  # noqa: E402
+from tests.wandb_records import read_run  # noqa: E402
 
 LAYERS = ("bert.encoder.layer.0", "bert.encoder.layer.1")
 SEQ, BATCH = 8, 4
@@ -132,7 +132,6 @@ def test_trainer_tensorboard_and_wandb_get_train_and_eval_curves(tmp_path: Path,
     recorder = Recorder(model, lambda: trainer.state)
     try:
         train(trainer)
-        run_dir = Path(wandb.run.dir).parent
     finally:
         wandb.finish()
     recorder.remove()
@@ -161,7 +160,8 @@ def test_trainer_tensorboard_and_wandb_get_train_and_eval_curves(tmp_path: Path,
         assert acc.Scalars(f"gsam/{layer}")[-1].value == pytest.approx(expected[layer], rel=1e-6)
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]  # the same x values as the loss
 
-    history = read_history(run_dir)
+    history, defined = read_run(tmp_path)
+    assert ("gsam/*", "train/global_step") in defined  # the Trainer's x-axis, as its own metrics
     train_rows = [h for h in history if f"gsam/{LAYERS[0]}" in h]
     eval_rows = [h for h in history if f"gsam/{LAYERS[0]}/eval" in h]
     assert [h["train/global_step"] for h in train_rows] == [2, 4, 6]

@@ -27,7 +27,7 @@ from gsam_monitor.callbacks import GSAMCallback  # noqa: E402
 from gsam_monitor.callbacks.lightning import LoggersSink  # noqa: E402
 from tests.lightning_tiny import BATCH, LAYERS, SEQ, Recorder, TinyLM, hook_count, token_loader  # noqa: E402
 from tests.reference import gsam_pdet  # noqa: E402
-from tests.wandb_offline import read_history  # noqa: E402
+from tests.wandb_records import read_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,6 @@ def test_logs_reach_tensorboard_csv_and_wandb_with_accumulation(tmp_path: Path, 
     trainer = _trainer(tmp_path, callback, loggers=loggers, max_steps=6, accumulate_grad_batches=2, limit_val_batches=0)
     try:
         _quiet_fit(trainer, lit, token_loader())
-        wandb_file = Path(loggers[2].experiment.dir).parent
     finally:
         wandb.finish()
     recorder.remove()
@@ -109,7 +108,7 @@ def test_logs_reach_tensorboard_csv_and_wandb_with_accumulation(tmp_path: Path, 
     assert float(rows[-1][f"gsam/{LAYERS[1]}"]) == pytest.approx(expected[LAYERS[1]], rel=1e-9)
 
     # W&B offline run: history rows read back from the run file.
-    history = [h for h in read_history(wandb_file) if f"gsam/{LAYERS[0]}" in h]
+    history = [h for h in read_run(tmp_path)[0] if f"gsam/{LAYERS[0]}" in h]
     assert [h["trainer/global_step"] for h in history] == logged_at
     assert history[-1][f"gsam/{LAYERS[0]}"] == pytest.approx(expected[LAYERS[0]], rel=1e-12)
 
