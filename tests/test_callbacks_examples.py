@@ -1,0 +1,74 @@
+"""Smoke runs of the callback examples at a tiny size: they train, log GSAM curves into
+TensorBoard event files, and the plot script turns those into a PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytorch_lightning")
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_SST2 = Path("/work/shared/data/sst2")
+BUNDLED_DEV = REPO / "gsam_monitor" / "data" / "sst2_dev.tsv"
+needs_data = pytest.mark.skipif(
+    not (GLUE_SST2 / "train.tsv").is_file() and not BUNDLED_DEV.is_file(),
+    reason="no SST-2 text: neither the GLUE folder nor the bundled gsam_monitor/data/sst2_dev.tsv",
+)
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@needs_data
+def test_pretrain_example_and_plot(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: True)  # keep the process-wide mode as it is
+    example = load_example("lightning_pretrain_tiny_gpt")
+    argv = "--max-steps 20 --every-n-steps 10 --val-every 20 --vocab 512".split()
+    summary = example.main(["--logdir", str(tmp_path / "run"), *argv])
+    assert summary["last_steps"] == {"train": 20, "eval": 20}
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    for layer in ("embeddings", "gpt_neox.layers.0", "gpt_neox.layers.3", "final_norm"):
+        assert [e.step for e in acc.Scalars(f"gsam/{layer}")] == [9, 19]
+        assert [e.step for e in acc.Scalars(f"effective_rank/{layer}/eval")] == [19]
+    plot = load_example("plot_tensorboard")
+    out = plot.plot(plot.load_scalars(tmp_path / "run"), tmp_path / "curves.png")
+    assert out.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no scalars for metrics"):
+        plot.plot({"other/tag": [(1, 0.0)]}, tmp_path / "empty.png", loss=None)
+
+
+@pytest.mark.slow
+@needs_data
+def test_finetune_example(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: True)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "")  # the example sets it; restored after the test
+    example = load_example("hf_finetune_minilm")
+    argv = "--max-steps 2 --batch-size 4 --max-length 16 --every-n-steps 2 --eval-steps 2 --n-eval 8".split()
+    with pytest.warns(UserWarning, match="more often than every 10 steps"):
+        summary = example.main(["--logdir", str(tmp_path / "run"), *argv])
+    assert summary["last_steps"] == {"train": 2, "eval": 2}
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/accuracy" in tags  # the Trainer's run holds both
+    assert [e.step for e in acc.Scalars("rank/bert.encoder.layer.5")] == [2]
+    assert [e.step for e in acc.Scalars("gsam/bert.encoder.layer.0/eval")] == [2]
