@@ -32,7 +32,9 @@ def test_update_never_synchronises_with_the_host(rng: np.random.Generator) -> No
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize(("product_dtype", "rtol"), [(torch.float64, 1e-9), (torch.float32, 1e-5), (None, 1e-5)])
+@pytest.mark.parametrize(
+    ("product_dtype", "rtol"), [(torch.float64, 1e-9), (torch.float32, 1e-5), (None, 1e-5)]
+)
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_moments_match_fp64_numpy(product_dtype, rtol, act_dtype, rng: np.random.Generator) -> None:
     xt = torch.from_numpy(rng.standard_normal((2000, 96)) * 2 + 1).to(act_dtype)
