@@ -416,7 +416,8 @@ class GSAMMonitor:
         if stats is None:
             if self.max_state_bytes is not None:
                 held = sum(s.nbytes for s in self._all_stats())
-                need = LayerStats.state_bytes(dim, self.state_dtype) * (2 if self.heldout else 1)
+                copies = 2 if self.heldout and key not in self._reference else 1  # the fit to be kept
+                need = LayerStats.state_bytes(dim, self.state_dtype) * copies
                 if held + need > self.max_state_bytes:
                     self._disabled_layers.add(target.name)
                     self._warn_once(

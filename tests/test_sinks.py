@@ -99,7 +99,7 @@ def test_wandb_offline_run_keeps_every_point(tmp_path, monkeypatch) -> None:
     finally:
         run.finish()
     rows, metrics = read_run(tmp_path)
-    assert ("gsam_step", "") in metrics
+    assert ("gsam_step", "") in metrics, (metrics, rows)
     assert {("gsam/*", "gsam_step"), ("rank/*", "gsam_step"), ("spectrum/*", "gsam_step")} <= set(metrics)
     points = [(r["gsam_step"], r["gsam/a"]) for r in rows if "gsam/a" in r]
     assert points == [(10, 1.0), (20, 2.0), (30, 3.0)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,30 @@ def _records(path: Path) -> list[bytes]:
     return out
 
 
-def read_run(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """``(history rows, [(metric name or glob, step_metric), ...])`` of the offline run files
-    under ``run_dir``."""
+def _parsed(path: Path, timeout: float) -> list[Any]:
+    """The file's records, waiting until the run's exit record is on disk: under load the
+    W&B service may still be writing when ``run.finish()`` has returned."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for raw in _records(path):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def read_run(run_dir: str | Path, timeout: float = 60.0) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """``(history rows, [(metric name or glob, step_metric), ...])`` of the offline run files
+    under ``run_dir``."""
     files = glob.glob(str(Path(run_dir) / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
     assert len(files) == 1, files
     rows, metrics = [], []
-    for raw in _records(Path(files[0])):
-        record = pb.Record()
-        record.ParseFromString(raw)
+    for record in _parsed(Path(files[0]), timeout):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in record.history.item}
