@@ -295,6 +295,13 @@ def test_argument_errors(tmp_path: Path) -> None:
         train(trainer)
 
 
+def test_train_begin_without_a_model_fails(tmp_path: Path) -> None:
+    callback = GSAMTrainerCallback()
+    args = training_args(tmp_path / "out")
+    with pytest.raises(ValueError, match="the Trainer passed no model to on_train_begin"):
+        callback.on_train_begin(args, tr.TrainerState(), tr.TrainerControl(), model=None)
+
+
 def test_import_without_transformers_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # "import transformers" now fails
     monkeypatch.delitem(sys.modules, "gsam_monitor.callbacks.hf")

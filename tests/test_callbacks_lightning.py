@@ -179,6 +179,10 @@ def test_argument_errors(tmp_path: Path) -> None:
     misconfigured = pl.utilities.exceptions.MisconfigurationException
     with pytest.raises(misconfigured, match=r"has no sub-module 'encoder' \(its children: model\)"):
         _quiet_fit(trainer, TinyLM(), token_loader())
+    callback = GSAMCallback(every_n_steps=2, module="fail_at_step")  # an attribute, but None
+    trainer = _trainer(tmp_path, callback, max_steps=1, limit_val_batches=0)
+    with pytest.raises(misconfigured, match=r"module='fail_at_step'\) is a NoneType, not a torch.nn.Module"):
+        _quiet_fit(trainer, TinyLM(), token_loader())
 
 
 def test_state_dict_before_setup_is_applied_at_setup(tmp_path: Path) -> None:
