@@ -1,0 +1,14 @@
+"""gsam_monitor: watch the geometry of hidden activations during training and inference.
+
+Forward hooks on chosen layers feed streaming covariance statistics (``LayerStats``); at
+intervals ``metrics.compute`` turns them into the Gaussian Semantic Alignment Metric (GSAM),
+its scale-invariant and shrinkage variants, spectral metrics and Gaussianity checks, logged
+to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
+"""
+
+from gsam_monitor import metrics
+from gsam_monitor.stats import LayerStats, MardiaAccumulator
+
+__version__ = "0.1.0"
+
+__all__ = ["LayerStats", "MardiaAccumulator", "__version__", "metrics"]

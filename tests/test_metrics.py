@@ -1,0 +1,205 @@
+"""Every metric of ``metrics.compute`` against an independent fp64 numpy/scipy/sklearn value."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from sklearn.covariance import OAS
+
+from gsam_monitor import LayerStats, MardiaAccumulator, metrics
+from tests.reference import gsam_pdet, gsam_scipy, mle_cov, scipy_rank_tol
+
+
+def _stats(x: np.ndarray, chunks: int = 5) -> LayerStats:
+    s = LayerStats(x.shape[1])
+    for p in np.array_split(x, chunks):
+        s.update(torch.from_numpy(np.ascontiguousarray(p)))
+    return s
+
+
+def _layernorm(x: np.ndarray) -> np.ndarray:
+    # What torch.nn.LayerNorm (no affine) does, in fp64: every row sums to 0 (rank d - 1).
+    z = x - x.mean(1, keepdims=True)
+    return z / np.sqrt(z.var(1, keepdims=True) + 1e-5)
+
+
+def _relerr(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+FULL_RANK = {
+    "gaussian": lambda r: r.standard_normal((800, 30)) @ r.standard_normal((30, 30)) + 3,
+    "student_t": lambda r: r.standard_t(2.5, size=(800, 30)),
+    "logistic": lambda r: r.logistic(size=(800, 30)),
+    "lowrank_noise": lambda r: (
+        r.standard_normal((800, 4)) @ r.standard_normal((4, 30)) * 5 + 0.01 * r.standard_normal((800, 30))
+    ),
+    "badly_centred": lambda r: 1e4 + r.standard_normal((800, 30)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_RANK))
+def test_gsam_equals_scipy_logpdf(name: str, rng: np.random.Generator) -> None:
+    x = FULL_RANK[name](rng)
+    m = metrics.compute(_stats(x))
+    ref, rank = gsam_scipy(x)
+    assert m["rank"] == rank == 30
+    assert _relerr(m["gsam"], ref) < 1e-9
+    assert m["n"] == 800 and m["d"] == 30 and m["nonfinite"] == 0
+
+
+def test_gsam_on_layernormed_rows_uses_the_support(rng: np.random.Generator) -> None:
+    x = _layernorm(rng.standard_normal((600, 24)) @ rng.standard_normal((24, 24)))
+    m = metrics.compute(_stats(x))
+    ref, rank = gsam_pdet(x)
+    assert rank == 23
+    assert m["rank"] == 23
+    assert _relerr(m["gsam"], ref) < 1e-9
+    assert math.isfinite(m["gsam_oas"])
+
+
+def test_fp32_layernorm_output_is_rank_d_minus_1(rng: np.random.Generator) -> None:
+    # The common path: a real LayerNorm in fp32, the statistics from its fp32 output.
+    ln = torch.nn.LayerNorm(48)
+    with torch.no_grad():
+        ln.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2, 48)))
+        ln.bias.copy_(torch.from_numpy(rng.standard_normal(48)))
+        h = ln(torch.from_numpy(rng.standard_normal((400, 48))).float() @ torch.randn(48, 48))
+    x = h.double().numpy()
+    m = metrics.compute(_stats(x))
+    ref, rank = gsam_pdet(x)
+    assert m["rank"] == rank == 47
+    assert _relerr(m["gsam"], ref) < 1e-9
+
+
+def test_n_below_d_is_rank_deficient_and_oas_is_finite(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((20, 50))
+    m = metrics.compute(_stats(x, chunks=3))
+    ref, rank = gsam_pdet(x)
+    assert m["rank"] == rank == 19
+    assert _relerr(m["gsam"], ref) < 1e-9
+    oas = OAS(store_precision=False, assume_centered=False).fit(x)
+    ref_oas = math.log(20) + scipy.stats.multivariate_normal(x.mean(0), oas.covariance_).logpdf(x).mean()
+    assert _relerr(m["gsam_oas"], ref_oas) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["gaussian", "student_t", "badly_centred"])
+def test_oas_and_correlation_variants(name: str, rng: np.random.Generator) -> None:
+    x = FULL_RANK[name](rng)
+    m = metrics.compute(_stats(x))
+    oas = OAS(assume_centered=False).fit(x)
+    ref_oas = math.log(len(x)) + scipy.stats.multivariate_normal(x.mean(0), oas.covariance_).logpdf(x).mean()
+    assert _relerr(m["gsam_oas"], ref_oas) < 1e-9
+    z = (x - x.mean(0)) / x.std(0)
+    ref_corr, _ = gsam_scipy(z)
+    assert _relerr(m["gsam_correlation"], ref_corr) < 1e-9
+
+
+def test_scale_changes_gsam_by_d_log_c_but_not_the_correlation_variant(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((300, 10)) @ rng.standard_normal((10, 10))
+    a, b = metrics.compute(_stats(x)), metrics.compute(_stats(7.0 * x))
+    assert b["gsam"] - a["gsam"] == pytest.approx(-10 * math.log(7.0), rel=1e-9)
+    assert b["gsam_correlation"] == pytest.approx(a["gsam_correlation"], rel=1e-9)
+    assert b["effective_rank"] == pytest.approx(a["effective_rank"], rel=1e-9)
+
+
+def test_spectral_metrics_match_numpy(rng: np.random.Generator) -> None:
+    d = 200
+    x = rng.standard_normal((2000, d)) * np.arange(1, d + 1) ** -0.65
+    m = metrics.compute(_stats(x), powerlaw_range=(10, 150))
+    lam = np.sort(np.linalg.eigvalsh(mle_cov(x)))[::-1]
+    p = lam / lam.sum()
+    assert _relerr(m["effective_rank"], float(np.exp(-(p * np.log(p)).sum()))) < 1e-9
+    assert _relerr(m["participation_ratio"], lam.sum() ** 2 / (lam**2).sum()) < 1e-9
+    assert _relerr(m["condition_number"], lam[0] / lam[-1]) < 1e-8
+    assert _relerr(m["top1_variance_fraction"], lam[0] / lam.sum()) < 1e-9
+    k99 = int(np.argmax(np.cumsum(lam) / lam.sum() >= 0.99)) + 1
+    assert m["saturation"] == k99 / d
+    k = np.arange(10, 151)
+    fit = scipy.stats.linregress(np.log(k), np.log(lam[k - 1]))
+    assert _relerr(m["powerlaw_alpha"], -fit.slope) < 1e-9
+
+
+def test_anisotropy_outliers_and_kurtosis(rng: np.random.Generator) -> None:
+    x = rng.standard_t(4, size=(400, 20)) + 0.5
+    x[:, 3] *= 30.0  # a variance outlier
+    x[:, 7] += 200.0  # a mean outlier
+    m = metrics.compute(_stats(x))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = u @ u.T
+    n = len(x)
+    assert _relerr(m["anisotropy"], (cos.sum() - np.trace(cos)) / (n * (n - 1))) < 1e-9
+    var, am = x.var(0), np.abs(x.mean(0))
+    assert m["outlier_dims"] == int(((var > 10 * np.median(var)) | (am > 10 * np.median(am))).sum()) == 2
+    assert _relerr(m["mean_kurtosis"], float(np.mean(scipy.stats.kurtosis(x, axis=0, bias=True)))) < 1e-8
+
+
+def test_gaussianity_checks_see_what_gsam_cannot(rng: np.random.Generator) -> None:
+    # Same covariance (identity), very different shapes: GSAM is blind, the kurtoses are not.
+    n, d = 20000, 8
+    gauss = rng.standard_normal((n, d))
+    laplace = rng.laplace(scale=1 / math.sqrt(2), size=(n, d))  # variance 1, excess kurtosis 3
+    mg, ml = metrics.compute(_stats(gauss)), metrics.compute(_stats(laplace))
+    assert abs(mg["gsam"] - ml["gsam"]) < 0.1
+    assert abs(mg["mean_kurtosis"]) < 0.15
+    assert ml["mean_kurtosis"] == pytest.approx(3.0, abs=0.3)
+
+
+def test_mardia_second_pass_matches_numpy(rng: np.random.Generator) -> None:
+    x = rng.standard_t(5, size=(3000, 6)) @ rng.standard_normal((6, 6))
+    s = _stats(x)
+    acc = MardiaAccumulator(s)
+    for p in np.array_split(x, 4):
+        acc.update(torch.from_numpy(p))
+    z = x - x.mean(0)
+    maha = np.einsum("ij,jk,ik->i", z, np.linalg.inv(mle_cov(x)), z)
+    b2 = float(np.mean(maha**2))
+    assert acc.b2() == pytest.approx(b2, rel=1e-9)
+    m = metrics.compute(s, mardia=acc)
+    assert m["mardia_kurtosis"] == pytest.approx((b2 - 6 * 8) / 6, rel=1e-9)
+    gauss = rng.standard_normal((20000, 6))
+    g = _stats(gauss)
+    acc_g = MardiaAccumulator(g)
+    acc_g.update(torch.from_numpy(gauss))
+    assert abs(acc_g.value()) < 0.2  # sd of b2 is sqrt(8 d (d+2) / n) = 0.14, / d = 0.02
+
+
+def test_heldout_loglik_matches_scipy(rng: np.random.Generator) -> None:
+    a = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12))
+    b = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12)) + 0.3
+    ref_fit = scipy.stats.multivariate_normal(a.mean(0), mle_cov(a))
+    m = metrics.compute(_stats(b), reference=_stats(a))
+    assert _relerr(m["heldout_loglik"], float(ref_fit.logpdf(b).mean()) / 12) < 1e-9
+    same = metrics.compute(_stats(a), reference=_stats(a))
+    # Scored under its own fit, it is the in-sample mean log-likelihood per dimension.
+    assert same["heldout_loglik"] == pytest.approx((same["gsam"] - math.log(500)) / 12, rel=1e-9)
+    assert "heldout_loglik" not in metrics.compute(_stats(a))
+
+
+def test_too_few_rows_give_nan_not_errors() -> None:
+    s = LayerStats(5)
+    m = metrics.compute(s)
+    assert m["n"] == 0 and m["rank"] == 0
+    assert all(math.isnan(v) for k, v in m.items() if k not in ("n", "d", "rank", "nonfinite"))
+    s.update(torch.ones(1, 5))
+    assert math.isnan(metrics.compute(s)["gsam"])
+
+
+def test_selection_and_unknown_names() -> None:
+    s = _stats(np.random.default_rng(0).standard_normal((50, 4)))
+    m = metrics.compute(s, names=["gsam", "rank"])
+    assert set(m) == {"gsam", "rank", "n", "d", "nonfinite"}
+    with pytest.raises(ValueError, match=r"unknown metric name\(s\) 'gsma' \(did you mean 'gsam'\?\)"):
+        metrics.compute(s, names=["gsma"])
+    with pytest.raises(ValueError, match="selection is empty"):
+        metrics.validate_names([])
+
+
+def test_rank_tolerance_matches_scipy_rule() -> None:
+    lam = torch.tensor([4.0, 1.0, 1e-12], dtype=torch.float64)
+    assert metrics.rank_tolerance(lam, torch.float64) == pytest.approx(scipy_rank_tol(lam.numpy()))
+    assert metrics.rank_tolerance(lam, torch.float32) == pytest.approx(4.0 * 1e3 * np.finfo(np.float32).eps)

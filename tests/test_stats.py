@@ -1,0 +1,231 @@
+"""LayerStats against a two-pass fp64 numpy computation on the whole data matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gsam_monitor import LayerStats
+
+
+def _feed(x: np.ndarray, splits: list[int], **kw) -> LayerStats:
+    s = LayerStats(x.shape[1], **kw)
+    for part in np.split(x, splits):
+        s.update(torch.from_numpy(part))
+    return s
+
+
+DATASETS = {
+    "gaussian": lambda r: r.standard_normal((500, 24)) @ r.standard_normal((24, 24)),
+    "student_t": lambda r: r.standard_t(3.0, size=(500, 24)),
+    "logistic": lambda r: r.logistic(size=(500, 24)) * np.linspace(0.1, 10, 24),
+    "lowrank_noise": lambda r: (
+        r.standard_normal((500, 3)) @ r.standard_normal((3, 24)) * 10 + 1e-3 * r.standard_normal((500, 24))
+    ),
+    "badly_centred": lambda r: 1e4 + r.standard_normal((500, 24)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_moments_match_two_pass_numpy(name: str, rng: np.random.Generator) -> None:
+    x = DATASETS[name](rng)
+    s = _feed(x, [7, 100, 101, 390])
+    assert float(s.count) == x.shape[0]
+    np.testing.assert_allclose(s.mean.numpy(), x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        s.covariance(ddof=0).numpy(), np.cov(x.T, ddof=0), rtol=1e-9, atol=1e-12 * np.abs(np.cov(x.T)).max()
+    )
+    np.testing.assert_allclose(
+        s.covariance(ddof=1).numpy(), np.cov(x.T, ddof=1), rtol=1e-9, atol=1e-12 * np.abs(np.cov(x.T)).max()
+    )
+    np.testing.assert_allclose(s.variance().numpy(), x.var(0), rtol=1e-9)
+    np.testing.assert_allclose(
+        s.excess_kurtosis().numpy(), scipy.stats.kurtosis(x, axis=0, fisher=True, bias=True), rtol=1e-8, atol=1e-9
+    )
+    np.testing.assert_allclose(s.skewness().numpy(), scipy.stats.skew(x, axis=0, bias=True), rtol=1e-7, atol=1e-9)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(s.unit_sum.numpy(), unit.sum(0), rtol=1e-10, atol=1e-9)
+
+
+def test_badly_centred_fp32_input_keeps_the_variance(rng: np.random.Generator) -> None:
+    # |mean| = 1e4 x std: the unshifted formula sum(x^2)/n - mean^2 loses every digit here.
+    x = (1e4 + rng.standard_normal((2000, 8))).astype(np.float32)
+    s = LayerStats(8)
+    for part in np.split(x, 10):
+        s.update(torch.from_numpy(part))
+    np.testing.assert_allclose(s.variance().numpy(), x.astype(np.float64).var(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_equal_fp64_of_the_same_values(dtype: torch.dtype, rng: np.random.Generator) -> None:
+    xt = torch.from_numpy(rng.standard_normal((300, 16)) * 3 + 2).to(dtype)
+    x = xt.double().numpy()  # the exact values the update sees
+    s = LayerStats(16)
+    for part in xt.split(64):
+        s.update(part)
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(x.T, ddof=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s.mean.numpy(), x.mean(0), rtol=1e-12)
+
+
+def test_mask_and_nonfinite_rows_are_dropped_and_counted(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((4, 10, 6))
+    mask = rng.random((4, 10)) > 0.3
+    x[0, 1, 2] = np.nan
+    x[2, 3, 0] = np.inf
+    mask[0, 1] = True
+    mask[2, 3] = False  # a masked non-finite row is padding, not a fault
+    s = LayerStats(6)
+    s.update(torch.from_numpy(x), mask=torch.from_numpy(mask))
+    keep = mask & np.isfinite(x).all(-1)
+    ref = x[keep]
+    assert float(s.count) == keep.sum()
+    assert int(s.nonfinite) == 1
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(ref.T, ddof=0), rtol=1e-10)
+    np.testing.assert_allclose(s.mean.numpy(), ref.mean(0), rtol=1e-12)
+
+
+def test_first_batch_fully_masked_still_exact(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((50, 5)) + 100
+    s = LayerStats(5)
+    s.update(torch.from_numpy(x[:10]), mask=torch.zeros(10, dtype=torch.bool))
+    s.update(torch.from_numpy(x[10:]))
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(x[10:].T, ddof=0), rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=120), min_size=0, max_size=6),
+    order=st.randoms(use_true_random=False),
+    offset=st.floats(min_value=-1e3, max_value=1e3),
+)
+def test_any_split_and_merge_order_gives_the_same_moments(cuts, order, offset) -> None:
+    r = np.random.default_rng(7)
+    x = r.standard_normal((120, 9)) * np.arange(1, 10) + offset
+    parts = np.split(x, sorted(set(cuts)))
+    states = []
+    for p in parts:
+        s = LayerStats(9)
+        if len(p):
+            s.update(torch.from_numpy(p))
+        states.append(s)
+    order.shuffle(states)
+    total = states[0]
+    for s in states[1:]:
+        total.merge(s)
+    assert float(total.count) == 120
+    scale = np.abs(np.cov(x.T)).max()
+    np.testing.assert_allclose(total.covariance().numpy(), np.cov(x.T, ddof=0), rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_allclose(total.mean.numpy(), x.mean(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        total.excess_kurtosis().numpy(), scipy.stats.kurtosis(x, axis=0, bias=True), rtol=1e-7, atol=1e-8
+    )
+
+
+def test_reset_decay_and_state_dict_roundtrip(tmp_path, rng: np.random.Generator) -> None:
+    x = rng.standard_normal((40, 4))
+    s = LayerStats(4)
+    s.update(torch.from_numpy(x))
+    path = tmp_path / "s.pt"
+    torch.save(s.state_dict(), path)
+    loaded = LayerStats(4)
+    loaded.load_state_dict(torch.load(path, weights_only=True))
+    np.testing.assert_array_equal(loaded.covariance().numpy(), s.covariance().numpy())
+    # Exponential decay: weights 0.5 for the first batch, 1 for the second.
+    y = rng.standard_normal((30, 4)) + 3
+    s.decay_(0.5)
+    s.update(torch.from_numpy(y))
+    w = np.r_[np.full(40, 0.5), np.ones(30)]
+    z = np.vstack([x, y])
+    np.testing.assert_allclose(float(s.count), w.sum())
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(z.T, aweights=w, ddof=0), rtol=1e-10)
+    s.reset()
+    assert float(s.count) == 0
+    assert all(float(t.abs().sum()) == 0 for t in s.state_tensors().values())
+    s.update(torch.from_numpy(y))
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(y.T, ddof=0), rtol=1e-10)
+
+
+def test_fp32_state_is_close(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((1000, 32))
+    s = LayerStats(32, state_dtype=torch.float32)
+    for p in np.split(x, 10):
+        s.update(torch.from_numpy(p).float())
+    assert s.nbytes < LayerStats(32).nbytes
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(x.T, ddof=0), rtol=1e-4, atol=1e-5)
+
+
+def test_injected_all_reduce_sums_shards_exactly(rng: np.random.Generator) -> None:
+    # Two "ranks" simulated in one process: the injected collectives sum over both states.
+    x = rng.standard_normal((200, 6)) * 5 + 40
+    a, b = LayerStats(6), LayerStats(6)
+    a.update(torch.from_numpy(x[:120]))
+    b.update(torch.from_numpy(x[120:] + 0.0))
+    ranks = [a, b]
+
+    # Run both ranks step by step: each collective call sums the matching tensors.
+    import threading
+
+    barrier = threading.Barrier(2)
+    calls: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def collective(rank: int):
+        def all_reduce(t, group=None):
+            calls[rank].append(t)
+            barrier.wait()
+            if rank == 0:
+                total = calls[0][-1] + calls[1][-1]
+                calls[0][-1].copy_(total)
+                calls[1][-1].copy_(total)
+            barrier.wait()
+
+        def broadcast(t, src=0, group=None):
+            calls[rank].append(t)
+            barrier.wait()
+            if rank == 0:
+                calls[1][-1].copy_(calls[0][-1])
+            barrier.wait()
+
+        return all_reduce, broadcast
+
+    threads = []
+    for r, s in enumerate(ranks):
+        ar, bc = collective(r)
+        threads.append(threading.Thread(target=s.all_reduce_, kwargs={"all_reduce": ar, "broadcast": bc}))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in ranks:
+        assert float(s.count) == 200
+        np.testing.assert_allclose(s.covariance().numpy(), np.cov(x.T, ddof=0), rtol=1e-9)
+        np.testing.assert_allclose(s.mean.numpy(), x.mean(0), rtol=1e-12)
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        LayerStats(0)
+    with pytest.raises(ValueError, match="state_dtype must be a floating"):
+        LayerStats(3, state_dtype=torch.int32)
+    with pytest.raises(ValueError, match="product_dtype must be"):
+        LayerStats(3, product_dtype="fast")
+    s = LayerStats(3)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
+        s.update(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        s.update(torch.zeros(2, 3), mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="floating tensor"):
+        s.update(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="ddof must be 0"):
+        s.covariance(ddof=2)
+    with pytest.raises(ValueError, match="cannot merge LayerStats of dim 4"):
+        s.merge(LayerStats(4))
+    with pytest.raises(ValueError, match=r"factor must be in \[0, 1\]"):
+        s.decay_(1.5)
+    with pytest.raises(ValueError, match="state_dict is for dim 4"):
+        s.load_state_dict(LayerStats(4).state_dict())
+    with pytest.raises(RuntimeError, match="higher_moments=True"):
+        LayerStats(3, higher_moments=False).excess_kurtosis()
