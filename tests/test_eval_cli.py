@@ -242,7 +242,7 @@ def test_hub_id_not_in_cache_offline():
 
 
 def test_unknown_tiny_arch():
-    with pytest.raises(ValueError, match="expected arch in gpt2, gpt_neo.*got 'rwkv'"):
+    with pytest.raises(ValueError, match=r"expected arch in gpt2, gpt_neo.*got 'rwkv'"):
         load_model("tiny:rwkv", device="cpu")
 
 
@@ -250,7 +250,7 @@ def test_dtype_parsing():
     assert parse_dtype("auto", torch.device("cpu")) == torch.float32
     assert parse_dtype("auto", torch.device("cuda")) == torch.float16
     assert parse_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(ValueError, match="--dtype: expected auto or one of .*got 'int8'"):
+    with pytest.raises(ValueError, match=r"--dtype: expected auto or one of .*got 'int8'"):
         parse_dtype("int8", torch.device("cpu"))
 
 

@@ -116,7 +116,7 @@ def test_unknown_bundled_name():
 def test_empty_corpus(tmp_path, content):
     path = tmp_path / "empty.txt"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match="expected at least one sentence .* got none"):
+    with pytest.raises(ValueError, match=r"expected at least one sentence .* got none"):
         load_corpus(path)
 
 
@@ -130,7 +130,7 @@ def test_header_only_tsv_is_empty(tmp_path):
 def test_unreadable_corpus_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="expected UTF-8 text .* undecodable bytes at offset 3"):
+    with pytest.raises(ValueError, match=r"expected UTF-8 text .* undecodable bytes at offset 3"):
         load_corpus(path)
 
 
@@ -148,7 +148,7 @@ def test_unreadable_corpus_os_error(tmp_path, monkeypatch):
 
     # Tests may run as root, where chmod 000 does not stop reads; simulate the refusal.
     monkeypatch.setattr(Path, "read_bytes", refuse)
-    with pytest.raises(ValueError, match="could not read .*Permission denied"):
+    with pytest.raises(ValueError, match=r"could not read .*Permission denied"):
         load_corpus(path)
 
 
@@ -169,5 +169,5 @@ def test_tsv_with_only_a_label_column(tmp_path):
 def test_tsv_ragged_row(tmp_path):
     path = tmp_path / "data.tsv"
     path.write_text("sentence\tlabel\na b\t1\nc\td\t0\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="expected 2 tab-separated fields .* line 3, got 3"):
+    with pytest.raises(ValueError, match=r"expected 2 tab-separated fields .* line 3, got 3"):
         load_corpus(path)

@@ -11,6 +11,7 @@ is needed. The paper protocol gets the same treatment with a numpy/scipy recipe.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -125,13 +126,13 @@ def test_token_protocol_is_exact_on_identical_batches(corpus, token_result):
 def test_paper_protocol_on_minilm_equals_numpy_scipy_recipe(corpus, reference_states):
     result = run_paper_protocol(load_model("minilm", device="cpu"), corpus, batch_size=BATCH)
     # Reference sentence vectors from the unpadded per-sentence states.
-    lengths, path = [], minilm.get_model_path()
+    path = minilm.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     lengths = [len(tokenizer(s)["input_ids"]) for s in corpus.sentences]
     bounds = np.cumsum([0, *lengths])
     first, last = reference_states[0], reference_states[-1]
     vectors = np.stack([last[a:b].mean(0) + first[a:b].mean(0)
-                        for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+                        for a, b in itertools.pairwise(bounds)])
     z = (vectors - vectors.mean(0)) / vectors.std(0)
     cov = np.cov(z, rowvar=False)
     eps = 1e-6
