@@ -175,12 +175,13 @@ def oas_score(evals: torch.Tensor, n: float) -> tuple[float, float]:
     return math.log(n) + mean_loglik, shrink
 
 
-def powerlaw_alpha(evals: torch.Tensor, rank_range: tuple[int, int] = (10, 150)) -> float:
+def powerlaw_alpha(evals: torch.Tensor, rank_range: tuple[int, int] = (10, 150), tol: float = 0.0) -> float:
     """Power-law exponent α of the spectrum, λ_k ∝ k^-α: least-squares slope of log λ_k on
-    log k over ranks ``rank_range`` (1-based, inclusive), clipped to the positive eigenvalues.
+    log k over ranks ``rank_range`` (1-based, inclusive), clipped to the eigenvalues above
+    ``tol`` (numerically null eigenvalues are rounding noise, not spectrum).
     NaN when fewer than 3 ranks remain. ``analysis.spectrum.powerlaw_alpha`` adds the CI."""
     lam = evals.sort(descending=True).values
-    lam = lam[lam > 0]
+    lam = lam[lam > max(tol, 0.0)]
     lo, hi = max(1, int(rank_range[0])), min(int(rank_range[1]), lam.numel())
     if hi - lo + 1 < 3:
         return math.nan
@@ -216,7 +217,7 @@ def _spectral(evals: torch.Tensor, tol: float, rank_range: tuple[int, int]) -> d
         "effective_rank": math.exp(-float((p * torch.log(p)).sum())),
         "participation_ratio": total**2 / float((lam * lam).sum()),
         "condition_number": float(support.max() / support.min()) if support.numel() else math.nan,
-        "powerlaw_alpha": powerlaw_alpha(evals, rank_range),
+        "powerlaw_alpha": powerlaw_alpha(evals, rank_range, tol),
         "top1_variance_fraction": float(lam.max()) / total,
         "saturation": min(k99, d) / d,
     }

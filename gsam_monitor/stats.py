@@ -25,6 +25,7 @@ are zeroed and weighted 0 instead of being indexed away, so a CUDA update never 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,29 @@ def resolve_product_dtype(
     if not product_dtype.is_floating_point:
         raise ValueError(f"product_dtype must be a floating dtype; got {product_dtype}.")
     return product_dtype
+
+
+_WORKSPACE_ELEMENTS = 1 << 22  # rows per chunk x dim; 32 MB per fp64 buffer
+_workspace_cache = threading.local()
+
+
+def _chunk_rows(dim: int) -> int:
+    """Rows per update chunk: bounds the workspace, large enough to keep the GEMM efficient."""
+    return max(256, _WORKSPACE_ELEMENTS // dim)
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two reusable (n, d) buffers per (thread, device, dtype), grown on demand."""
+    cache = getattr(_workspace_cache, "buffers", None)
+    if cache is None:
+        cache = _workspace_cache.buffers = {}
+    key = (device, dtype)
+    need = n * d
+    buf = cache.get(key)
+    if buf is None or buf.numel() < 2 * need:
+        buf = torch.empty(2 * need, dtype=dtype, device=device)
+        cache[key] = buf
+    return buf[:need].view(n, d), buf[need : 2 * need].view(n, d)
 
 
 class LayerStats:
@@ -225,7 +249,7 @@ class LayerStats:
         Raises:
             ValueError: if the last dimension is not ``dim`` or the mask shape does not match.
         """
-        if x.shape[-1] != self.dim or x.dim() < 1:
+        if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"x must have shape (..., {self.dim}); got {tuple(x.shape)}. Check that the "
                 f"monitored layer's feature size matches LayerStats(dim={self.dim})."
@@ -240,19 +264,15 @@ class LayerStats:
         rows = x.detach().reshape(-1, self.dim)
         if rows.device != dev:
             rows = rows.to(dev, non_blocking=True)
-        if rows.shape[0] == 0:
-            return
-        finite = torch.isfinite(rows).all(dim=1)
+        keep_in = None
         if mask is not None:
             keep_in = mask.detach().reshape(-1).to(dev, non_blocking=True).bool()
-            self._state["nonfinite"] += (keep_in & ~finite).sum()
-            keep = keep_in & finite
-        else:
-            self._state["nonfinite"] += (~finite).sum()
-            keep = finite
-        self._update_rows(rows, keep)
+        step = _chunk_rows(self.dim)
+        for start in range(0, rows.shape[0], step):
+            part = rows[start : start + step]
+            self._update_rows(part, None if keep_in is None else keep_in[start : start + step])
 
-    def _update_rows(self, rows: torch.Tensor, keep: torch.Tensor) -> None:
+    def _update_rows(self, rows: torch.Tensor, keep_in: torch.Tensor | None) -> None:
         st = self._state
         sd = self.state_dtype
         # Products run in product_dtype; half activations are widened to fp32 first, since
@@ -260,28 +280,38 @@ class LayerStats:
         work = self.product_dtype or rows.dtype
         if work in (torch.float16, torch.bfloat16):
             work = torch.float32
+        n = rows.shape[0]
+        # Every n x d temporary lives in a reused workspace: fresh multi-megabyte buffers per
+        # op cost page faults that, on CPU, took longer than the arithmetic itself.
+        xs, tmp = _workspace(rows.device, work, n, self.dim)
+        xs.copy_(rows)
+        finite = torch.isfinite(xs.sum(dim=1))
+        if keep_in is None:
+            keep = finite
+            st["nonfinite"] += n - finite.sum()
+        else:
+            keep = keep_in & finite
+            st["nonfinite"] += (keep_in & ~finite).sum()
+        xs.masked_fill_(~keep[:, None], 0.0)  # dropped rows (padding, NaN/Inf) become 0
         keep_w = keep.to(work)
-        rows_w = rows.to(work)
+        st["count"] += keep_w.sum(dtype=torch.float64)
         if not self._shift_set:
             # First batch: K = mean of its kept rows (0 if none), computed on the device.
-            first = torch.where(keep[:, None], rows_w, torch.zeros((), dtype=work, device=rows.device))
-            st["shift"].copy_(first.sum(0) / keep_w.sum().clamp_min(1))
+            st["shift"].copy_(xs.sum(0) / keep_w.sum().clamp_min(1))
             self._shift_set = True
-        zero = torch.zeros((), dtype=work, device=rows.device)
-        xs = torch.where(keep[:, None], rows_w - st["shift"].to(work), zero)
-        st["count"] += keep_w.sum(dtype=torch.float64)
-        st["sum"] += xs.sum(0, dtype=sd)
+        if self.higher_moments:
+            inv_norm = keep_w / torch.linalg.vector_norm(xs, dim=1).clamp_min(torch.finfo(work).tiny)
+            st["unit_sum"] += (inv_norm @ xs).to(sd)
+        xs.addr_(keep_w, st["shift"].to(work), alpha=-1.0)  # x - K on kept rows, 0 elsewhere
+        st["sum"] += xs.sum(0).to(sd)
         if work == sd:
             st["gram"].addmm_(xs.T, xs)
         else:
             st["gram"] += (xs.T @ xs).to(sd)
         if self.higher_moments:
-            x2 = xs * xs
-            st["power3"] += (x2 * xs).sum(0, dtype=sd)
-            st["power4"] += (x2 * x2).sum(0, dtype=sd)
-            raw = torch.where(keep[:, None], rows_w, zero)
-            norms = torch.linalg.vector_norm(raw, dim=1, keepdim=True)
-            st["unit_sum"] += (raw / norms.clamp_min(torch.finfo(work).tiny)).sum(0, dtype=sd)
+            torch.mul(xs, xs, out=tmp)
+            st["power4"] += torch.linalg.vector_norm(tmp, dim=0).square().to(sd)
+            st["power3"] += tmp.mul_(xs).sum(0).to(sd)
 
     # ------------------------------------------------------------------ shift algebra
     def _shifted_sums(self, new_shift: torch.Tensor) -> dict[str, torch.Tensor]:

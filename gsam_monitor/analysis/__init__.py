@@ -1,0 +1,32 @@
+"""Eval-time analyses of activations that need more than streaming moments.
+
+- :mod:`.distributions`: bounded reservoir sample of activation values, parametric family
+  fits (logistic, t, normal, ...), KDE modes, tail fractions, a plotting helper.
+- :mod:`.spectrum`: power law of the covariance spectrum, LDA class separation from
+  per-class moments, group cosine-similarity contrasts.
+- :func:`analyze_layer`: all of them for one layer, as a JSON-serialisable dict.
+"""
+
+from .distributions import (
+    DEFAULT_FAMILIES,
+    ReservoirSample,
+    find_modes,
+    fit_families,
+    plot_distribution,
+    tail_fractions,
+)
+from .spectrum import class_separation, group_cosine_contrast, powerlaw_alpha
+from .summary import analyze_layer
+
+__all__ = [
+    "DEFAULT_FAMILIES",
+    "ReservoirSample",
+    "analyze_layer",
+    "class_separation",
+    "find_modes",
+    "fit_families",
+    "group_cosine_contrast",
+    "plot_distribution",
+    "powerlaw_alpha",
+    "tail_fractions",
+]
