@@ -327,3 +327,17 @@ def test_progress_bars_do_not_change_results(tmp_path, text_corpus):
     quiet = run_token_protocol(loaded, corpus, batch_size=2)
     shown = run_token_protocol(loaded, corpus, batch_size=2, progress=True)
     assert [la["gsam"] for la in quiet.layers] == [la["gsam"] for la in shown.layers]
+
+
+def test_protocol_leaves_layer_stats_usable_outside_inference_mode():
+    # The protocols run the model under no_grad: an inference_mode run would leave inference
+    # tensors in LayerStats' reused workspace, which later plain updates cannot write to.
+    from gsam_monitor import LayerStats
+
+    corpus = load_corpus("sst2_dev")
+    small = type(corpus)(name="s", sentences=corpus.sentences[:3], labels=None, sha256="",
+                         path="")
+    run_token_protocol(load_model("tiny:gpt2", device="cpu"), small)
+    stats = LayerStats(64)
+    stats.update(torch.randn(5, 64))
+    assert float(stats.count) == 5

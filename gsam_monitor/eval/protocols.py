@@ -258,7 +258,9 @@ def run_token_protocol(
     n_truncated = _count_truncated(loaded, corpus.sentences, max_length)
     n_batches = math.ceil(len(corpus) / batch_size)
     stats: list[LayerStats] = []
-    with torch.inference_mode():
+    # no_grad, not inference_mode: LayerStats reuses workspace buffers across calls, and an
+    # inference tensor cached here could not be updated in place by a later call outside it.
+    with torch.no_grad():
         batches = _batches(loaded, corpus, batch_size, max_length)
         for inputs, _ in _progress(batches, total=n_batches, desc=f"{loaded.name} pass 1",
                                    enabled=progress):
@@ -327,7 +329,9 @@ def sentence_vectors(
     _check_batch_size(batch_size)
     vectors = []
     n_batches = math.ceil(len(corpus) / batch_size)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: LayerStats reuses workspace buffers across calls, and an
+    # inference tensor cached here could not be updated in place by a later call outside it.
+    with torch.no_grad():
         batches = _batches(loaded, corpus, batch_size, max_length)
         for inputs, _ in _progress(batches, total=n_batches, desc=f"{loaded.name} vectors",
                                    enabled=progress):
