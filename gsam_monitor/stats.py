@@ -78,7 +78,10 @@ def _workspace(device: torch.device, dtype: torch.dtype, n: int, d: int) -> tupl
     need = n * d
     buf = cache.get(key)
     if buf is None or buf.numel() < 2 * need:
-        buf = torch.empty(2 * need, dtype=dtype, device=device)
+        # A normal tensor, even when first needed under inference_mode: an inference tensor
+        # could not be written in place by a later update outside it.
+        with torch.inference_mode(False):
+            buf = torch.empty(2 * need, dtype=dtype, device=device)
         cache[key] = buf
     return buf[:need].view(n, d), buf[need : 2 * need].view(n, d)
 

@@ -229,3 +229,12 @@ def test_bad_arguments_are_named() -> None:
         s.load_state_dict(LayerStats(4).state_dict())
     with pytest.raises(RuntimeError, match="higher_moments=True"):
         LayerStats(3, higher_moments=False).excess_kurtosis()
+
+
+def test_update_under_inference_mode_leaves_later_updates_working(rng: np.random.Generator) -> None:
+    x = rng.standard_normal((64, 8))
+    with torch.inference_mode():
+        LayerStats(8).update(torch.from_numpy(x))
+    s = LayerStats(8)
+    s.update(torch.from_numpy(x))  # reuses the workspace first allocated under inference_mode
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(x.T, ddof=0), rtol=1e-10)

