@@ -9,7 +9,7 @@ Trainer's global step, for the training phase and (``.../eval``) for each evalua
 
 Data: ``--data`` is a folder holding GLUE's ``train.tsv`` and ``dev.tsv``, or one TSV file
 (``sentence<TAB>label`` with a header), which is then split into train and eval rows. By
-default the GLUE folder ``/work/shared/data/sst2`` is used when present, else the bundled
+default the GLUE folder named by ``$SST2_DIR`` is used when set, else the bundled
 ``gsam_monitor/data/sst2_dev.tsv`` (the labelled GLUE validation split, 872 rows).
 
 Run (under a minute of training on 2 CPU cores)::
@@ -33,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-GLUE_SST2 = Path("/work/shared/data/sst2")
+# A full GLUE SST-2 folder (train.tsv, dev.tsv) if the user points SST2_DIR at one.
+GLUE_SST2 = Path(os.environ.get("SST2_DIR", "/nonexistent"))
 BUNDLED_DEV = Path(__file__).resolve().parents[1] / "gsam_monitor" / "data" / "sst2_dev.tsv"
 
 

@@ -19,29 +19,21 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from gsam_monitor import GSAMMonitor, TensorBoardSink
 
-# The SST-2 train file of the project's shared data, used when the bundled corpus
-# (gsam_monitor.eval.corpus) is not available in this checkout.
-FALLBACK_TSV = Path("/work/shared/data/sst2/train.tsv")
-
 
 def load_sentences(corpus: str | None, n: int) -> tuple[list[str], str]:
     """The first ``n`` sentences of the bundled filtered SST-2 corpus, or of a TSV file
     (header row, a ``sentence`` column) filtered the same way (10–30 whitespace tokens)."""
     if corpus is None:
-        try:
-            from gsam_monitor.eval.corpus import load_corpus
-        except ImportError:
-            corpus = str(FALLBACK_TSV)
-        else:
-            loaded = load_corpus("sst2_300_filtered")
-            return list(loaded.sentences[:n]), f"{loaded.name} (sha256 {loaded.sha256[:12]})"
+        from gsam_monitor.eval.corpus import load_corpus
+
+        loaded = load_corpus("sst2_300_filtered")
+        return list(loaded.sentences[:n]), f"{loaded.name} (sha256 {loaded.sha256[:12]})"
     sentences = []
     with open(corpus, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):

@@ -16,7 +16,7 @@ falls steadily with the scale of the activations; the embedding output's effecti
 
 Data: ``--data`` is a folder holding GLUE's ``train.tsv`` and ``dev.tsv``, or one TSV file
 (``sentence<TAB>label`` with a header), split into train and validation sentences. Default:
-``/work/shared/data/sst2`` when present, else the bundled ``gsam_monitor/data/sst2_dev.tsv``
+the GLUE folder named by ``$SST2_DIR`` when set, else the bundled ``gsam_monitor/data/sst2_dev.tsv``
 (872 sentences: the model then sees them many times over).
 
 Run (about a minute on 2 CPU cores), then plot or open TensorBoard::
@@ -43,7 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-GLUE_SST2 = Path("/work/shared/data/sst2")
+# A full GLUE SST-2 folder (train.tsv, dev.tsv) if the user points SST2_DIR at one.
+GLUE_SST2 = Path(os.environ.get("SST2_DIR", "/nonexistent"))
 BUNDLED_DEV = Path(__file__).resolve().parents[1] / "gsam_monitor" / "data" / "sst2_dev.tsv"
 EOS, UNK = 0, 1
 

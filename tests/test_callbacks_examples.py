@@ -4,6 +4,7 @@ TensorBoard event files, and the plot script turns those into a PNG."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ pytest.importorskip("matplotlib")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_SST2 = Path("/work/shared/data/sst2")
+GLUE_SST2 = Path(os.environ.get("SST2_DIR", "/nonexistent"))
 BUNDLED_DEV = REPO / "gsam_monitor" / "data" / "sst2_dev.tsv"
 needs_data = pytest.mark.skipif(
     not (GLUE_SST2 / "train.tsv").is_file() and not BUNDLED_DEV.is_file(),
