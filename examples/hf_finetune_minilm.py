@@ -33,6 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from gsam_monitor.sinks import format_metrics_table
+
 # A full GLUE SST-2 folder (train.tsv, dev.tsv) if the user points SST2_DIR at one.
 GLUE_SST2 = Path(os.environ.get("SST2_DIR", "/nonexistent"))
 BUNDLED_DEV = Path(__file__).resolve().parents[1] / "gsam_monitor" / "data" / "sst2_dev.tsv"
@@ -157,25 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"eval accuracy: {' -> '.join(f'{a:.3f}' for a in accuracies)}")
     for phase, metrics in last.items():
         print(f"last logged values ({phase}, step {callback.last_steps[phase]}):")
-        print(format_table(metrics))
+        print(format_metrics_table(metrics))
     summary = {"wall_s": wall, "eval_accuracy": accuracies, "last_metrics": last, "last_steps": callback.last_steps}
     (logdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
-
-
-def format_table(
-    metrics: dict[str, float], names: tuple[str, ...] = ("gsam", "rank", "effective_rank", "anisotropy")
-) -> str:
-    """One row per layer, one column per metric, from ``{"metric/layer[/eval]": value}``."""
-    layers: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        metric, _, layer = key.partition("/")
-        if metric in names:
-            layers.setdefault(layer.removesuffix("/eval"), {})[metric] = value
-    lines = ["layer".ljust(28) + "".join(n.rjust(16) for n in names)]
-    for layer, row in layers.items():
-        lines.append(layer.ljust(28) + "".join(f"{row.get(n, float('nan')):16.4f}" for n in names))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

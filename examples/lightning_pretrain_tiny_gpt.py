@@ -43,6 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from gsam_monitor.sinks import format_metrics_table
+
 # A full GLUE SST-2 folder (train.tsv, dev.tsv) if the user points SST2_DIR at one.
 GLUE_SST2 = Path(os.environ.get("SST2_DIR", "/nonexistent"))
 BUNDLED_DEV = Path(__file__).resolve().parents[1] / "gsam_monitor" / "data" / "sst2_dev.tsv"
@@ -198,25 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
     for phase in ("train", "eval"):
         if phase in callback.last_metrics:
             print(f"last logged values ({phase}, step {callback.last_steps[phase]}):")
-            print(format_table(callback.last_metrics[phase]))
+            print(format_metrics_table(callback.last_metrics[phase]))
     summary = {"wall_s": wall, "last_metrics": callback.last_metrics, "last_steps": callback.last_steps}
     Path(logger.log_dir, "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def format_table(
-    metrics: dict[str, float], names: tuple[str, ...] = ("gsam", "rank", "effective_rank", "anisotropy")
-) -> str:
-    """One row per layer, one column per metric, from ``{"metric/layer[/eval]": value}``."""
-    layers: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        metric, _, layer = key.partition("/")
-        if metric in names:
-            layers.setdefault(layer.removesuffix("/eval"), {})[metric] = value
-    lines = ["layer".ljust(28) + "".join(n.rjust(16) for n in names)]
-    for layer, row in layers.items():
-        lines.append(layer.ljust(28) + "".join(f"{row.get(n, float('nan')):16.4f}" for n in names))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

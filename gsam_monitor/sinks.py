@@ -34,6 +34,7 @@ __all__ = [
     "Sink",
     "TensorBoardSink",
     "WandbSink",
+    "format_metrics_table",
     "layer_key",
     "make_sink",
     "metric_key",
@@ -61,6 +62,22 @@ def layer_key(layer: str, phase: str = "train") -> str:
 def metric_key(metric: str, layer: str, phase: str = "train") -> str:
     """The scalar key of ``metric`` for ``layer``: ``"gsam/encoder.layer.0"``; eval adds ``"/eval"``."""
     return f"{metric}/{layer_key(layer, phase)}"
+
+
+def format_metrics_table(
+    metrics: Mapping[str, float], names: tuple[str, ...] = ("gsam", "rank", "effective_rank", "anisotropy")
+) -> str:
+    """A plain-text table, one row per layer and one column per metric in ``names``, from the
+    monitor's flat ``{"metric/layer[/eval]": value}`` dict (the inverse of ``metric_key``)."""
+    layers: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        metric, _, layer = key.partition("/")
+        if metric in names:
+            layers.setdefault(layer.removesuffix("/eval"), {})[metric] = value
+    lines = ["layer".ljust(28) + "".join(n.rjust(16) for n in names)]
+    for layer, row in layers.items():
+        lines.append(layer.ljust(28) + "".join(f"{row.get(n, float('nan')):16.4f}" for n in names))
+    return "\n".join(lines)
 
 
 def _require(package: str, extra: str) -> None:

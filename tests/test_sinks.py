@@ -223,3 +223,19 @@ def test_only_global_rank_zero_writes(monkeypatch) -> None:
     calls = []
     _, _, outs = _run_monitor([lambda m, s: calls.append(s)], steps=2)
     assert calls == [] and "gsam/blocks.0" in outs[0]
+
+
+def test_format_metrics_table_groups_flat_keys_by_layer() -> None:
+    from gsam_monitor.sinks import format_metrics_table, metric_key
+
+    flat = {
+        metric_key("gsam", "enc.0"): -1.5,
+        metric_key("rank", "enc.0"): 7.0,
+        metric_key("gsam", "enc.1", "eval"): 2.25,
+        metric_key("n", "enc.0"): 99.0,  # not a requested column
+    }
+    lines = format_metrics_table(flat, names=("gsam", "rank")).splitlines()
+    assert lines[0].split() == ["layer", "gsam", "rank"]
+    assert lines[1].split() == ["enc.0", "-1.5000", "7.0000"]
+    assert lines[2].split() == ["enc.1", "2.2500", "nan"]
+    assert len(lines) == 3
