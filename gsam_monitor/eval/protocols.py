@@ -102,6 +102,8 @@ class ModelResult:
         max_length: the truncation length used (``None``: no limit).
         dtype: the model's dtype, as a string.
         device: where it ran, as a string.
+        samples: per layer index, the values sampled by ``--analyses distributions``, for
+            the plots; not in the JSON.
     """
 
     model: str
@@ -114,6 +116,7 @@ class ModelResult:
     max_length: int | None = None
     dtype: str = ""
     device: str = ""
+    samples: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ The JSON schema (strict JSON: non-finite numbers are written as ``null``)::
                              "gsam": float, "gsam_correlation": float, "gsam_oas": float,
                              "effective_rank": float, "powerlaw_alpha": float,
                              "anisotropy": float, "mean_kurtosis": float,
-                             "mardia_kurtosis": float, ...}]}],
+                             "mardia_kurtosis": float, ...,
+                             "analyses": {...}}]}],   # only with --analyses (eval.analyses)
      "versions": {"python", "torch", "transformers", "gsam_monitor", "numpy", "scipy"}}
 
 Plots use matplotlib's Agg backend (no display needed), imported only when plots are asked for.
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from gsam_monitor.eval.analyses import format_analyses_table, has_analyses, write_analysis_plots
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.protocols import ModelResult
 
@@ -236,6 +238,9 @@ def format_table(
         rows = [[_cell(layer.get(k), f) for k, _, f in _TOKEN_COLUMNS] for layer in r.layers]
         blocks.append(_model_header(protocol, r) + "\n" + ("\n" if markdown else "")
                       + _grid(header, rows, markdown))
+    analyses_table = format_analyses_table(results, markdown=markdown)
+    if analyses_table:
+        blocks.append(analyses_table)
     return "\n\n".join(blocks) + "\n"
 
 
@@ -314,6 +319,8 @@ def write_plots(
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    if has_analyses(results):
+        written += write_analysis_plots(results, out)
     return written
 
 

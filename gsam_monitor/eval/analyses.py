@@ -1,0 +1,459 @@
+"""Distribution and geometry analyses in the eval: ``--analyses distributions,spectrum,classes``.
+
+The token protocol's statistics see only the first two moments of each layer. The analyses
+of :mod:`gsam_monitor.analysis` add, per layer:
+
+- ``distributions``: a bounded, seeded reservoir sample of the pooled activation values
+  (every coordinate of every non-padding token; :class:`~gsam_monitor.analysis.ReservoirSample`),
+  then parametric family fits (:func:`~gsam_monitor.analysis.fit_families`, best first by
+  ``--fit-criterion``, with the best family under every criterion beside it), KDE modes
+  (:func:`~gsam_monitor.analysis.find_modes`) and tail fractions beyond 3, 5 and 10 sd
+  (:func:`~gsam_monitor.analysis.tail_fractions`);
+- ``spectrum``: the power law of the covariance spectrum over ranks 10-150 with its 95%
+  interval (:func:`~gsam_monitor.analysis.powerlaw_alpha`), on the eigenvalues the metrics
+  already computed (no second eigendecomposition), restricted to the support (the layer's
+  ``rank``) as the ``powerlaw_alpha`` metric is, so ``alpha`` equals that metric;
+- ``classes``: LDA class separation (:func:`~gsam_monitor.analysis.class_separation`) from
+  one ``LayerStats`` per class and layer, fed with the corpus labels; no activation is stored.
+
+``classes`` uses the labels of the corpus being run. Every bundled corpus is labelled
+(SST-2 sentiment, 0/1): the default token corpus ``sst2_300_filtered`` carries SST-2 *train*
+labels; ``--corpus sst2_dev`` is the 872-sentence labelled dev set the studies used. An
+unlabelled corpus (a plain text file) with ``classes`` is refused before any model is loaded.
+
+Memory on top of the protocol: ``reservoir_size`` values (float32) per layer for
+``distributions``; ``n_classes * 8 * d**2`` bytes per layer for ``classes``.
+
+The results go under each layer's ``"analyses"`` key (plain JSON values; the sampled values
+themselves are kept on :attr:`ModelResult.samples <gsam_monitor.eval.protocols.ModelResult>`
+for the plots, never written to the JSON).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gsam_monitor.analysis import ReservoirSample, analyze_layer, plot_distribution, powerlaw_alpha
+from gsam_monitor.eval.corpus import Corpus
+from gsam_monitor.eval.protocols import ModelResult
+from gsam_monitor.stats import LayerStats
+
+__all__ = [
+    "ANALYSES",
+    "DEFAULT_RESERVOIR_SIZE",
+    "FIT_CRITERIA",
+    "POWERLAW_RANGE",
+    "AnalysisObserver",
+    "check_analyses",
+    "format_analyses_table",
+    "has_analyses",
+    "parse_analyses",
+    "write_analysis_plots",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Names accepted by ``--analyses`` (``all`` selects every one).
+ANALYSES: tuple[str, ...] = ("distributions", "spectrum", "classes")
+
+#: Ranking criteria of the family fits (``--fit-criterion``).
+FIT_CRITERIA: tuple[str, ...] = ("bic", "aic", "sse", "ks")
+
+#: Values kept per layer by the reservoir sample (800 kB of float32). The fits use a seeded
+#: 20k subsample of it (``analysis.FIT_MAX_VALUES``), the KDE another.
+DEFAULT_RESERVOIR_SIZE = 200_000
+
+#: Rank range of the power-law fit, the same as ``metrics.compute``'s ``powerlaw_alpha``.
+POWERLAW_RANGE: tuple[int, int] = (10, 150)
+
+
+def parse_analyses(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Parse ``--analyses``: a comma-separated list of :data:`ANALYSES`, or ``all``.
+
+    Args:
+        value: e.g. ``"distributions,spectrum"``, ``"all"``, a list of names, or None/"" for none.
+
+    Returns:
+        The selected names, without repeats, in the order of :data:`ANALYSES`.
+
+    Raises:
+        ValueError: for a name that is not an analysis, naming the flag and the valid values.
+    """
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(item).strip().lower() for item in items if str(item).strip()]
+    if "all" in names:
+        return ANALYSES
+    unknown = [name for name in names if name not in ANALYSES]
+    if unknown:
+        raise ValueError(
+            f"--analyses: expected a comma-separated list of {', '.join(ANALYSES)} (or 'all'), "
+            f"got unknown {', '.join(map(repr, unknown))}; e.g. --analyses distributions,spectrum"
+        )
+    return tuple(name for name in ANALYSES if name in names)
+
+
+def check_analyses(analyses: Sequence[str], corpus: Corpus, protocol: str = "token") -> None:
+    """Refuse, before any model is loaded, analyses the run cannot do.
+
+    Args:
+        analyses: parsed names (see :func:`parse_analyses`).
+        corpus: the corpus to run.
+        protocol: ``token`` or ``paper``.
+
+    Raises:
+        ValueError: analyses with the paper protocol, or ``classes`` on a corpus without
+            labels or with fewer than two distinct labels.
+    """
+    if not analyses:
+        return
+    if protocol != "token":
+        raise ValueError(
+            f"--analyses: the analyses run in the token protocol only, got --protocol {protocol}; "
+            f"drop --analyses or use --protocol token"
+        )
+    if "classes" in analyses:
+        if corpus.labels is None:
+            raise ValueError(
+                f"--analyses classes: the corpus {corpus.name!r} has no labels; pass --corpus "
+                f"sst2_dev (the 872 labelled SST-2 dev sentences) or a .tsv file with a 'label' "
+                f"column, or drop 'classes' from --analyses"
+            )
+        distinct = set(corpus.labels)
+        if len(distinct) < 2:
+            raise ValueError(
+                f"--analyses classes: the corpus {corpus.name!r} has {len(distinct)} distinct "
+                f"label(s), class separation needs at least 2; pass a corpus with both classes "
+                f"(e.g. --corpus sst2_dev) or drop 'classes' from --analyses"
+            )
+
+
+class AnalysisObserver:
+    """The eval's :class:`~gsam_monitor.eval.protocols.LayerObserver` for ``--analyses``.
+
+    Fed in the token protocol's second pass; :meth:`results` returns, per layer index,
+    ``{"analyses": {"distributions": ..., "classes": ...}}``; :meth:`finish` then adds
+    ``"spectrum"`` from the eigenvalues the protocol already computed and keeps the sampled
+    values on the result for the plots.
+
+    Args:
+        analyses: names from :data:`ANALYSES` (already checked with :func:`check_analyses`).
+        corpus: the corpus being run (its labels feed ``classes``).
+        reservoir_size: values kept per layer for ``distributions``.
+        criterion: ranking criterion of the family fits (:data:`FIT_CRITERIA`).
+        seed: seed of the reservoir sample (offset by the layer index) and of the fits.
+
+    Raises:
+        ValueError: for an unknown analysis or criterion, or a non-positive ``reservoir_size``.
+    """
+
+    def __init__(
+        self,
+        analyses: Sequence[str],
+        corpus: Corpus,
+        *,
+        reservoir_size: int = DEFAULT_RESERVOIR_SIZE,
+        criterion: str = "bic",
+        seed: int = 0,
+    ) -> None:
+        self.analyses = parse_analyses(list(analyses))
+        if criterion not in FIT_CRITERIA:
+            raise ValueError(
+                f"--fit-criterion: expected one of {', '.join(FIT_CRITERIA)}, got {criterion!r}"
+            )
+        if isinstance(reservoir_size, bool) or not isinstance(reservoir_size, int) or reservoir_size < 1:
+            raise ValueError(
+                f"--reservoir-size: expected a positive number of values, got {reservoir_size!r}; "
+                f"e.g. {DEFAULT_RESERVOIR_SIZE}"
+            )
+        self.reservoir_size = reservoir_size
+        self.criterion = criterion
+        self.seed = int(seed)
+        self._labels = corpus.labels
+        self._classes: list[Any] = sorted(set(corpus.labels or ()), key=str)
+        self._class_index = {label: i for i, label in enumerate(self._classes)}
+        self._offset = 0  # sentences seen at layer 0, to slice non-integer corpus labels
+        self._batch_classes: torch.Tensor | None = None
+        self.samples: dict[int, ReservoirSample] = {}
+        self.class_stats: dict[int, list[LayerStats]] = {}
+
+    # ------------------------------------------------------------------ the second pass
+    def update(
+        self, layer: int, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None
+    ) -> None:
+        """Feed one batch of one layer: hidden (B, T, d), mask (B, T) bool, labels (B,)."""
+        if "distributions" in self.analyses:
+            sample = self.samples.get(layer)
+            if sample is None:
+                sample = ReservoirSample(self.reservoir_size, seed=self.seed + layer, device=hidden.device)
+                self.samples[layer] = sample
+            sample.update(hidden, mask=mask)
+        if "classes" in self.analyses:
+            if layer == 0 or self._batch_classes is None:
+                self._batch_classes = self._classes_of(labels, hidden.shape[0]).to(mask.device)
+            per_class = self.class_stats.get(layer)
+            if per_class is None:
+                # No higher moments: LDA needs only counts, means and covariances.
+                per_class = [
+                    LayerStats(hidden.shape[-1], device=hidden.device, higher_moments=False)
+                    for _ in self._classes
+                ]
+                self.class_stats[layer] = per_class
+            for index, stats in enumerate(per_class):
+                stats.update(hidden, mask=mask & (self._batch_classes == index)[:, None])
+
+    def _classes_of(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Class indices of the current batch (layer 0 comes first in every batch)."""
+        if labels is not None:
+            values = labels.tolist()
+        else:  # string labels: the batches follow the corpus order
+            values = list((self._labels or ())[self._offset : self._offset + batch])
+        self._offset += batch
+        if len(values) != batch:
+            raise RuntimeError(
+                f"--analyses classes: got {len(values)} labels for a batch of {batch} sentences; "
+                f"the corpus labels and sentences are out of step"
+            )
+        return torch.tensor([self._class_index[v] for v in values], dtype=torch.int64)
+
+    def results(self, stats: Sequence[LayerStats]) -> dict[int, dict[str, Any]]:
+        """Per-layer ``{"analyses": {...}}`` for ``distributions`` and ``classes``."""
+        out: dict[int, dict[str, Any]] = {}
+        for layer in range(len(stats)):
+            entry: dict[str, Any] = {}
+            sample = self.samples.get(layer)
+            per_class = self.class_stats.get(layer)
+            if sample is not None or per_class is not None:
+                summary = analyze_layer(
+                    sample,
+                    None,
+                    {label: s for label, s in zip(self._classes, per_class, strict=True)}
+                    if per_class is not None else None,
+                    criterion=self.criterion,  # type: ignore[arg-type]
+                    seed=self.seed,
+                )
+                if sample is not None:
+                    entry["distributions"] = _distribution_entry(summary["distribution"], sample, self)
+                if per_class is not None:
+                    entry["classes"] = summary["class_separation"]
+            out[layer] = {"analyses": _plain(entry)}
+        return out
+
+    def finish(self, result: ModelResult) -> None:
+        """Add ``spectrum`` to every layer of ``result`` and keep the samples for the plots.
+
+        Args:
+            result: the token protocol's result for the model this observer watched.
+        """
+        for index, layer in enumerate(result.layers):
+            entry = layer.setdefault("analyses", {})
+            if "spectrum" in self.analyses:
+                spectrum = result.spectra[index] if index < len(result.spectra) else np.zeros(0)
+                # Only the support (the metrics' rank): the null eigenvalue of a LayerNorm
+                # output is rounding noise and would steepen the fit when the range reaches it.
+                spectrum = np.sort(np.asarray(spectrum, dtype=np.float64))[::-1][: int(layer.get("rank") or 0)]
+                entry["spectrum"] = (
+                    _plain(powerlaw_alpha(spectrum, POWERLAW_RANGE)) if spectrum.size else None
+                )
+        result.samples = {layer: sample.values() for layer, sample in self.samples.items()}
+
+
+def _distribution_entry(
+    summary: dict[str, Any] | None, sample: ReservoirSample, observer: AnalysisObserver
+) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    fits = summary["fits"]
+
+    def best_by(criterion: str) -> str:
+        finite = [f for f in fits if math.isfinite(f[criterion])]
+        return min(finite, key=lambda f: f[criterion])["family"] if finite else fits[0]["family"]
+
+    return {
+        "sample": {
+            "size": summary["n"],
+            "seen": sample.count,
+            "capacity": sample.capacity,
+            "seed": sample.seed,
+            "nonfinite": summary["nonfinite"],
+        },
+        "criterion": observer.criterion,
+        "best_family": summary["best_family"],
+        "best_family_by": {c: best_by(c) for c in FIT_CRITERIA},
+        "fits": fits,
+        "modes": summary["modes"],
+        "n_secondary_modes": len(summary["modes"]["left"]) + len(summary["modes"]["right"]),
+        "tails": summary["tails"],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays to Python numbers and lists (JSON-ready)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value
+
+
+# ---------------------------------------------------------------------------- report
+def _get(layer: dict[str, Any], *keys: str) -> Any:
+    value: Any = layer.get("analyses")
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def has_analyses(results: Sequence[ModelResult]) -> bool:
+    """Whether any layer of any result carries analyses."""
+    return any(layer.get("analyses") for r in results for layer in r.layers)
+
+
+def format_analyses_table(results: Sequence[ModelResult], *, markdown: bool = False) -> str:
+    """Per-layer table: best family, secondary modes, alpha with its 95% CI, Fisher ratio.
+
+    Args:
+        results: one :class:`ModelResult` per model.
+        markdown: a Markdown table instead of aligned text.
+
+    Returns:
+        One block per model with analyses (empty string if none has any).
+    """
+    from gsam_monitor.eval.report import _grid
+
+    blocks = []
+    header = ["layer", "name", "best family", "modes (sd)", "alpha [95% CI]", "fisher",
+              "tail>5sd / gauss"]
+    for r in results:
+        if not any(layer.get("analyses") for layer in r.layers):
+            continue
+        rows = []
+        for layer in r.layers:
+            dist = _get(layer, "distributions")
+            spec = _get(layer, "spectrum")
+            fisher = _get(layer, "classes", "fisher_ratio")
+            if dist:
+                offsets = [m["offset_sd"] for m in (*dist["modes"]["left"], *dist["modes"]["right"])]
+                modes = f"{len(offsets)}" + (" (" + ", ".join(f"{o:+.1f}" for o in offsets) + ")"
+                                             if offsets else "")
+                tail = dist["tails"].get("5")
+                tail_txt = "-" if tail is None or tail.get("ratio") is None else f"{tail['ratio']:.3g}"
+                family = dist["best_family"]
+            else:
+                modes, tail_txt, family = "-", "-", "-"
+            alpha = "-"
+            if spec and _finite(spec.get("alpha")):
+                alpha = f"{spec['alpha']:.3f} [{spec['ci_low']:.3f}, {spec['ci_high']:.3f}]"
+            rows.append([str(layer["index"]), str(layer["name"]), family, modes, alpha,
+                         f"{fisher:.3f}" if _finite(fisher) else "-", tail_txt])
+        blocks.append(f"analyses: {r.model} (fits ranked by "
+                      f"{_first_criterion(r)})\n" + ("\n" if markdown else "")
+                      + _grid(header, rows, markdown))
+    return "\n\n".join(blocks)
+
+
+def _first_criterion(r: ModelResult) -> str:
+    for layer in r.layers:
+        dist = _get(layer, "distributions")
+        if dist:
+            return str(dist["criterion"])
+    return "-"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def write_analysis_plots(results: Sequence[ModelResult], directory: str | os.PathLike[str]) -> list[Path]:
+    """PNG plots of the analyses (matplotlib must already use the Agg backend).
+
+    Writes, when the analyses are present: per model and layer a histogram of the sampled
+    values with the best fitted pdf, the Gaussian and the secondary modes
+    (``distribution_<model>_<layer>.png``); alpha per layer with 95% error bars
+    (``analysis_alpha.png``); the Fisher ratio per layer (``analysis_fisher_ratio.png``).
+
+    Args:
+        results: one :class:`ModelResult` per model.
+        directory: an existing folder.
+
+    Returns:
+        The written files.
+    """
+    import matplotlib.pyplot as plt
+
+    out = Path(directory)
+    written: list[Path] = []
+    for r in results:
+        for layer in r.layers:
+            dist = _get(layer, "distributions")
+            values = r.samples.get(layer["index"])
+            if not dist or values is None or values.size < 2:
+                continue
+            fig, ax = plt.subplots(figsize=(6.4, 4.0))
+            plot_distribution(ax, values, dist["fits"], dist["modes"],
+                              title=f"{r.model}: {layer['name']}")
+            fig.tight_layout()
+            path = out / f"distribution_{_slug(r.model)}_{_slug(str(layer['name']))}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    depths = {len(r.layers) for r in results}
+    relative = len(depths) > 1
+    for key, ylabel, filename in (
+        ("alpha", "power-law alpha (ranks 10-150), 95% CI", "analysis_alpha.png"),
+        ("fisher_ratio", "Fisher ratio (largest LDA eigenvalue)", "analysis_fisher_ratio.png"),
+    ):
+        section = "spectrum" if key == "alpha" else "classes"
+        if not any(_get(layer, section) for r in results for layer in r.layers):
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for r in results:
+            x = np.array([layer["index"] for layer in r.layers], dtype=float)
+            if relative:
+                x = x / max(x.max(), 1.0)
+            y = np.array([_num(_get(layer, section, key)) for layer in r.layers])
+            if key == "alpha":
+                low = np.array([_num(_get(layer, section, "ci_low")) for layer in r.layers])
+                high = np.array([_num(_get(layer, section, "ci_high")) for layer in r.layers])
+                ax.errorbar(x, y, yerr=np.vstack([y - low, high - y]), marker="o", capsize=3,
+                            label=r.model)
+            else:
+                ax.plot(x, y, marker="o", label=r.model)
+        ax.set_xlabel("relative depth" if relative else "layer (0 = embeddings)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out / filename
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _num(value: Any) -> float:
+    return float(value) if _finite(value) else math.nan
