@@ -119,6 +119,11 @@ class GSAMMonitor:
         spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
             support it every this many logs; ``None`` or 0 never.
         process_group: The ``torch.distributed`` group to sync over (default: the world).
+        reservoir_size: Also keep a bounded uniform sample of this many activation values per
+            (layer, phase) (``analysis.ReservoirSample``, pooled coordinates of the same rows
+            the statistics see, over the whole run: log windows do not reset it, ``reset()``
+            does), for the distribution analyses; read it with ``sample(layer, phase)``.
+            ``None`` (default): no sample. Per-rank samples are not merged across processes.
 
     Raises:
         ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
@@ -156,6 +161,7 @@ class GSAMMonitor:
         max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
         spectrum_every_n_logs: int | None = 10,
         process_group: Any = None,
+        reservoir_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -208,6 +214,9 @@ class GSAMMonitor:
             spectrum_every_n_logs = _positive_int(spectrum_every_n_logs, "spectrum_every_n_logs", "or None to disable")
         self.spectrum_every_n_logs = spectrum_every_n_logs or None
         self.process_group = process_group
+        if reservoir_size is not None:
+            reservoir_size = _positive_int(reservoir_size, "reservoir_size", "or None for no sample")
+        self.reservoir_size = reservoir_size
 
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
@@ -234,6 +243,7 @@ class GSAMMonitor:
         self._handles = HookHandles()
         self._stats: dict[tuple[str, str], LayerStats] = {}
         self._reference: dict[tuple[str, str], LayerStats] = {}
+        self._samples: dict[tuple[str, str], Any] = {}  # (layer, phase) -> ReservoirSample
         self._disabled_layers: set[str] = set()
         self._disabled_sinks: set[int] = set()
         self._warned: set[str] = set()
@@ -407,6 +417,8 @@ class GSAMMonitor:
             stats = self._stats_for(target, phase, d, rows.device)
             if stats is not None:
                 stats.update(rows, mask=keep)
+            if self.reservoir_size is not None:
+                self._sample_for(target.name, phase, rows.device).update(rows, mask=keep)
         except Exception as err:  # never let monitoring stop the model
             self._hook_error(err, target.name)
 
@@ -440,6 +452,33 @@ class GSAMMonitor:
                 f"continue. Call monitor.reset() after changing the model."
             )
         return stats
+
+    def _sample_for(self, layer: str, phase: str, device: torch.device) -> Any:
+        sample = self._samples.get((layer, phase))
+        if sample is None:
+            from gsam_monitor.analysis.distributions import ReservoirSample  # scipy: only when asked
+
+            # A distinct, deterministic stream per (layer, phase) and rank.
+            dist = _dist()
+            rank = dist.get_rank() if dist is not None else 0
+            offset = self.layer_names.index(layer) * len(_PHASES) + _PHASES.index(phase)
+            sample = ReservoirSample(self.reservoir_size, seed=self.seed + rank + 7919 * offset, device=device)
+            self._samples[(layer, phase)] = sample
+        return sample
+
+    def sample(self, layer: str, phase: str = "train") -> Any:
+        """The ``ReservoirSample`` of ``layer`` in ``phase`` (``reservoir_size=`` must be set);
+        ``None`` before its first activation. ``.values()`` gives the values as numpy fp64.
+
+        Raises:
+            ValueError: if the monitor was built without ``reservoir_size``.
+        """
+        if self.reservoir_size is None:
+            raise ValueError(
+                "sample: this monitor collects no reservoir sample; construct it with "
+                "GSAMMonitor(..., reservoir_size=200_000)."
+            )
+        return self._samples.get((layer, phase))
 
     def _new_stats(self, dim: int, device: torch.device | str) -> LayerStats:
         return LayerStats(
@@ -699,6 +738,8 @@ class GSAMMonitor:
         for stats in self._stats.values():
             stats.reset()
         self._reference.clear()
+        for sample in self._samples.values():
+            sample.reset()
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state: tensors and plain values only, so that
@@ -722,6 +763,10 @@ class GSAMMonitor:
             "stats": pack(self._stats),
             "reference": pack(self._reference),
             "sampler": self._sampler.state_dict(),
+            "samples": {
+                phase: {name: sample.state_dict() for (name, p), sample in self._samples.items() if p == phase}
+                for phase in {p for _, p in self._samples}
+            },
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -757,6 +802,21 @@ class GSAMMonitor:
         self.n_logs = int(state_dict["n_logs"])
         self.errors = int(state_dict["errors"])
         self._sampler.load_state_dict(state_dict["sampler"])
+        self._samples = {}
+        if self.reservoir_size is not None:
+            from gsam_monitor.analysis.distributions import ReservoirSample
+
+            for phase, layers in state_dict.get("samples", {}).items():
+                for name, sd in layers.items():
+                    if int(sd["capacity"]) != self.reservoir_size:
+                        raise ValueError(
+                            f"load_state_dict: the state's reservoir samples hold {int(sd['capacity'])} values, "
+                            f"this monitor has reservoir_size={self.reservoir_size}; construct it with "
+                            f"reservoir_size={int(sd['capacity'])}."
+                        )
+                    sample = ReservoirSample(self.reservoir_size)  # CPU: the saved generator state is a CPU one
+                    sample.load_state_dict(sd)
+                    self._samples[(name, phase)] = sample.to(self._device_of(name))
         self._sync_hooks()
 
     def _device_of(self, layer: str) -> torch.device:
