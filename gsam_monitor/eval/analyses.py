@@ -42,13 +42,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from gsam_monitor.analysis import ReservoirSample, analyze_layer, plot_distribution, powerlaw_alpha
+from gsam_monitor.analysis import (
+    ReservoirSample,
+    analyze_layer,
+    find_modes,
+    fit_families,
+    plot_distribution,
+    powerlaw_alpha,
+)
+from gsam_monitor.analysis.distributions import MIN_VALUES
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.protocols import ModelResult
 from gsam_monitor.stats import LayerStats
 
 __all__ = [
     "ANALYSES",
+    "DEFAULT_DIM_CAPACITY",
     "DEFAULT_RESERVOIR_SIZE",
     "FIT_CRITERIA",
     "POWERLAW_RANGE",
@@ -71,6 +80,9 @@ FIT_CRITERIA: tuple[str, ...] = ("bic", "aic", "sse", "ks")
 #: Values kept per layer by the reservoir sample (800 kB of float32). The fits use a seeded
 #: 20k subsample of it (``analysis.FIT_MAX_VALUES``), the KDE another.
 DEFAULT_RESERVOIR_SIZE = 200_000
+
+#: Values kept per dimension when ``--analysis-dims`` asks for per-dimension fits.
+DEFAULT_DIM_CAPACITY = 2_000
 
 #: Rank range of the power-law fit, the same as ``metrics.compute``'s ``powerlaw_alpha``.
 POWERLAW_RANGE: tuple[int, int] = (10, 150)
@@ -152,9 +164,15 @@ class AnalysisObserver:
         reservoir_size: values kept per layer for ``distributions``.
         criterion: ranking criterion of the family fits (:data:`FIT_CRITERIA`).
         seed: seed of the reservoir sample (offset by the layer index) and of the fits.
+        n_dims: also sample the first ``n_dims`` dimensions of each layer separately
+            (``dim_capacity`` values each) and fit every family and find the modes of each
+            (``distributions`` only; about 0.25 s per dimension on one CPU core); ``-1``
+            for every dimension, 0 for none.
+        dim_capacity: values kept per sampled dimension.
 
     Raises:
-        ValueError: for an unknown analysis or criterion, or a non-positive ``reservoir_size``.
+        ValueError: for an unknown analysis or criterion, a non-positive ``reservoir_size``
+            or ``dim_capacity``, or ``n_dims < -1``.
     """
 
     def __init__(
@@ -165,6 +183,8 @@ class AnalysisObserver:
         reservoir_size: int = DEFAULT_RESERVOIR_SIZE,
         criterion: str = "bic",
         seed: int = 0,
+        n_dims: int = 0,
+        dim_capacity: int = DEFAULT_DIM_CAPACITY,
     ) -> None:
         self.analyses = parse_analyses(list(analyses))
         if criterion not in FIT_CRITERIA:
@@ -176,7 +196,18 @@ class AnalysisObserver:
                 f"--reservoir-size: expected a positive number of values, got {reservoir_size!r}; "
                 f"e.g. {DEFAULT_RESERVOIR_SIZE}"
             )
+        if isinstance(n_dims, bool) or not isinstance(n_dims, int) or n_dims < -1:
+            raise ValueError(
+                f"--analysis-dims: expected a number of dimensions >= 0 or 'all', got {n_dims!r}"
+            )
+        if isinstance(dim_capacity, bool) or not isinstance(dim_capacity, int) or dim_capacity < MIN_VALUES:
+            raise ValueError(
+                f"dim_capacity: expected at least {MIN_VALUES} values per dimension, got "
+                f"{dim_capacity!r}; e.g. {DEFAULT_DIM_CAPACITY}"
+            )
         self.reservoir_size = reservoir_size
+        self.n_dims = n_dims
+        self.dim_capacity = dim_capacity
         self.criterion = criterion
         self.seed = int(seed)
         self._labels = corpus.labels
@@ -195,7 +226,10 @@ class AnalysisObserver:
         if "distributions" in self.analyses:
             sample = self.samples.get(layer)
             if sample is None:
-                sample = ReservoirSample(self.reservoir_size, seed=self.seed + layer, device=hidden.device)
+                d = hidden.shape[-1]
+                dims = range(d if self.n_dims == -1 else min(self.n_dims, d))
+                sample = ReservoirSample(self.reservoir_size, dims=dims, dim_capacity=self.dim_capacity,
+                                         seed=self.seed + layer, device=hidden.device)
                 self.samples[layer] = sample
             sample.update(hidden, mask=mask)
         if "classes" in self.analyses:
@@ -244,10 +278,45 @@ class AnalysisObserver:
                 )
                 if sample is not None:
                     entry["distributions"] = _distribution_entry(summary["distribution"], sample, self)
+                    if sample.dims and entry["distributions"] is not None:
+                        entry["distributions"]["dims"] = self._per_dim(sample)
                 if per_class is not None:
                     entry["classes"] = summary["class_separation"]
             out[layer] = {"analyses": _plain(entry)}
         return out
+
+    def _per_dim(self, sample: ReservoirSample) -> dict[str, Any]:
+        """Family fits and modes of each separately sampled dimension, with counts."""
+        counts: dict[str, dict[str, int]] = {c: {} for c in FIT_CRITERIA}
+        per_dim, skipped = [], []
+        n_with_modes = 0
+        for dim in sample.dims:
+            values = sample.values(dim=dim)
+            try:
+                fits = fit_families(values, criterion=self.criterion, max_values=self.dim_capacity,
+                                    seed=self.seed)
+                modes = find_modes(values, max_values=self.dim_capacity, seed=self.seed)
+            except (ValueError, RuntimeError) as err:  # a constant (dead) or too short dimension
+                logger.info("dimension %d not fitted: %s", dim, err)
+                skipped.append(dim)
+                continue
+            best = {c: _best_by(fits, c) for c in FIT_CRITERIA}
+            for c, family in best.items():
+                counts[c][family] = counts[c].get(family, 0) + 1
+            offsets = [m["offset_sd"] for m in (*modes["left"], *modes["right"])]
+            n_with_modes += bool(offsets)
+            per_dim.append({"dim": dim, "n": int(values.size), "best_family": best,
+                            "secondary_modes_sd": offsets})
+        return {
+            "n_dims": len(per_dim),
+            "dim_capacity": sample.dim_capacity,
+            "skipped": skipped,
+            "best_family_counts": {
+                c: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for c, v in counts.items()
+            },
+            "dims_with_secondary_modes": n_with_modes,
+            "per_dim": per_dim,
+        }
 
     def finish(self, result: ModelResult) -> None:
         """Add ``spectrum`` to every layer of ``result`` and keep the samples for the plots.
@@ -274,11 +343,6 @@ def _distribution_entry(
     if summary is None:
         return None
     fits = summary["fits"]
-
-    def best_by(criterion: str) -> str:
-        finite = [f for f in fits if math.isfinite(f[criterion])]
-        return min(finite, key=lambda f: f[criterion])["family"] if finite else fits[0]["family"]
-
     return {
         "sample": {
             "size": summary["n"],
@@ -289,12 +353,17 @@ def _distribution_entry(
         },
         "criterion": observer.criterion,
         "best_family": summary["best_family"],
-        "best_family_by": {c: best_by(c) for c in FIT_CRITERIA},
+        "best_family_by": {c: _best_by(fits, c) for c in FIT_CRITERIA},
         "fits": fits,
         "modes": summary["modes"],
         "n_secondary_modes": len(summary["modes"]["left"]) + len(summary["modes"]["right"]),
         "tails": summary["tails"],
     }
+
+
+def _best_by(fits: Sequence[dict[str, Any]], criterion: str) -> str:
+    finite = [f for f in fits if math.isfinite(f[criterion])]
+    return min(finite, key=lambda f: f[criterion])["family"] if finite else fits[0]["family"]
 
 
 def _plain(value: Any) -> Any:
@@ -347,6 +416,7 @@ def format_analyses_table(results: Sequence[ModelResult], *, markdown: bool = Fa
     for r in results:
         if not any(layer.get("analyses") for layer in r.layers):
             continue
+        with_dims = any(_get(layer, "distributions", "dims") for layer in r.layers)
         rows = []
         for layer in r.layers:
             dist = _get(layer, "distributions")
@@ -364,12 +434,24 @@ def format_analyses_table(results: Sequence[ModelResult], *, markdown: bool = Fa
             alpha = "-"
             if spec and _finite(spec.get("alpha")):
                 alpha = f"{spec['alpha']:.3f} [{spec['ci_low']:.3f}, {spec['ci_high']:.3f}]"
-            rows.append([str(layer["index"]), str(layer["name"]), family, modes, alpha,
-                         f"{fisher:.3f}" if _finite(fisher) else "-", tail_txt])
+            row = [str(layer["index"]), str(layer["name"]), family, modes, alpha,
+                   f"{fisher:.3f}" if _finite(fisher) else "-", tail_txt]
+            if with_dims:
+                row.append(_dims_cell(_get(layer, "distributions", "dims"), _first_criterion(r)))
+            rows.append(row)
         blocks.append(f"analyses: {r.model} (fits ranked by "
                       f"{_first_criterion(r)})\n" + ("\n" if markdown else "")
-                      + _grid(header, rows, markdown))
+                      + _grid(header + (["per-dim best / with 2nd modes"] if with_dims else []),
+                              rows, markdown))
     return "\n\n".join(blocks)
+
+
+def _dims_cell(dims: dict[str, Any] | None, criterion: str) -> str:
+    if not dims or not dims.get("n_dims"):
+        return "-"
+    counts = dims["best_family_counts"].get(criterion) or {}
+    top = ", ".join(f"{family} {n}" for family, n in list(counts.items())[:2])
+    return f"{top} of {dims['n_dims']} / {dims['dims_with_secondary_modes']}"
 
 
 def _first_criterion(r: ModelResult) -> str:
