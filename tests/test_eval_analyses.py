@@ -51,7 +51,7 @@ def run(tmp_path_factory):
         encoding="utf-8")
     out = tmp / "results.json"
     code = main(["--model", "tiny:bert", "--corpus", str(tsv), "--analyses", "all",
-                 "--device", "cpu", "--batch-size", str(BATCH), "--output", str(out),
+                 "--analysis-dims", "2", "--device", "cpu", "--batch-size", str(BATCH), "--output", str(out),
                  "--markdown", str(tmp / "report.md"), "--quiet"])
     assert code == 0
     loaded = load_model("tiny:bert", device="cpu")
@@ -165,14 +165,29 @@ def test_fits_are_scored_and_ranked_on_the_data(run):
         assert "norm" in sse and len(sse) >= 8
 
 
+def test_per_dimension_fits_see_every_value_of_their_dimension(run):
+    for layer, x in zip(_layers(run), run["hidden"], strict=True):
+        dims = layer["analyses"]["distributions"]["dims"]
+        assert dims["n_dims"] == 2 and dims["skipped"] == []
+        assert [d["dim"] for d in dims["per_dim"]] == [0, 1]
+        for criterion, counts in dims["best_family_counts"].items():
+            assert sum(counts.values()) == 2
+            best = sorted(d["best_family"][criterion] for d in dims["per_dim"])
+            assert best == sorted(f for f, n in counts.items() for _ in range(n))
+        for entry in dims["per_dim"]:
+            assert entry["n"] == x.shape[0]
+        assert dims["dims_with_secondary_modes"] == sum(
+            bool(d["secondary_modes_sd"]) for d in dims["per_dim"])
+
+
 def test_primary_mode_is_the_kde_maximum(run):
     for layer, x in zip(_layers(run), run["hidden"], strict=True):
         values = x.reshape(-1)
         kde = stats.gaussian_kde(values)
-        grid = np.linspace(values.min(), values.max(), 4001)
+        grid = np.linspace(values.min(), values.max(), 1001)
         peak = grid[np.argmax(kde(grid))]
         modes = layer["analyses"]["distributions"]["modes"]
-        step = (values.max() - values.min()) / 2000
+        step = (values.max() - values.min()) / 1000
         assert modes["primary"]["location"] == pytest.approx(peak, abs=2 * step)
         assert layer["analyses"]["distributions"]["n_secondary_modes"] == (
             len(modes["left"]) + len(modes["right"]))
@@ -228,6 +243,20 @@ def test_bad_analyses_flag_exits_with_the_valid_values(capsys):
     err = capsys.readouterr().err
     assert "--analyses: expected a comma-separated list of distributions, spectrum, classes" in err
     assert "'spectra'" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_bad_analysis_dims_flag(capsys, value):
+    with pytest.raises(SystemExit):
+        main(["--analyses", "all", "--analysis-dims", value, "--quiet"])
+    assert "--analysis-dims: expected a number of dimensions >= 0 or 'all'" in capsys.readouterr().err
+
+
+def test_observer_refuses_bad_dims():
+    with pytest.raises(ValueError, match="--analysis-dims: expected a number of dimensions >= 0 or 'all', got -2"):
+        AnalysisObserver(ANALYSES, _corpus(), n_dims=-2)
+    with pytest.raises(ValueError, match="dim_capacity: expected at least 50 values per dimension, got 10"):
+        AnalysisObserver(ANALYSES, _corpus(), dim_capacity=10)
 
 
 def test_bad_reservoir_size_flag(capsys):
