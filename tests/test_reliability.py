@@ -364,7 +364,8 @@ def test_a_sink_object_failing_mid_run_leaves_the_other_sinks_complete(tmp_path:
 
 def test_wandb_not_installed_fails_at_setup_naming_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` sees when it is absent
-    with pytest.raises(ImportError, match=r"wandb is not installed; install it with `pip install gsam-monitor\[wandb\]`"):
+    message = r"wandb is not installed; install it with .pip install gsam-monitor\[wandb\]"
+    with pytest.raises(ImportError, match=message):
         WandbSink()
     with pytest.raises(ImportError, match=r"pip install gsam-monitor\[wandb\]"):
         GSAMMonitor(Stack(dim=D, depth=1), sinks=["wandb"])
@@ -612,7 +613,7 @@ def test_trust_remote_code_is_false_unless_asked(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake("tokenizer"))
     folder = tmp_path / "model"
     folder.mkdir()
-    with pytest.raises(OSError, match="could not load .* models with custom code also need --trust-remote-code"):
+    with pytest.raises(OSError, match=r"could not load .* models with custom code also need --trust-remote-code"):
         load_model(str(folder), device="cpu")
     assert seen == [("tokenizer", False)]
     seen.clear()
