@@ -271,16 +271,19 @@ def test_fp16_model_near_overflow_through_the_monitor() -> None:
 
 
 class _Wide(nn.Module):
-    """One parameter-free block of width 8192 (the width comes from the config, as for HF
-    models), returning its input: the monitored rows are exactly the rows fed."""
+    """A block of width 8192 that returns its input (a residual block whose branch is off), so
+    the monitored rows are exactly the rows fed; its LayerNorm gives the width at setup."""
 
     class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8192, device="meta")  # sized, never run, no memory
+
         def forward(self, x):
             return x * 1.0
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = type("Config", (), {"hidden_size": 8192})()
         self.blocks = nn.ModuleList([self.Block()])
 
     def forward(self, x):
@@ -294,8 +297,10 @@ def test_d_8192_under_the_default_state_budget() -> None:
     N x N Gram matrix (the d x d covariance is never formed on the reference side)."""
     d, n = 8192, 200
     model = _Wide()
-    monitor = GSAMMonitor(model, every_n_steps=10, metrics=["gsam", "gsam_oas", "rank", "n"], phases="eval")
-    assert monitor.max_state_bytes == 8 * 2**30
+    monitor = GSAMMonitor(
+        model, "blocks.0", every_n_steps=10, metrics=["gsam", "gsam_oas", "rank", "n"], phases="eval"
+    )
+    assert monitor.max_state_bytes == 8 * 2**30 and monitor.targets[0].dim == d  # checked at setup
     x = np.random.default_rng(8192).standard_normal((n, d)) * np.linspace(0.5, 2.0, d) + 3.0
     with monitor, torch.no_grad():
         for part in np.array_split(x, 4):
