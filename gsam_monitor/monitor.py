@@ -604,7 +604,10 @@ class GSAMMonitor:
         self, windows: Mapping[tuple[str, str], LayerStats]
     ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         counts = {key: float(stats.count) for key, stats in windows.items()}
+        # Rows dropped for NaN/Inf, read here at log time (the hook path never syncs).
+        nonfinite = {key: int(stats.nonfinite) for key, stats in windows.items()}
         active_phases = {ph for (_, ph), n in counts.items() if n > 0}
+        active_phases |= {ph for (_, ph), k in nonfinite.items() if k > 0}
         if not active_phases:
             self._warn_once(
                 "empty-window",
@@ -624,6 +627,11 @@ class GSAMMonitor:
             for target in self.targets:
                 key = (target.name, phase)
                 if target.name in self._disabled_layers:
+                    continue
+                if counts.get(key, 0.0) <= 0 and nonfinite.get(key, 0) > 0:
+                    # The layer fired, but every row held NaN/Inf: report that, not "missing".
+                    flat[metric_key("n", target.name, phase)] = 0.0
+                    flat[metric_key("nonfinite", target.name, phase)] = float(nonfinite[key])
                     continue
                 if counts.get(key, 0.0) <= 0:
                     n_missing += 1
@@ -648,6 +656,18 @@ class GSAMMonitor:
                 "missing:" + ",".join(missing),
                 f"GSAMMonitor: no activations reached {', '.join(missing)} in the window ending at step "
                 f"{self.step_count}; reported as missing ('{META_PREFIX}/missing_layers'), nothing logged for them.",
+            )
+        dropped = [
+            f"{layer_key(name, ph)}: {k}"
+            for (name, ph), k in nonfinite.items()
+            if k > 0 and name not in self._disabled_layers
+        ]
+        if dropped:
+            self._warn_once(
+                "nonfinite",
+                f"GSAMMonitor: rows holding NaN/Inf activations were dropped in the window ending at step "
+                f"{self.step_count} ({', '.join(dropped)}); they are left out of every metric and counted in "
+                f"'nonfinite/{{layer}}'. Training goes on; later ones are only counted.",
             )
         self.missing_layers = missing
         flat[f"{META_PREFIX}/errors"] = float(self.errors)

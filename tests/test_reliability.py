@@ -110,6 +110,47 @@ def test_setup_errors_name_the_argument(kwargs: dict, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_nonfinite_rows_are_warned_once_and_a_layer_of_only_nonfinite_rows_reports_them() -> None:
+    """NaN/Inf rows: dropped, counted per window in ``nonfinite/{layer}``, warned about once;
+    a window where every row of a layer is non-finite logs n = 0 and the count (it fired: it is
+    not "missing"), and no NaN reaches a sink."""
+    model = Stack(dim=D, depth=2)
+    sink = RecordingSink()
+    monitor = _monitor(model, every_n_steps=1, sinks=[sink], metrics=["gsam", "n", "nonfinite"])
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3, 10, D))
+    x[0, 2, 1] = np.nan
+    x[2, 7, 0] = -np.inf
+    y = rng.standard_normal((10, D))
+    y[4, 2] = np.inf
+    with monitor, torch.no_grad():
+        dropped = r"NaN/Inf activations were dropped .*blocks\.0/eval: 2, blocks\.1/eval: 2"
+        with pytest.warns(RuntimeWarning, match=dropped):
+            model(torch.from_numpy(x))
+            first = monitor.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once only
+            model(torch.from_numpy(y))
+            second = monitor.step()
+            model(torch.full((4, D), float("nan"), dtype=torch.float64))
+            third = monitor.step()
+    clean = x.reshape(-1, D)[np.isfinite(x.reshape(-1, D)).all(1)]
+    assert first["nonfinite/blocks.1/eval"] == 2 and first["n/blocks.1/eval"] == 28
+    assert first["gsam/blocks.1/eval"] == pytest.approx(gsam_pdet(clean)[0], rel=1e-9)
+    assert second["nonfinite/blocks.1/eval"] == 1  # per window: the count restarted
+    assert second["gsam/blocks.1/eval"] == pytest.approx(gsam_pdet(np.delete(y, 4, axis=0))[0], rel=1e-9)
+    assert third == {
+        "n/blocks.0/eval": 0.0,
+        "nonfinite/blocks.0/eval": 4.0,
+        "n/blocks.1/eval": 0.0,
+        "nonfinite/blocks.1/eval": 4.0,
+        "gsam_monitor/missing_layers/eval": 0.0,
+        "gsam_monitor/errors": 0.0,
+    }
+    assert [step for step, _ in sink.writes] == [1, 2, 3]
+    assert all(math.isfinite(v) for v in sink.values())
+
+
 def test_all_masked_batches_add_nothing_and_push_no_nan() -> None:
     model = Stack(dim=D, depth=2)
     sink = RecordingSink()
