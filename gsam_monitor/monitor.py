@@ -611,8 +611,9 @@ class GSAMMonitor:
         if not active_phases:
             self._warn_once(
                 "empty-window",
-                f"GSAMMonitor: no activations were captured in the window ending at step {self.step_count}; "
-                f"is the model called between steps, and is the monitor attached (attach() or `with monitor:`)?",
+                f"GSAMMonitor: no activations were captured in the window ending at step {self.step_count} (none "
+                f"reached the monitored layers, or every token was padding); is the model called between steps, "
+                f"and is the monitor attached (attach() or `with monitor:`)?",
             )
             self.missing_layers = []
             return {}, {}

@@ -166,7 +166,8 @@ def test_all_masked_batches_add_nothing_and_push_no_nan() -> None:
         monitor.step()
         model(torch.from_numpy(x), attention_mask=torch.from_numpy(mask))
         out = monitor.step()
-        with pytest.warns(RuntimeWarning, match="no activations were captured in the window ending at step 4"):
+        empty_window = r"no activations were captured in the window ending at step 4 \(.*every token was padding\)"
+        with pytest.warns(RuntimeWarning, match=empty_window):
             for _ in range(2):  # a window of nothing but padding
                 model(torch.from_numpy(padded), attention_mask=torch.zeros(3, 6, dtype=torch.int64))
                 empty = monitor.step()
@@ -276,7 +277,6 @@ def test_fp16_values_near_overflow_match_fp64(product_dtype, rtol: float) -> Non
     for part in torch.from_numpy(half).split(70):
         stats.update(part)
     assert int(stats.nonfinite) == 0 and float(stats.count) == 240
-    xc = x - x.mean(0)
     np.testing.assert_allclose(stats.mean.numpy(), x.mean(0), rtol=rtol, atol=rtol * 6e4)
     np.testing.assert_allclose(stats.covariance().numpy(), mle_cov(x), rtol=rtol, atol=rtol * 3.6e9)
     np.testing.assert_allclose(stats.excess_kurtosis().numpy(), scipy.stats.kurtosis(x, axis=0), rtol=10 * rtol)
@@ -288,7 +288,6 @@ def test_fp16_values_near_overflow_match_fp64(product_dtype, rtol: float) -> Non
     cos = unit @ unit.T
     aniso = (cos.sum() - np.trace(cos)) / (240 * 239)
     assert got["anisotropy"] == pytest.approx(aniso, rel=10 * rtol, abs=1e-12)
-    assert np.isfinite(xc).all()
 
 
 def test_fp16_model_near_overflow_through_the_monitor() -> None:
