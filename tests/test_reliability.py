@@ -447,11 +447,11 @@ def test_hooks_are_removed_from_every_module_when_a_training_step_fails(fault: B
     # 10 valid tokens per forward: h.0 ran in both forwards, h.1 and the final norm only in the first.
     counts = {layer: float(monitor.stats(layer, "train").count) for layer in monitor.layer_names}
     assert counts == {"h.0": 20, "h.1": 10, "final_norm": 10}
-    # The model trains on without the monitor, and a new monitor starts clean (no stale mask).
-    fresh = _monitor(model, layers="h.0", every_n_steps=10, phases="train")
-    with fresh:
-        model(input_ids=ids[:1]).last_hidden_state.sum().backward()
-    assert float(fresh.stats("h.0", "train").count) == 6
+    # Re-attached, the monitor holds no stale mask from the failed forward: an unpadded (2, 6)
+    # batch adds 12 tokens (the failed forward's mask would have dropped 2 of them).
+    with monitor:
+        model(input_ids=ids).last_hidden_state.sum().backward()
+    assert float(monitor.stats("h.0", "train").count) == 20 + 12
     assert _hooks_left(model) == []
 
 
