@@ -725,12 +725,16 @@ class GSAMMonitor:
         so that it can run on the background thread)."""
         result = _LogResult(step)
         counts = {key: float(stats.count) for key, stats in windows.items()}
+        # Rows dropped for NaN/Inf, read here at log time (the hook path never syncs).
+        nonfinite = {key: int(stats.nonfinite) for key, stats in windows.items()}
         active_phases = {ph for (_, ph), n in counts.items() if n > 0}
+        active_phases |= {ph for (_, ph), k in nonfinite.items() if k > 0}
         if not active_phases:
             self._warn_once(
                 "empty-window",
-                f"GSAMMonitor: no activations were captured in the window ending at step {step}; "
-                f"is the model called between steps, and is the monitor attached (attach() or `with monitor:`)?",
+                f"GSAMMonitor: no activations were captured in the window ending at step {step} (none "
+                f"reached the monitored layers, or every token was padding); is the model called between steps, "
+                f"and is the monitor attached (attach() or `with monitor:`)?",
             )
             return result
         want_spectrum = self.spectrum_every_n_logs is not None and n_logs % self.spectrum_every_n_logs == 0
@@ -744,6 +748,11 @@ class GSAMMonitor:
             for target in self.targets:
                 key = (target.name, phase)
                 if target.name in self._disabled_layers:
+                    continue
+                if counts.get(key, 0.0) <= 0 and nonfinite.get(key, 0) > 0:
+                    # The layer fired, but every row held NaN/Inf: report that, not "missing".
+                    flat[metric_key("n", target.name, phase)] = 0.0
+                    flat[metric_key("nonfinite", target.name, phase)] = float(nonfinite[key])
                     continue
                 if counts.get(key, 0.0) <= 0:
                     n_missing += 1
@@ -766,6 +775,18 @@ class GSAMMonitor:
                 "missing:" + ",".join(missing),
                 f"GSAMMonitor: no activations reached {', '.join(missing)} in the window ending at step "
                 f"{step}; reported as missing ('{META_PREFIX}/missing_layers'), nothing logged for them.",
+            )
+        dropped = [
+            f"{layer_key(name, ph)}: {k}"
+            for (name, ph), k in nonfinite.items()
+            if k > 0 and name not in self._disabled_layers
+        ]
+        if dropped:
+            self._warn_once(
+                "nonfinite",
+                f"GSAMMonitor: rows holding NaN/Inf activations were dropped in the window ending at step "
+                f"{step} ({', '.join(dropped)}); they are left out of every metric and counted in "
+                f"'nonfinite/{{layer}}'. Training goes on; later ones are only counted.",
             )
         result.flat, result.spectra, result.missing = flat, spectra, missing
         return result
