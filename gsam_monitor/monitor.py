@@ -26,6 +26,8 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -76,6 +78,17 @@ def state_bytes_per_layer(
     return LayerStats.state_bytes(dim, state_dtype) * len(phases) * (2 if heldout else 1)
 
 
+@dataclass
+class _LogResult:
+    """One log's output, computed inline or on the background thread."""
+
+    step: int
+    flat: dict[str, float] = field(default_factory=dict)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    errors: list[tuple[BaseException, str]] = field(default_factory=list)
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -103,7 +116,12 @@ class GSAMMonitor:
             ``"ema"`` (moments decay with ``ema_half_life``).
         ema_half_life: Half-life of the EMA window in ``step()`` calls; default ``every_n_steps``.
         collect_steps: Collect only during the last ``k`` steps before each log; the hooks
-            are removed on the other steps, so they cost nothing. ``None``: every step.
+            are removed on the other steps, so they cost nothing. ``"auto"`` (default):
+            ``min(every_n_steps, max(10, every_n_steps // 10))``, i.e. the last 10 of every
+            100 steps (every step when ``every_n_steps <= 10``): a tenth of the collection
+            cost, and each logged window describes the model as it is at the log, not
+            averaged over an interval of training; before the first ``step()`` (inference,
+            or the first forward of training) every forward is collected. ``None``: every step.
         max_tokens_per_layer: At most this many tokens per layer per forward call, sampled
             uniformly without replacement among the non-padding ones; ``None``: every token.
         metrics: ``"default"``, ``"all"`` or a list of ``metrics.METRIC_NAMES``.
@@ -119,6 +137,13 @@ class GSAMMonitor:
         spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
             support it every this many logs; ``None`` or 0 never.
         process_group: The ``torch.distributed`` group to sync over (default: the world).
+        background: Compute the scheduled logs' metrics (the eigendecompositions) on a
+            background thread, so that the training step does not wait for them: the windows
+            are synced and snapshotted on schedule, and the metrics reach the sinks, at the
+            step they belong to, from a later ``step()`` (or ``flush()``/``close()``). At most
+            one log is in flight; a second waits for the first. ``None`` (default): in the
+            background when the model is on an accelerator, inline on CPU, where a thread
+            would only compete with training for the same cores. ``log()`` is always inline.
         reservoir_size: Also keep a bounded uniform sample of this many activation values per
             (layer, phase) (``analysis.ReservoirSample``, pooled coordinates of the same rows
             the statistics see, over the whole run: log windows do not reset it, ``reset()``
@@ -150,7 +175,7 @@ class GSAMMonitor:
         every_n_steps: int = 100,
         window: Literal["interval", "cumulative", "ema"] = "interval",
         ema_half_life: float | None = None,
-        collect_steps: int | None = None,
+        collect_steps: int | Literal["auto"] | None = "auto",
         max_tokens_per_layer: int | None = 2048,
         metrics: str | Iterable[str] = "default",
         sinks: Iterable[Any] | Any = (),
@@ -161,6 +186,7 @@ class GSAMMonitor:
         max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
         spectrum_every_n_logs: int | None = 10,
         process_group: Any = None,
+        background: bool | None = None,
         reservoir_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -176,6 +202,11 @@ class GSAMMonitor:
         if isinstance(ema_half_life, bool) or not isinstance(ema_half_life, (int, float)) or not ema_half_life > 0:
             raise ValueError(f"ema_half_life must be a positive number of steps; got {ema_half_life!r}.")
         self.ema_half_life = float(ema_half_life)
+        # "auto" parks the hooks only once training steps are counted: an inference script that
+        # never calls step() sees every forward.
+        self._auto_collect = collect_steps == "auto"
+        if collect_steps == "auto":
+            collect_steps = min(self.every_n_steps, max(10, self.every_n_steps // 10))
         if collect_steps is not None:
             collect_steps = _positive_int(collect_steps, "collect_steps", "or None to collect on every step")
             if collect_steps > self.every_n_steps:
@@ -214,6 +245,14 @@ class GSAMMonitor:
             spectrum_every_n_logs = _positive_int(spectrum_every_n_logs, "spectrum_every_n_logs", "or None to disable")
         self.spectrum_every_n_logs = spectrum_every_n_logs or None
         self.process_group = process_group
+        if background is not None and not isinstance(background, bool):
+            raise TypeError(f"background must be True, False or None (automatic); got {background!r}.")
+        if background is None:
+            param = next(model.parameters(), None)
+            background = param is not None and param.device.type != "cpu"
+        self.background = background
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[_LogResult] | None = None
         if reservoir_size is not None:
             reservoir_size = _positive_int(reservoir_size, "reservoir_size", "or None for no sample")
         self.reservoir_size = reservoir_size
@@ -251,6 +290,7 @@ class GSAMMonitor:
         self._forced = 0
         self._eager_hook: Any = None
         self.step_count = 0
+        self._stepped = False
         self._last_log_step = 0
         self.n_logs = 0
         self.errors = 0
@@ -313,8 +353,12 @@ class GSAMMonitor:
         self._context.clear()
 
     def close(self) -> None:
-        """Detach and close the sinks (flushing TensorBoard files)."""
+        """Detach, write a log still being computed, and close the sinks (flushing TensorBoard files)."""
         self.detach()
+        self.flush()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         for i, sink in enumerate(self.sinks):
             if i in self._disabled_sinks:
                 continue
@@ -349,7 +393,7 @@ class GSAMMonitor:
             return True
         if not self._attached:
             return False
-        if self.collect_steps is None:
+        if self.collect_steps is None or (self._auto_collect and self.step_count == 0 and not self._stepped):
             return True
         # The next forward belongs to step step_count + 1; collect on the last k of each interval.
         return self.step_count % self.every_n_steps >= self.every_n_steps - self.collect_steps
@@ -526,17 +570,26 @@ class GSAMMonitor:
                 accumulation); ``None`` adds one to the monitor's own count.
 
         Returns:
-            The logged metrics (``{"gsam/encoder.layer.0": ..., ...}``) on a logging step, else None.
+            The metrics written to the sinks during this call (``{"gsam/encoder.layer.0": ...}``):
+            on a logging step, or with ``background=True`` when an earlier log's computation
+            finished; else None.
         """
+        self._stepped = True
         if global_step is None:
             self.step_count += 1
         else:
             if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
                 raise ValueError(f"global_step must be a non-negative int or None; got {global_step!r}.")
             self.step_count = int(global_step)
-        result = None
+        result = self._drain(wait=False)
         if self.step_count // self.every_n_steps > self._last_log_step // self.every_n_steps:
-            result = self.log()
+            if self.background:
+                drained = self.flush()  # at most one log in flight: wait for the previous one
+                if drained:
+                    result = {**(result or {}), **drained}
+                self._submit_log()
+            else:
+                result = {**(result or {}), **self.log()}
         if self.window == "ema":
             # After the log, so the newest step's data enters the next log with weight 1.
             factor = 0.5 ** (1.0 / self.ema_half_life)
@@ -557,19 +610,80 @@ class GSAMMonitor:
         """
         step = self.step_count if global_step is None else int(global_step)
         phases = self._check_phases(phases)
-        flat: dict[str, float] = {}
+        self.flush()  # an earlier background log reaches the sinks first
         try:
             windows = self._synced_windows(phases, in_place=self.window == "interval")
-            flat, spectra = self._metrics_of(windows)
+            refs = {key: self._reference.get(key) for key in windows}
+            result = self._metrics_of(windows, refs, step, self.n_logs)
+            self._advance(windows)
+        except Exception as err:
+            result = _LogResult(step, errors=[(err, "log")])
+        self._last_log_step = self.step_count
+        self.n_logs += 1
+        return self._publish(result)
+
+    def flush(self) -> dict[str, float]:
+        """Wait for a log being computed in the background and write it; ``{}`` if none."""
+        return self._drain(wait=True) or {}
+
+    def _submit_log(self) -> None:
+        """Sync and snapshot the windows now, advance them, and compute the metrics on the
+        background thread (the caller has written the previous one)."""
+        step = self.step_count
+        try:
+            windows = self._synced_windows(self.phases, in_place=self.window == "interval")
+            snapshot = {key: stats.clone() for key, stats in windows.items()}
+            refs = {key: self._reference.get(key) for key in windows}
+            refs = {key: ref.clone() if ref is not None else None for key, ref in refs.items()}
             self._advance(windows)
         except Exception as err:
             self._hook_error(err, "log")
-            spectra = {}
+            snapshot = None
         self._last_log_step = self.step_count
+        n_logs = self.n_logs
         self.n_logs += 1
+        if snapshot is None:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsam-monitor")
+        ready = None
+        devices = {stats.device for stats in snapshot.values()}
+        cuda = next((d for d in devices if d.type == "cuda"), None)
+        if cuda is not None:  # the worker's stream must see the snapshot copies finished
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(cuda))
+
+        def job() -> _LogResult:
+            try:
+                if cuda is None:
+                    return self._metrics_of(snapshot, refs, step, n_logs)
+                stream = torch.cuda.Stream(cuda)
+                with torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    return self._metrics_of(snapshot, refs, step, n_logs)
+            except Exception as err:
+                return _LogResult(step, errors=[(err, "log")])
+
+        self._pending = self._executor.submit(job)
+
+    def _drain(self, *, wait: bool) -> dict[str, float] | None:
+        """Write the background log's result if it is ready (or, with ``wait``, once it is)."""
+        pending = self._pending
+        if pending is None or (not wait and not pending.done()):
+            return None
+        self._pending = None
+        return self._publish(pending.result())
+
+    def _publish(self, result: _LogResult) -> dict[str, float]:
+        for err, where in result.errors:
+            self._hook_error(err, where)
+        flat = result.flat
+        if flat:
+            flat[f"{META_PREFIX}/errors"] = float(self.errors)
+        self.missing_layers = result.missing
         self.last_metrics = flat
         if flat:
-            self._write(flat, spectra, step)
+            self._write(flat, result.spectra, result.step)
         return flat
 
     def compute(self, phase: str | None = None) -> dict[str, dict[str, float]]:
@@ -640,19 +754,29 @@ class GSAMMonitor:
         return torch.device("cpu")
 
     def _metrics_of(
-        self, windows: Mapping[tuple[str, str], LayerStats]
-    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        self,
+        windows: Mapping[tuple[str, str], LayerStats],
+        refs: Mapping[tuple[str, str], LayerStats | None],
+        step: int,
+        n_logs: int,
+    ) -> _LogResult:
+        """Every metric of the windows (pure: reads only its arguments and the configuration,
+        so that it can run on the background thread)."""
+        result = _LogResult(step)
         counts = {key: float(stats.count) for key, stats in windows.items()}
+        # Rows dropped for NaN/Inf, read here at log time (the hook path never syncs).
+        nonfinite = {key: int(stats.nonfinite) for key, stats in windows.items()}
         active_phases = {ph for (_, ph), n in counts.items() if n > 0}
+        active_phases |= {ph for (_, ph), k in nonfinite.items() if k > 0}
         if not active_phases:
             self._warn_once(
                 "empty-window",
-                f"GSAMMonitor: no activations were captured in the window ending at step {self.step_count}; "
-                f"is the model called between steps, and is the monitor attached (attach() or `with monitor:`)?",
+                f"GSAMMonitor: no activations were captured in the window ending at step {step} (none "
+                f"reached the monitored layers, or every token was padding); is the model called between steps, "
+                f"and is the monitor attached (attach() or `with monitor:`)?",
             )
-            self.missing_layers = []
-            return {}, {}
-        want_spectrum = self.spectrum_every_n_logs is not None and self.n_logs % self.spectrum_every_n_logs == 0
+            return result
+        want_spectrum = self.spectrum_every_n_logs is not None and n_logs % self.spectrum_every_n_logs == 0
         flat: dict[str, float] = {}
         spectra: dict[str, torch.Tensor] = {}
         missing: list[str] = []
@@ -664,16 +788,19 @@ class GSAMMonitor:
                 key = (target.name, phase)
                 if target.name in self._disabled_layers:
                     continue
+                if counts.get(key, 0.0) <= 0 and nonfinite.get(key, 0) > 0:
+                    # The layer fired, but every row held NaN/Inf: report that, not "missing".
+                    flat[metric_key("n", target.name, phase)] = 0.0
+                    flat[metric_key("nonfinite", target.name, phase)] = float(nonfinite[key])
+                    continue
                 if counts.get(key, 0.0) <= 0:
                     n_missing += 1
                     missing.append(layer_key(target.name, phase))
                     continue
                 try:
-                    values, evals = _metrics.compute_with_spectrum(
-                        windows[key], self._reference.get(key), names=self.metric_names
-                    )
+                    values, evals = _metrics.compute_with_spectrum(windows[key], refs.get(key), names=self.metric_names)
                 except Exception as err:
-                    self._hook_error(err, f"metrics of {target.name}")
+                    result.errors.append((err, f"metrics of {target.name}"))
                     continue
                 for metric, value in values.items():
                     value = float(value)
@@ -686,11 +813,22 @@ class GSAMMonitor:
             self._warn_once(
                 "missing:" + ",".join(missing),
                 f"GSAMMonitor: no activations reached {', '.join(missing)} in the window ending at step "
-                f"{self.step_count}; reported as missing ('{META_PREFIX}/missing_layers'), nothing logged for them.",
+                f"{step}; reported as missing ('{META_PREFIX}/missing_layers'), nothing logged for them.",
             )
-        self.missing_layers = missing
-        flat[f"{META_PREFIX}/errors"] = float(self.errors)
-        return flat, spectra
+        dropped = [
+            f"{layer_key(name, ph)}: {k}"
+            for (name, ph), k in nonfinite.items()
+            if k > 0 and name not in self._disabled_layers
+        ]
+        if dropped:
+            self._warn_once(
+                "nonfinite",
+                f"GSAMMonitor: rows holding NaN/Inf activations were dropped in the window ending at step "
+                f"{step} ({', '.join(dropped)}); they are left out of every metric and counted in "
+                f"'nonfinite/{{layer}}'. Training goes on; later ones are only counted.",
+            )
+        result.flat, result.spectra, result.missing = flat, spectra, missing
+        return result
 
     @torch.no_grad()
     def _advance(self, windows: Mapping[tuple[str, str], LayerStats]) -> None:
@@ -743,7 +881,10 @@ class GSAMMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state: tensors and plain values only, so that
-        ``torch.load(path, weights_only=True)`` can read it back."""
+        ``torch.load(path, weights_only=True)`` can read it back. A log still being computed
+        in the background is waited for and written first."""
+
+        self.flush()  # a log still being computed reaches the sinks before the checkpoint
 
         def pack(table: Mapping[tuple[str, str], LayerStats]) -> dict[str, dict[str, Any]]:
             out: dict[str, dict[str, Any]] = {}

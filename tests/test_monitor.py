@@ -396,3 +396,103 @@ def test_model_moved_to_another_dtype_after_attach() -> None:
         out = monitor.step(global_step=2)
     rows = np.concatenate([x[0].numpy(), x[1].float().double().numpy()])
     assert out["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("window", ["interval", "cumulative"])
+def test_background_logs_equal_inline_logs_at_the_same_steps(window: str) -> None:
+    # background=True computes each scheduled log on a worker thread from a snapshot taken on
+    # schedule; the sinks must get the same values at the same steps as inline logging, and
+    # every log must arrive (the last one at close()).
+    batches = _batches(12)
+    written: dict[bool, list[tuple[int, dict[str, float]]]] = {}
+    returned: dict[bool, dict[str, float]] = {}
+    for background in (False, True):
+        model = Stack(dim=D, depth=2)
+        torch.manual_seed(0)
+        records: list[tuple[int, dict[str, float]]] = []
+        monitor = _monitor(
+            model,
+            every_n_steps=3,
+            window=window,
+            metrics="all",
+            background=background,
+            sinks=[lambda m, s, r=records: r.append((s, dict(m)))],
+        )
+        assert monitor.background is background
+        got: dict[str, float] = {}
+        with monitor, torch.no_grad():
+            for x in batches:
+                model(x)
+                got.update(monitor.step() or {})
+        written[background] = records
+        returned[background] = got
+    assert [s for s, _ in written[True]] == [3, 6, 9, 12]
+    assert [s for s, _ in written[True]] == [s for s, _ in written[False]]
+    for (_, bg), (_, inline) in zip(written[True], written[False], strict=True):
+        assert bg.keys() == inline.keys()
+        for key, value in inline.items():
+            assert bg[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    # Inline: step() returns each log; background: the logs finished before the last step.
+    assert returned[False] == written[False][-1][1]
+    assert returned[True] in [m for _, m in written[True]]
+    # The values themselves: the last interval window against scipy.
+    if window == "interval":
+        rows = np.concatenate([b.numpy() for b in batches[9:]])
+        assert written[True][-1][1]["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-9)
+
+
+def test_background_errors_are_counted_and_training_goes_on(monkeypatch) -> None:
+    from gsam_monitor import metrics as metrics_module
+
+    calls = {"n": 0}
+    real = metrics_module.compute_with_spectrum
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise FloatingPointError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "compute_with_spectrum", flaky)
+    model = Stack(dim=D, depth=1)
+    records: list[tuple[int, dict[str, float]]] = []
+    monitor = _monitor(model, every_n_steps=2, background=True, sinks=[lambda m, s: records.append((s, dict(m)))])
+    with pytest.warns(RuntimeWarning, match="FloatingPointError: injected"):
+        with monitor, torch.no_grad():
+            for x in _batches(6):
+                model(x)
+                monitor.step()
+    assert monitor.errors == 1
+    assert [s for s, _ in records] == [2, 4, 6]
+    assert "gsam/blocks.0/eval" not in records[0][1]  # the failed computation logged nothing for it
+    assert records[0][1]["gsam_monitor/errors"] == 1.0
+    rows = np.concatenate([b.numpy() for b in _batches(6)[4:]])
+    assert records[-1][1]["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-9)
+
+
+def test_background_argument_is_checked() -> None:
+    with pytest.raises(TypeError, match="background must be True, False or None"):
+        GSAMMonitor(Stack(dim=D, depth=1), background="yes")
+    assert GSAMMonitor(Stack(dim=D, depth=1)).background is False  # CPU model: inline by default
+
+
+@pytest.mark.parametrize(("every", "expected"), [(5, 5), (10, 10), (50, 10), (100, 10), (1000, 100)])
+def test_default_collect_steps_is_the_last_tenth_but_at_least_ten_steps(every: int, expected: int) -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=every)
+    assert monitor.collect_steps == expected
+    x = _batches(1)[0]
+    on = []
+    logged = []
+    with monitor, torch.no_grad():
+        for _ in range(every):
+            on.append(monitor.hooks_registered)
+            model(x)
+            out = monitor.step()
+            if out:
+                logged.append(out["n/blocks.0/eval"])
+    # Before the first step() every forward counts (inference scripts never step); then the
+    # hooks are on for the last `expected` steps of each interval only.
+    first = min(expected + 1, every)
+    assert on == [True] + [False] * (every - 1 - (first - 1)) + [True] * (first - 1)
+    assert logged == [first * len(x)]

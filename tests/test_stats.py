@@ -238,3 +238,26 @@ def test_update_under_inference_mode_leaves_later_updates_working(rng: np.random
     s = LayerStats(8)
     s.update(torch.from_numpy(x))  # reuses the workspace first allocated under inference_mode
     np.testing.assert_allclose(s.covariance().numpy(), np.cov(x.T, ddof=0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [5, 700])  # 700 spans two symmetrisation row blocks
+def test_gram_state_is_the_full_symmetric_product_after_cpu_rank_k_updates(dim: int, rng: np.random.Generator) -> None:
+    # The CPU update adds only one triangle per batch (SYRK); every reader must see the full
+    # symmetric matrix: the state handed to all_reduce/state_dict, merges and reshifts.
+    x = rng.standard_normal((300, dim)) + 2.0
+    a = _feed(x, [100, 220])
+    shift = a.state_dict()["shift"].numpy()
+    xs = x - shift
+    gram = a.state_dict()["gram"].numpy()
+    np.testing.assert_array_equal(gram, gram.T)
+    np.testing.assert_allclose(gram, xs.T @ xs, rtol=1e-10, atol=1e-9)
+    np.testing.assert_array_equal(a.state_tensors()["gram"].numpy(), gram)
+    # A merged, then further updated, then re-shifted state still equals the two-pass numpy.
+    b = _feed(x[:50], [])
+    b.merge(a)
+    b.update(torch.from_numpy(x[50:80]))
+    b.reshift_(torch.zeros(dim, dtype=torch.float64))
+    z = np.vstack([x[:50], x, x[50:80]])
+    np.testing.assert_allclose(b.covariance().numpy(), np.cov(z.T, ddof=0), rtol=1e-9, atol=1e-12)
+    g0 = b.state_dict()["gram"].numpy()
+    np.testing.assert_allclose(g0, z.T @ z, rtol=1e-10)
