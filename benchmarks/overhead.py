@@ -26,6 +26,7 @@ Usage::
     python benchmarks/overhead.py                                  # CPU, MiniLM
     python benchmarks/overhead.py --device cuda --workload neox125m
     python benchmarks/overhead.py --reps 5 --interval 100 --json results/overhead.json
+    python benchmarks/overhead.py --log-dims 384 768 2048 4096     # the logging step alone
 """
 
 from __future__ import annotations
@@ -122,6 +123,35 @@ def neox_workload(device: torch.device, batch_size: int, seed: int) -> tuple[tor
     return model, step
 
 
+def log_step_costs(dims: list[int], device: torch.device, reps: int = 3) -> list[dict]:
+    """Seconds of one layer's logging-step work at width d: the fp64 eigendecomposition behind
+    every metric (``metrics.compute_with_spectrum`` on default metrics) and the snapshot copy
+    that ``background=True`` takes on the training thread instead."""
+    from gsam_monitor import LayerStats, metrics
+
+    out = []
+    for d in dims:
+        stats = LayerStats(d, device=device)
+        x = torch.randn(2 * d, d, device=device)
+        stats.update(x @ torch.randn(d, d, device=device) / d**0.5)
+        metrics.compute_with_spectrum(stats)  # warm-up (LAPACK/cuSOLVER workspaces)
+        _sync(device)
+        compute, snapshot = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            metrics.compute_with_spectrum(stats)
+            _sync(device)
+            compute.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            stats.clone()
+            _sync(device)
+            snapshot.append(time.perf_counter() - t0)
+        out.append(
+            {"d": d, "compute_s": statistics.median(compute), "snapshot_s": statistics.median(snapshot)}
+        )
+    return out
+
+
 def make_monitor(setting: str, model: torch.nn.Module, interval: int) -> GSAMMonitor | None:
     if setting == "baseline":
         return None
@@ -170,8 +200,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS[1:]), choices=SETTINGS[1:])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--log-dims", type=int, nargs="*", default=None,
+        help="instead of training, time one layer's logging step at these widths (e.g. 384 768 2048 4096)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.log_dims:
+        rows = log_step_costs(args.log_dims, device)
+        print(f"# logging step per layer on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for r in rows:
+            print(
+                f"d={r['d']:>5}  metrics (fp64 eigendecomposition) {r['compute_s'] * 1e3:10.1f} ms   "
+                f"snapshot copy {r['snapshot_s'] * 1e3:8.2f} ms   32 layers: {32 * r['compute_s']:8.2f} s inline, "
+                f"{32 * r['snapshot_s'] * 1e3:8.1f} ms on the training thread with background=True"
+            )
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2))
+        return {"log_step": rows}
     workload = args.workload or ("neox125m" if device.type == "cuda" else "minilm")
     batch_size = args.batch_size or (32 if workload == "minilm" else 8)
     build = minilm_workload if workload == "minilm" else neox_workload

@@ -25,7 +25,6 @@ CPU, where there is nothing to wait for, masked rows are indexed away before the
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from collections import OrderedDict
@@ -64,35 +63,6 @@ def resolve_product_dtype(
 
 _WORKSPACE_ELEMENTS = 1 << 22  # rows per chunk x dim; 32 MB per fp64 buffer
 _workspace_cache = threading.local()
-
-
-@functools.cache
-def _syrk_kernel(dtype: torch.dtype) -> Callable[..., Any] | None:
-    """scipy's BLAS symmetric rank-k update (``?syrk``) for a CPU dtype, or ``None``.
-
-    torch has no SYRK; on CPU it halves the flops of the Gram product (measured 1.2x faster
-    at d = 384 and 2x at d = 2048 than ``addmm_``, see ``benchmarks/update_kernel.py``).
-    """
-    if dtype not in (torch.float64, torch.float32):
-        return None
-    try:
-        from scipy.linalg import blas
-    except ImportError:  # scipy is a core dependency; stay correct without it anyway
-        return None
-    return blas.dsyrk if dtype == torch.float64 else blas.ssyrk
-
-
-def _syrk_lower_(gram: torch.Tensor, xs: torch.Tensor, kernel: Callable[..., Any]) -> None:
-    """``tril(gram) += tril(xs.T @ xs)`` in place; the strict upper triangle is left stale.
-
-    The C-ordered (d, d) ``gram`` is, to Fortran BLAS, the matrix gram^T, and the C-ordered
-    (n, d) ``xs`` is xs^T; so ``syrk`` on the *upper* Fortran triangle with ``trans=0``
-    updates the lower triangle of ``gram`` with xs^T xs.
-    """
-    c = gram.numpy().T
-    out = kernel(1.0, xs.numpy().T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
-    if not (out is c or out.ctypes.data == c.ctypes.data):  # f2py copied: write it back
-        gram.copy_(torch.from_numpy(out.T))
 
 
 def _chunk_rows(dim: int) -> int:
@@ -161,9 +131,6 @@ class LayerStats:
         self._product_dtype_arg = product_dtype
         self.product_dtype = resolve_product_dtype(product_dtype, dev, state_dtype)
         self._shift_set = False
-        # The CPU update adds only the lower triangle of each batch's Gram product (SYRK);
-        # the upper one is filled in before anything reads the Gram matrix.
-        self._gram_lower_only = False
         self._state: OrderedDict[str, torch.Tensor] = OrderedDict()
         d, f = dim, state_dtype
         self._state["shift"] = torch.zeros(d, dtype=f, device=dev)
@@ -211,21 +178,8 @@ class LayerStats:
         itemsize = torch.empty((), dtype=state_dtype).element_size()
         return itemsize * (dim * dim + 5 * dim) + 16
 
-    def _symmetrize_gram(self) -> None:
-        """Mirror the Gram matrix's lower triangle into the upper one after SYRK updates."""
-        if self._gram_lower_only:
-            g = self._state["gram"]
-            step = 512  # row blocks: temporaries of 512 x d, not d x d
-            for i in range(0, self.dim, step):
-                j = min(i + step, self.dim)
-                block = g[i:j, i:j]
-                block.copy_(torch.tril(block) + torch.tril(block, -1).T)
-                g[i:j, j:] = g[j:, i:j].T
-            self._gram_lower_only = False
-
     def state_tensors(self) -> OrderedDict[str, torch.Tensor]:
         """The sum-reducible state (everything but the shift), by name."""
-        self._symmetrize_gram()
         return OrderedDict((k, v) for k, v in self._state.items() if k != "shift")
 
     # ------------------------------------------------------------------ moments
@@ -242,7 +196,6 @@ class LayerStats:
         """Covariance of the kept rows in fp64: MLE with ``ddof=0``, unbiased with ``ddof=1``."""
         if ddof not in (0, 1):
             raise ValueError(f"ddof must be 0 (maximum likelihood) or 1 (unbiased); got {ddof!r}.")
-        self._symmetrize_gram()
         n = self._n()
         s = self._state["sum"].double()
         centred = self._state["gram"].double() - torch.outer(s, s) / n
@@ -359,11 +312,7 @@ class LayerStats:
             st["unit_sum"] += (inv_norm @ xs).to(sd)
         xs.addr_(keep_w, st["shift"].to(work), alpha=-1.0)  # x - K on kept rows, 0 elsewhere
         st["sum"] += xs.sum(0).to(sd)
-        syrk = _syrk_kernel(work) if work == sd and xs.device.type == "cpu" else None
-        if syrk is not None:
-            _syrk_lower_(st["gram"], xs, syrk)
-            self._gram_lower_only = True
-        elif work == sd:
+        if work == sd:
             st["gram"].addmm_(xs.T, xs)
         else:
             st["gram"] += (xs.T @ xs).to(sd)
@@ -375,7 +324,6 @@ class LayerStats:
     # ------------------------------------------------------------------ shift algebra
     def _shifted_sums(self, new_shift: torch.Tensor) -> dict[str, torch.Tensor]:
         """The sums re-expressed around ``new_shift`` (exact algebra, fp64)."""
-        self._symmetrize_gram()
         st = self._state
         delta = st["shift"].double() - new_shift.double()  # x - K' = (x - K) + delta
         n = st["count"]
@@ -453,7 +401,6 @@ class LayerStats:
     def to(self, device: torch.device | str) -> LayerStats:
         """Move the state (in place) and return self."""
         dev = torch.device(device)
-        self._symmetrize_gram()
         for k, v in self._state.items():
             self._state[k] = v.to(dev)
         self.product_dtype = resolve_product_dtype(self._product_dtype_arg, dev, self.state_dtype)
@@ -499,7 +446,6 @@ class LayerStats:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only: loadable with ``torch.load(weights_only=True)``."""
-        self._symmetrize_gram()
         sd: dict[str, Any] = {k: v.detach().clone() for k, v in self._state.items()}
         sd["dim"] = self.dim
         sd["shift_set"] = self._shift_set
@@ -517,7 +463,6 @@ class LayerStats:
                 raise KeyError(f"state_dict lacks {k!r}")
             v.copy_(state_dict[k].to(v.device, v.dtype))
         self._shift_set = bool(state_dict["shift_set"])
-        self._gram_lower_only = False
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, Any], **kwargs: Any) -> LayerStats:

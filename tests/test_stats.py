@@ -240,10 +240,10 @@ def test_update_under_inference_mode_leaves_later_updates_working(rng: np.random
     np.testing.assert_allclose(s.covariance().numpy(), np.cov(x.T, ddof=0), rtol=1e-10)
 
 
-@pytest.mark.parametrize("dim", [5, 700])  # 700 spans two symmetrisation row blocks
-def test_gram_state_is_the_full_symmetric_product_after_cpu_rank_k_updates(dim: int, rng: np.random.Generator) -> None:
-    # The CPU update adds only one triangle per batch (SYRK); every reader must see the full
-    # symmetric matrix: the state handed to all_reduce/state_dict, merges and reshifts.
+@pytest.mark.parametrize("dim", [5, 700])
+def test_gram_state_is_the_full_symmetric_shifted_product(dim: int, rng: np.random.Generator) -> None:
+    # Every reader of the state (all_reduce, state_dict, merges, reshifts) sees the full
+    # symmetric sum of shifted outer products.
     x = rng.standard_normal((300, dim)) + 2.0
     a = _feed(x, [100, 220])
     shift = a.state_dict()["shift"].numpy()
