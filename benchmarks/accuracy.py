@@ -13,13 +13,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import scipy.stats
 import torch
+from _common import write_json
 
 from gsam_monitor import LayerStats, MardiaAccumulator, metrics
 
@@ -117,10 +117,8 @@ def main() -> None:
     print(f"{'metric':24s} {'max rel err':>12s}  worst data set")
     for k, (e, where) in sorted(worst.items()):
         print(f"{k:24s} {e:12.2e}  {where}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rank_agree": rank_agree, "n_sets": len(sets),
-                                         "max_rel_err": {k: v[0] for k, v in worst.items()}}, indent=2))
+    write_json(args.json, {"rank_agree": rank_agree, "n_sets": len(sets),
+                           "max_rel_err": {k: v[0] for k, v in worst.items()}})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import write_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -137,9 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{n:>9} {s['tokens']:>9} {s['wall_s']:>9.1f} {v['wall_s']:>9.1f} "
               f"{row['time_ratio_naive_over_streaming']:>7.2f} {s['peak_rss_mb']:>10.0f} {v['peak_rss_mb']:>10.0f} "
               f"{row['memory_ratio_naive_over_streaming']:>7.2f} {diff:>18.2e}", flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return rows
 
 

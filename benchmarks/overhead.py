@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -44,15 +43,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from _common import median_seconds, sync, write_json
 
 from gsam_monitor import GSAMMonitor
 
 SETTINGS = ("baseline", "defaults", "full")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def minilm_workload(device: torch.device, batch_size: int, seed: int) -> tuple[torch.nn.Module, Callable[[], None]]:
@@ -134,21 +129,10 @@ def log_step_costs(dims: list[int], device: torch.device, reps: int = 3) -> list
         stats = LayerStats(d, device=device)
         x = torch.randn(2 * d, d, device=device)
         stats.update(x @ torch.randn(d, d, device=device) / d**0.5)
-        metrics.compute_with_spectrum(stats)  # warm-up (LAPACK/cuSOLVER workspaces)
-        _sync(device)
-        compute, snapshot = [], []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            metrics.compute_with_spectrum(stats)
-            _sync(device)
-            compute.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            stats.clone()
-            _sync(device)
-            snapshot.append(time.perf_counter() - t0)
-        out.append(
-            {"d": d, "compute_s": statistics.median(compute), "snapshot_s": statistics.median(snapshot)}
-        )
+        # One warm-up each (LAPACK/cuSOLVER workspaces): at d = 4096 a run takes seconds.
+        compute = median_seconds(lambda s=stats: metrics.compute_with_spectrum(s), device, reps, warmup=1)
+        snapshot = median_seconds(stats.clone, device, reps, warmup=1)
+        out.append({"d": d, "compute_s": compute, "snapshot_s": snapshot})
     return out
 
 
@@ -174,12 +158,12 @@ def run_block(step: Callable[[], None], monitor: GSAMMonitor | None, n: int, dev
     for _ in range(n):
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         if monitor is not None:
             logs_before = monitor.n_logs
             monitor.step()
-            _sync(device)
+            sync(device)
         t2 = time.perf_counter()
         times.append(t2 - t0)
         if monitor is not None and monitor.n_logs > logs_before:
@@ -215,9 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"snapshot copy {r['snapshot_s'] * 1e3:8.2f} ms   32 layers: {32 * r['compute_s']:8.2f} s inline, "
                 f"{32 * r['snapshot_s'] * 1e3:8.1f} ms on the training thread with background=True"
             )
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
         return {"log_step": rows}
     workload = args.workload or ("neox125m" if device.type == "cuda" else "minilm")
     batch_size = args.batch_size or (32 if workload == "minilm" else 8)
@@ -231,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         if m is not None:
             run_block(step, m, args.interval, device)
             m.reset()
-    _sync(device)
+    sync(device)
 
     blocks: dict[str, list[dict]] = {s: [] for s in settings}
     for rep in range(args.reps):
@@ -285,9 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['log_step_ms_median'] or float('nan'):.1f} ms = {100 * (row['log_amortised_fraction'] or 0):.2f}% "
             f"amortised; {row['layers']} layers, {row['errors']} monitor errors"
         )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 

@@ -16,38 +16,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import median_seconds, write_json
 
 from gsam_monitor import LayerStats, metrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs after two warm-ups."""
-    for _ in range(2):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def throughput(device: torch.device, dims: list[int], rows: int, dtypes: list[str], reps: int) -> list[dict]:
@@ -59,12 +38,12 @@ def throughput(device: torch.device, dims: list[int], rows: int, dtypes: list[st
             for higher in (True, False):
                 stats = LayerStats(d, device=device, higher_moments=higher)
                 pd = stats.product_dtype or torch.float32
-                t_update = _time(lambda s=stats, x=x: s.update(x), device, reps)
+                t_update = median_seconds(lambda s=stats, x=x: s.update(x), device, reps)
                 xp = x.to(pd)
                 gram = torch.zeros(d, d, dtype=pd, device=device)
-                t_mm_same = _time(lambda g=gram, a=xp: g.addmm_(a.T, a), device, reps)
+                t_mm_same = median_seconds(lambda g=gram, a=xp: g.addmm_(a.T, a), device, reps)
                 native = x if x.dtype in (torch.float32, torch.float64) or device.type == "cuda" else x.float()
-                t_mm_native = _time(lambda nat=native: torch.mm(nat.T, nat), device, reps)
+                t_mm_native = median_seconds(lambda nat=native: torch.mm(nat.T, nat), device, reps)
                 out.append(
                     {
                         "d": d,
@@ -147,9 +126,7 @@ def main() -> None:
         "throughput": throughput(device, args.dims, args.rows, args.dtypes, args.reps),
         "accuracy": accuracy(device),
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
