@@ -136,7 +136,7 @@ def test_concepts_through_run_benchmark_json_tables_and_plots(loaded, tmp_path, 
     table = format_table("token", corpus, results)
     assert "concepts: tiny:bert" in table and "lobe x source" in table
     written = {p.name for p in write_plots("token", results, tmp_path)}
-    assert {"concepts_lobes_tiny_bert_encoder.layer.0.png", "concepts_crystals_tiny_bert_encoder.layer.0.png",
+    assert {"concepts_lobes_tiny_bert_layer_1.png", "concepts_crystals_tiny_bert_layer_1.png",
             "concepts_powerlaw_tiny_bert.png"} <= written
 
 

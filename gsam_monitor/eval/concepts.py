@@ -330,8 +330,9 @@ def run_concepts(
     plots: dict[int, LayerConcepts] = {}
     for layer in layers:
         started = time.perf_counter()
-        entry, plot = _layer_results(layer, capture.names[layer], saes[layer], trainers[layer], analysis[layer],
-                                     words, config)
+        # The protocol's names: hidden_states[i] is "layer_i" (the output of block i).
+        name = "embeddings" if layer == 0 else f"layer_{layer}"
+        entry, plot = _layer_results(layer, name, saes[layer], trainers[layer], analysis[layer], words, config)
         results[layer] = {"concepts": _plain(entry)}
         logger.info("concepts: layer %d analyses %.1f s", layer, time.perf_counter() - started)
         plots[layer] = plot
@@ -652,10 +653,14 @@ def write_concepts_plots(results: Sequence[Any], directory: str | os.PathLike[st
             if plot.embedding.size:
                 fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
                 emb = plot.embedding
+                src = np.asarray(plot.dominant_source)
+                # Lobe colours apart from the source colours, so that the two panels do not blur.
+                palette = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "tab:red"]
                 for lobe in np.unique(plot.lobes):
                     sel = plot.lobes == lobe
-                    axes[0].scatter(emb[sel, 0], emb[sel, 1], s=4, alpha=0.6, label=f"lobe {lobe} ({sel.sum()})")
-                src = np.asarray(plot.dominant_source)
+                    names, counts = np.unique(src[sel], return_counts=True)
+                    axes[0].scatter(emb[sel, 0], emb[sel, 1], s=4, alpha=0.6, color=palette[int(lobe) % len(palette)],
+                                    label=f"lobe {lobe} ({sel.sum()}; mostly {names[counts.argmax()]})")
                 for s, colour in colours.items():
                     sel = src == s
                     axes[1].scatter(emb[sel, 0], emb[sel, 1], s=4, alpha=0.6, color=colour, label=f"{s} ({sel.sum()})")
@@ -700,7 +705,9 @@ def _crystal_plot(plt: Any, model: str, plot: LayerConcepts, path: Path) -> Path
             for i in range(min(n, 6)):
                 ax.annotate(c["words"][ia[i]], xy[i], fontsize=6)
                 ax.annotate(c["words"][ib[i]], xy[n + i], fontsize=6)
-            ax.set_title(f"{relation}: {'before' if key == 'before' else 'after'} LDA", fontsize="small")
+            cosine = parallelogram_quality(vectors[ia], vectors[ib], [relation] * n)["within"]
+            ax.set_title(f"{relation}: {'before' if key == 'before' else 'after'} LDA (mean cos {cosine:.3f})",
+                         fontsize="small")
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"{model} {plot.name}: word pairs on their first two principal components (activations)",
