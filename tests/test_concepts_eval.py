@@ -144,8 +144,7 @@ def test_concepts_is_named_only_and_layers_parse():
     assert parse_analyses("all") == ANALYSES
     assert parse_analyses("all,concepts") == (*ANALYSES, "concepts")
     assert parse_analyses("concepts") == ("concepts",)
-    with pytest.raises(ValueError, match="expected a comma-separated list of distributions, spectrum, classes, "
-                                         "concepts"):
+    with pytest.raises(ValueError, match=r"got unknown 'concept'; also concepts \(run only when named\)"):
         parse_analyses("concept")
     assert parse_layers(None) is None and parse_layers("all") == (-1,) and parse_layers("5,1,3") == (1, 3, 5)
     with pytest.raises(ValueError, match="--layers: expected comma-separated hidden-state indices"):
@@ -174,6 +173,9 @@ def test_concepts_config_and_cli_errors(loaded, capsys):
         with pytest.raises(SystemExit):
             main(["--model", "tiny:bert", "--analyses", "concepts", *argv])
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny:bert", "--layers", "3", "--concept-threshold", "1"])
+    assert "--layers, --concept-threshold: apply to --analyses concepts only" in capsys.readouterr().err
 
 
 def test_short_context_models_get_shorter_blocks(loaded):

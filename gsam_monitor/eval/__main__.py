@@ -303,6 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 1:
         parser.error(f"--max-length: expected a positive number of tokens, got {args.max_length}")
+    try:
+        wants_concepts = CONCEPTS in parse_analyses(args.analyses)
+    except ValueError:
+        wants_concepts = True  # the bad name is reported below, with the valid ones
+    given = {"--layers": args.layers is not None,
+             "--concept-blocks": args.concept_blocks != ConceptsConfig.blocks_per_source,
+             "--concept-threshold": args.concept_threshold is not None}
+    concept_flags = [flag for flag, used in given.items() if used]
+    if concept_flags and not wants_concepts:
+        parser.error(f"{', '.join(concept_flags)}: apply to --analyses concepts only; add it, e.g. "
+                     f"--analyses concepts")
     if args.concept_blocks < 1:
         parser.error(f"--concept-blocks: expected a positive number of blocks, got {args.concept_blocks}")
     if args.reservoir_size < 1:

@@ -115,8 +115,9 @@ def parse_analyses(value: str | Sequence[str] | None) -> tuple[str, ...]:
     unknown = [name for name in names if name not in (*ANALYSES, *NAMED_ANALYSES, "all")]
     if unknown:
         raise ValueError(
-            f"--analyses: expected a comma-separated list of {', '.join(ANALYSES + NAMED_ANALYSES)} (or 'all'), "
-            f"got unknown {', '.join(map(repr, unknown))}; e.g. --analyses distributions,spectrum"
+            f"--analyses: expected a comma-separated list of {', '.join(ANALYSES)} (or 'all'), "
+            f"got unknown {', '.join(map(repr, unknown))}; also {', '.join(NAMED_ANALYSES)} (run only when "
+            f"named); e.g. --analyses distributions,spectrum"
         )
     return tuple(name for name in ANALYSES if name in names or "all" in names) + tuple(
         name for name in NAMED_ANALYSES if name in names

@@ -75,6 +75,7 @@ from gsam_monitor.analysis.concepts import (
     spectral_lobes,
 )
 from gsam_monitor.analysis.spectrum import powerlaw_alpha
+from gsam_monitor.eval.analyses import _plain, _slug
 from gsam_monitor.eval.models import LoadedModel
 from gsam_monitor.stats import LayerStats
 
@@ -539,23 +540,6 @@ def _crystals(words: _Words, layer: int, config: ConceptsConfig, plot: LayerConc
     return entry
 
 
-def _plain(value: Any) -> Any:
-    """numpy values to plain Python (JSON-ready)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    return value
-
-
 # ---------------------------------------------------------------------------- report
 def has_concepts(results: Sequence[Any]) -> bool:
     """Whether any layer of any :class:`~gsam_monitor.eval.protocols.ModelResult` has ``concepts``."""
@@ -620,12 +604,6 @@ def _first(r: Any, key: str) -> str:
         if c:
             return str(c["lobes"].get(key))
     return "-"
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
 def write_concepts_plots(results: Sequence[Any], directory: str | os.PathLike[str]) -> list[Path]:
