@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "layer's 'analyses', to the plots and to the tables. concepts: a TopK sparse autoencoder "
         "trained on streamed activations of a corpus of prose, code and math (its own corpus, not "
         "--corpus), then the 'Geometry of Concepts' lobes, crystals and galaxy; under each selected "
-        "layer's 'concepts' (a few minutes per layer on a CPU).",
+        "layer's 'concepts' (one to a few minutes per layer on a 2-core CPU).",
     )
     parser.add_argument(
         "--layers", default=None, metavar="LIST",

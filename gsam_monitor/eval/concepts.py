@@ -11,7 +11,7 @@ For each selected layer (``--layers``; default the middle block) of each model:
 2. **Lobes** -- features fire in a block when their activation exceeds ``threshold`` on one
    of its tokens; features that fire in at least ``min_blocks`` blocks and not in all of
    them are clustered into ``n_lobes`` lobes by spectral clustering of each of the five
-   co-occurrence affinities; the ``affinity`` one (phi, the study's best) is the headline
+   co-occurrence affinities; the ``affinity`` one (phi, the study's choice) is the headline
    (``lobe_by_source``, the plot). Each lobe labeling is compared with k-means clusters of
    the same features' decoder directions (AMI against a shuffled null) and predicted from
    the directions by logistic regression.
@@ -726,8 +726,3 @@ def _powerlaw_plot(plt: Any, model: str, plots: dict[int, LayerConcepts], path: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def with_layers(config: ConceptsConfig, layers: tuple[int, ...] | None) -> ConceptsConfig:
-    """``config`` with ``layers`` replaced."""
-    return replace(config, layers=layers)

@@ -3,13 +3,13 @@
 Architecture and training follow Gao et al., "Scaling and evaluating sparse autoencoders"
 (2024), the TopK SAE that ``sae-lens`` also implements:
 
-    z = TopK(W_enc (s x - b_dec) + b_enc),  ReLU on the kept k;   x_hat = (W_dec^T z + b_dec) / s
+    z = ReLU(TopK_k(W_enc (s x - b_dec) + b_enc));   x_hat = (z W_dec + b_dec) / s
 
 - ``s`` scales the input so that the centred activations have mean squared norm ``d``
   (``sae-lens``'s ``expected_average_only_in`` does the same with the uncentred norm); it and
   ``b_dec`` (the mean) are set from the first buffer of rows. Feature activations are
-  therefore in units where a typical token has norm sqrt(d); the study's "fires when the
-  activation exceeds 1" is applied on this scale.
+  therefore in units where a typical token's centred norm is sqrt(d), whatever the model's
+  own scale: a firing threshold means the same for every layer and model.
 - Decoder rows (one per feature) have unit norm, restored after every Adam step, so a
   feature's activation is its coefficient along a unit direction; the rows are the feature
   point cloud of the lobe and galaxy analyses.
