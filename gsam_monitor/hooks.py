@@ -335,7 +335,9 @@ def remove_observer(key: int) -> None:
     _observers.pop(key, None)
 
 
-@torch.library.custom_op("gsam_monitor::observe", mutates_args=())
+# cudagraph_unsafe: a CUDA graph replays kernels, not Python; Inductor must run this call
+# outside any graph it captures (torch.compile(mode="reduce-overhead")).
+@torch.library.custom_op("gsam_monitor::observe", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def observe(hidden: torch.Tensor, mask: torch.Tensor | None, key: int, layer: int, phase: str) -> None:
     """Hand a layer's hidden state to the observer registered under ``key`` (see module docstring)."""
     fn = _observers.get(key)

@@ -135,7 +135,9 @@ class GSAMMonitor:
             ``"ema"`` (moments decay with ``ema_half_life``).
         ema_half_life: Half-life of the EMA window in ``step()`` calls; default ``every_n_steps``.
         collect_steps: Collect only during the last ``k`` steps before each log; the hooks
-            are removed on the other steps, so they cost nothing. ``"auto"`` (default):
+            are removed on the other steps, so they cost nothing (under ``torch.compile``,
+            once traced, they stay and a flag switches them, which the compiled graph is
+            specialised on). ``"auto"`` (default):
             ``min(every_n_steps, max(10, every_n_steps // 10))``, i.e. the last 10 of every
             100 steps (every step when ``every_n_steps <= 10``): a tenth of the collection
             cost, and each logged window describes the model as it is at the log, not
@@ -155,7 +157,8 @@ class GSAMMonitor:
             (see ``state_bytes_per_layer``); ``None`` for no limit.
         spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
             support it every this many logs; ``None`` or 0 never.
-        process_group: The ``torch.distributed`` group to sync over (default: the world).
+        process_group: The ``torch.distributed`` group to sync over (default: the world). Its
+            rank zero computes and writes the metrics.
         background: Compute the scheduled logs' metrics (the eigendecompositions) on a
             background thread, so that the training step does not wait for them: the windows
             are synced and snapshotted on schedule, and the metrics reach the sinks, at the
@@ -377,7 +380,8 @@ class GSAMMonitor:
 
     @property
     def hooks_registered(self) -> bool:
-        """Whether hooks are on the model right now."""
+        """Whether hooks are on the model right now (once a compiled graph has traced them,
+        they stay registered while attached; ``collect_steps`` then switches a flag)."""
         return len(self._handles) > 0
 
     def attach(self) -> GSAMMonitor:
