@@ -26,8 +26,10 @@ state, the padding mask and the phase, all fixed when the graph was traced, to t
 registered under its key (``add_observer``). No graph break, so ``fullgraph=True`` works.
 
 ``nn.DataParallel`` runs the replicas of one module in several threads that share its hooks,
-so the forward context is thread-local and the token sampler's generators are created under
-a lock.
+so the forward context is thread-local (``ThreadForwardContext``) and the token sampler's
+generators are created under a lock. A root hook traced by torch.compile writes a plain
+``ForwardContext`` instead: Dynamo tracks attribute writes on plain objects within a trace,
+not on thread-locals, whose writes the traced layer hooks would not see.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "ForwardContext",
     "HookHandles",
+    "ThreadForwardContext",
     "TokenSampler",
     "add_observer",
     "align_mask",
@@ -91,9 +94,8 @@ class HookHandles:
 
 
 @dataclass
-class ForwardContext(threading.local):
-    """What the root pre-hook learned about the forward pass in flight, per thread
-    (``nn.DataParallel`` runs one forward per replica in parallel threads)."""
+class ForwardContext:
+    """What the root pre-hook learned about the forward pass in flight."""
 
     mask: torch.Tensor | None = None
     phase: Phase | None = None
@@ -103,6 +105,11 @@ class ForwardContext(threading.local):
         self.mask = None
         self.phase = None
         self.active = False
+
+
+class ThreadForwardContext(threading.local, ForwardContext):
+    """A ``ForwardContext`` per thread (``nn.DataParallel`` runs one forward per replica in
+    parallel threads, each with its slice of the batch)."""
 
 
 def in_backward() -> bool:
@@ -139,8 +146,10 @@ def register_context_hooks(
     context: ForwardContext,
     mask_position: int | None,
     on_error: Callable[[BaseException], None],
+    traced: ForwardContext | None = None,
 ) -> list[RemovableHandle]:
-    """Hooks on the root model that fill ``context`` for the duration of each forward."""
+    """Hooks on the root model that fill ``context`` for the duration of each forward
+    (``traced`` instead while torch.compile traces them, when given)."""
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
@@ -149,18 +158,19 @@ def register_context_hooks(
             mask = kwargs.get("attention_mask")
             if mask is None and mask_position is not None and len(args) > mask_position:
                 mask = args[mask_position]
+            ctx = traced if traced is not None and torch.compiler.is_compiling() else context
             # Only the (B, T) keep-mask convention (1 = token, 0 = padding) is understood;
             # 4-D additive masks are left alone rather than misread.
-            context.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-            context.phase = infer_phase(module)
-            context.active = True
+            ctx.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            ctx.phase = infer_phase(module)
+            ctx.active = True
         except Exception as err:  # a monitor bug must never stop the model
             on_error(err)
         return None
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not in_backward():
-            context.clear()
+            (traced if traced is not None and torch.compiler.is_compiling() else context).clear()
         return None
 
     return [

@@ -48,6 +48,7 @@ from gsam_monitor import metrics as _metrics
 from gsam_monitor.hooks import (
     ForwardContext,
     HookHandles,
+    ThreadForwardContext,
     TokenSampler,
     add_observer,
     align_mask,
@@ -303,7 +304,8 @@ class GSAMMonitor:
         self.seed = seed
         self._sampler = TokenSampler(seed + rank)
         self._mask_position = attention_mask_position(unwrap_model(model))
-        self._context = ForwardContext()
+        self._context: ForwardContext = ThreadForwardContext()
+        self._traced_context = ForwardContext()  # written by root hooks that torch.compile traces
         self._handles = HookHandles()
         self._stats: dict[tuple[str, str], LayerStats] = {}
         self._reference: dict[tuple[str, str], LayerStats] = {}
@@ -404,6 +406,7 @@ class GSAMMonitor:
         self._handles.remove()
         self._collecting = False
         self._context.clear()
+        self._traced_context.clear()
 
     def close(self, *, free: bool = True) -> None:
         """Detach, write a log still being computed, close the sinks (flushing TensorBoard
@@ -476,10 +479,11 @@ class GSAMMonitor:
         elif not keep and self.hooks_registered:
             self._handles.remove()
             self._context.clear()
+            self._traced_context.clear()
 
     def _register(self) -> None:
         for handle in register_context_hooks(
-            _context_root(self.model), self._context, self._mask_position, self._hook_error
+            _context_root(self.model), self._context, self._mask_position, self._hook_error, self._traced_context
         ):
             self._handles.add(handle)
         for index, target in enumerate(self.targets):
@@ -539,7 +543,9 @@ class GSAMMonitor:
                 self._eager_hook = torch.compiler.disable(self._on_activation)
             self._eager_hook(target, module, value)
             return
-        context = self._context
+        # The root's hooks ran in this trace (a compiled model or training step), or eagerly
+        # before it (torch.compile(model): OptimizedModule calls them outside the graph).
+        context = self._traced_context if self._traced_context.active else self._context
         phase = context.phase if context.active and context.phase else infer_phase(module)
         if phase not in self.phases:
             return

@@ -64,15 +64,20 @@ def _monitor(run: torch.nn.Module) -> GSAMMonitor:
 
 
 @pytest.mark.parametrize(
-    ("backend", "fullgraph", "warmup"),
+    ("backend", "fullgraph", "warmup", "watch"),
     [
-        ("aot_eager", False, 3),
-        ("aot_eager", True, 3),
-        ("aot_eager", False, 0),  # attached first: the first compile traces the hooks
-        pytest.param("inductor", False, 3, marks=pytest.mark.slow),
+        ("aot_eager", False, 3, "compiled"),
+        ("aot_eager", True, 3, "compiled"),
+        ("aot_eager", False, 0, "compiled"),  # attached first: the first compile traces the hooks
+        # The monitor on the model inside the compiled wrapper (what the HF Trainer's callback
+        # gets when accelerate compiles): the root's hooks are traced too.
+        ("aot_eager", True, 3, "inner"),
+        pytest.param("inductor", False, 3, "compiled", marks=pytest.mark.slow),
     ],
 )
-def test_attach_after_compiled_warmup_steps_logs_what_eager_logs(backend: str, fullgraph: bool, warmup: int) -> None:
+def test_attach_after_compiled_warmup_steps_logs_what_eager_logs(
+    backend: str, fullgraph: bool, warmup: int, watch: str
+) -> None:
     from torch._dynamo.utils import counters
 
     data = _data(warmup + 2 * EVERY)
@@ -80,7 +85,7 @@ def test_attach_after_compiled_warmup_steps_logs_what_eager_logs(backend: str, f
     torch._dynamo.reset()
     model = Stack(dim=D, depth=2)
     compiled = torch.compile(model, backend=backend, fullgraph=fullgraph)
-    monitor = _monitor(compiled)
+    monitor = _monitor(compiled if watch == "compiled" else model)
     graphs = []
     logs = []
     with warnings.catch_warnings():
