@@ -318,7 +318,7 @@ class GSAMMonitor:
         self._warned: set[str] = set()
         self._attached = False
         self._forced = 0
-        self._eager_hook: Any = None
+        self._unreadable: set[str] = set()  # layers whose traced output held no hidden state
         # torch.compile: whether compiled graphs have traced the hooks (then they stay registered,
         # switched by _collecting), and the key under which the traced hooks reach this monitor.
         self._collecting = False
@@ -538,10 +538,9 @@ class GSAMMonitor:
         the phase: grad mode, ``training`` and the context are guarded)."""
         hidden = extract_hidden(value)
         if hidden is None:
-            # Nothing to observe: warn from outside the graph (a graph break, once per trace).
-            if self._eager_hook is None:
-                self._eager_hook = torch.compiler.disable(self._on_activation)
-            self._eager_hook(target, module, value)
+            # Nothing to observe. No warning from inside the graph (a graph break, which
+            # fullgraph=True forbids): step() warns.
+            self._unreadable.add(target.name)
             return
         # The root's hooks ran in this trace (a compiled model or training step), or eagerly
         # before it (torch.compile(model): OptimizedModule calls them outside the graph).
@@ -570,11 +569,7 @@ class GSAMMonitor:
                 return
             hidden = extract_hidden(value)
             if hidden is None:
-                self._warn_once(
-                    f"unpack:{target.name}",
-                    f"GSAMMonitor: layer {target.name!r} produced {type(value).__name__} with no floating tensor "
-                    f"of shape (..., d); it is not monitored. Select a sub-module that returns the hidden states.",
-                )
+                self._warn_unreadable(target.name, type(value).__name__)
                 return
             self._collect(target, module, hidden, phase, context.mask if context.active else None)
         except Exception as err:  # never let monitoring stop the model
@@ -696,6 +691,13 @@ class GSAMMonitor:
         yield from self._reference.values()
 
     # ------------------------------------------------------------------ errors
+    def _warn_unreadable(self, layer: str, kind: str = "an output") -> None:
+        self._warn_once(
+            f"unpack:{layer}",
+            f"GSAMMonitor: layer {layer!r} produced {kind} with no floating tensor of shape (..., d); it is not "
+            f"monitored. Select a sub-module that returns the hidden states.",
+        )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
             log.debug(message)
@@ -736,6 +738,8 @@ class GSAMMonitor:
             and get ``{}`` on a logging step.
         """
         self._stepped = True
+        for layer in sorted(self._unreadable):  # seen by compiled graphs, which cannot warn
+            self._warn_unreadable(layer)
         if global_step is None:
             self.step_count += 1
         else:

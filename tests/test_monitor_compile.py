@@ -131,3 +131,35 @@ def test_hooks_stay_registered_once_compiled_and_detach_removes_them() -> None:
     before = float(monitor.stats("blocks.0", "train").count)
     compiled(torch.from_numpy(x).requires_grad_(), mask).sum().backward()
     assert float(monitor.stats("blocks.0", "train").count) == before
+
+
+def test_a_layer_without_hidden_states_warns_from_step_and_never_breaks_a_fullgraph_compile() -> None:
+    class Flags(torch.nn.Module):  # returns no floating tensor: nothing to monitor
+        def forward(self, x):
+            return (x > 0,)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(D, D, dtype=torch.float64), Flags()])
+
+        def forward(self, x):
+            y = self.blocks[0](x)
+            self.blocks[1](y)
+            return y
+
+    torch._dynamo.reset()
+    model = Net()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break would raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        monitor = GSAMMonitor(model, ["blocks.0", "blocks.1"], every_n_steps=2, max_tokens_per_layer=None)
+    xs = [torch.randn(5, D, dtype=torch.float64) for _ in range(2)]
+    with monitor, pytest.warns(RuntimeWarning, match="'blocks.1' produced an output with no floating tensor"):
+        for x in xs:
+            compiled(x).sum().backward()
+            out = monitor.step()
+    assert monitor.errors == 0
+    rows = torch.cat([model.blocks[0](x) for x in xs]).detach().numpy()
+    assert out["n/blocks.0"] == 10
+    assert out["gsam/blocks.0"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-9)
