@@ -71,7 +71,8 @@ __all__ = ["DEFAULT_MAX_STATE_BYTES", "GSAMMonitor", "state_bytes_per_layer"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_STATE_BYTES = 8 * 2**30
-"""8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits."""
+"""8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits, logged
+inline (a background log's copy makes that two such layers)."""
 
 _PHASES = ("train", "eval")
 _WINDOWS = ("interval", "cumulative", "ema")
