@@ -43,7 +43,8 @@ fi
 #    CUDA, satisfies the package's torch requirement, so pip keeps it).
 missing=$("$PY" - <<'EOF'
 import importlib.util
-print(" ".join(m for m in ("numpy", "scipy", "pytest", "transformers") if importlib.util.find_spec(m) is None))
+wanted = ("numpy", "scipy", "pytest", "sklearn", "transformers")
+print(" ".join(m for m in wanted if importlib.util.find_spec(m) is None))
 EOF
 )
 if [ -n "$missing" ]; then
@@ -66,11 +67,14 @@ EOF
 echo "$versions"
 [ -n "$out_dir" ] && echo "$versions" > "$out_dir/versions.txt"
 
-# 3. Every gpu-marked test.
+# 3. Every gpu-marked test. Only the files that hold one are collected: the others' imports
+#    (TensorBoard, W&B, Lightning) are not needed here.
+mapfile -t gpu_files < <(grep -l "mark\.gpu" tests/test_*.py)
 log="${out_dir:-$(mktemp -d)}/gpu_tests.log"
 junit=()
 [ -n "$out_dir" ] && junit=(--junitxml "$out_dir/gpu_tests.xml")
-timeout 150 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rfEs ${junit[@]+"${junit[@]}"} > "$log" 2>&1
+timeout 150 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rfEs ${junit[@]+"${junit[@]}"} \
+    ${gpu_files[@]+"${gpu_files[@]}"} > "$log" 2>&1
 rc=$?
 tail -n 25 "$log"
 summary=$(tail -n 1 "$log")
@@ -80,7 +84,7 @@ if [ $rc -eq 0 ] && grep -q "passed" <<< "$summary"; then
     verdict PASS gpu_tests "$summary"
 elif [ $rc -eq 0 ]; then
     verdict FAIL gpu_tests "no gpu test ran (all skipped: is CUDA visible to pytest?): $summary"
-elif [ $rc -eq 5 ]; then
+elif [ $rc -eq 5 ] || [ ${#gpu_files[@]} -eq 0 ]; then
     verdict FAIL gpu_tests "no test is marked gpu"
 elif [ $rc -eq 124 ]; then
     verdict FAIL gpu_tests "timed out after 150 s"
