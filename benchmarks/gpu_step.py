@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from _common import sync, write_json
+from overhead import run_block
 
 from gsam_monitor import GSAMMonitor
 from gsam_monitor.monitor import state_bytes_per_layer
@@ -94,39 +94,22 @@ def build(device: torch.device, size: dict[str, int], seed: int = 0) -> tuple[to
     return model, step
 
 
-def monitor_for(model: torch.nn.Module, every: int, **kwargs) -> GSAMMonitor:
+def monitor_for(model: torch.nn.Module, every: int, logs: list[dict] | None = None, **kwargs) -> GSAMMonitor:
+    """The monitor at its defaults on ``LAYERS``; what it writes is appended to ``logs``."""
+    sinks = [lambda metrics, step: logs.append(dict(metrics))] if logs is not None else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in --tiny smoke runs
-        return GSAMMonitor(model, LAYERS, every_n_steps=every, **kwargs)
+        return GSAMMonitor(model, LAYERS, every_n_steps=every, sinks=sinks, **kwargs)
 
 
-def run_block(step: Callable[[], None], monitor: GSAMMonitor | None, n: int, device: torch.device) -> dict:
-    """``n`` steps = one logging interval; per-step seconds (monitor.step() included) and the
-    seconds ``step()`` took on the logging step. The background log is written afterwards,
+def run_interval(step: Callable[[], None], monitor: GSAMMonitor | None, n: int, device: torch.device) -> dict:
+    """``overhead.run_block`` (one logging interval of ``n`` steps; per-step seconds with
+    ``monitor.step()`` included, and the logging step's), then the background log written
     outside the timing, so that it does not run into the next block."""
-    times, log_times, logs = [], [], []
+    block = run_block(step, monitor, n, device)
     if monitor is not None:
-        monitor.attach()
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        t1 = time.perf_counter()
-        if monitor is not None:
-            before = monitor.n_logs
-            out = monitor.step()
-            sync(device)
-            if out:
-                logs.append(out)
-            if monitor.n_logs > before:
-                log_times.append(time.perf_counter() - t1)
-        times.append(time.perf_counter() - t0)
-    if monitor is not None:
-        monitor.detach()
-        tail = monitor.flush()
-        if tail:
-            logs.append(tail)
-    return {"times": times, "log_times": log_times, "logs": logs}
+        monitor.flush()
+    return block
 
 
 def check_logs(logs: list[dict], errors: int, size: dict[str, int]) -> tuple[bool, str]:
@@ -234,23 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     logs: list[dict] = []
     errors = 0
     warm = monitor_for(model, args.steps)
-    run_block(step, warm, args.steps, device)  # warm-up: workspaces, the first eigendecompositions
+    run_interval(step, warm, args.steps, device)  # warm-up: workspaces, the first eigendecompositions
     warm.close()
     del warm
     for rep in range(args.reps):
         order = ["baseline", "monitor"] if rep % 2 == 0 else ["monitor", "baseline"]
         for setting in order:
-            monitor = monitor_for(model, args.steps) if setting == "monitor" else None
+            monitor = monitor_for(model, args.steps, logs) if setting == "monitor" else None
             if cuda:
                 sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
-            block = run_block(step, monitor, args.steps, device)
+            block = run_interval(step, monitor, args.steps, device)
             if cuda:
                 peaks[setting] = max(peaks.get(setting, 0), torch.cuda.max_memory_allocated(device) - before)
             blocks[setting].append(block)
             if monitor is not None:
-                logs += block["logs"]
                 errors += monitor.errors
                 monitor.close()
                 del monitor
@@ -280,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     log_ms = {}
     for background in (True, False):
         monitor = monitor_for(model, args.steps, background=background)
-        block = run_block(step, monitor, args.steps, device)
+        block = run_interval(step, monitor, args.steps, device)
         monitor.close()
         log_ms[background] = statistics.median(block["log_times"]) * 1e3
     fraction = log_ms[True] / log_ms[False]
