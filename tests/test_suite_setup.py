@@ -19,9 +19,10 @@ def test_network_switches_are_forced_offline() -> None:
 
     assert Path(tests.reference.__file__).resolve().parent == REPO / "tests"
     assert Path(gsam_monitor.__file__).resolve().parent == REPO / "gsam_monitor"  # this checkout's
-    for var, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                       "WANDB_MODE": "offline"}.items():
-        assert os.environ.get(var) == value, var
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        assert os.environ.get(var) == "1", var
+    # wandb.init(mode="offline") in earlier tests rewrites it as "dryrun", its old name.
+    assert os.environ.get("WANDB_MODE") in ("offline", "dryrun")
     import huggingface_hub.constants
 
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True
