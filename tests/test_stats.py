@@ -182,19 +182,11 @@ def test_injected_all_reduce_sums_shards_exactly(rng: np.random.Generator) -> No
                 calls[1][-1].copy_(total)
             barrier.wait()
 
-        def broadcast(t, src=0, group=None):
-            calls[rank].append(t)
-            barrier.wait()
-            if rank == 0:
-                calls[1][-1].copy_(calls[0][-1])
-            barrier.wait()
-
-        return all_reduce, broadcast
+        return all_reduce
 
     threads = []
     for r, s in enumerate(ranks):
-        ar, bc = collective(r)
-        threads.append(threading.Thread(target=s.all_reduce_, kwargs={"all_reduce": ar, "broadcast": bc}))
+        threads.append(threading.Thread(target=s.all_reduce_, kwargs={"all_reduce": collective(r)}))
     for t in threads:
         t.start()
     for t in threads:
