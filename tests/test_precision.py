@@ -80,10 +80,13 @@ def test_fp32_products_ignore_reduced_float32_matmul_precision(rng: np.random.Ge
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(saved)
+    cov = mle_cov(x.astype(np.float64))
+    np.testing.assert_allclose(s.covariance().numpy(), cov, rtol=1e-5, atol=1e-5 * np.abs(cov).max())
     ref = _numpy_metrics(x.astype(np.float64))
-    got = metrics.compute(s, names=["gsam", "rank"])
+    got = metrics.compute(s, names=["gsam", "rank", "condition_number"])
     assert got["rank"] == ref["rank"] == 64
     assert _relerr(got["gsam"], ref["gsam"]) < 1e-5
+    assert _relerr(got["condition_number"], ref["condition_number"]) < 1e-4
 
 
 def test_update_runs_with_autocast_off_and_ieee_fp32_and_restores_the_callers_settings(
