@@ -488,10 +488,10 @@ class LayerStats:
         s_b = xs.sum(0).to(sd)
         n_b = kept.to(sd)
         st["sum"] += s_b + n_b * delta
-        st["gram"] += (xs.T @ xs).to(sd)
-        # + s δᵀ + δ sᵀ + n δδᵀ, as the symmetric rank-2 update u δᵀ + δ uᵀ with u = s + n δ / 2.
+        st["gram"].add_(xs.T @ xs)  # widened as it is added: no d x d temporary in sd
+        # + s δᵀ + δ sᵀ + n δδᵀ = u δᵀ + δ uᵀ with u = s + n δ / 2: one pass over the state.
         u = s_b + 0.5 * n_b * delta
-        st["gram"].addr_(u, delta).addr_(delta, u)
+        st["gram"].addmm_(torch.stack([u, delta], 1), torch.stack([delta, u]))
         # Power sums as pairwise column sums of the powers (an fp32 vector_norm of x² lost
         # 1e-4 of Σx⁴ over 1e5 rows). xs is not needed after them.
         torch.mul(xs, xs, out=tmp)

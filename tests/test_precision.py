@@ -275,22 +275,9 @@ def test_eigenvalue_tolerance_is_the_per_eigenvector_bound() -> None:
 # --------------------------------------------------------------------------- MiniLM layers
 @pytest.fixture(scope="module")
 def minilm_layers() -> list[np.ndarray]:
-    """Token hidden states (padding dropped) of every MiniLM layer on the 300 bundled sentences."""
-    from gsam_monitor.eval.corpus import load_corpus
-    from tests.tiny_models import minilm
+    from tests.minilm_states import minilm_hidden_states
 
-    model, tokenizer = minilm()
-    sentences = list(load_corpus("sst2_300_filtered").sentences)
-    per_layer: list[list[np.ndarray]] = []
-    with torch.no_grad():
-        for i in range(0, len(sentences), 100):
-            enc = tokenizer(sentences[i : i + 100], return_tensors="pt", padding=True)
-            hidden = model(**enc, output_hidden_states=True).hidden_states
-            keep = enc["attention_mask"].bool()
-            per_layer = per_layer or [[] for _ in hidden]
-            for store, h in zip(per_layer, hidden, strict=True):
-                store.append(h[keep].numpy())
-    return [np.concatenate(store) for store in per_layer]
+    return minilm_hidden_states()
 
 
 def _closed_form(x: np.ndarray) -> dict[str, float]:
