@@ -1056,6 +1056,8 @@ class GSAMMonitor:
                     self._stats[key].reset()
             elif self.heldout and has_data:
                 self._reference[key] = synced if synced is not self._stats.get(key) else synced.clone()
+            if self.window != "interval" and key in self._stats:  # never reset: re-centre (exact)
+                self._stats[key].reshift_()
 
     # ------------------------------------------------------------------ output
     def _is_writer(self) -> bool:
