@@ -23,7 +23,6 @@ from tests.bf16_probe import (
     Recorder,
     check_bf16_run,
     dataset,
-    xfail_fp32_autocast,
 )
 
 Records = list[tuple[int, dict[str, float]]]
@@ -98,7 +97,6 @@ def test_bf16_logs_equal_fp64_numpy_on_the_bf16_activations(framework: str, tmp_
     check_bf16_run(records, recorder, fp32_products=False)
 
 
-@xfail_fp32_autocast
 @pytest.mark.parametrize("framework", list(RUNS))
 def test_bf16_with_fp32_products_stays_within_the_error_model(framework: str, tmp_path: Path) -> None:
     records, recorder = RUNS[framework](tmp_path, product_dtype=torch.float32)
