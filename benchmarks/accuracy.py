@@ -5,15 +5,29 @@ Data sets: Gaussian, Student t (3 df), logistic, low rank plus noise, badly cent
 ``LayerStats`` in uneven batches; the script prints the max relative error per metric over
 all data sets.
 
+``--precision`` prints instead the accuracy of every Gram product path (fp64, fp32, fp32
+under bf16 autocast, and fp32 judged by the former λmax-relative rank rule, with an fp64
+state; and fp32 products into an fp32 state, what MPS runs) on
+MiniLM's layers (the hidden states of the 300 bundled sentences), a massive-activation
+dimension, a mean 1e4 sd from the origin, a mean drifting 2000 sd per window (interval and
+cumulative windows), and an ill-conditioned Gaussian: GSAM relative error, rank, and
+covariance relative error against fp64 numpy two-pass. ``--error-model`` measures the fp32
+product's errors against the model behind its rank tolerance (``metrics.PRODUCT_ERROR_FACTOR``).
+
 Usage::
 
     python benchmarks/accuracy.py [--json results/accuracy.json]
+    python benchmarks/accuracy.py --precision [--json results/precision.json]
+    python benchmarks/accuracy.py --error-model
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +97,151 @@ def reference(x: np.ndarray, powerlaw_range=(10, 150)) -> dict[str, float]:
     return out
 
 
+def minilm_hidden_states() -> list[np.ndarray]:
+    """Token hidden states of every MiniLM layer on the 300 bundled sentences (the tests' helper)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+    from tests.minilm_states import minilm_hidden_states as collect
+
+    return collect()
+
+
+def _gsam_rank(x: np.ndarray) -> tuple[float, int, np.ndarray]:
+    """fp64 two-pass GSAM on scipy's support, its rank, and the MLE covariance."""
+    cov = np.cov(x.T, ddof=0)
+    lam = np.linalg.eigvalsh(cov)
+    sup = lam[lam > 1e6 * np.finfo(np.float64).eps * lam.max()]
+    gsam = math.log(len(x)) - 0.5 * len(sup) * (1 + LOG_2PI) - 0.5 * float(np.log(sup).sum())
+    return gsam, len(sup), cov
+
+
+PATHS = {
+    "fp64 products": {"product_dtype": torch.float64},
+    "fp32 products": {"product_dtype": torch.float32},
+    "fp32 under bf16 autocast": {"product_dtype": torch.float32, "autocast": torch.bfloat16},
+    "fp32, λmax rule (before)": {"product_dtype": torch.float32, "rank_rtol": 1e3 * float(np.finfo(np.float32).eps)},
+    "fp32 state+products (MPS)": {"product_dtype": torch.float32, "state_dtype": torch.float32},
+}
+
+
+def _windows(rng: np.random.Generator) -> list[np.ndarray]:
+    # Four windows of 2000 rows; the mean moves 2000 sd from each window to the next.
+    a = rng.standard_normal((64, 64)) * 0.3
+    return [(2000.0 * k + rng.standard_normal((2000, 64)) @ a).astype(np.float32) for k in range(4)]
+
+
+def precision_sets(rng: np.random.Generator, minilm: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Each entry: the windows fed in turn; metrics of the last (interval) or of all."""
+    n, d = 8192, 256
+    massive = rng.standard_normal((n, d))
+    massive[rng.random(n) < 0.004, 0] = 3000.0
+    a = rng.standard_normal((64, 64)) * 0.5
+    far = 1e4 + rng.standard_normal((8000, 64)) @ a
+    ill = rng.standard_normal((4096, d)) @ rng.standard_normal((d, d)) * 0.1 + 3.0
+    sets = {f"MiniLM layer {i}": [h] for i, h in enumerate(minilm)}
+    sets["massive activation (d=256)"] = [massive.astype(np.float32)]
+    sets["mean 1e4 sd from origin"] = [far.astype(np.float32)]
+    sets["drifting mean, interval window"] = _windows(rng)
+    sets["drifting mean, cumulative window"] = sets["drifting mean, interval window"]
+    sets["ill-conditioned (cond ~6e5)"] = [ill.astype(np.float32)]
+    return sets
+
+
+def precision_row(name: str, windows: list[np.ndarray], path: dict) -> dict[str, float]:
+    cumulative = name.endswith("cumulative window")
+    s = LayerStats(windows[0].shape[1], product_dtype=path["product_dtype"], state_dtype=path.get("state_dtype"))
+    for k, w in enumerate(windows):
+        if k and not cumulative:
+            s.reset()  # an interval window: the next window's rows set the shift
+        ctx = torch.autocast("cpu", dtype=path["autocast"]) if "autocast" in path else contextlib.nullcontext()
+        with ctx:
+            for part in np.array_split(w, 8):
+                s.update(torch.from_numpy(np.ascontiguousarray(part)))
+        if cumulative:
+            s.reshift_()  # what GSAMMonitor does at each log of a window that never resets
+    x = np.vstack(windows if cumulative else windows[-1:]).astype(np.float64)
+    gsam, rank, cov = _gsam_rank(x)
+    got = metrics.compute(s, names=["gsam", "rank"], rank_rtol=path.get("rank_rtol"))
+    return {
+        "gsam_rel_err": abs(got["gsam"] - gsam) / abs(gsam),
+        "rank": got["rank"],
+        "rank_fp64_numpy": rank,
+        "cov_rel_err": float(np.abs(s.covariance().numpy() - cov).max() / np.abs(cov).max()),
+    }
+
+
+def precision_table() -> dict[str, dict[str, dict[str, float]]]:
+    sets = precision_sets(np.random.default_rng(0), minilm_hidden_states())
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    print(f"{'data':34s} {'path':27s} {'GSAM rel err':>12s} {'rank':>11s} {'cov rel err':>11s}")
+    for name, windows in sets.items():
+        out[name] = {}
+        for label, path in PATHS.items():
+            r = out[name][label] = precision_row(name, windows, path)
+            rank = f"{r['rank']}/{r['rank_fp64_numpy']}"
+            print(f"{name:34s} {label:27s} {r['gsam_rel_err']:12.1e} {rank:>11s} {r['cov_rel_err']:11.1e}")
+    return out
+
+
+def error_model() -> dict[str, dict[str, float]]:
+    """The fp32 product's error against its model, per data set and rows per update:
+
+    * ``entry``: max_ij |δC_ij| / (eps32 · sqrt(scale_i · scale_j)),
+    * ``eig``: max |δλ| / bound over the directions fp64 resolves, bound = eps32 ·
+      (Σ_i |v_i| · sqrt(scale_i))² (``metrics.eigenvalue_tolerance`` with c = 1),
+    * ``null``: max |λ| / tolerance over the directions fp64 finds null (rounding noise;
+      tolerance = max(bound, scipy's fp64 rule), as ``metrics.eigenvalue_tolerance``),
+    * ``min_real``: min λ / bound over the resolved directions (below 1: dropped by c = 1).
+    """
+    eps = float(np.finfo(np.float32).eps)
+    rng = np.random.default_rng(1)
+    sets = {name: w[0] for name, w in precision_sets(rng, minilm_hidden_states()).items() if len(w) == 1}
+    for dd in (128, 512):
+        low = rng.standard_normal((8000, 64)) @ rng.standard_normal((64, dd))
+        sets[f"rank 64 in d={dd}"] = low.astype(np.float32)
+    ln = rng.standard_normal((8000, 256)) @ rng.standard_normal((256, 256))
+    ln = (ln - ln.mean(1, keepdims=True)) / ln.std(1, keepdims=True)
+    sets["LayerNorm'd, affine (d=256)"] = (ln * rng.uniform(0.5, 2, 256) + rng.standard_normal(256)).astype(np.float32)
+    out: dict[str, dict[str, float]] = {}
+    print(f"{'data':34s} {'rows/update':>11s} {'entry':>7s} {'eig':>7s} {'null':>9s} {'min_real':>9s}")
+    for name, x in sets.items():
+        for rows in (512, len(x)):
+            s64, s32 = LayerStats(x.shape[1]), LayerStats(x.shape[1], product_dtype=torch.float32)
+            for part in np.array_split(x, max(1, len(x) // rows)):
+                s64.update(torch.from_numpy(np.ascontiguousarray(part)))
+                s32.update(torch.from_numpy(np.ascontiguousarray(part)))
+            scale = s32.product_scale().numpy()
+            c64, c32 = s64.covariance().numpy(), s32.covariance().numpy()
+            live = scale > 0
+            entry = np.abs(c32 - c64)[np.ix_(live, live)] / (eps * np.sqrt(np.outer(scale[live], scale[live])))
+            l64 = np.linalg.eigvalsh(c64)
+            l32, v32 = np.linalg.eigh(c32)
+            bound = eps * (np.abs(v32) * np.sqrt(scale)[:, None]).sum(0) ** 2
+            real = l64 > 1e6 * np.finfo(np.float64).eps * l64.max()
+            tol = np.maximum(bound, 1e6 * np.finfo(np.float64).eps * np.abs(l32).max())
+            r = {
+                "entry": float(entry.max()),
+                "eig": float((np.abs(l32 - l64) / bound)[real].max()),
+                "null": float((np.abs(l32) / tol)[~real].max()) if (~real).any() else math.nan,
+                "min_real": float((l64 / bound)[real].min()),
+            }
+            out[f"{name}, {rows} rows per update"] = r
+            print(f"{name:34s} {rows:11d} {r['entry']:7.2f} {r['eig']:7.3f} {r['null']:9.2e} {r['min_real']:9.3g}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--precision", action="store_true", help="the product paths' accuracy table")
+    p.add_argument("--error-model", action="store_true", help="measure the fp32 error model's factor c")
     args = p.parse_args()
+    if args.precision or args.error_model:
+        print(f"# {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+        result = {"precision": precision_table()} if args.precision else {}
+        if args.error_model:
+            result["error_model"] = error_model()
+        write_json(args.json, result)
+        return
     rng = np.random.default_rng(0)
     worst: dict[str, tuple[float, str]] = {}
     rank_agree = 0

@@ -11,6 +11,7 @@ Usage::
     python benchmarks/update_kernel.py                       # CPU, d in 384 768 2048 4096
     python benchmarks/update_kernel.py --device cuda --rows 4096
     python benchmarks/update_kernel.py --json results/update_kernel.json
+    python benchmarks/update_kernel.py --products default float32   # also the fp32 product path
 """
 
 from __future__ import annotations
@@ -29,42 +30,46 @@ from gsam_monitor import LayerStats, metrics
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def throughput(device: torch.device, dims: list[int], rows: int, dtypes: list[str], reps: int) -> list[dict]:
+PRODUCTS = {"default": None, "float32": torch.float32, "float64": torch.float64}
+
+
+def throughput(
+    device: torch.device, dims: list[int], rows: int, dtypes: list[str], reps: int, products: list[str] = ("default",)
+) -> list[dict]:
     out = []
     for d in dims:
         n = rows
-        for name in dtypes:
+        for name, higher, prod in ((a, h, p) for a in dtypes for h in (True, False) for p in products):
             x = torch.randn(n, d, device=device).to(DTYPES[name])
-            for higher in (True, False):
-                stats = LayerStats(d, device=device, higher_moments=higher)
-                pd = stats.product_dtype or torch.float32
-                t_update = median_seconds(lambda s=stats, x=x: s.update(x), device, reps)
-                xp = x.to(pd)
-                gram = torch.zeros(d, d, dtype=pd, device=device)
-                t_mm_same = median_seconds(lambda g=gram, a=xp: g.addmm_(a.T, a), device, reps)
-                native = x if x.dtype in (torch.float32, torch.float64) or device.type == "cuda" else x.float()
-                t_mm_native = median_seconds(lambda nat=native: torch.mm(nat.T, nat), device, reps)
-                out.append(
-                    {
-                        "d": d,
-                        "rows": n,
-                        "activations": name,
-                        "higher_moments": higher,
-                        "product_dtype": str(pd).replace("torch.", ""),
-                        "update_ms": t_update * 1e3,
-                        "rows_per_s": n / t_update,
-                        "mm_same_dtype_ms": t_mm_same * 1e3,
-                        "fraction_of_mm_same_dtype": t_mm_same / t_update,
-                        "mm_native_ms": t_mm_native * 1e3,
-                        "fraction_of_mm_native": t_mm_native / t_update,
-                    }
-                )
-                print(
-                    f"d={d:5d} {name:9s} higher={higher!s:5s} products={out[-1]['product_dtype']:8s} "
-                    f"update {t_update * 1e3:8.2f} ms  {n / t_update:12,.0f} rows/s  "
-                    f"x{t_mm_same / t_update:5.2f} of mm({out[-1]['product_dtype']})  "
-                    f"x{t_mm_native / t_update:5.2f} of mm({name})"
-                )
+            stats = LayerStats(d, device=device, higher_moments=higher, product_dtype=PRODUCTS[prod])
+            pd = stats.product_dtype or torch.float32
+            t_update = median_seconds(lambda s=stats, x=x: s.update(x), device, reps)
+            xp = x.to(pd)
+            gram = torch.zeros(d, d, dtype=pd, device=device)
+            t_mm_same = median_seconds(lambda g=gram, a=xp: g.addmm_(a.T, a), device, reps)
+            native = x if x.dtype in (torch.float32, torch.float64) or device.type == "cuda" else x.float()
+            t_mm_native = median_seconds(lambda nat=native: torch.mm(nat.T, nat), device, reps)
+            out.append(
+                {
+                    "d": d,
+                    "rows": n,
+                    "activations": name,
+                    "higher_moments": higher,
+                    "product_dtype": str(pd).replace("torch.", ""),
+                    "update_ms": t_update * 1e3,
+                    "rows_per_s": n / t_update,
+                    "mm_same_dtype_ms": t_mm_same * 1e3,
+                    "fraction_of_mm_same_dtype": t_mm_same / t_update,
+                    "mm_native_ms": t_mm_native * 1e3,
+                    "fraction_of_mm_native": t_mm_native / t_update,
+                }
+            )
+            print(
+                f"d={d:5d} {name:9s} higher={higher!s:5s} products={out[-1]['product_dtype']:8s} "
+                f"update {t_update * 1e3:8.2f} ms  {n / t_update:12,.0f} rows/s  "
+                f"x{t_mm_same / t_update:5.2f} of mm({out[-1]['product_dtype']})  "
+                f"x{t_mm_native / t_update:5.2f} of mm({name})"
+            )
     return out
 
 
@@ -110,6 +115,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=738, help="rows per update (a MiniLM batch has ~738 tokens)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--products", nargs="+", default=["default"], choices=sorted(PRODUCTS),
+                   help="product dtypes to time (default: the device's default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="write results here")
     args = p.parse_args()
@@ -123,7 +130,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "throughput": throughput(device, args.dims, args.rows, args.dtypes, args.reps),
+        "throughput": throughput(device, args.dims, args.rows, args.dtypes, args.reps, args.products),
         "accuracy": accuracy(device),
     }
     write_json(args.json, result)

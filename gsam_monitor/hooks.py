@@ -18,11 +18,26 @@ the autograd engine is executing (``torch._C._current_graph_task_id() != -1``) i
 recomputation and is skipped, so tokens are counted once. The phase is decided once per root
 forward because reentrant checkpointing runs the first forward of a block under
 ``torch.no_grad()`` even in training.
+
+Under ``torch.compile`` a layer hook is traced into the model's graph, where it calls the
+custom operator ``gsam_monitor::observe`` (``observe``): an opaque, effectful call that the
+compiled graph keeps (Inductor does not eliminate or reorder it) and that hands the hidden
+state, the padding mask and the phase, all fixed when the graph was traced, to the monitor
+registered under its key (``add_observer``). No graph break, so ``fullgraph=True`` works.
+
+``nn.DataParallel`` runs the replicas of one module in several threads that share its hooks,
+so the forward context is thread-local (``ThreadForwardContext``) and the token sampler's
+generators are created under a lock. A root hook traced by torch.compile writes a plain
+``ForwardContext`` instead: Dynamo tracks attribute writes on plain objects within a trace,
+not on thread-locals, whose writes the traced layer hooks would not see.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,13 +49,18 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "ForwardContext",
     "HookHandles",
+    "ThreadForwardContext",
     "TokenSampler",
+    "add_observer",
+    "align_mask",
     "attention_mask_position",
     "extract_hidden",
     "in_backward",
     "infer_phase",
+    "observe",
     "register_context_hooks",
     "register_layer_hook",
+    "remove_observer",
     "to_rows",
 ]
 
@@ -87,8 +107,19 @@ class ForwardContext:
         self.active = False
 
 
+class ThreadForwardContext(threading.local, ForwardContext):
+    """A ``ForwardContext`` per thread (``nn.DataParallel`` runs one forward per replica in
+    parallel threads, each with its slice of the batch)."""
+
+
 def in_backward() -> bool:
-    """True while the autograd engine runs a backward pass (checkpoint recomputation)."""
+    """True while the autograd engine runs a backward pass (checkpoint recomputation).
+
+    Always False while ``torch.compile`` traces: a compiled graph's recomputation happens
+    inside its backward graph, without module hooks.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -115,8 +146,10 @@ def register_context_hooks(
     context: ForwardContext,
     mask_position: int | None,
     on_error: Callable[[BaseException], None],
+    traced: ForwardContext | None = None,
 ) -> list[RemovableHandle]:
-    """Hooks on the root model that fill ``context`` for the duration of each forward."""
+    """Hooks on the root model that fill ``context`` for the duration of each forward
+    (``traced`` instead while torch.compile traces them, when given)."""
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
@@ -125,18 +158,19 @@ def register_context_hooks(
             mask = kwargs.get("attention_mask")
             if mask is None and mask_position is not None and len(args) > mask_position:
                 mask = args[mask_position]
+            ctx = traced if traced is not None and torch.compiler.is_compiling() else context
             # Only the (B, T) keep-mask convention (1 = token, 0 = padding) is understood;
             # 4-D additive masks are left alone rather than misread.
-            context.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-            context.phase = infer_phase(module)
-            context.active = True
+            ctx.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            ctx.phase = infer_phase(module)
+            ctx.active = True
         except Exception as err:  # a monitor bug must never stop the model
             on_error(err)
         return None
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not in_backward():
-            context.clear()
+            (traced if traced is not None and torch.compiler.is_compiling() else context).clear()
         return None
 
     return [
@@ -201,16 +235,20 @@ class TokenSampler:
         self.seed = int(seed)
         self._generators: dict[str, torch.Generator] = {}
         self._pending: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # DataParallel replicas sample from several threads
 
     def generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            if key in self._pending:
-                gen.set_state(self._pending.pop(key))
-            self._generators[key] = gen
+            with self._lock:
+                gen = self._generators.get(key)
+                if gen is None:
+                    gen = torch.Generator(device=device)
+                    gen.manual_seed(self.seed)
+                    if key in self._pending:
+                        gen.set_state(self._pending.pop(key))
+                    self._generators[key] = gen
         return gen
 
     def sample(
@@ -261,3 +299,67 @@ def register_layer_hook(
         return None
 
     return module.register_forward_pre_hook(input_hook, with_kwargs=True)
+
+
+def align_mask(mask: torch.Tensor, lead_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The part of a ``(B, T)`` keep-mask that belongs to a layer output of leading shape
+    ``lead_shape`` (the output without its feature dimension); ``None`` when none does.
+
+    Equal shapes match position by position. A ``(B, t)`` output with ``t < T`` is a decoding
+    step with a key/value cache (``generate()``): the mask covers the cached positions and the
+    new ones, and the layer sees only the newest ``t``, the mask's last ``t`` columns.
+    """
+    if tuple(mask.shape) == tuple(lead_shape):
+        return mask
+    if len(lead_shape) == 2 and mask.dim() == 2 and lead_shape[0] == mask.shape[0]:
+        t = lead_shape[1]
+        if 0 < t < mask.shape[1]:
+            return mask[:, -t:]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: an opaque operator that carries the hook's tensors out of the compiled graph.
+# ---------------------------------------------------------------------------------------------
+
+_observers: dict[int, Callable[[int, torch.Tensor, torch.Tensor | None, str], None]] = {}
+_observer_keys = itertools.count()
+
+
+def add_observer(method: Callable[[int, torch.Tensor, torch.Tensor | None, str], None]) -> int:
+    """Register a bound method ``(layer_index, hidden, mask, phase)`` for ``observe`` calls and
+    return its key. Only a weak reference is kept: a dropped monitor is never called."""
+    key = next(_observer_keys)
+    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
+
+    def call(layer: int, hidden: torch.Tensor, mask: torch.Tensor | None, phase: str) -> None:
+        fn = ref()
+        if fn is not None:
+            fn(layer, hidden, mask, phase)
+
+    _observers[key] = call
+    return key
+
+
+def remove_observer(key: int) -> None:
+    _observers.pop(key, None)
+
+
+# cudagraph_unsafe: a CUDA graph replays kernels, not Python; Inductor must run this call
+# outside any graph it captures (torch.compile(mode="reduce-overhead")).
+@torch.library.custom_op("gsam_monitor::observe", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def observe(hidden: torch.Tensor, mask: torch.Tensor | None, key: int, layer: int, phase: str) -> None:
+    """Hand a layer's hidden state to the observer registered under ``key`` (see module docstring)."""
+    fn = _observers.get(key)
+    if fn is not None:
+        fn(layer, hidden, mask, phase)
+
+
+@observe.register_fake
+def _observe_fake(hidden: torch.Tensor, mask: torch.Tensor | None, key: int, layer: int, phase: str) -> None:
+    return None
+
+
+# Without a registered effect a call whose result nobody uses is dead code to the compiler:
+# Inductor dropped it from no-grad graphs.
+observe.register_effect(torch.library.EffectType.ORDERED)

@@ -18,6 +18,12 @@ pseudo-determinant over the eigenvalues above ``rank_tolerance`` and r = rank di
 in place of d. ``rank`` is reported beside it, and ``gsam_oas`` (Oracle Approximating
 Shrinkage, Chen et al. 2010) is always finite.
 
+Which eigenvalues are numerically null depends on how the Gram products were computed
+(``eigenvalue_tolerance``): with fp64 products scipy's rule (relative to λmax) applies and
+the rank equals scipy's; with fp32 products the tolerance of each eigenvalue comes from the
+product's per-entry error model, so that one huge dimension (the "massive activations" of
+LLMs) does not hide every other direction.
+
 References:
     Roy & Vetterli, "The effective rank", EUSIPCO 2007 (``effective_rank``).
     Chen, Wiesel, Eldar & Hero, "Shrinkage algorithms for MMSE covariance estimation",
@@ -43,6 +49,7 @@ __all__ = [
     "METRIC_NAMES",
     "compute",
     "compute_with_spectrum",
+    "eigenvalue_tolerance",
     "eigenvalues",
     "gaussian_score",
     "oas_score",
@@ -115,8 +122,10 @@ def rank_tolerance(
 
     The rule is scipy's (``scipy.stats._multivariate._eigvalsh_to_eps``): ``rtol * max|λ|``
     with ``rtol = 1e6 · eps(float64) ≈ 2.2e-10`` when the Gram products were accumulated
-    in fp64, and ``1e3 · eps(float32) ≈ 1.2e-4`` when they were fp32 (GPU default). With fp64
-    products it therefore finds the same rank as scipy on the same data.
+    in fp64, and ``1e3 · eps(float32) ≈ 1.2e-4`` when they were fp32. With fp64 products it
+    therefore finds the same rank as scipy on the same data. For fp32 products the metrics
+    use ``eigenvalue_tolerance`` instead (per eigenvector, from the product's error model);
+    this scalar rule is its fallback when no eigenvectors are at hand.
 
     Args:
         eigenvalues: The covariance eigenvalues (any order).
@@ -133,14 +142,76 @@ def rank_tolerance(
     return float(rtol * eigenvalues.abs().max())
 
 
+PRODUCT_ERROR_FACTOR = 1.0
+"""c in the fp32-product rank tolerance c · eps32 · (Σ_i |v_i| · sqrt(scale_i))².
+
+The bound is first order and worst case: it lets every entry's rounding error push the
+eigenvalue the same way. Measured with this project's CPU GEMM (OpenBLAS, torch 2.13) on
+MiniLM's layers, a massive-activation dimension, rank-deficient, LayerNorm'd, 1e4-offset and
+ill-conditioned data, 512 rows to whole sets per update (``benchmarks/accuracy.py
+--error-model``): entry errors reach 4.1 · eps32 · sqrt(scale_i · scale_j), but rounding
+errors do not align, and the rounding noise in null directions stays below 0.03 of the
+tolerance (so c = 1 leaves a 37x margin). Eigenvalue errors stay below 0.11 of the bound
+but for the top eigenvalue of the massive dimension (1.5, far above its tolerance).
+Directions below the bound (the smallest of an ill-conditioned set, at 0.05 of it) are
+dropped: fp32 products resolve them only to a few percent."""
+
+
+def eigenvalue_tolerance(
+    evals: torch.Tensor,
+    evecs: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    product_dtype: torch.dtype | None,
+    rtol: float | None = None,
+) -> torch.Tensor:
+    """Per-eigenvalue threshold below which a direction is numerically null.
+
+    With fp64 products (or ``rtol`` given, or no eigenvectors) this is ``rank_tolerance``
+    for every eigenvalue: scipy's rule. With fp32 products it is the error model of the
+    product: an entry of the covariance is off by about eps32·sqrt(scale_i·scale_j)
+    (``scale`` = ``LayerStats.product_scale()``, the mean square of the terms the products
+    summed, per dimension), so to first order the eigenvalue of unit eigenvector v moves by
+    at most
+
+        |δλ| <= c · eps32 · (Σ_i |v_i| · sqrt(scale_i))²        (vᵀ δC v, term by term)
+
+    and a direction is kept when its eigenvalue exceeds that bound with
+    c = ``PRODUCT_ERROR_FACTOR`` (and scipy's fp64 rule, the floor set by the fp64
+    eigendecomposition itself). A tolerance proportional to λmax
+    would instead drop every direction below eps32·λmax: one dimension with a variance
+    1e4 times the others' (massive activations) left rank 1 of 256.
+
+    Args:
+        evals: Eigenvalues of the covariance (any order).
+        evecs: The matching unit eigenvectors as columns, or ``None``.
+        scale: Per-dimension product scale, or ``None``.
+        product_dtype: ``LayerStats.product_dtype`` (``None`` = "native": counted as fp32).
+        rtol: Override: a relative tolerance ``rtol · max|λ|`` for every eigenvalue.
+
+    Returns:
+        A tensor like ``evals``: direction k is on the support when ``evals[k] > tol[k]``.
+    """
+    floor = rank_tolerance(evals, product_dtype if rtol is not None else torch.float64, rtol)
+    tol = torch.full_like(evals, floor)
+    if rtol is not None or product_dtype == torch.float64:
+        return tol
+    if evecs is None or scale is None:
+        return torch.full_like(evals, rank_tolerance(evals, product_dtype))
+    spread = evecs.abs().T @ scale.to(evecs).clamp_min(0).sqrt()
+    bound = PRODUCT_ERROR_FACTOR * torch.finfo(torch.float32).eps * spread * spread
+    return torch.maximum(tol, bound)
+
+
 def eigenvalues(stats: LayerStats) -> torch.Tensor:
     """Eigenvalues of the MLE covariance, fp64 on the CPU, descending."""
     cov = stats.covariance(ddof=0).to("cpu", torch.float64)
     return torch.linalg.eigvalsh(cov).flip(0)
 
 
-def gaussian_score(evals: torch.Tensor, n: float, tol: float) -> tuple[float, int]:
+def gaussian_score(evals: torch.Tensor, n: float, tol: float | torch.Tensor) -> tuple[float, int]:
     """GSAM from covariance eigenvalues: (log n + mean log-likelihood on the support, rank).
+
+    ``tol`` is one threshold or one per eigenvalue (``eigenvalue_tolerance``).
 
     mean log p = -(r/2)(1 + log 2π) - (1/2) Σ_{λ>tol} log λ  (the MLE Gaussian's negative
     entropy on its r-dimensional support; the mean Mahalanobis term is tr(S⁺S) = r).
@@ -175,13 +246,15 @@ def oas_score(evals: torch.Tensor, n: float) -> tuple[float, float]:
     return math.log(n) + mean_loglik, shrink
 
 
-def powerlaw_alpha(evals: torch.Tensor, rank_range: tuple[int, int] = (10, 150), tol: float = 0.0) -> float:
+def powerlaw_alpha(
+    evals: torch.Tensor, rank_range: tuple[int, int] = (10, 150), tol: float | torch.Tensor = 0.0
+) -> float:
     """Power-law exponent α of the spectrum, λ_k ∝ k^-α: least-squares slope of log λ_k on
     log k over ranks ``rank_range`` (1-based, inclusive), clipped to the eigenvalues above
-    ``tol`` (numerically null eigenvalues are rounding noise, not spectrum).
-    NaN when fewer than 3 ranks remain. ``analysis.spectrum.powerlaw_alpha`` adds the CI."""
-    lam = evals.sort(descending=True).values
-    lam = lam[lam > max(tol, 0.0)]
+    ``tol`` (one threshold or one per eigenvalue; numerically null eigenvalues are rounding
+    noise, not spectrum). NaN when fewer than 3 ranks remain.
+    ``analysis.spectrum.powerlaw_alpha`` adds the CI."""
+    lam = evals[(evals > tol) & (evals > 0)].sort(descending=True).values
     lo, hi = max(1, int(rank_range[0])), min(int(rank_range[1]), lam.numel())
     if hi - lo + 1 < 3:
         return math.nan
@@ -193,7 +266,7 @@ def powerlaw_alpha(evals: torch.Tensor, rank_range: tuple[int, int] = (10, 150),
     return -slope
 
 
-def _spectral(evals: torch.Tensor, tol: float, rank_range: tuple[int, int]) -> dict[str, float]:
+def _spectral(evals: torch.Tensor, tol: float | torch.Tensor, rank_range: tuple[int, int]) -> dict[str, float]:
     lam = evals.clamp_min(0.0)
     total = float(lam.sum())
     d = lam.numel()
@@ -223,17 +296,41 @@ def _spectral(evals: torch.Tensor, tol: float, rank_range: tuple[int, int]) -> d
     }
 
 
-def _correlation_score(cov: torch.Tensor, n: float, product_dtype: torch.dtype | None) -> float:
+def _spectrum(
+    cov: torch.Tensor, scale: torch.Tensor | None, product_dtype: torch.dtype | None, rtol: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(eigenvalues descending, eigenvectors or None, per-eigenvalue tolerance) of ``cov``.
+
+    fp64 products need only the eigenvalues (scipy's rule); fp32 products need the vectors
+    for their error model (``eigenvalue_tolerance``)."""
+    if product_dtype == torch.float64 or rtol is not None or scale is None:
+        evals = torch.linalg.eigvalsh(cov).flip(0)
+        return evals, None, eigenvalue_tolerance(evals, None, None, product_dtype, rtol)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    return evals, evecs, eigenvalue_tolerance(evals, evecs, scale, product_dtype, rtol)
+
+
+def _correlation_score(
+    cov: torch.Tensor, n: float, product_dtype: torch.dtype | None, scale: torch.Tensor | None = None
+) -> float:
     var = torch.diagonal(cov)
-    # Dimensions with no variance have no distribution to standardise; leave them out.
-    live = var > rank_tolerance(var, product_dtype)
+    # Dimensions with no variance have no distribution to standardise; leave them out. With
+    # fp32 products a variance is zero when it is below its own rounding error, c·eps32·scale.
+    if product_dtype == torch.float64 or scale is None:
+        live = var > rank_tolerance(var, product_dtype)
+    else:
+        floor = rank_tolerance(var, torch.float64)
+        live = var > torch.clamp(PRODUCT_ERROR_FACTOR * torch.finfo(torch.float32).eps * scale, min=floor)
     if not bool(live.any()):
         return math.nan
     c = cov[live][:, live]
     sd = torch.sqrt(torch.diagonal(c))
     corr = c / torch.outer(sd, sd)
-    ev = torch.linalg.eigvalsh(0.5 * (corr + corr.T))
-    return gaussian_score(ev, n, rank_tolerance(ev, product_dtype))[0]
+    # The error model carries over: R = D⁻¹ C D⁻¹ scales entry (i, j)'s error by 1/(sd_i sd_j).
+    r_scale = None if scale is None else scale[live] / torch.diagonal(c)
+    ev, _, tol = _spectrum(0.5 * (corr + corr.T), r_scale, product_dtype, None)
+    return gaussian_score(ev, n, tol)[0]
 
 
 def heldout_loglik(stats: LayerStats, reference: LayerStats, *, rtol: float | None = None) -> float:
@@ -252,8 +349,8 @@ def heldout_loglik(stats: LayerStats, reference: LayerStats, *, rtol: float | No
         return math.nan
     ref_cov = reference.covariance().to("cpu", torch.float64)
     evals, vecs = torch.linalg.eigh(ref_cov)
-    tol = rank_tolerance(evals, reference.product_dtype, rtol)
-    keep = evals > tol
+    scale = reference.product_scale().to("cpu", torch.float64)
+    keep = evals > eigenvalue_tolerance(evals, vecs, scale, reference.product_dtype, rtol)
     lam, v = evals[keep], vecs[:, keep]
     r = lam.numel()
     if r == 0:
@@ -316,14 +413,14 @@ def compute_with_spectrum(
         return {k: v for k, v in out.items() if k in wanted or k in ("n", "d", "nonfinite")}, None
 
     cov = stats.covariance(ddof=0).to("cpu", torch.float64)
-    evals = torch.linalg.eigvalsh(cov).flip(0)
-    tol = rank_tolerance(evals, stats.product_dtype, rank_rtol)
+    scale = stats.product_scale().to("cpu", torch.float64)
+    evals, _, tol = _spectrum(cov, scale, stats.product_dtype, rank_rtol)
     gsam, rank = gaussian_score(evals, n, tol)
     out["gsam"], out["rank"] = gsam, rank
     if "gsam_oas" in wanted:
         out["gsam_oas"] = oas_score(evals, n)[0]
     if "gsam_correlation" in wanted:
-        out["gsam_correlation"] = _correlation_score(cov, n, stats.product_dtype)
+        out["gsam_correlation"] = _correlation_score(cov, n, stats.product_dtype, scale)
     out.update(_spectral(evals, tol, powerlaw_range))
     if "mean_kurtosis" in wanted:
         k = stats.excess_kurtosis()

@@ -11,9 +11,18 @@ Windows: ``"interval"`` statistics restart after every log; ``"cumulative"`` one
 
 Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 5d)`` bytes
 per phase (fp64: 8·d², so d = 768: 4.7 MB, d = 4096: 134 MB, d = 8192: 537 MB), twice that
-when ``heldout_loglik`` is selected (the previous window's fit is kept), plus one transient
-copy per layer at log time for cumulative/EMA windows under ``torch.distributed``. The
-budget ``max_state_bytes`` is checked at construction.
+when ``heldout_loglik`` is selected (the previous window's fit is kept), plus one copy more
+where a log must copy a window (``log_copies``: background logs, and cumulative/EMA windows
+kept as held-out fits or summed over ranks). Interval windows are never copied: a
+background log takes the synced window itself and a fresh one starts. The budget
+``max_state_bytes`` is checked at construction. ``close()`` frees the statistics;
+``detach()`` keeps them for a later ``attach()``.
+
+torch.compile: the layer hooks are traced into the compiled graph as calls of an opaque
+operator (``hooks.observe``), without graph breaks. Compiled graphs do not re-check module
+hooks, so hooks the graph has traced stay registered and are switched by a flag that the
+graph is specialised on (two variants, no recompilation per window), and attaching after a
+compiled warm-up drops Dynamo's compiled code once so that the next call traces the hooks.
 
 A monitor problem never stops training: exceptions inside hooks, metric computation or a
 sink are counted (``errors``), warned about once, and skipped; a failing sink is disabled.
@@ -24,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,13 +48,18 @@ from gsam_monitor import metrics as _metrics
 from gsam_monitor.hooks import (
     ForwardContext,
     HookHandles,
+    ThreadForwardContext,
     TokenSampler,
+    add_observer,
+    align_mask,
     attention_mask_position,
     extract_hidden,
     in_backward,
     infer_phase,
+    observe,
     register_context_hooks,
     register_layer_hook,
+    remove_observer,
     to_rows,
 )
 from gsam_monitor.layers import LayerSpec, LayerTarget, resolve_layers, unwrap_model
@@ -55,7 +71,8 @@ __all__ = ["DEFAULT_MAX_STATE_BYTES", "GSAMMonitor", "state_bytes_per_layer"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_STATE_BYTES = 8 * 2**30
-"""8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits."""
+"""8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits, logged
+inline (a background log's copy makes that two such layers)."""
 
 _PHASES = ("train", "eval")
 _WINDOWS = ("interval", "cumulative", "ema")
@@ -69,13 +86,17 @@ def state_bytes_per_layer(
     state_dtype: torch.dtype = torch.float64,
     phases: Sequence[str] = _PHASES,
     heldout: bool = True,
+    log_copies: int = 0,
 ) -> int:
-    """Bytes of statistics the monitor keeps for one layer of feature size ``dim``.
+    """Bytes of statistics the monitor keeps for one layer of feature size ``dim``, at most.
 
-    ``LayerStats.state_bytes(dim)`` per phase, doubled when the previous window's fit is
-    kept for ``heldout_loglik``.
+    ``LayerStats.state_bytes(dim)`` per phase, times one (the live window), plus one when the
+    previous window's fit is kept for ``heldout_loglik``, plus ``log_copies`` (the copies a
+    log holds while it is computed: 1 for background logs and for cumulative/EMA windows
+    that are kept as held-out fits or summed over ranks, else 0).
     """
-    return LayerStats.state_bytes(dim, state_dtype) * len(phases) * (2 if heldout else 1)
+    copies = 1 + (1 if heldout else 0) + log_copies
+    return LayerStats.state_bytes(dim, state_dtype) * len(phases) * copies
 
 
 @dataclass
@@ -116,7 +137,9 @@ class GSAMMonitor:
             ``"ema"`` (moments decay with ``ema_half_life``).
         ema_half_life: Half-life of the EMA window in ``step()`` calls; default ``every_n_steps``.
         collect_steps: Collect only during the last ``k`` steps before each log; the hooks
-            are removed on the other steps, so they cost nothing. ``"auto"`` (default):
+            are removed on the other steps, so they cost nothing (under ``torch.compile``,
+            once traced, they stay and a flag switches them, which the compiled graph is
+            specialised on). ``"auto"`` (default):
             ``min(every_n_steps, max(10, every_n_steps // 10))``, i.e. the last 10 of every
             100 steps (every step when ``every_n_steps <= 10``): a tenth of the collection
             cost, and each logged window describes the model as it is at the log, not
@@ -136,7 +159,8 @@ class GSAMMonitor:
             (see ``state_bytes_per_layer``); ``None`` for no limit.
         spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
             support it every this many logs; ``None`` or 0 never.
-        process_group: The ``torch.distributed`` group to sync over (default: the world).
+        process_group: The ``torch.distributed`` group to sync over (default: the world). Its
+            rank zero computes and writes the metrics.
         background: Compute the scheduled logs' metrics (the eigendecompositions) on a
             background thread, so that the training step does not wait for them: the windows
             are synced and snapshotted on schedule, and the metrics reach the sinks, at the
@@ -259,6 +283,10 @@ class GSAMMonitor:
 
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
+        dist = _dist()
+        distributed = dist is not None and dist.get_world_size(process_group) > 1
+        # Copies a log holds while its metrics are computed (see state_bytes_per_layer).
+        self._log_copies = 1 if background or (window != "interval" and (self.heldout or distributed)) else 0
         self._check_budget()
         if isinstance(sinks, (str, Sink)) or callable(sinks):
             sinks = [sinks]
@@ -273,22 +301,33 @@ class GSAMMonitor:
                 stacklevel=2,
             )
 
-        dist = _dist()
         rank = dist.get_rank() if dist is not None else 0
         self.seed = seed
         self._sampler = TokenSampler(seed + rank)
         self._mask_position = attention_mask_position(unwrap_model(model))
-        self._context = ForwardContext()
+        self._context: ForwardContext = ThreadForwardContext()
+        self._traced_context = ForwardContext()  # written by root hooks that torch.compile traces
         self._handles = HookHandles()
         self._stats: dict[tuple[str, str], LayerStats] = {}
         self._reference: dict[tuple[str, str], LayerStats] = {}
         self._samples: dict[tuple[str, str], Any] = {}  # (layer, phase) -> ReservoirSample
+        # nn.DataParallel runs each layer's hook from several threads at once: one lock per
+        # window serialises its updates (uncontended, it costs a few hundred nanoseconds).
+        self._locks = {(t.name, p): threading.Lock() for t in self.targets for p in _PHASES}
         self._disabled_layers: set[str] = set()
         self._disabled_sinks: set[int] = set()
         self._warned: set[str] = set()
         self._attached = False
         self._forced = 0
-        self._eager_hook: Any = None
+        self._unreadable: set[str] = set()  # layers whose traced output held no hidden state
+        # torch.compile: whether compiled graphs have traced the hooks (then they stay registered,
+        # switched by _collecting), and the key under which the traced hooks reach this monitor.
+        self._collecting = False
+        self._compiled = False
+        self._attach_pending = False
+        self._observer_key = add_observer(self._observe_traced)
+        weakref.finalize(self, remove_observer, self._observer_key)
+        self._streams: dict[int, Any] = {}  # CUDA device index -> the background logs' stream
         self.step_count = 0
         self._stepped = False
         self._last_log_step = 0
@@ -305,7 +344,13 @@ class GSAMMonitor:
             (
                 t.name,
                 t.dim,
-                state_bytes_per_layer(t.dim, state_dtype=self.state_dtype, phases=self.phases, heldout=self.heldout),
+                state_bytes_per_layer(
+                    t.dim,
+                    state_dtype=self.state_dtype,
+                    phases=self.phases,
+                    heldout=self.heldout,
+                    log_copies=self._log_copies,
+                ),
             )
             for t in self.targets
             if t.dim is not None
@@ -314,7 +359,8 @@ class GSAMMonitor:
         if total <= self.max_state_bytes:
             return
         dims = sorted({d for _, d, _ in per_layer})
-        copies = "2 (held-out fit kept)" if self.heldout else "1"
+        parts = ["1"] + (["1 held-out fit"] if self.heldout else []) + (["1 log copy"] if self._log_copies else [])
+        copies = f"{len(parts)} ({' + '.join(parts)})" if len(parts) > 1 else "1"
         raise ValueError(
             f"max_state_bytes: the monitor's statistics would need {_gib(total)} ({len(per_layer)} layers of "
             f"d = {', '.join(map(str, dims))}; {len(self.phases)} phase(s) x {copies} "
@@ -337,28 +383,48 @@ class GSAMMonitor:
 
     @property
     def hooks_registered(self) -> bool:
-        """Whether hooks are on the model right now."""
+        """Whether hooks are on the model right now (once a compiled graph has traced them,
+        they stay registered while attached; ``collect_steps`` then switches a flag)."""
         return len(self._handles) > 0
 
     def attach(self) -> GSAMMonitor:
-        """Start monitoring: register the hooks (now, or when ``collect_steps`` says so)."""
+        """Start monitoring: register the hooks (now, or when ``collect_steps`` says so).
+
+        A model already run under ``torch.compile`` (a warm-up, a resumed run) has compiled
+        code that does not call hooks added later: Dynamo's compiled code is then dropped once,
+        so that the next call recompiles with the hooks.
+        """
+        if not self._attached:
+            self._attach_pending = True
         self._attached = True
         self._sync_hooks()
         return self
 
     def detach(self) -> None:
-        """Stop monitoring and remove every hook (idempotent). Statistics are kept."""
+        """Stop monitoring and remove every hook (idempotent). The statistics are kept, so
+        that a later ``attach()`` continues the windows; ``close()`` frees them."""
         self._attached = False
         self._handles.remove()
+        self._collecting = False
         self._context.clear()
+        self._traced_context.clear()
 
-    def close(self) -> None:
-        """Detach, write a log still being computed, and close the sinks (flushing TensorBoard files)."""
+    def close(self, *, free: bool = True) -> None:
+        """Detach, write a log still being computed, close the sinks (flushing TensorBoard
+        files) and free the statistics (idempotent).
+
+        Args:
+            free: Free the statistics, held-out fits and reservoir samples (default). Leaving
+                ``with monitor:`` closes with ``free=False``, so that ``compute()``, ``stats()``
+                and ``sample()`` still read the run's windows after the block; the memory goes
+                with the monitor object, or at ``close()``. ``last_metrics`` is always kept.
+        """
         self.detach()
         self.flush()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._streams.clear()
         for i, sink in enumerate(self.sinks):
             if i in self._disabled_sinks:
                 continue
@@ -369,12 +435,16 @@ class GSAMMonitor:
                 close()
             except Exception as err:
                 self._sink_failed(i, sink, err)
+        if free:
+            self._stats.clear()
+            self._reference.clear()
+            self._samples.clear()
 
     def __enter__(self) -> GSAMMonitor:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(free=False)
 
     @contextlib.contextmanager
     def collect(self) -> Iterator[GSAMMonitor]:
@@ -400,35 +470,99 @@ class GSAMMonitor:
 
     def _sync_hooks(self) -> None:
         want = self._want_hooks()
-        if want and not self.hooks_registered:
+        self._collecting = want
+        # Hooks that compiled graphs have traced stay registered while attached, switched by
+        # _collecting: removing them would recompile the graphs, and a graph compiled without
+        # them would never notice them coming back (Dynamo guards on no empty hook dict).
+        keep = want or (self._compiled and self._attached)
+        if keep and not self.hooks_registered:
             self._register()
-        elif not want and self.hooks_registered:
+        elif not keep and self.hooks_registered:
             self._handles.remove()
             self._context.clear()
+            self._traced_context.clear()
 
     def _register(self) -> None:
-        for handle in register_context_hooks(self.model, self._context, self._mask_position, self._hook_error):
+        for handle in register_context_hooks(
+            _context_root(self.model), self._context, self._mask_position, self._hook_error, self._traced_context
+        ):
             self._handles.add(handle)
-        for target in self.targets:
-            self._handles.add(register_layer_hook(target.module, target.kind, self._make_callback(target)))
+        for index, target in enumerate(self.targets):
+            self._handles.add(register_layer_hook(target.module, target.kind, self._make_callback(index, target)))
+        first, self._attach_pending = self._attach_pending, False
+        if first or self._compiled or _has_compiled_code(unwrap_model(self.model)):
+            self._drop_compiled_code()
 
-    def _make_callback(self, target: LayerTarget) -> Any:
+    def _drop_compiled_code(self) -> None:
+        """Drop the code torch.compile has compiled so far, so that its next call traces the
+        hooks just registered (compiled code never re-checks an empty hook dict)."""
+        try:
+            from torch._dynamo import convert_frame
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list, remove_from_cache
+
+            seen = [*convert_frame.input_codes.seen, *convert_frame.output_codes.seen]
+            codes = {id(c): c for c in (ref() for ref in seen) if c is not None and _debug_get_cache_entry_list(c)}
+            for code in codes.values():
+                remove_from_cache(code)
+        except Exception as err:  # Dynamo internals moved: say what to do instead
+            self._warn_once(
+                "compile-reset",
+                f"GSAMMonitor: could not make torch.compile'd code trace the hooks attached now "
+                f"({type(err).__name__}: {err}); a model compiled and run before attach() may log nothing. "
+                f"Attach the monitor before the first compiled call, or call torch._dynamo.reset() after attach().",
+            )
+            return
+        if codes:
+            log.info(
+                "GSAMMonitor: dropped the compiled code of %d function(s) so that their next call compiles them "
+                "with the monitor's hooks (a model compiled and run before attach()).",
+                len(codes),
+            )
+
+    def _make_callback(self, index: int, target: LayerTarget) -> Any:
         def callback(module: nn.Module, value: Any) -> None:
+            # Read while torch.compile traces, too: the compiled graph is specialised on it (a
+            # guard), so a switched-off hook costs the graph nothing.
+            if not self._collecting:
+                return
             if torch.compiler.is_compiling():
-                # Inside a torch.compile trace: run the monitor eagerly (a graph break) rather
-                # than tracing its bookkeeping into the model's graph.
-                if self._eager_hook is None:
-                    self._eager_hook = torch.compiler.disable(self._on_activation)
-                self._eager_hook(target, module, value)
+                self._trace_activation(index, target, module, value)
             else:
                 self._on_activation(target, module, value)
 
         return callback
 
     # ------------------------------------------------------------------ the hook path
+    def _trace_activation(self, index: int, target: LayerTarget, module: nn.Module, value: Any) -> None:
+        """The hook inside a torch.compile trace: put one ``observe`` call into the graph. The
+        phase and the mask are those of the forward being traced (the graph is specialised on
+        the phase: grad mode, ``training`` and the context are guarded)."""
+        hidden = extract_hidden(value)
+        if hidden is None:
+            # Nothing to observe. No warning from inside the graph (a graph break, which
+            # fullgraph=True forbids): step() warns.
+            self._unreadable.add(target.name)
+            return
+        # The root's hooks ran in this trace (a compiled model or training step), or eagerly
+        # before it (torch.compile(model): OptimizedModule calls them outside the graph).
+        context = self._traced_context if self._traced_context.active else self._context
+        phase = context.phase if context.active and context.phase else infer_phase(module)
+        if phase not in self.phases:
+            return
+        observe(hidden, context.mask if context.active else None, self._observer_key, index, phase)
+
+    def _observe_traced(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None, phase: str) -> None:
+        """Run by the compiled graph's ``observe`` call, eagerly, with real tensors."""
+        self._compiled = True
+        target = self.targets[index]
+        try:
+            self._collect(target, target.module, hidden, phase, mask)
+        except Exception as err:  # never let monitoring stop the model
+            self._hook_error(err, target.name)
+
     def _on_activation(self, target: LayerTarget, module: nn.Module, value: Any) -> None:
         try:
-            if in_backward() or target.name in self._disabled_layers:
+            if in_backward():
                 return  # a gradient-checkpointing recomputation: these tokens were counted
             context = self._context
             phase = context.phase if context.active and context.phase else infer_phase(module)
@@ -436,43 +570,58 @@ class GSAMMonitor:
                 return
             hidden = extract_hidden(value)
             if hidden is None:
-                self._warn_once(
-                    f"unpack:{target.name}",
-                    f"GSAMMonitor: layer {target.name!r} produced {type(value).__name__} with no floating tensor "
-                    f"of shape (..., d); it is not monitored. Select a sub-module that returns the hidden states.",
-                )
+                self._warn_unreadable(target.name, type(value).__name__)
                 return
-            x, channels_first = to_rows(hidden.detach(), module)  # (..., d)
-            mask = None
-            if context.mask is not None and not channels_first:
-                if tuple(context.mask.shape) == tuple(x.shape[:-1]):  # (B, T)
-                    mask = context.mask.to(x.device, non_blocking=True) != 0
-                elif x.dim() == 3:
-                    self._warn_once(
-                        "mask-shape",
-                        f"GSAMMonitor: the attention_mask has shape {tuple(context.mask.shape)} but layer "
-                        f"{target.name!r} outputs {tuple(x.shape)}; its padding cannot be dropped, so every "
-                        f"position is counted (e.g. cached decoding steps of generate()).",
-                    )
-            d = x.shape[-1]
-            rows = x.reshape(-1, d)  # (B*T, d)
-            keep = mask.reshape(-1) if mask is not None else None
-            rows, keep = self._sampler.sample(rows, keep, self.max_tokens_per_layer)
-            stats = self._stats_for(target, phase, d, rows.device)
+            self._collect(target, module, hidden, phase, context.mask if context.active else None)
+        except Exception as err:  # never let monitoring stop the model
+            self._hook_error(err, target.name)
+
+    def _collect(
+        self, target: LayerTarget, module: nn.Module, hidden: torch.Tensor, phase: str, root_mask: torch.Tensor | None
+    ) -> None:
+        """Feed one activation of ``target`` to its window (padding dropped, tokens sampled)."""
+        if target.name in self._disabled_layers:
+            return
+        x, channels_first = to_rows(hidden.detach(), module)  # (..., d)
+        mask = None
+        if root_mask is not None and not channels_first:
+            aligned = align_mask(root_mask, tuple(x.shape[:-1]))  # (B, T), or the newest t of a KV cache
+            if aligned is not None:
+                mask = aligned.to(x.device, non_blocking=True) != 0
+            elif x.dim() == 3:
+                self._warn_once(
+                    "mask-shape",
+                    f"GSAMMonitor: the attention_mask has shape {tuple(root_mask.shape)} but layer "
+                    f"{target.name!r} outputs {tuple(x.shape)}; its padding cannot be dropped, so every "
+                    f"position is counted.",
+                )
+        d = x.shape[-1]
+        rows = x.reshape(-1, d)  # (B*T, d)
+        keep = mask.reshape(-1) if mask is not None else None
+        rows, keep = self._sampler.sample(rows, keep, self.max_tokens_per_layer)
+        with self._locks[(target.name, phase)]:
+            stats = self._stats_for(target, module, phase, d, rows.device)
             if stats is not None:
                 stats.update(rows, mask=keep)
             if self.reservoir_size is not None:
                 self._sample_for(target.name, phase, rows.device).update(rows, mask=keep)
-        except Exception as err:  # never let monitoring stop the model
-            self._hook_error(err, target.name)
 
-    def _stats_for(self, target: LayerTarget, phase: str, dim: int, device: torch.device) -> LayerStats | None:
+    def _stats_for(
+        self, target: LayerTarget, module: nn.Module, phase: str, dim: int, device: torch.device
+    ) -> LayerStats | None:
         key = (target.name, phase)
         stats = self._stats.get(key)
+        # An nn.DataParallel replica (another module object, on another device) feeds the
+        # statistics where the model lives; the statistics follow only the model itself.
+        replica = module is not target.module
+        if replica:
+            device = _home_device(target.module, device)
         if stats is None:
             if self.max_state_bytes is not None:
-                held = sum(s.nbytes for s in self._all_stats())
-                copies = 2 if self.heldout and key not in self._reference else 1  # the fit to be kept
+                live = [s.nbytes for s in self._stats.values()]
+                held = sum(live) + sum(s.nbytes for s in self._reference.values()) + self._log_copies * sum(live)
+                # This window, the fit to be kept from it, and what a log copies of it.
+                copies = 1 + (1 if self.heldout and key not in self._reference else 0) + self._log_copies
                 need = LayerStats.state_bytes(dim, self.state_dtype) * copies
                 if held + need > self.max_state_bytes:
                     self._disabled_layers.add(target.name)
@@ -485,11 +634,12 @@ class GSAMMonitor:
                     return None
             stats = self._new_stats(dim, device)
             self._stats[key] = stats
-        elif stats.device != device:  # the model moved after attach: follow it
-            stats.to(device)
-            ref = self._reference.get(key)
-            if ref is not None:
-                ref.to(device)
+        elif stats.device != device and not replica:  # the model moved after attach: follow it
+            with torch.inference_mode(False):  # moved copies must stay ordinary tensors
+                stats.to(device)
+                ref = self._reference.get(key)
+                if ref is not None:
+                    ref.to(device)
         if stats.dim != dim:
             raise ValueError(
                 f"layer {target.name!r} changed its feature size from {stats.dim} to {dim}; its statistics cannot "
@@ -506,7 +656,8 @@ class GSAMMonitor:
             dist = _dist()
             rank = dist.get_rank() if dist is not None else 0
             offset = self.layer_names.index(layer) * len(_PHASES) + _PHASES.index(phase)
-            sample = ReservoirSample(self.reservoir_size, seed=self.seed + rank + 7919 * offset, device=device)
+            with torch.inference_mode(False):  # an ordinary tensor, also under an inference-mode forward
+                sample = ReservoirSample(self.reservoir_size, seed=self.seed + rank + 7919 * offset, device=device)
             self._samples[(layer, phase)] = sample
         return sample
 
@@ -525,19 +676,29 @@ class GSAMMonitor:
         return self._samples.get((layer, phase))
 
     def _new_stats(self, dim: int, device: torch.device | str) -> LayerStats:
-        return LayerStats(
-            dim,
-            device=device,
-            state_dtype=self.state_dtype,
-            product_dtype=self.product_dtype,
-            higher_moments=self.higher_moments,
-        )
+        # Ordinary tensors even when the first activation comes from an inference-mode forward:
+        # an inference tensor could not be updated in place by a later training step.
+        with torch.inference_mode(False):
+            return LayerStats(
+                dim,
+                device=device,
+                state_dtype=self.state_dtype,
+                product_dtype=self.product_dtype,
+                higher_moments=self.higher_moments,
+            )
 
     def _all_stats(self) -> Iterator[LayerStats]:
         yield from self._stats.values()
         yield from self._reference.values()
 
     # ------------------------------------------------------------------ errors
+    def _warn_unreadable(self, layer: str, kind: str = "an output") -> None:
+        self._warn_once(
+            f"unpack:{layer}",
+            f"GSAMMonitor: layer {layer!r} produced {kind} with no floating tensor of shape (..., d); it is not "
+            f"monitored. Select a sub-module that returns the hidden states.",
+        )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key in self._warned:
             log.debug(message)
@@ -562,6 +723,7 @@ class GSAMMonitor:
         )
 
     # ------------------------------------------------------------------ schedule
+    @torch.inference_mode(False)  # windows cloned or created here must stay ordinary tensors
     def step(self, global_step: int | None = None) -> dict[str, float] | None:
         """Count one optimizer step; on schedule compute, sync, log and start a new window.
 
@@ -572,9 +734,13 @@ class GSAMMonitor:
         Returns:
             The metrics written to the sinks during this call (``{"gsam/encoder.layer.0": ...}``):
             on a logging step, or with ``background=True`` when an earlier log's computation
-            finished; else None.
+            finished; else None. Under ``torch.distributed`` the metrics are computed and
+            written on the process group's rank zero only; the other ranks sync their windows
+            and get ``{}`` on a logging step.
         """
         self._stepped = True
+        for layer in sorted(self._unreadable):  # seen by compiled graphs, which cannot warn
+            self._warn_unreadable(layer)
         if global_step is None:
             self.step_count += 1
         else:
@@ -598,6 +764,7 @@ class GSAMMonitor:
         self._sync_hooks()
         return result
 
+    @torch.inference_mode(False)
     def log(self, global_step: int | None = None, *, phases: Sequence[str] | None = None) -> dict[str, float]:
         """Compute, sync, write to the sinks and advance the window now, off schedule.
 
@@ -606,15 +773,19 @@ class GSAMMonitor:
             phases: Only these phases (default: all monitored phases).
 
         Returns:
-            The flat metrics written (finite values only), ``{}`` when nothing was collected.
+            The flat metrics written (finite values only), ``{}`` when nothing was collected
+            or on a rank that does not write (see ``step``).
         """
         step = self.step_count if global_step is None else int(global_step)
         phases = self._check_phases(phases)
         self.flush()  # an earlier background log reaches the sinks first
         try:
             windows = self._synced_windows(phases, in_place=self.window == "interval")
-            refs = {key: self._reference.get(key) for key in windows}
-            result = self._metrics_of(windows, refs, step, self.n_logs)
+            if self._is_writer():
+                refs = {key: self._reference.get(key) for key in windows}
+                result = self._metrics_of(windows, refs, step, self.n_logs)
+            else:  # the metrics are computed where they are written
+                result = _LogResult(step)
             self._advance(windows)
         except Exception as err:
             result = _LogResult(step, errors=[(err, "log")])
@@ -627,15 +798,27 @@ class GSAMMonitor:
         return self._drain(wait=True) or {}
 
     def _submit_log(self) -> None:
-        """Sync and snapshot the windows now, advance them, and compute the metrics on the
-        background thread (the caller has written the previous one)."""
+        """Sync the windows now, advance them, and compute the metrics on the background
+        thread (the caller has written the previous log).
+
+        Nothing is copied for interval windows: the worker takes the synced windows
+        themselves and fresh ones start at the next activation. Cumulative and EMA windows go
+        on, so the worker gets a copy (the one the sync made, under torch.distributed). The
+        held-out fits are replaced, never modified, so the worker reads them as they are.
+        """
         step = self.step_count
+        snapshot = None
         try:
             windows = self._synced_windows(self.phases, in_place=self.window == "interval")
-            snapshot = {key: stats.clone() for key, stats in windows.items()}
-            refs = {key: self._reference.get(key) for key in windows}
-            refs = {key: ref.clone() if ref is not None else None for key, ref in refs.items()}
-            self._advance(windows)
+            if self._is_writer():
+                if self.window == "interval":
+                    snapshot = dict(windows)
+                else:
+                    snapshot = {k: w.clone() if w is self._stats.get(k) else w for k, w in windows.items()}
+                refs = {key: self._reference.get(key) for key in snapshot}
+                self._advance(snapshot, handed_off=True)
+            else:  # the metrics are computed where they are written
+                self._advance(windows)
         except Exception as err:
             self._hook_error(err, "log")
             snapshot = None
@@ -649,7 +832,9 @@ class GSAMMonitor:
         ready = None
         devices = {stats.device for stats in snapshot.values()}
         cuda = next((d for d in devices if d.type == "cuda"), None)
-        if cuda is not None:  # the worker's stream must see the snapshot copies finished
+        if cuda is not None:  # the worker's stream must see the synced windows complete
+            if cuda.index is None:
+                cuda = torch.device("cuda", torch.cuda.current_device())
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(cuda))
 
@@ -657,14 +842,28 @@ class GSAMMonitor:
             try:
                 if cuda is None:
                     return self._metrics_of(snapshot, refs, step, n_logs)
-                stream = torch.cuda.Stream(cuda)
+                # The worker thread's current device is the statistics' one: a thread starts on
+                # device 0, where it would create a stray context on every other rank's GPU.
+                torch.cuda.set_device(cuda)
+                stream = self._worker_stream(cuda)
                 with torch.cuda.stream(stream):
                     stream.wait_event(ready)
-                    return self._metrics_of(snapshot, refs, step, n_logs)
+                    result = self._metrics_of(snapshot, refs, step, n_logs)
+                # The snapshot's memory returns to the training stream's allocator when the job
+                # drops it: the side stream must be done with it first.
+                stream.synchronize()
+                return result
             except Exception as err:
                 return _LogResult(step, errors=[(err, "log")])
 
         self._pending = self._executor.submit(job)
+
+    def _worker_stream(self, device: torch.device) -> Any:
+        """One CUDA stream per device for this monitor's background logs (created once)."""
+        stream = self._streams.get(device.index)
+        if stream is None:
+            stream = self._streams[device.index] = torch.cuda.Stream(device)
+        return stream
 
     def _drain(self, *, wait: bool) -> dict[str, float] | None:
         """Write the background log's result if it is ready (or, with ``wait``, once it is)."""
@@ -686,6 +885,7 @@ class GSAMMonitor:
             self._write(flat, result.spectra, result.step)
         return flat
 
+    @torch.inference_mode(False)
     def compute(self, phase: str | None = None) -> dict[str, dict[str, float]]:
         """The current window's metrics per layer, without logging or resetting.
 
@@ -831,10 +1031,19 @@ class GSAMMonitor:
         return result
 
     @torch.no_grad()
-    def _advance(self, windows: Mapping[tuple[str, str], LayerStats]) -> None:
+    def _advance(self, windows: Mapping[tuple[str, str], LayerStats], *, handed_off: bool = False) -> None:
+        """Start the next windows after a log and keep the held-out fits.
+
+        ``handed_off``: a background log owns ``windows`` (the synced interval windows
+        themselves, or copies of the cumulative/EMA ones): they are never reset or reused.
+        """
         for key, synced in windows.items():
             has_data = float(synced.count) > 0
-            if self.window == "interval":
+            if self.window == "interval" and handed_off:
+                self._stats.pop(key, None)  # the worker's now; a fresh window starts at the next activation
+                if self.heldout and has_data:
+                    self._reference[key] = synced
+            elif self.window == "interval":
                 if self.heldout and has_data:
                     old = self._reference.get(key)
                     self._reference[key] = synced  # the synced live state, summed over ranks
@@ -847,11 +1056,16 @@ class GSAMMonitor:
                     self._stats[key].reset()
             elif self.heldout and has_data:
                 self._reference[key] = synced if synced is not self._stats.get(key) else synced.clone()
+            if self.window != "interval" and key in self._stats:  # never reset: re-centre (exact)
+                self._stats[key].reshift_()
 
     # ------------------------------------------------------------------ output
     def _is_writer(self) -> bool:
+        """Rank zero of the monitor's process group (its group rank: group [1, 2] writes on
+        global rank 1) computes the metrics and writes them; every process outside
+        ``torch.distributed`` does."""
         dist = _dist()
-        return dist is None or dist.get_rank() == 0
+        return dist is None or dist.get_rank(self.process_group) == 0
 
     def _write(self, flat: Mapping[str, float], spectra: Mapping[str, torch.Tensor], step: int) -> None:
         if not self._is_writer():
@@ -871,6 +1085,7 @@ class GSAMMonitor:
         """The live statistics of ``layer`` in ``phase`` (``None`` before its first activation)."""
         return self._stats.get((layer, phase))
 
+    @torch.inference_mode(False)
     def reset(self) -> None:
         """Drop the statistics of every window and the held-out fits (the step count stays)."""
         for stats in self._stats.values():
@@ -879,6 +1094,7 @@ class GSAMMonitor:
         for sample in self._samples.values():
             sample.reset()
 
+    @torch.inference_mode(False)
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state: tensors and plain values only, so that
         ``torch.load(path, weights_only=True)`` can read it back. A log still being computed
@@ -886,10 +1102,12 @@ class GSAMMonitor:
 
         self.flush()  # a log still being computed reaches the sinks before the checkpoint
 
-        def pack(table: Mapping[tuple[str, str], LayerStats]) -> dict[str, dict[str, Any]]:
+        def pack(table: Mapping[tuple[str, str], Any]) -> dict[str, dict[str, Any]]:
             out: dict[str, dict[str, Any]] = {}
             for (name, phase), stats in table.items():
-                out.setdefault(phase, {})[name] = stats.state_dict()
+                # To the host layer by layer: a device copy of every window at once would need
+                # as much free accelerator memory again as the statistics themselves.
+                out.setdefault(phase, {})[name] = _to_cpu(stats.state_dict())
             return out
 
         return {
@@ -904,12 +1122,10 @@ class GSAMMonitor:
             "stats": pack(self._stats),
             "reference": pack(self._reference),
             "sampler": self._sampler.state_dict(),
-            "samples": {
-                phase: {name: sample.state_dict() for (name, p), sample in self._samples.items() if p == phase}
-                for phase in {p for _, p in self._samples}
-            },
+            "samples": pack(self._samples),
         }
 
+    @torch.inference_mode(False)
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output (e.g. from a checkpoint) to continue the windows.
 
@@ -973,6 +1189,45 @@ class GSAMMonitor:
             f"GSAMMonitor(layers={len(self.targets)}, every_n_steps={self.every_n_steps}, window={self.window!r}, "
             f"phases={self.phases}, step={self.step_count}, attached={self._attached})"
         )
+
+
+def _to_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _context_root(model: nn.Module) -> nn.Module:
+    """Where the forward-context hooks go: the model, or the module inside an
+    ``nn.DataParallel`` (its replicas share that module's hooks and run them in their own
+    threads with their own slice of the batch, attention mask included)."""
+    module: nn.Module = model
+    for _ in range(8):  # wrappers nest a few levels at most (compile, DataParallel)
+        if isinstance(module, nn.DataParallel):
+            return module.module
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return model
+
+
+def _home_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    """The device of ``module``'s first parameter or buffer, else ``fallback``."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return fallback
+
+
+def _has_compiled_code(model: nn.Module) -> bool:
+    """Whether torch.compile holds compiled code for ``model``'s forward (``torch.compile(model)``
+    and ``model.compile()`` compile it; a compiled training-step function is not seen here)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return bool(_debug_get_cache_entry_list(type(model).forward.__code__))
+    except Exception:
+        return False
 
 
 def _positive_int(value: Any, name: str, hint: str) -> int:

@@ -8,7 +8,9 @@ and writes three derived files plus ``PROVENANCE.md`` into ``gsam_monitor/data/`
   describes its corpus;
 - ``sst2_300_first.tsv``: the first 300 train rows, unfiltered, which is what the original
   benchmark code used;
-- ``sst2_dev.tsv``: the 872 labelled dev rows.
+- ``sst2_dev.tsv``: the 872 labelled dev rows;
+- ``sst2_train.tsv.xz``: every train row (67,349), xz-compressed (0.5 MB instead of 3.8 MB),
+  enough text for the examples to pretrain on without memorising it.
 
 Sentences are copied byte for byte (GLUE's text keeps a trailing space; it is kept so that
 the files equal the rows a ``datasets.load_dataset("glue", "sst2")`` user sees).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import lzma
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,9 +96,9 @@ fresh derivation whenever the source folder is present).
 
 The Stanford Sentiment Treebank is published by its authors for research use without an
 explicit license (the Hugging Face dataset card `stanfordnlp/sst2` lists its license as
-"unknown"); GLUE asks users to cite the original source. These files are small excerpts
-redistributed for research benchmarking, with the citations above; cite both papers when you
-use them, and keep this file next to them.
+"unknown"); GLUE asks users to cite the original source. These files (excerpts, and the
+train split the examples pretrain on) are redistributed for research benchmarking, with the
+citations above; cite both papers when you use them, and keep this file next to them.
 
 ## Files and selection rules
 
@@ -103,6 +106,8 @@ use them, and keep this file next to them.
 |---|---|---|---|
 {table}
 Whitespace token count = `len(sentence.split())` in Python. Row order is GLUE's file order.
+The sha256 of a compressed file is of its bytes as shipped; its uncompressed text is the same
+header and rows as the other files (`sentence<TAB>label`), sha256 `{train_text_sha256}`.
 """
 
 RULES = {
@@ -114,7 +119,13 @@ RULES = {
         f"first {N_ROWS} rows of `train.tsv`, unfiltered (the original benchmark code's corpus)"
     ),
     "sst2_dev.tsv": "every row of `dev.tsv` (the labelled GLUE validation split)",
+    "sst2_train.tsv.xz": "every row of `train.tsv`, xz-compressed (preset 9): text for the pretraining examples",
 }
+
+
+def compress(text: bytes) -> bytes:
+    """xz (preset 9, CRC64) of ``text``; the same bytes for the same input and liblzma."""
+    return lzma.compress(text, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9)
 
 
 def derive(source: Path) -> dict[str, bytes]:
@@ -132,6 +143,7 @@ def derive(source: Path) -> dict[str, bytes]:
         "sst2_300_filtered.tsv": to_tsv(select_filtered(train)),
         "sst2_300_first.tsv": to_tsv(train[:N_ROWS]),
         "sst2_dev.tsv": to_tsv(dev),
+        "sst2_train.tsv.xz": compress(to_tsv(train)),
     }
 
 
@@ -145,11 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, data in files.items():
         (args.out / name).write_bytes(data)
-        n_rows = data.count(b"\n") - 1
+        text = lzma.decompress(data) if name.endswith(".xz") else data
+        n_rows = text.count(b"\n") - 1
         digest = hashlib.sha256(data).hexdigest()
         rows.append(f"| `{name}` | {n_rows} | {RULES[name]} | `{digest}` |\n")
         print(f"wrote {args.out / name}: {n_rows} rows, sha256 {digest}")
-    (args.out / "PROVENANCE.md").write_text(PROVENANCE.format(table="".join(rows)), "utf-8")
+    train_text = lzma.decompress(files["sst2_train.tsv.xz"])
+    provenance = PROVENANCE.format(table="".join(rows), train_text_sha256=hashlib.sha256(train_text).hexdigest())
+    (args.out / "PROVENANCE.md").write_text(provenance, "utf-8")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""Shared test setup: offline hubs, offline W&B, few threads, fixed seeds."""
+"""Shared test setup: offline hubs, offline W&B, few threads, fixed seeds.
+
+The network switches are forced, not defaulted: a user's environment (``WANDB_MODE=online``,
+``HF_HUB_OFFLINE=0``) must never let the suite reach the network or a W&B server.
+"""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ TensorBoard event files, and the plot script turns those into a PNG."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -17,12 +16,6 @@ pytest.importorskip("matplotlib")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_SST2 = Path(os.environ.get("SST2_DIR", "/nonexistent"))
-BUNDLED_DEV = REPO / "gsam_monitor" / "data" / "sst2_dev.tsv"
-needs_data = pytest.mark.skipif(
-    not (GLUE_SST2 / "train.tsv").is_file() and not BUNDLED_DEV.is_file(),
-    reason="no SST-2 text: neither the GLUE folder nor the bundled gsam_monitor/data/sst2_dev.tsv",
-)
 
 
 def load_example(name: str):
@@ -34,7 +27,6 @@ def load_example(name: str):
 
 
 @pytest.mark.slow
-@needs_data
 def test_pretrain_example_and_plot(tmp_path: Path, monkeypatch) -> None:
     import torch
 
@@ -56,7 +48,6 @@ def test_pretrain_example_and_plot(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-@needs_data
 def test_finetune_example(tmp_path: Path, monkeypatch) -> None:
     import torch
 

@@ -131,28 +131,47 @@ def test_validation_is_logged_as_eval_phase(tmp_path: Path) -> None:
 
 
 def test_resume_from_checkpoint_continues_windows_and_steps(tmp_path: Path) -> None:
-    """A checkpoint at step 3 falls inside the window 3..4; the resumed run's log at step 4
-    holds both steps' tokens (the restored one and the new one)."""
+    """A checkpoint at step 3 falls inside the window 3..4; the resumed run's logs at steps 4
+    and 6 hold the restored step's tokens and equal, metric by metric, those of one
+    uninterrupted run. (3 batches per epoch: the checkpoint ends an epoch, so the resumed run
+    sees the same batches as the uninterrupted one; Lightning does not skip into an epoch.)"""
+
+    def callback(into: list[tuple[int, dict[str, float]]]) -> GSAMCallback:
+        cb = GSAMCallback(every_n_steps=2, module="model", max_tokens_per_layer=None, phases="train")
+        cb.extra_sinks = [lambda metrics, step: into.append((step, dict(metrics)))]
+        return cb
+
+    def loader():
+        return token_loader(n=3 * BATCH)
+
+    uninterrupted: list[tuple[int, dict[str, float]]] = []
+    _quiet_fit(_trainer(tmp_path / "whole", callback(uninterrupted), max_steps=6, limit_val_batches=0),
+               TinyLM(), loader())
+    assert [step for step, _ in uninterrupted] == [2, 4, 6]
+
     ckpt_dir = tmp_path / "ckpt"
-    first = GSAMCallback(every_n_steps=2, module="model", max_tokens_per_layer=None, phases="train")
+    first = callback([])
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1)
     trainer = _trainer(tmp_path, first, max_steps=3, limit_val_batches=0, enable_checkpointing=True,
                        callbacks=[first, saver])
-    _quiet_fit(trainer, TinyLM(), token_loader())
+    _quiet_fit(trainer, TinyLM(), loader())
     (ckpt,) = ckpt_dir.glob("*step=3.ckpt")
     saved = torch.load(ckpt, weights_only=False)["callbacks"][first.state_key]
     assert saved["step_count"] == 3
     assert not first.monitor.attached and hook_count(trainer.lightning_module) == 0
 
-    second = GSAMCallback(every_n_steps=2, module="model", max_tokens_per_layer=None, phases="train")
+    resumed: list[tuple[int, dict[str, float]]] = []
+    second = callback(resumed)
     assert second.state_key == first.state_key
-    seen: list[tuple[int, float]] = []
-    second.extra_sinks = [lambda metrics, step: seen.append((step, metrics[f"n/{LAYERS[0]}"]))]
     trainer = _trainer(tmp_path, second, max_steps=6, limit_val_batches=0)
-    _quiet_fit(trainer, TinyLM(), token_loader(), ckpt_path=str(ckpt))
+    _quiet_fit(trainer, TinyLM(), loader(), ckpt_path=str(ckpt))
     assert second.monitor.step_count == 6
     tokens = BATCH * SEQ
-    assert seen == [(4, 2 * tokens), (6, 2 * tokens)]  # step 3's tokens came from the checkpoint
+    assert [(step, m[f"n/{LAYERS[0]}"]) for step, m in resumed] == [(4, 2 * tokens), (6, 2 * tokens)]
+    for (step, got), (_, want) in zip(resumed, uninterrupted[1:], strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (step, key)
 
 
 def test_detaches_when_training_raises(tmp_path: Path) -> None:

@@ -313,12 +313,33 @@ def test_protocol_rejects_bad_batch_size_and_max_length():
         run_token_protocol(loaded, corpus, max_length=-1)
 
 
-def test_help_explains_trust_remote_code(capsys):
+def test_help_explains_trust_remote_code(capsys, tmp_path, monkeypatch, text_corpus):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "EXECUTES code downloaded from the model repository" in text
     assert "enabled it silently" in text
+    # What the help promises, done: a real run from a saved model folder, with the flag and
+    # without, and what the model's and the tokenizer's from_pretrained really received.
+    import transformers
+
+    folder = tmp_path / "model"
+    saved = load_model("tiny:bert", device="cpu")
+    saved.model.save_pretrained(folder)
+    saved.tokenizer.save_pretrained(folder)
+    seen: list[tuple[str, object]] = []
+    for cls in (transformers.AutoModel, transformers.AutoTokenizer):
+
+        def spy(*args, _real=cls.from_pretrained, _name=cls.__name__, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code", "<not passed>")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    for argv, expected in (([], False), (["--trust-remote-code"], True)):
+        seen.clear()
+        assert main(["--model", str(folder), "--corpus", str(text_corpus), "--quiet", *argv]) == 0
+        assert sorted(seen) == [("AutoModel", expected), ("AutoTokenizer", expected)], argv
+        assert "gsam" in capsys.readouterr().out.lower()  # the benchmark ran on that model
 
 
 def test_progress_bars_do_not_change_results(tmp_path, text_corpus):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import lzma
 import re
 from pathlib import Path
 
@@ -17,16 +19,25 @@ SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 def _provenance_hashes() -> dict[str, str]:
     text = (DATA / "PROVENANCE.md").read_text(encoding="utf-8")
-    return dict(re.findall(r"\| `(sst2_\w+\.tsv)` \|.*\| `([0-9a-f]{64})` \|", text))
+    return dict(re.findall(r"\| `(sst2_\w+\.tsv(?:\.xz)?)` \|.*\| `([0-9a-f]{64})` \|", text))
 
 
 def test_provenance_lists_the_sha256_of_every_bundled_file():
     hashes = _provenance_hashes()
-    assert sorted(hashes) == sorted(f"{name}.tsv" for name in BUNDLED_CORPORA)
-    for name in BUNDLED_CORPORA:
-        data = (DATA / f"{name}.tsv").read_bytes()
-        assert hashlib.sha256(data).hexdigest() == hashes[f"{name}.tsv"]
-        assert load_corpus(name).sha256 == hashes[f"{name}.tsv"]
+    files = {name: bundled_path(name).name for name in BUNDLED_CORPORA}
+    assert sorted(hashes) == sorted(files.values())
+    assert files["sst2_train"] == "sst2_train.tsv.xz"
+    for name, file in files.items():
+        assert bundled_path(name).parent == DATA
+        data = (DATA / file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == hashes[file]
+        assert load_corpus(name).sha256 == hashes[file]
+
+
+def test_provenance_gives_the_sha256_of_the_uncompressed_train_text():
+    text = (DATA / "PROVENANCE.md").read_text(encoding="utf-8")
+    (digest,) = re.findall(r"uncompressed text .*?sha256 `([0-9a-f]{64})`", text, flags=re.S)
+    assert hashlib.sha256(lzma.decompress((DATA / "sst2_train.tsv.xz").read_bytes())).hexdigest() == digest
 
 
 def test_provenance_cites_source_and_license():
@@ -36,7 +47,8 @@ def test_provenance_cites_source_and_license():
 
 
 @pytest.mark.parametrize(
-    ("name", "rows"), [("sst2_300_filtered", 300), ("sst2_300_first", 300), ("sst2_dev", 872)]
+    ("name", "rows"),
+    [("sst2_300_filtered", 300), ("sst2_300_first", 300), ("sst2_dev", 872), ("sst2_train", 67_349)],
 )
 def test_bundled_corpora_sizes_and_labels(name, rows):
     corpus = load_corpus(name)
@@ -76,6 +88,38 @@ def test_bundled_files_equal_a_fresh_derivation_from_the_source():
     for name, selected in expected.items():
         fresh = (header + "".join(line + "\n" for line in selected)).encode("utf-8")
         assert (DATA / f"{name}.tsv").read_bytes() == fresh, name
+    # The compressed train split decompresses to the source file byte for byte.
+    assert lzma.decompress((DATA / "sst2_train.tsv.xz").read_bytes()) == (SOURCE / "train.tsv").read_bytes()
+
+
+def test_train_corpus_starts_with_glue_order_and_holds_the_300_first():
+    train = load_corpus("sst2_train")
+    first = load_corpus("sst2_300_first")
+    assert train.sentences[:300] == first.sentences
+    assert train.labels[:300] == first.labels
+    assert train.sentences[0].strip() == "hide new secretions from the parental units"
+
+
+@pytest.mark.parametrize(("suffix", "compress"), [(".gz", gzip.compress), (".xz", lzma.compress)])
+def test_compressed_user_files_are_read_as_their_inner_type(tmp_path, suffix, compress):
+    tsv = tmp_path / f"data.tsv{suffix}"
+    tsv.write_bytes(compress(b"sentence\tlabel\ngood film\t1\nbad film\t0\n"))
+    corpus = load_corpus(tsv)
+    assert corpus.sentences == ("good film", "bad film")
+    assert corpus.labels == (1, 0)
+    assert corpus.sha256 == hashlib.sha256(tsv.read_bytes()).hexdigest()  # of the bytes as stored
+    txt = tmp_path / f"lines.txt{suffix}"
+    txt.write_bytes(compress(b"one\n\ntwo\n"))
+    assert load_corpus(txt).sentences == ("one", "two")
+    assert load_corpus(txt).labels is None
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz"])
+def test_corrupt_compressed_file_is_a_clear_error(tmp_path, suffix):
+    path = tmp_path / f"data.tsv{suffix}"
+    path.write_bytes(b"not compressed at all\n")
+    with pytest.raises(ValueError, match=rf"could not decompress .*as {suffix[1:]}.*drop the '\{suffix}' suffix"):
+        load_corpus(path)
 
 
 def test_text_file_one_sentence_per_line_skips_blank_lines(tmp_path):

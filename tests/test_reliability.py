@@ -650,6 +650,8 @@ def test_trust_remote_code_is_false_unless_asked(tmp_path: Path, monkeypatch) ->
     def fake(kind):
         def from_pretrained(source, *args, **kwargs):
             seen.append((kind, kwargs.get("trust_remote_code", "<not passed>")))
+            if kind == "tokenizer":
+                return object()  # on to the model's from_pretrained, whose flag matters most
             raise OSError("stop here: only the arguments matter")
 
         return from_pretrained
@@ -660,11 +662,11 @@ def test_trust_remote_code_is_false_unless_asked(tmp_path: Path, monkeypatch) ->
     folder.mkdir()
     with pytest.raises(OSError, match=r"could not load .* models with custom code also need --trust-remote-code"):
         load_model(str(folder), device="cpu")
-    assert seen == [("tokenizer", False)]
+    assert seen == [("tokenizer", False), ("model", False)]
     seen.clear()
     with pytest.raises(OSError, match="could not load"):
         load_model(str(folder), device="cpu", trust_remote_code=True)
-    assert seen == [("tokenizer", True)]
+    assert seen == [("tokenizer", True), ("model", True)]
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("a sentence\n", encoding="utf-8")
@@ -672,7 +674,7 @@ def test_trust_remote_code_is_false_unless_asked(tmp_path: Path, monkeypatch) ->
         seen.clear()
         with pytest.raises(SystemExit):
             main(["--model", str(folder), "--corpus", str(corpus), "--quiet", *argv])
-        assert seen == [("tokenizer", expected)]
+        assert seen == [("tokenizer", expected), ("model", expected)]
 
     # No code path in the library turns it on by itself.
     for path in (REPO / "gsam_monitor").rglob("*.py"):

@@ -124,8 +124,6 @@ def test_soak_constant_memory_and_exact_numbers() -> None:
     finally:
         tracemalloc.stop()
     objects_after, tensors_after = _live_counts()
-    for monitor in monitors.values():
-        monitor.close()
 
     # Constant memory: nothing accumulates per step or per log.
     assert tensors_after == tensors_before
@@ -167,3 +165,5 @@ def test_soak_constant_memory_and_exact_numbers() -> None:
         n, gsam, _, _ = _weighted_gsam(everything, 0.5 ** (ages / HALF_LIFE))
         assert out_e[f"n/{layer}"] == pytest.approx(n, rel=1e-9)
         assert out_e[f"gsam/{layer}"] == pytest.approx(gsam, rel=1e-9)
+    for monitor in monitors.values():
+        monitor.close()  # frees the statistics read above

@@ -204,12 +204,15 @@ class ReservoirSample:
         self._input_dim = -1  # d of the first update; later updates must match
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(self.seed)
-        self._pooled = torch.zeros((1, self.capacity + 1), dtype=dtype, device=self.device)
-        self._pooled_count = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._dim_buffer = torch.zeros((len(self.dims), self.dim_capacity + 1), dtype=dtype, device=self.device)
-        self._dim_count = torch.zeros(len(self.dims), dtype=torch.int64, device=self.device)
-        self._dim_index = torch.tensor(self.dims, dtype=torch.int64, device=self.device)
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        # Ordinary tensors even when first created under inference_mode (an eval loop's
+        # hook): inference tensors could never be updated in place outside it.
+        with torch.inference_mode(False):
+            self._pooled = torch.zeros((1, self.capacity + 1), dtype=dtype, device=self.device)
+            self._pooled_count = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._dim_buffer = torch.zeros((len(self.dims), self.dim_capacity + 1), dtype=dtype, device=self.device)
+            self._dim_count = torch.zeros(len(self.dims), dtype=torch.int64, device=self.device)
+            self._dim_index = torch.tensor(self.dims, dtype=torch.int64, device=self.device)
+            self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
 
     # ----------------------------------------------------------------------- update
 
@@ -352,19 +355,24 @@ class ReservoirSample:
         self.device = device
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(next_seed)
-        for name in (
-            "_pooled",
-            "_pooled_count",
-            "_dim_buffer",
-            "_dim_count",
-            "_dim_index",
-            "_nonfinite",
-        ):
-            setattr(self, name, getattr(self, name).to(device))
+        with torch.inference_mode(False):
+            for name in (
+                "_pooled",
+                "_pooled_count",
+                "_dim_buffer",
+                "_dim_count",
+                "_dim_index",
+                "_nonfinite",
+            ):
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors (on CPU) and ints that restore the sample and its random stream."""
+        with torch.inference_mode(False):
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "capacity": self.capacity,
             "dim_capacity": self.dim_capacity,

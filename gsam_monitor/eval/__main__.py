@@ -212,12 +212,11 @@ def run_benchmark(
 
     Raises:
         ValueError: for an unknown protocol, analyses requested with the paper protocol, an
-            unknown analysis or fit criterion, a bad reservoir size, or ``classes`` on a
-            corpus without labels (all before any model is loaded).
+            unknown analysis or fit criterion, a bad reservoir size, ``classes`` on a corpus
+            without labels, or a device this machine does not have (all before any model is
+            loaded).
     """
-    import torch
-
-    from gsam_monitor.eval.models import default_device
+    from gsam_monitor.eval.models import resolve_device
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -232,7 +231,7 @@ def run_benchmark(
         # Validates the criterion and the reservoir size before any model is loaded.
         AnalysisObserver(selected, corpus, reservoir_size=reservoir_size,
                          criterion=fit_criterion, seed=analysis_seed, n_dims=analysis_dims)
-    torch_device = torch.device(device) if device is not None else default_device()
+    torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
     results = []
     models = model_specs
@@ -301,6 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "gsam already includes log N)")
     if args.batch_size < 1:
         parser.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    from gsam_monitor.eval.models import resolve_device
+
+    try:
+        resolve_device(args.device)  # before the corpus and any model are loaded
+    except ValueError as err:
+        parser.error(f"--device: {err}")
     if args.max_length is not None and args.max_length < 1:
         parser.error(f"--max-length: expected a positive number of tokens, got {args.max_length}")
     try:

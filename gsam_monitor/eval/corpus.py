@@ -1,23 +1,27 @@
 """Corpus loading for the GSAM benchmark.
 
 A corpus is a list of sentences (optionally labelled) plus a name and the sha256 of the file
-it came from, so that every result can say exactly what it was computed on. Three corpora are
+it came from, so that every result can say exactly what it was computed on. Four corpora are
 bundled under ``gsam_monitor/data/`` (derived from GLUE SST-2 by ``scripts/make_corpus.py``;
 see ``gsam_monitor/data/PROVENANCE.md``):
 
 - ``sst2_300_filtered``: the first 300 SST-2 train rows of 10–30 whitespace tokens (default);
 - ``sst2_300_first``: the first 300 SST-2 train rows, unfiltered (the original code's corpus);
-- ``sst2_dev``: the 872 labelled SST-2 dev rows.
+- ``sst2_dev``: the 872 labelled SST-2 dev rows;
+- ``sst2_train``: all 67,349 labelled SST-2 train rows (xz-compressed), the examples' training text.
 
 Users may pass a path instead: a ``.tsv`` file with a header row and a ``label`` column (the
 sentence column is ``sentence`` or ``text``, else the first other column), or any other text
-file with one sentence per line (blank lines are skipped).
+file with one sentence per line (blank lines are skipped). Either may be compressed
+(``.gz``, ``.xz``: ``data.tsv.gz`` is read as a TSV).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
+import lzma
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +31,11 @@ __all__ = ["BUNDLED_CORPORA", "Corpus", "bundled_path", "load_corpus"]
 logger = logging.getLogger(__name__)
 
 #: Names accepted by :func:`load_corpus` for the files bundled with the package.
-BUNDLED_CORPORA: tuple[str, ...] = ("sst2_300_filtered", "sst2_300_first", "sst2_dev")
+BUNDLED_CORPORA: tuple[str, ...] = ("sst2_300_filtered", "sst2_300_first", "sst2_dev", "sst2_train")
+
+# File of each bundled corpus inside gsam_monitor/data (the large one ships compressed).
+_BUNDLED_FILES = {name: f"{name}.tsv" for name in BUNDLED_CORPORA} | {"sst2_train": "sst2_train.tsv.xz"}
+_DECOMPRESS = {".gz": gzip.decompress, ".xz": lzma.decompress}
 
 _SENTENCE_COLUMNS = ("sentence", "text")
 
@@ -61,7 +69,7 @@ def bundled_path(name: str) -> Path:
         name: one of :data:`BUNDLED_CORPORA`.
 
     Returns:
-        The ``.tsv`` file inside the installed package.
+        The ``.tsv`` (or ``.tsv.xz``) file inside the installed package.
 
     Raises:
         ValueError: if ``name`` is not a bundled corpus.
@@ -70,7 +78,7 @@ def bundled_path(name: str) -> Path:
         raise ValueError(
             f"corpus: expected one of {', '.join(BUNDLED_CORPORA)}, got {name!r}"
         )
-    return Path(str(resources.files("gsam_monitor") / "data" / f"{name}.tsv"))
+    return Path(str(resources.files("gsam_monitor") / "data" / _BUNDLED_FILES[name]))
 
 
 def load_corpus(name_or_path: str | Path) -> Corpus:
@@ -78,15 +86,17 @@ def load_corpus(name_or_path: str | Path) -> Corpus:
 
     Args:
         name_or_path: a name from :data:`BUNDLED_CORPORA`; a ``.tsv`` file whose header has a
-            ``label`` column; or a text file with one sentence per line.
+            ``label`` column; or a text file with one sentence per line; either may end in
+            ``.gz`` or ``.xz`` (decompressed on reading).
 
     Returns:
-        The :class:`Corpus`, with the sha256 of the file's bytes.
+        The :class:`Corpus`, with the sha256 of the file's bytes (as stored: compressed files
+        are hashed compressed).
 
     Raises:
         FileNotFoundError: if the path does not exist.
-        ValueError: if the file cannot be read as UTF-8 text, is a directory, has a malformed
-            TSV header or row, or contains no sentences.
+        ValueError: if the file cannot be read (or decompressed) as UTF-8 text, is a directory,
+            has a malformed TSV header or row, or contains no sentences.
     """
     if isinstance(name_or_path, str) and name_or_path in BUNDLED_CORPORA:
         path, name = bundled_path(name_or_path), name_or_path
@@ -109,14 +119,25 @@ def load_corpus(name_or_path: str | Path) -> Corpus:
         raise ValueError(
             f"corpus: could not read {str(path)!r} ({err}); check the file's permissions"
         ) from err
+    suffix = path.suffix.lower()
+    raw = data
+    if suffix in _DECOMPRESS:
+        try:
+            raw = _DECOMPRESS[suffix](data)
+        except (OSError, EOFError, lzma.LZMAError) as err:
+            raise ValueError(
+                f"corpus: could not decompress {str(path)!r} as {suffix[1:]} ({err}); check that the "
+                f"file is complete, or drop the {suffix!r} suffix if it is not compressed"
+            ) from err
+        suffix = Path(path.stem).suffix.lower()  # data.tsv.xz is read as a .tsv
     try:
-        text = data.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
             f"corpus: expected UTF-8 text in {str(path)!r}, got undecodable bytes at offset "
             f"{err.start}; convert the file to UTF-8 (e.g. with iconv)"
         ) from err
-    if path.suffix.lower() == ".tsv":
+    if suffix == ".tsv":
         sentences, labels = _parse_tsv(text, path)
     else:
         sentences = [line for line in text.splitlines() if line.strip()]

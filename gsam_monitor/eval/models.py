@@ -29,11 +29,13 @@ import torch
 __all__ = [
     "TINY_ARCHS",
     "LoadedModel",
+    "available_devices",
     "default_device",
     "default_dtype",
     "ensure_pad_token",
     "load_model",
     "parse_dtype",
+    "resolve_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,54 @@ class LoadedModel:
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available_devices() -> list[str]:
+    """The torch devices this machine can run on: ``cpu``, then ``cuda`` and each ``cuda:i``,
+    ``mps``, ``xpu`` and its indices where present."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += ["xpu", *(f"xpu:{i}" for i in range(xpu.device_count()))]
+    return devices
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has (default: :func:`default_device`).
+
+    Raises:
+        ValueError: if it is not a torch device name, or names a device that is not present
+            (CUDA on a CPU-only build, a GPU index past the last one, MPS off Apple silicon);
+            the message lists the devices that are.
+    """
+    if device is None:
+        return default_device()
+    present = available_devices()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device {str(device)!r} is not a torch device name; devices on this machine: {', '.join(present)}"
+        ) from None
+    name = str(dev)
+    if name in present or (dev.type == "cpu"):
+        return dev
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) was built without CUDA"
+            if torch.version.cuda is None
+            else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)"
+        )
+    elif dev.type in ("cuda", "xpu") and dev.index is not None:
+        why = f"there is no {dev.type} device {dev.index}"
+    else:
+        why = f"no {dev.type} device is available"
+    raise ValueError(f"device {name!r} is not available here: {why}; devices on this machine: {', '.join(present)}")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -170,13 +220,13 @@ def load_model(
         The :class:`LoadedModel`.
 
     Raises:
-        ValueError: for an unknown ``tiny:`` architecture.
+        ValueError: for an unknown ``tiny:`` architecture, or a device that is not present.
         FileNotFoundError: if ``spec`` looks like a path and does not exist.
         OSError: if the model cannot be loaded from the folder, cache or hub.
     """
     from transformers import AutoModel, AutoTokenizer
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype if dtype is not None else default_dtype(device)
     if spec.startswith("tiny:"):
         model, tokenizer = _tiny_model(spec[len("tiny:"):])

@@ -1,0 +1,156 @@
+"""Memory the monitor holds: the statistics alive while a background log is in flight stay within
+``state_bytes_per_layer`` (which counts what a log copies), ``detach()`` keeps the statistics for a
+re-attach, ``close()`` frees them, and ``state_dict()`` holds host tensors only."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import gsam_monitor.monitor as monitor_module
+from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor.monitor import state_bytes_per_layer
+from tests.reference import gsam_pdet
+from tests.tiny_models import Stack
+
+D = 24
+LAYERS = ("blocks.0", "blocks.1")
+
+
+@pytest.fixture
+def live_stats(monkeypatch) -> weakref.WeakSet:
+    """Every LayerStats created (constructed or cloned) during the test, while it is alive."""
+    alive: weakref.WeakSet = weakref.WeakSet()
+    init, clone = LayerStats.__init__, LayerStats.clone
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        alive.add(self)
+
+    def tracked_clone(self):
+        new = clone(self)
+        alive.add(new)
+        return new
+
+    monkeypatch.setattr(LayerStats, "__init__", tracked_init)
+    monkeypatch.setattr(LayerStats, "clone", tracked_clone)
+    return alive
+
+
+def _held(alive: weakref.WeakSet) -> int:
+    gc.collect()
+    return sum(s.nbytes for s in alive)
+
+
+@pytest.mark.parametrize("window", ["interval", "cumulative"])
+def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatch, live_stats, window) -> None:
+    # Hold the worker inside its first metric until the next window has been collected.
+    release, started = threading.Event(), threading.Event()
+    real = monitor_module._metrics.compute_with_spectrum
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module._metrics, "compute_with_spectrum", held)
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((40, D)) + i for i in range(6)]
+    model = Stack(dim=D, depth=2)
+    records: list[dict[str, float]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10
+        monitor = GSAMMonitor(
+            model, "auto", every_n_steps=2, collect_steps=None, window=window, phases="eval", background=True,
+            metrics=["gsam", "n", "heldout_loglik"], max_tokens_per_layer=None,
+            sinks=[lambda m, s: records.append(dict(m))],
+        )
+    per_window = LayerStats.state_bytes(D) - 3 * D * 8  # no higher moments: no power3/power4/unit_sum
+    budget = len(LAYERS) * state_bytes_per_layer(D, phases=["eval"], heldout=True, log_copies=1)
+    assert monitor._log_copies == 1
+    peaks = []
+    with monitor, torch.no_grad():
+        for t, x in enumerate(xs, start=1):
+            model(torch.from_numpy(x))
+            monitor.step()
+            if t in (4, 6):  # a log has just been submitted: its worker is held
+                assert started.wait(10)
+                model(torch.from_numpy(xs[0]))  # the next window starts while the log is in flight
+                peaks.append(_held(live_stats))
+                started.clear()
+                release.set()
+                monitor.flush()
+                release.clear()
+            elif t == 2:
+                release.set()
+                monitor.flush()
+                release.clear()
+    # Live window, held-out fit, and the one window the log took or copied: 3 per layer.
+    assert peaks == [3 * len(LAYERS) * per_window] * 2
+    assert max(peaks) <= budget
+    assert monitor.errors == 0 and len(records) == 3
+    # Step 6 logged xs[0] (fed while the log of step 4 was in flight), xs[4] and xs[5].
+    last = np.concatenate([xs[0], *xs[4:6]]) if window == "interval" else np.concatenate([*xs, xs[0]])
+    assert records[-1]["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(last)[0], rel=1e-9)
+
+
+def test_detach_keeps_the_statistics_and_close_frees_them(live_stats) -> None:
+    model = Stack(dim=D, depth=2)
+    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=None, metrics=["gsam", "heldout_loglik"])
+    x = torch.randn(30, D, dtype=torch.float64)
+    with torch.no_grad():
+        monitor.attach()
+        model(x)
+        monitor.log()  # keeps held-out fits
+        model(x)
+        monitor.detach()
+        model(x)  # not counted
+        monitor.attach()
+        model(x)  # the window goes on
+    assert float(monitor.stats("blocks.0", "eval").count) == 60
+    assert _held(live_stats) == 2 * len(LAYERS) * (LayerStats.state_bytes(D) - 3 * D * 8)
+    refs = [weakref.ref(s) for s in live_stats]
+    monitor.close()
+    assert _held(live_stats) == 0 and all(r() is None for r in refs)
+    assert monitor.stats("blocks.0", "eval") is None and monitor.compute() == {}
+    monitor.close()  # idempotent
+
+
+def test_leaving_the_with_block_keeps_the_statistics_readable(live_stats) -> None:
+    model = Stack(dim=D, depth=1)
+    x = torch.randn(30, D, dtype=torch.float64)
+    with GSAMMonitor(model, "auto", max_tokens_per_layer=None, metrics=["n"]) as monitor, torch.no_grad():
+        model(x)
+    assert monitor.compute("eval")["blocks.0"]["n"] == 30
+    monitor.close()
+    assert _held(live_stats) == 0
+
+
+def test_state_dict_holds_host_tensors_only() -> None:
+    model = Stack(dim=D, depth=2)
+    monitor = GSAMMonitor(model, "auto", metrics="all", reservoir_size=16)
+    with monitor, torch.no_grad():
+        model(torch.randn(30, D, dtype=torch.float64))
+        monitor.log()
+        model(torch.randn(30, D, dtype=torch.float64))
+    state = monitor.state_dict()
+    tensors = []
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+
+    walk(state)
+    assert len(tensors) > 10 and all(t.device.type == "cpu" for t in tensors)
+    # Copies: the checkpoint does not alias the live statistics.
+    live = monitor.stats("blocks.0", "eval")
+    assert state["stats"]["eval"]["blocks.0"]["gram"].data_ptr() != live._state["gram"].data_ptr()
