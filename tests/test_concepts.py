@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,6 @@ from gsam_monitor.stats import LayerStats
 sklearn = pytest.importorskip("sklearn")
 
 DATA = Path(__file__).resolve().parents[1] / "gsam_monitor" / "data"
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
 # ------------------------------------------------------------------------ affinities
@@ -387,39 +385,38 @@ def test_code_documents_are_sorted_public_stdlib_files_without_docstrings(tmp_pa
         list(code_documents(tmp_path / "missing"))
 
 
-def test_bundled_prose_and_word_pairs_have_provenance():
+def test_word_pairs_have_provenance():
     text = (DATA / "PROVENANCE.md").read_text(encoding="utf-8")
     hashes = dict(re.findall(r"\| `(concepts_\w+\.tsv)` \|.*\| `([0-9a-f]{64})` \|", text))
-    assert sorted(hashes) == ["concepts_prose.tsv", "concepts_word_pairs.tsv"]
-    for name, digest in hashes.items():
-        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest
-    prose = prose_documents()
-    assert len(prose) == 1 and prose[0].source == "prose" and len(prose[0].text.split()) > 40_000
+    assert hashes == {"concepts_word_pairs.tsv": hashlib.sha256((DATA / "concepts_word_pairs.tsv").read_bytes())
+                      .hexdigest()}
     pairs = load_word_pairs()
     assert len(pairs) == 72
     assert {p.relation for p in pairs} == {"country_capital", "male_female", "singular_plural"}
     assert ("france", "paris") in {(p.a, p.b) for p in pairs if p.relation == "country_capital"}
 
 
-@pytest.mark.skipif(not SST2.is_dir(), reason="the SST-2 source folder exists only in the development workspace")
-def test_bundled_prose_is_rederived_from_the_sst2_source():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    try:
-        import make_concepts_data
-    finally:
-        sys.path.pop(0)
-    assert make_concepts_data.derive(SST2) == (DATA / "concepts_prose.tsv").read_bytes()
+def test_prose_is_the_first_long_sst2_train_sentences():
+    from gsam_monitor.eval.corpus import load_corpus
+
+    train = load_corpus("sst2_train").sentences
+    (doc,) = prose_documents(train)
+    expected = [s.strip() for s in train if len(s.split()) >= 10][:2500]
+    assert doc.source == "prose" and doc.text == " ".join(expected)
+    assert prose_documents(["one two", "a b c d"], min_words=3, n_sentences=5)[0].text == "a b c d"
+    with pytest.raises(ValueError, match="no sentence of at least 10 words"):
+        prose_documents(["too short"])
 
 
-def test_word_pair_and_prose_files_are_checked(tmp_path):
+def test_word_pair_files_are_checked(tmp_path):
     bad = tmp_path / "pairs.tsv"
     bad.write_text("relation\tleft\tright\nr\ta\tb\n")
     with pytest.raises(ValueError, match="expected columns relation, a, b"):
         load_word_pairs(bad)
-    bad_prose = tmp_path / "prose.tsv"
-    bad_prose.write_text("text\tlabel\nhello\t1\n")
-    with pytest.raises(ValueError, match="expected a TSV with a 'sentence' column"):
-        prose_documents(bad_prose)
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("relation\ta\tb\n")
+    with pytest.raises(ValueError, match="no pairs"):
+        load_word_pairs(empty)
 
 
 def test_every_affinity_name_is_computable():

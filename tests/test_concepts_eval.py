@@ -33,7 +33,7 @@ CONFIG = ConceptsConfig(layers=(1, 2), blocks_per_source=6, block_size=48, expan
 
 
 def _documents():
-    prose = load_corpus("sst2_dev").sentences[:120]
+    prose = load_corpus("sst2_dev").sentences[:120]  # the default takes sst2_train: slower to load
     code = (Document("code", f"f{i}.py", f"def f{i}(x, y):\n    return x * {i} + y  # step {i}\n" * 12)
             for i in range(20))
     return {"prose": [Document("prose", "sst2", " ".join(prose))], "code": code, "math": math_documents(0)}

@@ -5,7 +5,7 @@ For each selected layer (``--layers``; default the middle block) of each model:
 1. **SAE** -- a :class:`~gsam_monitor.analysis.concepts.TopKSAE` trained on the layer's
    hidden states, streamed through the library's hooks (:class:`LayerCapture`: the root
    pre-hook's attention mask, special tokens dropped as well) from a corpus of prose, code
-   and math cut into 256-token blocks (:mod:`gsam_monitor.analysis.concepts.sources`); one
+   and math cut into 256-token blocks (:func:`default_documents`); one
    block in ``heldout_every`` is held out. Quality on the held-out blocks: explained
    variance and L0; dead fraction: features that never fire on any block.
 2. **Lobes** -- features fire in a block when their activation exceeds ``threshold`` on one
@@ -59,29 +59,33 @@ from gsam_monitor.analysis.concepts import (
     affinity,
     ami_with_null,
     build_blocks,
+    code_documents,
     cooccurrence_counts,
-    default_documents,
     distractor_labels,
     geometry_clusters,
     lda_directions,
     load_word_pairs,
     lobe_by_source,
     lobe_from_geometry,
+    math_documents,
     parallelogram_quality,
     point_cloud_powerlaw,
     point_cloud_spectrum,
+    prose_documents,
     remove_directions,
     spectral_embedding_2d,
     spectral_lobes,
 )
 from gsam_monitor.analysis.spectrum import powerlaw_alpha
 from gsam_monitor.eval.analyses import _plain, _slug
+from gsam_monitor.eval.corpus import load_corpus
 from gsam_monitor.eval.models import LoadedModel
 from gsam_monitor.stats import LayerStats
 
 __all__ = [
     "CONCEPTS",
     "ConceptsConfig",
+    "default_documents",
     "default_layers",
     "format_concepts_table",
     "has_concepts",
@@ -166,6 +170,13 @@ class ConceptsConfig:
             raise ValueError(f"--lobes: expected at least 2 lobes, got {self.n_lobes}")
         if self.affinity not in AFFINITIES:
             raise ValueError(f"concepts affinity: expected one of {', '.join(AFFINITIES)}, got {self.affinity!r}")
+
+
+def default_documents(seed: int = 0) -> dict[str, Iterable[Any]]:
+    """The three sources: the first 2,500 SST-2 train sentences of at least 10 words (the
+    bundled ``sst2_train`` corpus), the interpreter's standard library, seeded math."""
+    return {"prose": prose_documents(load_corpus("sst2_train").sentences, name="sst2_train"),
+            "code": code_documents(), "math": math_documents(seed)}
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:

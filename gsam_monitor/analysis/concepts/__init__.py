@@ -7,8 +7,8 @@ projects out distractors such as word length), functional "lobes" (features that
 256-token blocks also cluster in space; math and code apart from prose) and a "galaxy"
 (a power law of the feature point cloud's eigenvalues).
 
-- :mod:`.sources`: a corpus with sources (bundled SST-2 prose, standard-library code,
-  seeded math), cut into 256-token blocks;
+- :mod:`.sources`: a corpus with sources (review prose, standard-library code, seeded
+  math), cut into 256-token blocks;
 - :mod:`.stream`: hidden states of chosen layers through the library's hooks;
 - :mod:`.sae`: a TopK SAE trained on streamed rows, and its held-out quality;
 - :mod:`.cooccurrence`: firing per block, pair counts, the five affinities;
@@ -49,7 +49,6 @@ from .sources import (
     Document,
     build_blocks,
     code_documents,
-    default_documents,
     math_documents,
     prose_documents,
 )
@@ -75,7 +74,6 @@ __all__ = [
     "build_blocks",
     "code_documents",
     "cooccurrence_counts",
-    "default_documents",
     "distractor_labels",
     "evaluate_sae",
     "geometry_clusters",

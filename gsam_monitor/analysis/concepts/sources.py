@@ -3,15 +3,14 @@
 Lobes can only specialise if the corpus mixes kinds of text, so the corpus has three sources
 (the study used the Pile's sources; these are what a package can ship or build offline):
 
-- ``prose``: the SST-2 review sentences of ``gsam_monitor/data/concepts_prose.tsv`` (2,500
-  train sentences of at least 10 words; provenance in ``PROVENANCE.md``), joined into one
-  running text;
+- ``prose``: review sentences, joined into one running text (:func:`prose_documents`; the eval
+  takes the first 2,500 SST-2 train sentences of at least 10 words from the bundled
+  ``sst2_train`` corpus);
 - ``code``: Python source read at run time from the standard library of the running
   interpreter: the top-level ``*.py`` files of ``sysconfig.get_paths()["stdlib"]`` whose names
   do not start with ``_``, in sorted order, each from its first statement after the module
-  docstring (the docstring is prose); at most ``blocks_per_document`` blocks per file, so
-  that many modules are sampled. The selection depends on the Python version; the file names
-  used are recorded on the blocks;
+  docstring (the docstring is prose); the eval takes at most 2 blocks per file, so that many
+  modules are sampled. The selection depends on the Python version;
 - ``math``: a seeded generator of arithmetic and algebra problems with their answers
   (:func:`math_documents`), one per line.
 
@@ -28,7 +27,6 @@ import random
 import sysconfig
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,6 @@ __all__ = [
     "Document",
     "build_blocks",
     "code_documents",
-    "default_documents",
     "math_documents",
     "prose_documents",
 ]
@@ -84,29 +81,29 @@ class Block:
     special: tuple[bool, ...]
 
 
-def prose_documents(path: str | Path | None = None) -> list[Document]:
-    """The SST-2 sentences of ``concepts_prose.tsv`` as one running text.
+def prose_documents(sentences: Iterable[str], *, n_sentences: int = 2_500, min_words: int = 10,
+                    name: str = "sst2") -> list[Document]:
+    """The first ``n_sentences`` sentences of at least ``min_words`` whitespace tokens, as one text.
+
+    Whole review sentences, not the short phrases that fill SST-2 train, joined by spaces into
+    one running text that :func:`build_blocks` cuts into blocks.
 
     Args:
-        path: a TSV with a ``sentence`` column (default: the bundled file).
+        sentences: candidate sentences, in order.
+        n_sentences: sentences kept.
+        min_words: fewest whitespace tokens (``len(sentence.split())``) of a kept sentence.
+        name: the document's name.
 
     Returns:
-        A single :class:`Document` (source ``prose``) with the sentences joined by spaces.
+        A single :class:`Document` of source ``prose``.
 
     Raises:
-        ValueError: if the file has no ``sentence`` column or no sentences.
+        ValueError: if no sentence qualifies.
     """
-    if path is None:
-        path = Path(str(resources.files("gsam_monitor") / "data" / "concepts_prose.tsv"))
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t") if lines else []
-    if "sentence" not in header:
-        raise ValueError(f"prose: expected a TSV with a 'sentence' column in {str(path)!r}, got header {header!r}")
-    column = header.index("sentence")
-    sentences = [line.split("\t")[column].strip() for line in lines[1:] if line.strip()]
-    if not sentences:
-        raise ValueError(f"prose: no sentences in {str(path)!r}")
-    return [Document("prose", Path(path).stem, " ".join(sentences))]
+    kept = [s.strip() for s in sentences if len(s.split()) >= min_words][:n_sentences]
+    if not kept:
+        raise ValueError(f"prose: no sentence of at least {min_words} words")
+    return [Document("prose", name, " ".join(kept))]
 
 
 def _after_docstring(text: str) -> str:
@@ -212,11 +209,6 @@ def math_documents(seed: int = 0, lines_per_document: int = 40) -> Iterator[Docu
     while True:
         yield Document("math", f"math-{index}", "\n".join(_math_problem(rng) for _ in range(lines_per_document)))
         index += 1
-
-
-def default_documents(seed: int = 0) -> dict[str, Iterable[Document]]:
-    """The three default sources: bundled prose, standard-library code, seeded math."""
-    return {"prose": prose_documents(), "code": code_documents(), "math": math_documents(seed)}
 
 
 def _special_affixes(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
