@@ -14,14 +14,15 @@ Two phases:
 * **Timing**: one identical model copy per setting (same weights, same batches in the same
   order, own optimizer), the settings interleaved step by step (the order rotates every step,
   so drift and the machine's load hit all alike), ``--interval`` steps per repetition = one
-  log of every tool. Per repetition, each setting's mean step time (its logging step
-  included) over the baseline's; the median over ``--reps`` repetitions is reported.
+  log of every tool, after ``--warmup`` untimed steps. Per repetition, each setting's mean
+  step time (its logging step included) over the baseline's; the median over ``--reps``
+  repetitions is reported, with the median of per-step ratios (the logs excluded).
 
 Settings:
 
 * ``baseline``: no monitor.
 * ``gsam_defaults``: ``GSAMMonitor(model, layers, every_n_steps=interval)``, every default (the
-  last 10 of every 100 steps, at most 2048 tokens per forward).
+  last ``max(10, interval // 10)`` steps of every interval, at most 2048 tokens per forward).
 * ``gsam_full``: every non-padding token of every step (``collect_steps=None,
   max_tokens_per_layer=None``).
 * ``gsam_capped``: every step, ``max_tokens_per_layer`` = the batch size = Delve's rows per
@@ -34,8 +35,11 @@ Settings:
 Usage::
 
     python benchmarks/peers.py                           # 100-step intervals, 3 reps
-    python benchmarks/peers.py --reps 5 --json results/peers.json
+    OMP_NUM_THREADS=1 python benchmarks/peers.py --interval 25 --json results/peers.json
     python benchmarks/peers.py --quick                   # a 10-step smoke run
+
+One thread is the steadier measure on a shared machine: two OpenMP threads on two busy cores
+wait for each other at every parallel region.
 """
 
 from __future__ import annotations
@@ -90,8 +94,13 @@ def make_delve(model: torch.nn.Module, layers: Sequence[str], savedir: str) -> A
     logging.getLogger("delve.logger").setLevel(logging.WARNING)
 
     wanted = {delve_name(n) for n in layers}
+    # The CSV writer writes `savefile + ".csv"`, beside the folder it creates.
     tracker = CheckLayerSat(
-        savedir, "csv", model, layer_filter=lambda found: {k: v for k, v in found.items() if k in wanted}, device="cpu"
+        os.path.join(savedir, "delve"),
+        "csv",
+        model,
+        layer_filter=lambda found: {k: v for k, v in found.items() if k in wanted},
+        device="cpu",
     )
     if set(tracker.layers) != wanted:
         raise RuntimeError(f"Delve hooked {sorted(tracker.layers)}, expected {sorted(wanted)}")
@@ -269,12 +278,14 @@ def measure_timing(args: argparse.Namespace, layers: Sequence[str], savedir: str
     runners = {s: make_runner(s, args, layers, savedir) for s in settings}
     n = len(settings)
     blocks: dict[str, list[dict[str, list[float]]]] = {s: [] for s in settings}
-    # Repetition 0 is the warm-up (allocator, first eigendecompositions, wandb's first histograms).
+    # Repetition 0 is the warm-up. Any `interval` consecutive steps hold one log of each tool
+    # (at step counts divisible by it) and, for gsam_defaults, one collection window.
     for rep in range(args.reps + 1):
-        for i in range(args.interval):
-            k = (rep * args.interval + i) % n
+        for i in range(args.interval if rep else args.warmup):
+            k = i % n
             for s in settings[k:] + settings[:k]:
                 runners[s].run(args.interval, timed=rep > 0)
+        print(f"# {f'repetition {rep}/{args.reps}' if rep else 'warm-up'} done; {load()}", flush=True)
         if rep > 0:
             for s, r in runners.items():
                 blocks[s].append({"times": r.times, "log_times": r.log_times})
@@ -295,6 +306,8 @@ def measure_timing(args: argparse.Namespace, layers: Sequence[str], savedir: str
             "ratios": ratios,
             "median_step_ratio_median": statistics.median(step_ratios),
             "log_ms_median": statistics.median(logs) * 1e3,
+            "steps_timed": [len(b["times"]) for b in blocks[s]],
+            "logs": [len(b["log_times"]) for b in blocks[s]],
         }
     return out
 
@@ -302,18 +315,21 @@ def measure_timing(args: argparse.Namespace, layers: Sequence[str], savedir: str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--interval", type=int, default=100, help="steps per repetition = every tool's log interval")
-    parser.add_argument("--reps", type=int, default=3, help="timed interleaved repetitions, after one warm-up")
+    parser.add_argument("--reps", type=int, default=3, help="timed interleaved repetitions")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed interleaved steps first")
     parser.add_argument("--acc-steps", type=int, default=20, help="training steps of the accuracy phase")
     parser.add_argument("--batch-size", type=int, default=32, help="also gsam_capped's max_tokens_per_layer")
     parser.add_argument("--n-batches", type=int, default=100, help="distinct batches cycled (first of sst2_train)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS[1:]), choices=SETTINGS)
     parser.add_argument("--no-timing", action="store_true", help="the accuracy phase only")
-    parser.add_argument("--quick", action="store_true", help="--interval 10 --reps 2 --acc-steps 4 --n-batches 10")
+    parser.add_argument(
+        "--quick", action="store_true", help="--interval 10 --reps 2 --warmup 3 --acc-steps 4 --n-batches 10"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.interval, args.reps, args.acc_steps, args.n_batches = 10, 2, 4, 10
+        args.interval, args.reps, args.warmup, args.acc_steps, args.n_batches = 10, 2, 3, 4, 10
     import transformers
 
     transformers.logging.set_verbosity_error()  # one load report per model copy otherwise
