@@ -7,9 +7,10 @@ to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
 """
 
 from gsam_monitor import metrics, sinks
+from gsam_monitor.metrics import MardiaAccumulator
 from gsam_monitor.monitor import GSAMMonitor
 from gsam_monitor.sinks import JsonlSink, TensorBoardSink, WandbSink
-from gsam_monitor.stats import LayerStats, MardiaAccumulator
+from gsam_monitor.stats import LayerStats
 
 __version__ = "0.1.0"
 

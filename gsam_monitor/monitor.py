@@ -76,7 +76,6 @@ inline (a background log's copy makes that two such layers)."""
 
 _PHASES = ("train", "eval")
 _WINDOWS = ("interval", "cumulative", "ema")
-_HIGHER_METRICS = {"mean_kurtosis", "anisotropy"}
 META_PREFIX = "gsam_monitor"
 
 
@@ -246,7 +245,7 @@ class GSAMMonitor:
         self.max_tokens_per_layer = max_tokens_per_layer
         self.metric_names = _metrics.validate_names(metrics)
         self.heldout = "heldout_loglik" in self.metric_names
-        self.higher_moments = bool(_HIGHER_METRICS & set(self.metric_names))
+        self.higher_moments = bool(_metrics.HIGHER_MOMENT_METRICS & set(self.metric_names))
         if isinstance(phases, str):
             phases = (phases,)
         phases = tuple(phases)
@@ -998,7 +997,9 @@ class GSAMMonitor:
                     missing.append(layer_key(target.name, phase))
                     continue
                 try:
-                    values, evals = _metrics.compute_with_spectrum(windows[key], refs.get(key), names=self.metric_names)
+                    values, evals = _metrics.compute(
+                        windows[key], refs.get(key), names=self.metric_names, return_spectrum=True
+                    )
                 except Exception as err:
                     result.errors.append((err, f"metrics of {target.name}"))
                     continue

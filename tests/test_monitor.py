@@ -453,7 +453,7 @@ def test_background_errors_are_counted_and_training_goes_on(monkeypatch) -> None
     from gsam_monitor import metrics as metrics_module
 
     calls = {"n": 0}
-    real = metrics_module.compute_with_spectrum
+    real = metrics_module.compute
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -461,7 +461,7 @@ def test_background_errors_are_counted_and_training_goes_on(monkeypatch) -> None
             raise FloatingPointError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "compute_with_spectrum", flaky)
+    monkeypatch.setattr(metrics_module, "compute", flaky)
     model = Stack(dim=D, depth=1)
     records: list[tuple[int, dict[str, float]]] = []
     monitor = _monitor(model, every_n_steps=2, background=True, sinks=[lambda m, s: records.append((s, dict(m)))])

@@ -52,14 +52,14 @@ def _held(alive: weakref.WeakSet) -> int:
 def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatch, live_stats, window) -> None:
     # Hold the worker inside its first metric until the next window has been collected.
     release, started = threading.Event(), threading.Event()
-    real = monitor_module._metrics.compute_with_spectrum
+    real = monitor_module._metrics.compute
 
     def held(*args, **kwargs):
         started.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(monitor_module._metrics, "compute_with_spectrum", held)
+    monkeypatch.setattr(monitor_module._metrics, "compute", held)
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal((40, D)) + i for i in range(6)]
     model = Stack(dim=D, depth=2)

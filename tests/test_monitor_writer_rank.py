@@ -51,13 +51,13 @@ def test_only_group_rank_zero_computes_and_writes(monkeypatch, global_rank: int,
     # The peer saw the same rows: the sum over the group is the window twice.
     monkeypatch.setattr(LayerStats, "all_reduce_", lambda self, group=None, **kw: self.merge(self.clone()))
     computed = []
-    real = monitor_module._metrics.compute_with_spectrum
+    real = monitor_module._metrics.compute
 
     def counting(*args, **kwargs):
         computed.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(monitor_module._metrics, "compute_with_spectrum", counting)
+    monkeypatch.setattr(monitor_module._metrics, "compute", counting)
     written: list[dict[str, float]] = []
     model = Stack(dim=D, depth=1)
     with warnings.catch_warnings():

@@ -3,7 +3,7 @@
 ``token`` is the benchmark report's description done right: the token-level hidden states
 of every layer (the embedding output is layer 0), padding masked, streamed through one
 :class:`~gsam_monitor.LayerStats` per layer, then a second pass over the same batches for
-:class:`~gsam_monitor.stats.MardiaAccumulator`, then :func:`gsam_monitor.metrics.compute` per
+:class:`~gsam_monitor.metrics.MardiaAccumulator`, then :func:`gsam_monitor.metrics.compute` per
 layer. Memory is O(layers × d²): hidden states live for one batch; the second pass re-runs
 the model instead of keeping them.
 
@@ -41,7 +41,8 @@ import torch
 from gsam_monitor import metrics
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.models import LoadedModel
-from gsam_monitor.stats import LayerStats, MardiaAccumulator
+from gsam_monitor.metrics import MardiaAccumulator
+from gsam_monitor.stats import LayerStats
 
 __all__ = [
     "PAPER_EPS",
@@ -220,7 +221,7 @@ def _plain(metrics_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _layer_metrics(stats: LayerStats, mardia: MardiaAccumulator | None) -> tuple[dict, np.ndarray]:
-    values, evals = metrics.compute_with_spectrum(stats, names="all", mardia=mardia)
+    values, evals = metrics.compute(stats, names="all", mardia=mardia, return_spectrum=True)
     values.setdefault("mardia_kurtosis", math.nan)
     spectrum = evals.numpy() if evals is not None else np.zeros(0)
     return _plain(values), spectrum

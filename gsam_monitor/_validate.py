@@ -1,0 +1,42 @@
+"""Argument checks shared across the package: positive ints and "did you mean" suggestions.
+
+A leaf module (standard library only), so that every layer can use it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Iterable
+
+__all__ = ["closest", "positive_int", "with_suggestion"]
+
+
+def positive_int(value: object, name: str, hint: str = "", *, sep: str = ";") -> int:
+    """``value`` as an ``int`` when it is a positive integer (a bool is not one).
+
+    Args:
+        value: What the caller passed.
+        name: The argument as the message should name it (``"every_n_steps"``,
+            ``"GSAMCallback(every_n_steps=)"``).
+        hint: Text after "must be a positive int", e.g. ``" (or None for every token)"``.
+        sep: The punctuation before "got".
+
+    Raises:
+        ValueError: ``"{name} must be a positive int{hint}{sep} got {value!r}."``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int{hint}{sep} got {value!r}.")
+    return int(value)
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice nearest to a misspelt ``word`` (``difflib``), or ``None`` when none is near."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return match[0] if match else None
+
+
+def with_suggestion(word: str, choices: Iterable[str]) -> str:
+    """``'word'``, followed by ``(did you mean 'choice'?)`` when a choice is near."""
+    match = closest(word, choices)
+    return f"{word!r}" + (f" (did you mean {match!r}?)" if match else "")
