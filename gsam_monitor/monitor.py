@@ -64,7 +64,7 @@ from gsam_monitor.hooks import (
 )
 from gsam_monitor.layers import LayerSpec, LayerTarget, resolve_layers, unwrap_model
 from gsam_monitor.sinks import Sink, layer_key, make_sink, metric_key
-from gsam_monitor.stats import LayerStats
+from gsam_monitor.stats import LayerStats, ReservoirSample
 
 __all__ = ["DEFAULT_MAX_STATE_BYTES", "GSAMMonitor", "state_bytes_per_layer"]
 
@@ -168,7 +168,7 @@ class GSAMMonitor:
             background when the model is on an accelerator, inline on CPU, where a thread
             would only compete with training for the same cores. ``log()`` is always inline.
         reservoir_size: Also keep a bounded uniform sample of this many activation values per
-            (layer, phase) (``analysis.ReservoirSample``, pooled coordinates of the same rows
+            (layer, phase) (``ReservoirSample``, pooled coordinates of the same rows
             the statistics see, over the whole run: log windows do not reset it, ``reset()``
             does), for the distribution analyses; read it with ``sample(layer, phase)``.
             ``None`` (default): no sample. Per-rank samples are not merged across processes.
@@ -649,8 +649,6 @@ class GSAMMonitor:
     def _sample_for(self, layer: str, phase: str, device: torch.device) -> Any:
         sample = self._samples.get((layer, phase))
         if sample is None:
-            from gsam_monitor.analysis.distributions import ReservoirSample  # scipy: only when asked
-
             # A distinct, deterministic stream per (layer, phase) and rank.
             dist = _dist()
             rank = dist.get_rank() if dist is not None else 0
@@ -1162,8 +1160,6 @@ class GSAMMonitor:
         self._sampler.load_state_dict(state_dict["sampler"])
         self._samples = {}
         if self.reservoir_size is not None:
-            from gsam_monitor.analysis.distributions import ReservoirSample
-
             for phase, layers in state_dict.get("samples", {}).items():
                 for name, sd in layers.items():
                     if int(sd["capacity"]) != self.reservoir_size:

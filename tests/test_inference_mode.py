@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 
 from gsam_monitor import LayerStats, MardiaAccumulator
-from gsam_monitor.analysis.distributions import ReservoirSample
+from gsam_monitor.stats import ReservoirSample
 
 
 def _check(s: LayerStats, x: np.ndarray) -> None:

@@ -591,7 +591,7 @@ def _plain_values(obj: object) -> bool:
 
 
 def test_every_state_dict_is_plain_and_loads_with_weights_only(tmp_path: Path) -> None:
-    from gsam_monitor.analysis import ReservoirSample
+    from gsam_monitor.stats import ReservoirSample
     from gsam_monitor.callbacks import GSAMCallback
 
     model = Stack(dim=D, depth=2)

@@ -17,9 +17,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from gsam_monitor.stats import ReservoirSample
+
 from .distributions import (
     MIN_VALUES,
-    ReservoirSample,
     find_modes,
     fit_families,
     tail_fractions,
