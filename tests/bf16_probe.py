@@ -15,7 +15,6 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 

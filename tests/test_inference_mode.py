@@ -9,7 +9,8 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import LayerStats, MardiaAccumulator
+from gsam_monitor import LayerStats
+from gsam_monitor.metrics import MardiaAccumulator
 from gsam_monitor.stats import ReservoirSample
 
 

@@ -10,7 +10,8 @@ import scipy.stats
 import torch
 from sklearn.covariance import OAS
 
-from gsam_monitor import LayerStats, MardiaAccumulator, metrics
+from gsam_monitor import LayerStats, metrics
+from gsam_monitor.metrics import MardiaAccumulator
 from tests.reference import gsam_pdet, gsam_scipy, mle_cov, scipy_rank_tol
 
 
