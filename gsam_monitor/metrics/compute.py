@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING
 
 import torch
 
 from gsam_monitor._validate import with_suggestion
 from gsam_monitor.metrics.linalg import spectrum
 from gsam_monitor.metrics.scores import (
+    SPECTRAL_METRICS,
     anisotropy,
     correlation_score,
     gaussian_score,
@@ -39,12 +40,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "gsam_correlation",
     "gsam_oas",
     "mean_kurtosis",
-    "effective_rank",
-    "participation_ratio",
-    "condition_number",
-    "powerlaw_alpha",
-    "top1_variance_fraction",
-    "saturation",
+    *SPECTRAL_METRICS,
     "anisotropy",
     "outlier_dims",
     "heldout_loglik",
@@ -84,34 +80,6 @@ def validate_names(names: Iterable[str] | str | None) -> tuple[str, ...]:
     if not names:
         raise ValueError("metrics: the selection is empty; pass 'default' or a list of names.")
     return names
-
-
-@overload
-def compute(
-    stats: LayerStats,
-    reference: LayerStats | None = ...,
-    *,
-    names: Iterable[str] | str | None = ...,
-    mardia: MardiaAccumulator | None = ...,
-    powerlaw_range: tuple[int, int] = ...,
-    outlier_factor: float = ...,
-    rank_rtol: float | None = ...,
-    return_spectrum: Literal[False] = ...,
-) -> dict[str, float]: ...
-
-
-@overload
-def compute(
-    stats: LayerStats,
-    reference: LayerStats | None = ...,
-    *,
-    names: Iterable[str] | str | None = ...,
-    mardia: MardiaAccumulator | None = ...,
-    powerlaw_range: tuple[int, int] = ...,
-    outlier_factor: float = ...,
-    rank_rtol: float | None = ...,
-    return_spectrum: Literal[True],
-) -> tuple[dict[str, float], torch.Tensor | None]: ...
 
 
 def compute(

@@ -35,9 +35,9 @@ class JsonlSink:
         self._file.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
