@@ -9,7 +9,7 @@ import difflib
 import numbers
 from collections.abc import Iterable
 
-__all__ = ["closest", "positive_int", "with_suggestion"]
+__all__ = ["closest", "positive_int", "suggestions", "with_suggestion"]
 
 
 def positive_int(value: object, name: str, hint: str = "", *, sep: str = ";") -> int:
@@ -30,9 +30,14 @@ def positive_int(value: object, name: str, hint: str = "", *, sep: str = ";") ->
     return int(value)
 
 
+def suggestions(word: str, choices: Iterable[str], n: int = 1) -> list[str]:
+    """Up to ``n`` choices near a misspelt ``word``, nearest first (``difflib``'s 0.6 cutoff)."""
+    return difflib.get_close_matches(word, list(choices), n=n)
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
-    """The choice nearest to a misspelt ``word`` (``difflib``), or ``None`` when none is near."""
-    match = difflib.get_close_matches(word, list(choices), n=1)
+    """The choice nearest to a misspelt ``word``, or ``None`` when none is near."""
+    match = suggestions(word, choices)
     return match[0] if match else None
 
 

@@ -387,7 +387,6 @@ class GSAMMonitor:
         ``torch.load(path, weights_only=True)`` can read it back. A log still being computed
         in the background is waited for and written first."""
         self.flush()  # a log still being computed reaches the sinks before the checkpoint
-        windows = self._windows.state_dict()
         return {
             "format": STATE_FORMAT,
             "version": 1,
@@ -396,10 +395,8 @@ class GSAMMonitor:
             "step_count": self.step_count,
             **self._logs.state_dict(),
             "errors": self.errors,
-            "stats": windows["stats"],
-            "reference": windows["reference"],
+            **self._windows.state_dict(),  # stats, reference, samples
             "sampler": self._capture.sampler.state_dict(),
-            "samples": windows["samples"],
         }
 
     @torch.inference_mode(False)
