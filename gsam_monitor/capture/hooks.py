@@ -23,11 +23,11 @@ Under ``torch.compile`` a layer hook is traced into the model's graph and reache
 through an opaque operator (``gsam_monitor.capture.compiled``).
 
 ``nn.DataParallel`` runs the replicas of one module in several threads that share its hooks,
-so the forward context is thread-local (``ThreadForwardContext``) and the token sampler's
-generators are created under a lock (``gsam_monitor.capture.rows``); the context hooks go on
-the module inside the ``DataParallel`` wrapper (``context_root``). A root hook traced by torch.compile writes a plain
-``ForwardContext`` instead: Dynamo tracks attribute writes on plain objects within a trace,
-not on thread-locals, whose writes the traced layer hooks would not see.
+so the forward context is thread-local (``ThreadForwardContext``), the context hooks go on
+the module inside the wrapper (``context_root``), and the token sampler's generators are
+created under a lock (``gsam_monitor.capture.rows``). A root hook traced by torch.compile
+writes a plain ``ForwardContext`` instead: Dynamo tracks attribute writes on plain objects
+within a trace, not on thread-locals, whose writes the traced layer hooks would not see.
 """
 
 from __future__ import annotations
