@@ -59,12 +59,6 @@ def require_package(package: str, extra: str) -> None:
         )
 
 
-def _log10_spectrum(eigenvalues: torch.Tensor) -> torch.Tensor:
-    lam = eigenvalues.detach().to("cpu", torch.float64)
-    positive = lam[lam > 0]
-    return torch.log10(positive)
-
-
 def log10_spectrum(eigenvalues: torch.Tensor) -> torch.Tensor:
     """log10 of the positive eigenvalues, fp64 on the CPU (what the histograms show)."""
     lam = eigenvalues.detach().to("cpu", torch.float64)
