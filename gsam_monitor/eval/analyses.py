@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_DIM_CAPACITY",
     "DEFAULT_RESERVOIR_SIZE",
     "FIT_CRITERIA",
+    "NAMED_ANALYSES",
     "POWERLAW_RANGE",
     "AnalysisObserver",
     "check_analyses",
@@ -73,6 +74,10 @@ logger = logging.getLogger(__name__)
 
 #: Names accepted by ``--analyses`` (``all`` selects every one).
 ANALYSES: tuple[str, ...] = ("distributions", "spectrum", "classes")
+
+#: Analyses run only when named (not by ``all``): ``concepts`` trains a sparse autoencoder on
+#: its own corpus, minutes per layer (:mod:`gsam_monitor.eval.concepts`).
+NAMED_ANALYSES: tuple[str, ...] = ("concepts",)
 
 #: Ranking criteria of the family fits (``--fit-criterion``).
 FIT_CRITERIA: tuple[str, ...] = ("bic", "aic", "sse", "ks")
@@ -89,13 +94,16 @@ POWERLAW_RANGE: tuple[int, int] = (10, 150)
 
 
 def parse_analyses(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Parse ``--analyses``: a comma-separated list of :data:`ANALYSES`, or ``all``.
+    """Parse ``--analyses``: a comma-separated list of :data:`ANALYSES` and :data:`NAMED_ANALYSES`,
+    or ``all`` (every one of :data:`ANALYSES`).
 
     Args:
-        value: e.g. ``"distributions,spectrum"``, ``"all"``, a list of names, or None/"" for none.
+        value: e.g. ``"distributions,spectrum"``, ``"all"``, ``"all,concepts"``, a list of names,
+            or None/"" for none.
 
     Returns:
-        The selected names, without repeats, in the order of :data:`ANALYSES`.
+        The selected names, without repeats, in the order of :data:`ANALYSES` then
+        :data:`NAMED_ANALYSES`.
 
     Raises:
         ValueError: for a name that is not an analysis, naming the flag and the valid values.
@@ -104,15 +112,16 @@ def parse_analyses(value: str | Sequence[str] | None) -> tuple[str, ...]:
         return ()
     items = value.split(",") if isinstance(value, str) else list(value)
     names = [str(item).strip().lower() for item in items if str(item).strip()]
-    if "all" in names:
-        return ANALYSES
-    unknown = [name for name in names if name not in ANALYSES]
+    unknown = [name for name in names if name not in (*ANALYSES, *NAMED_ANALYSES, "all")]
     if unknown:
         raise ValueError(
             f"--analyses: expected a comma-separated list of {', '.join(ANALYSES)} (or 'all'), "
-            f"got unknown {', '.join(map(repr, unknown))}; e.g. --analyses distributions,spectrum"
+            f"got unknown {', '.join(map(repr, unknown))}; also {', '.join(NAMED_ANALYSES)} (run only when "
+            f"named); e.g. --analyses distributions,spectrum"
         )
-    return tuple(name for name in ANALYSES if name in names)
+    return tuple(name for name in ANALYSES if name in names or "all" in names) + tuple(
+        name for name in NAMED_ANALYSES if name in names
+    )
 
 
 def check_analyses(analyses: Sequence[str], corpus: Corpus, protocol: str = "token") -> None:

@@ -105,6 +105,8 @@ class ModelResult:
         device: where it ran, as a string.
         samples: per layer index, the values sampled by ``--analyses distributions``, for
             the plots; not in the JSON.
+        concepts: per layer index, what ``--analyses concepts`` keeps for its plots
+            (:class:`~gsam_monitor.eval.concepts.LayerConcepts`); not in the JSON.
     """
 
     model: str
@@ -118,6 +120,7 @@ class ModelResult:
     dtype: str = ""
     device: str = ""
     samples: dict[int, np.ndarray] = field(default_factory=dict)
+    concepts: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ The JSON schema (strict JSON: non-finite numbers are written as ``null``)::
                              "effective_rank": float, "powerlaw_alpha": float,
                              "anisotropy": float, "mean_kurtosis": float,
                              "mardia_kurtosis": float, ...,
-                             "analyses": {...}}]}],   # only with --analyses (eval.analyses)
+                             "analyses": {...},      # only with --analyses (eval.analyses)
+                             "concepts": {...}}]}],  # only with --analyses concepts (eval.concepts)
      "versions": {"python", "torch", "transformers", "gsam_monitor", "numpy", "scipy"}}
 
 Plots use matplotlib's Agg backend (no display needed), imported only when plots are asked for.
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from gsam_monitor.eval.analyses import format_analyses_table, has_analyses, write_analysis_plots
+from gsam_monitor.eval.concepts import format_concepts_table, has_concepts, write_concepts_plots
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.protocols import ModelResult
 
@@ -241,6 +243,9 @@ def format_table(
     analyses_table = format_analyses_table(results, markdown=markdown)
     if analyses_table:
         blocks.append(analyses_table)
+    concepts_table = format_concepts_table(results, markdown=markdown)
+    if concepts_table:
+        blocks.append(concepts_table)
     return "\n\n".join(blocks) + "\n"
 
 
@@ -321,6 +326,8 @@ def write_plots(
         written.append(path)
     if has_analyses(results):
         written += write_analysis_plots(results, out)
+    if has_concepts(results):
+        written += write_concepts_plots(results, out)
     return written
 
 
