@@ -9,7 +9,12 @@ import difflib
 import numbers
 from collections.abc import Iterable
 
-__all__ = ["closest", "positive_int", "suggestions", "with_suggestion"]
+__all__ = ["closest", "is_positive_int", "positive_int", "suggestions", "with_suggestion"]
+
+
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or numpy, not a bool) of at least 1."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
 
 
 def positive_int(value: object, name: str, hint: str = "", *, sep: str = ";") -> int:
@@ -25,9 +30,9 @@ def positive_int(value: object, name: str, hint: str = "", *, sep: str = ";") ->
     Raises:
         ValueError: ``"{name} must be a positive int{hint}{sep} got {value!r}."``.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{name} must be a positive int{hint}{sep} got {value!r}.")
-    return int(value)
+    return int(value)  # type: ignore[call-overload]
 
 
 def suggestions(word: str, choices: Iterable[str], n: int = 1) -> list[str]:

@@ -12,16 +12,18 @@ from gsam_monitor.stats import ReservoirSample
 
 from .distributions import (
     DEFAULT_FAMILIES,
+    FIT_CRITERIA,
     find_modes,
     fit_families,
     plot_distribution,
     tail_fractions,
 )
-from .spectrum import class_separation, group_cosine_contrast, powerlaw_alpha
+from .spectrum import class_separation, group_cosine_contrast, powerlaw_fit
 from .summary import analyze_layer
 
 __all__ = [
     "DEFAULT_FAMILIES",
+    "FIT_CRITERIA",
     "ReservoirSample",
     "analyze_layer",
     "class_separation",
@@ -29,6 +31,6 @@ __all__ = [
     "fit_families",
     "group_cosine_contrast",
     "plot_distribution",
-    "powerlaw_alpha",
+    "powerlaw_fit",
     "tail_fractions",
 ]

@@ -32,6 +32,7 @@ from gsam_monitor._validate import positive_int
 
 __all__ = [
     "DEFAULT_FAMILIES",
+    "FIT_CRITERIA",
     "FIT_MAX_VALUES",
     "MODES_MAX_VALUES",
     "find_modes",
@@ -80,7 +81,8 @@ _SHAPE_GUESSES: dict[str, tuple[float, ...]] = {
     "johnsonsu": (0.0, 1.5),
 }
 
-_CRITERIA = ("bic", "aic", "sse", "ks")
+FIT_CRITERIA: tuple[str, ...] = ("bic", "aic", "sse", "ks")
+"""The scores ``fit_families`` ranks by (``criterion=``); lower is better for each."""
 
 # --------------------------------------------------------------------------- fits
 
@@ -130,9 +132,9 @@ def fit_families(
             values, constant values, or a bad ``max_values``.
         RuntimeError: if every family's fit failed.
     """
-    if criterion not in _CRITERIA:
+    if criterion not in FIT_CRITERIA:
         raise ValueError(
-            f"criterion must be one of {list(_CRITERIA)}, got {criterion!r}; the default "
+            f"criterion must be one of {list(FIT_CRITERIA)}, got {criterion!r}; the default "
             f"'bic' penalises extra parameters, 'sse' reproduces the study."
         )
     if isinstance(families, str):

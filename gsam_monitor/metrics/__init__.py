@@ -47,6 +47,7 @@ from gsam_monitor.metrics.compute import (
 from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, eigenvalue_tolerance, eigenvalues, rank_tolerance
 from gsam_monitor.metrics.mardia import MardiaAccumulator
 from gsam_monitor.metrics.scores import (
+    POWERLAW_RANGE,
     anisotropy,
     gaussian_score,
     heldout_loglik,
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "HIGHER_MOMENT_METRICS",
     "METRIC_NAMES",
+    "POWERLAW_RANGE",
     "PRODUCT_ERROR_FACTOR",
     "MardiaAccumulator",
     "anisotropy",

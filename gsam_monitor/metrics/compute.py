@@ -15,6 +15,7 @@ import torch
 from gsam_monitor._validate import with_suggestion
 from gsam_monitor.metrics.linalg import spectrum
 from gsam_monitor.metrics.scores import (
+    POWERLAW_RANGE,
     SPECTRAL_METRICS,
     anisotropy,
     correlation_score,
@@ -88,7 +89,7 @@ def compute(
     *,
     names: Iterable[str] | str | None = None,
     mardia: MardiaAccumulator | None = None,
-    powerlaw_range: tuple[int, int] = (10, 150),
+    powerlaw_range: tuple[int, int] = POWERLAW_RANGE,
     outlier_factor: float = 10.0,
     rank_rtol: float | None = None,
     return_spectrum: bool = False,

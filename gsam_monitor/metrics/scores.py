@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from gsam_monitor.stats import LayerStats
 
 __all__ = [
+    "POWERLAW_RANGE",
     "SPECTRAL_METRICS",
     "anisotropy",
     "correlation_score",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+
+POWERLAW_RANGE: tuple[int, int] = (10, 150)
+"""Ranks (1-based, inclusive) of the power-law fit of a spectrum, wherever it is fitted."""
 
 SPECTRAL_METRICS: tuple[str, ...] = (
     "effective_rank",
@@ -91,7 +95,7 @@ def oas_score(evals: torch.Tensor, n: float) -> tuple[float, float]:
 
 
 def powerlaw_alpha(
-    evals: torch.Tensor, rank_range: tuple[int, int] = (10, 150), tol: float | torch.Tensor = 0.0
+    evals: torch.Tensor, rank_range: tuple[int, int] = POWERLAW_RANGE, tol: float | torch.Tensor = 0.0
 ) -> float:
     """Power-law exponent α of the spectrum, λ_k ∝ k^-α: least-squares slope of log λ_k on
     log k over ranks ``rank_range`` (1-based, inclusive), clipped to the eigenvalues above
