@@ -10,7 +10,8 @@ import scipy.stats
 import torch
 from sklearn.covariance import OAS
 
-from gsam_monitor import LayerStats, MardiaAccumulator, metrics
+from gsam_monitor import LayerStats, metrics
+from gsam_monitor.metrics import MardiaAccumulator
 from tests.reference import gsam_pdet, gsam_scipy, mle_cov, scipy_rank_tol
 
 
@@ -203,3 +204,18 @@ def test_rank_tolerance_matches_scipy_rule() -> None:
     lam = torch.tensor([4.0, 1.0, 1e-12], dtype=torch.float64)
     assert metrics.rank_tolerance(lam, torch.float64) == pytest.approx(scipy_rank_tol(lam.numpy()))
     assert metrics.rank_tolerance(lam, torch.float32) == pytest.approx(4.0 * 1e3 * np.finfo(np.float32).eps)
+
+
+def test_compute_returns_the_spectrum_it_used_on_request() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((60, 6)) @ rng.standard_normal((6, 6))
+    s = LayerStats(6)
+    s.update(torch.from_numpy(x))
+    values, evals = metrics.compute(s, return_spectrum=True)
+    assert values == metrics.compute(s)
+    expected = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False, ddof=0)))[::-1]
+    np.testing.assert_allclose(evals.numpy(), expected, rtol=1e-10, atol=1e-12 * expected[0])
+    one = LayerStats(6)
+    one.update(torch.from_numpy(x[:1]))
+    assert metrics.compute(one, return_spectrum=True)[1] is None  # fewer than 2 rows: no spectrum
+
