@@ -4,7 +4,7 @@ Modules, in the order a log flows: ``config`` (the settings, checked once, and t
 budget), ``schedule`` (which steps log, which steps collect), ``windows`` (the statistics of
 each layer and phase: created within the budget, synced, advanced), ``report`` (a log's
 metrics and warnings, as data: pure), ``logger`` (the log cycle: sync, report, publish,
-advance) with ``background`` (the worker thread and its CUDA stream), ``alerts`` (counted,
+advance) with ``background`` (the worker thread and its CUDA stream), ``faults`` (counted,
 warned-once problems), ``ranks`` (the process's place in ``torch.distributed``),
 ``checkpoint`` (the state dict), and ``facade`` (``GSAMMonitor``).
 """

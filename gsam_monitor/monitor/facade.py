@@ -37,7 +37,7 @@ from torch import nn
 from gsam_monitor.capture.activations import ActivationCapture
 from gsam_monitor.capture.layers import LayerSpec, LayerTarget, resolve_layers
 from gsam_monitor.monitor import ranks
-from gsam_monitor.monitor.alerts import Alerts
+from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.checkpoint import STATE_FORMAT, check_state
 from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, PHASES, MonitorConfig
 from gsam_monitor.monitor.logger import WindowLogger
@@ -162,8 +162,8 @@ class GSAMMonitor:
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
         config.check_budget(self.targets)
-        self._alerts = Alerts()
-        self._fanout = SinkFanout(sinks, lambda: ranks.is_writer(config.process_group), self._alerts.fail)
+        self._faults = Faults()
+        self._fanout = SinkFanout(sinks, lambda: ranks.is_writer(config.process_group), self._faults.fail)
         if config.every_n_steps < 10:
             warnings.warn(
                 f"GSAMMonitor(every_n_steps={config.every_n_steps}): each log runs one eigendecomposition per "
@@ -173,13 +173,13 @@ class GSAMMonitor:
                 stacklevel=2,
             )
         self.schedule = Schedule(config.every_n_steps, config.collect_steps, config.auto_collect)
-        self._windows = WindowStore(config, self.targets, self._alerts.warn_once)
+        self._windows = WindowStore(config, self.targets, self._faults.warn_once)
         self._capture = ActivationCapture(
             model, self.targets, config.phases, self._windows, seed=seed + ranks.global_rank(),
-            max_tokens=config.max_tokens_per_layer, on_error=self._alerts.hook_error,
-            warn_once=self._alerts.warn_once,
+            max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
+            warn_once=self._faults.warn_once,
         )
-        self._logs = WindowLogger(config, self.layer_names, self._windows, self._fanout, self._alerts)
+        self._logs = WindowLogger(config, self.layer_names, self._windows, self._fanout, self._faults)
         self._attached = False
         self._forced = 0  # open collect() handles
         self.step_count = 0
@@ -202,7 +202,7 @@ class GSAMMonitor:
     reservoir_size = _setting("reservoir_size")
     heldout = _setting("heldout")
 
-    errors = _view("_alerts", "errors", "Monitor problems caught so far (hooks, metrics, sinks); training went on.")
+    errors = _view("_faults", "errors", "Monitor problems caught so far (hooks, metrics, sinks); training went on.")
     n_logs = _view("_logs", "n_logs", "Logs made so far.")
     last_metrics = _view("_logs", "last_metrics", "What the last log wrote (kept after ``close()``).")
     missing_layers = _view("_logs", "missing_layers", "The layers the last log found without activations.")
@@ -411,7 +411,7 @@ class GSAMMonitor:
         self._windows.load_windows(state_dict["stats"], state_dict["reference"])
         self.step_count = int(state_dict["step_count"])
         self._logs.load_state_dict(state_dict)
-        self._alerts.errors = int(state_dict["errors"])
+        self._faults.errors = int(state_dict["errors"])
         self._capture.sampler.load_state_dict(state_dict["sampler"])
         self._windows.load_samples(state_dict.get("samples", {}))
         self._sync_hooks()

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gsam_monitor.monitor import ranks, report
-from gsam_monitor.monitor.alerts import Alerts
+from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.background import BackgroundLogger
 from gsam_monitor.monitor.config import MonitorConfig
 from gsam_monitor.monitor.report import LogResult
@@ -36,7 +36,7 @@ class WindowLogger:
         layers: The monitored layers' names, in order.
         windows: The window store.
         fanout: The sinks.
-        alerts: Where warnings and errors are counted and issued.
+        faults: Where warnings and errors are counted and issued.
 
     Attributes:
         n_logs: Logs made so far.
@@ -46,7 +46,7 @@ class WindowLogger:
     """
 
     def __init__(
-        self, config: MonitorConfig, layers: Sequence[str], windows: WindowStore, fanout: SinkFanout, alerts: Alerts
+        self, config: MonitorConfig, layers: Sequence[str], windows: WindowStore, fanout: SinkFanout, faults: Faults
     ) -> None:
         self.config = config
         self.layers = tuple(layers)
@@ -56,7 +56,7 @@ class WindowLogger:
         self.missing_layers: list[str] = []
         self._windows = windows
         self._fanout = fanout
-        self._alerts = alerts
+        self._faults = faults
         self._background = BackgroundLogger()
 
     def on_step(self, step_count: int, schedule: Schedule) -> dict[str, float] | None:
@@ -100,7 +100,7 @@ class WindowLogger:
             else:  # the metrics are computed where they are written
                 self._windows.advance(windows)
         except Exception as err:
-            self._alerts.hook_error(err, "log")
+            self._faults.hook_error(err, "log")
             snapshot = None
         self._count(step)
         if snapshot is not None:
@@ -156,12 +156,12 @@ class WindowLogger:
     def _publish(self, result: LogResult) -> dict[str, float]:
         """Warn about and count what the log reports, and write its metrics to the sinks."""
         for key, message in result.warnings:
-            self._alerts.warn_once(key, message)
+            self._faults.warn_once(key, message)
         for err, where in result.errors:
-            self._alerts.hook_error(err, where)
+            self._faults.hook_error(err, where)
         flat = result.flat
         if flat:
-            flat[f"{META_PREFIX}/errors"] = float(self._alerts.errors)
+            flat[f"{META_PREFIX}/errors"] = float(self._faults.errors)
         self.missing_layers = result.missing
         self.last_metrics = flat
         if flat:

@@ -1,4 +1,4 @@
-"""Alerts: a monitor problem at run time is counted, warned about once per kind, and skipped.
+"""Faults: a monitor problem at run time is counted, warned about once per kind, and skipped.
 
 Training never stops for the monitor: an exception in a hook, a metric or a sink becomes one
 ``RuntimeWarning`` (later ones of the same kind go to the debug log) and a count in
@@ -12,12 +12,12 @@ import warnings
 
 from gsam_monitor.sinks.keys import META_PREFIX
 
-__all__ = ["Alerts"]
+__all__ = ["Faults"]
 
 log = logging.getLogger(__name__)
 
 
-class Alerts:
+class Faults:
     """Warn-once bookkeeping and the error count of one monitor."""
 
     def __init__(self) -> None:
