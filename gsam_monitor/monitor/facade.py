@@ -37,9 +37,9 @@ from torch import nn
 from gsam_monitor.capture.activations import ActivationCapture
 from gsam_monitor.capture.layers import LayerSpec, LayerTarget, resolve_layers
 from gsam_monitor.monitor import ranks
-from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.checkpoint import STATE_FORMAT, check_state
 from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, PHASES, MonitorConfig
+from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.logger import WindowLogger
 from gsam_monitor.monitor.report import current_metrics
 from gsam_monitor.monitor.schedule import CollectHandle, Schedule

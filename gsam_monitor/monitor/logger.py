@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gsam_monitor.monitor import ranks, report
-from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.background import BackgroundLogger
 from gsam_monitor.monitor.config import MonitorConfig
+from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.report import LogResult
 from gsam_monitor.monitor.schedule import Schedule
 from gsam_monitor.monitor.windows import Key, WindowStore
