@@ -25,8 +25,9 @@ the rank equals scipy's; with fp32 products the tolerance of each eigenvalue com
 product's per-entry error model, so that one huge dimension (the "massive activations" of
 LLMs) does not hide every other direction.
 
-Modules: ``linalg`` (the tolerances and the eigensolve: a leaf), ``scores`` (the metrics),
-``compute`` (the entry point and the metric names), ``mardia`` (the second pass).
+Modules: ``linalg`` (the tolerances and the eigensolve: a leaf), ``fit`` (a window's Gaussian
+factorised once, for the scores that compare windows), ``scores`` (the metrics), ``compute``
+(the entry point and the metric names), ``mardia`` (the second pass).
 
 References:
     Roy & Vetterli, "The effective rank", EUSIPCO 2007 (``effective_rank``).
@@ -44,6 +45,7 @@ from gsam_monitor.metrics.compute import (
     compute,
     validate_names,
 )
+from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, eigenvalue_tolerance, eigenvalues, rank_tolerance
 from gsam_monitor.metrics.mardia import MardiaAccumulator
 from gsam_monitor.metrics.scores import (
@@ -62,6 +64,7 @@ __all__ = [
     "METRIC_NAMES",
     "POWERLAW_RANGE",
     "PRODUCT_ERROR_FACTOR",
+    "GaussianFit",
     "MardiaAccumulator",
     "anisotropy",
     "compute",

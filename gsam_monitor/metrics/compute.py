@@ -27,6 +27,7 @@ from gsam_monitor.metrics.scores import (
 )
 
 if TYPE_CHECKING:
+    from gsam_monitor.metrics.fit import GaussianFit
     from gsam_monitor.metrics.mardia import MardiaAccumulator
     from gsam_monitor.stats import LayerStats
 
@@ -85,7 +86,7 @@ def validate_names(names: Iterable[str] | str | None) -> tuple[str, ...]:
 
 def compute(
     stats: LayerStats,
-    reference: LayerStats | None = None,
+    reference: LayerStats | GaussianFit | None = None,
     *,
     names: Iterable[str] | str | None = None,
     mardia: MardiaAccumulator | None = None,
@@ -98,7 +99,8 @@ def compute(
 
     Args:
         stats: The window's statistics.
-        reference: An earlier window's statistics; adds ``heldout_loglik``.
+        reference: An earlier window's statistics, or its ``GaussianFit`` (factorised once,
+            reused across logs); adds ``heldout_loglik``.
         names: A selection of ``METRIC_NAMES``; default ``DEFAULT_METRICS``.
         mardia: A finished ``MardiaAccumulator`` second pass; adds ``mardia_kurtosis``.
         powerlaw_range: Ranks (1-based, inclusive) for ``powerlaw_alpha``.
@@ -139,7 +141,7 @@ def _fill(
     out: dict[str, float],
     wanted: set[str],
     stats: LayerStats,
-    reference: LayerStats | None,
+    reference: LayerStats | GaussianFit | None,
     mardia: MardiaAccumulator | None,
     powerlaw_range: tuple[int, int],
     outlier_factor: float,

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, eigenvalue_tolerance, rank_tolerance, spectrum
+from gsam_monitor.metrics.fit import GaussianFit
+from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, rank_tolerance, spectrum
 
 if TYPE_CHECKING:
     from gsam_monitor.stats import LayerStats
@@ -159,7 +160,7 @@ def correlation_score(
     return gaussian_score(ev, n, tol)[0]
 
 
-def heldout_loglik(stats: LayerStats, reference: LayerStats, *, rtol: float | None = None) -> float:
+def heldout_loglik(stats: LayerStats, reference: LayerStats | GaussianFit, *, rtol: float | None = None) -> float:
     """Mean log-likelihood per dimension of ``stats``' rows under ``reference``'s MLE Gaussian.
 
     Closed form from moments: with the reference fit (m, Σ) on its support (rank r, the
@@ -170,19 +171,23 @@ def heldout_loglik(stats: LayerStats, reference: LayerStats, *, rtol: float | No
     This measures drift of the geometry between windows (how well the earlier fit predicts
     the new activations), not Gaussianity: it falls when the covariance rotates, shrinks or
     grows, or when the mean moves.
+
+    Args:
+        stats: The window to score.
+        reference: The earlier window, or its ``GaussianFit`` (factorised once and reused).
+        rtol: Override the relative eigenvalue tolerance (only when ``reference`` is a window).
     """
-    if float(reference.count) < 2 or float(stats.count) < 1:
+    if isinstance(reference, GaussianFit):
+        fit = reference
+    elif float(reference.count) < 2:
         return math.nan
-    ref_cov = reference.covariance().to("cpu", torch.float64)
-    evals, vecs = torch.linalg.eigh(ref_cov)
-    scale = reference.product_scale().to("cpu", torch.float64)
-    keep = evals > eigenvalue_tolerance(evals, vecs, scale, reference.product_dtype, rtol)
-    lam, v = evals[keep], vecs[:, keep]
-    r = lam.numel()
-    if r == 0:
+    else:
+        fit = GaussianFit.from_stats(reference, rtol=rtol)
+    if float(stats.count) < 1 or fit.rank == 0:
         return math.nan
+    lam, v, r = fit.evals, fit.evecs, fit.rank
     cur_cov = stats.covariance().to("cpu", torch.float64)
-    dm = (stats.mean.cpu() - reference.mean.cpu()) @ v
+    dm = (stats.mean.cpu().double() - fit.mean) @ v
     trace_term = float((torch.diagonal(v.T @ cur_cov @ v) / lam).sum())
     mean_term = float((dm * dm / lam).sum())
     ll = -0.5 * (r * _LOG_2PI + float(torch.log(lam).sum()) + trace_term + mean_term)
