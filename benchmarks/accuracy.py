@@ -35,7 +35,8 @@ import scipy.stats
 import torch
 from _common import write_json
 
-from gsam_monitor import LayerStats, MardiaAccumulator, metrics
+from gsam_monitor import LayerStats, metrics
+from gsam_monitor.metrics import MardiaAccumulator
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -123,7 +123,7 @@ def neox_workload(device: torch.device, batch_size: int, seed: int) -> tuple[tor
 
 def log_step_costs(dims: list[int], device: torch.device, reps: int = 3) -> list[dict]:
     """Seconds of one layer's logging-step work at width d: the fp64 eigendecomposition behind
-    every metric (``metrics.compute_with_spectrum`` on default metrics) and the snapshot copy
+    every metric (``metrics.compute(..., return_spectrum=True)`` on default metrics) and the snapshot copy
     that ``background=True`` takes on the training thread instead."""
     from gsam_monitor import LayerStats, metrics
 
@@ -133,7 +133,7 @@ def log_step_costs(dims: list[int], device: torch.device, reps: int = 3) -> list
         x = torch.randn(2 * d, d, device=device)
         stats.update(x @ torch.randn(d, d, device=device) / d**0.5)
         # One warm-up each (LAPACK/cuSOLVER workspaces): at d = 4096 a run takes seconds.
-        compute = median_seconds(lambda s=stats: metrics.compute_with_spectrum(s), device, reps, warmup=1)
+        compute = median_seconds(lambda s=stats: metrics.compute(s, return_spectrum=True), device, reps, warmup=1)
         snapshot = median_seconds(stats.clone, device, reps, warmup=1)
         out.append({"d": d, "compute_s": compute, "snapshot_s": snapshot})
     return out

@@ -4,23 +4,29 @@ Forward hooks on chosen layers feed streaming covariance statistics (``LayerStat
 intervals ``metrics.compute`` turns them into the Gaussian Semantic Alignment Metric (GSAM),
 its scale-invariant and shrinkage variants, spectral metrics and Gaussianity checks, logged
 to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
+
+The public API is what ``__all__`` lists: ``GSAMMonitor``, the accumulators ``LayerStats``
+and ``ReservoirSample``, the ``metrics`` module, and the sinks with their ``Sink`` protocol.
+The framework callbacks live in ``gsam_monitor.callbacks``, the analyses in
+``gsam_monitor.analysis``, the benchmark in ``gsam_monitor.eval``.
 """
 
-from gsam_monitor import metrics, sinks
+from gsam_monitor import metrics
 from gsam_monitor.monitor import GSAMMonitor
-from gsam_monitor.sinks import JsonlSink, TensorBoardSink, WandbSink
-from gsam_monitor.stats import LayerStats, MardiaAccumulator
+from gsam_monitor.sinks import JsonlSink, LoggingSink, Sink, TensorBoardSink, WandbSink
+from gsam_monitor.stats import LayerStats, ReservoirSample
 
 __version__ = "0.1.0"
+"""The package version: the one source (``pyproject.toml`` reads it)."""
 
 __all__ = [
     "GSAMMonitor",
     "JsonlSink",
     "LayerStats",
-    "MardiaAccumulator",
+    "LoggingSink",
+    "ReservoirSample",
+    "Sink",
     "TensorBoardSink",
     "WandbSink",
-    "__version__",
     "metrics",
-    "sinks",
 ]

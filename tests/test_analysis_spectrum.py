@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from gsam_monitor import LayerStats
-from gsam_monitor.analysis import class_separation, group_cosine_contrast, powerlaw_alpha
+from gsam_monitor.analysis import class_separation, group_cosine_contrast, powerlaw_fit
 
 # --------------------------------------------------------------------------- power law
 
@@ -19,7 +19,7 @@ from gsam_monitor.analysis import class_separation, group_cosine_contrast, power
 def test_powerlaw_recovers_an_exact_power_law():
     lam = np.arange(1, 385, dtype=float) ** -1.3
     rng = np.random.default_rng(0)
-    out = powerlaw_alpha(rng.permutation(lam))  # any order in
+    out = powerlaw_fit(rng.permutation(lam))  # any order in
     assert out["alpha"] == pytest.approx(1.3, abs=1e-9)
     assert out["n_points"] == 141  # ranks 10..150 inclusive
     assert out["r2"] == pytest.approx(1.0, abs=1e-12)
@@ -32,7 +32,7 @@ def test_powerlaw_with_noise_within_tolerance_and_ci_matches_numpy():
     rng = np.random.default_rng(1)
     k = np.arange(1, 769, dtype=float)
     lam = k**-1.3 * np.exp(rng.normal(0, 0.1, k.size))
-    out = powerlaw_alpha(torch.from_numpy(lam), rank_range=(5, 400))
+    out = powerlaw_fit(torch.from_numpy(lam), rank_range=(5, 400))
     assert out["alpha"] == pytest.approx(1.3, abs=0.02)
     order = np.sort(lam)[::-1]
     xs, ys = np.log(np.arange(5, 401)), np.log(order[4:400])
@@ -51,9 +51,9 @@ def test_powerlaw_range_is_clipped_to_positive_eigenvalues():
     # A rank-deficient spectrum (e.g. post-LayerNorm, or N < d): zeros and negative
     # rounding noise are not ranks.
     lam = np.r_[np.arange(1, 61, dtype=float) ** -1.5, np.zeros(30), -1e-17 * np.ones(5)]
-    out = powerlaw_alpha(lam)
+    out = powerlaw_fit(lam)
     assert out["n_points"] == 51 and out["alpha"] == pytest.approx(1.5)
-    too_short = powerlaw_alpha(np.arange(1, 12, dtype=float) ** -1.0)
+    too_short = powerlaw_fit(np.arange(1, 12, dtype=float) ** -1.0)
     assert too_short["n_points"] == 2 and np.isnan(too_short["alpha"])
     json.dumps(too_short)
 
@@ -62,11 +62,11 @@ def test_powerlaw_errors():
     lam = np.arange(1, 50, dtype=float) ** -1.0
     for bad in [(0, 10), (10, 10), (10.0, 20), "10-150", (5,)]:
         with pytest.raises(ValueError, match=r"rank_range must be .*1 <= first < last"):
-            powerlaw_alpha(lam, rank_range=bad)
+            powerlaw_fit(lam, rank_range=bad)
     with pytest.raises(ValueError, match="eigenvalues must be 1-d, got shape"):
-        powerlaw_alpha(np.eye(3))
+        powerlaw_fit(np.eye(3))
     with pytest.raises(ValueError, match="eigenvalues contain NaN or inf"):
-        powerlaw_alpha(np.r_[lam, np.nan])
+        powerlaw_fit(np.r_[lam, np.nan])
 
 
 # --------------------------------------------------------------------------- LDA

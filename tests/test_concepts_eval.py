@@ -22,7 +22,9 @@ from gsam_monitor.eval.analyses import ANALYSES, parse_analyses
 from gsam_monitor.eval.concepts import ConceptsConfig, parse_layers, run_concepts
 from gsam_monitor.eval.corpus import Corpus, load_corpus
 from gsam_monitor.eval.models import load_model
-from gsam_monitor.eval.report import build_results, format_table, write_plots
+from gsam_monitor.eval.plots import write_plots
+from gsam_monitor.eval.report import build_results
+from gsam_monitor.eval.tables import format_table
 
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import gsam_monitor.monitor as monitor_module
-from gsam_monitor import GSAMMonitor
-from gsam_monitor.hooks import HookHandles, TokenSampler, extract_hidden, to_rows
+import gsam_monitor.capture.activations as capture_module
+from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor.capture.hooks import HookHandles, extract_hidden
+from gsam_monitor.capture.rows import TokenSampler, to_rows
 from tests.reference import mle_cov
 from tests.tiny_models import SENTENCES, Stack, minilm, tiny_model
 
@@ -100,7 +101,7 @@ def test_mask_is_taken_from_kwargs_or_position_and_cleared_after_a_failed_forwar
             model.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
             model(x, mask)
         model._forward_hooks.popitem()
-        assert monitor._context.mask is None
+        assert monitor._capture.context.mask is None
         model.blocks[0](x)  # called directly: no mask, every row counts
         assert float(monitor.stats("blocks.0", "eval").count) == 10 + 5 + 8
 
@@ -185,7 +186,7 @@ def test_gradient_checkpointing_counts_tokens_once(reentrant: bool, monkeypatch)
     counts = {}
     for skip_recompute in (True, False):
         if not skip_recompute:  # show that the backward pass really re-runs the hooks
-            monkeypatch.setattr(monitor_module, "in_backward", lambda: False)
+            monkeypatch.setattr(capture_module, "in_backward", lambda: False)
         monitor = _quiet_monitor(model, layers, max_tokens_per_layer=None, phases="train")
         with monitor, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -247,7 +248,7 @@ def test_a_failing_hook_never_stops_the_model(monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("monitor bug")
 
-    monkeypatch.setattr(monitor_module.LayerStats, "update", broken)
+    monkeypatch.setattr(LayerStats, "update", broken)
     x = torch.randn(4, 3, dtype=torch.float64)
     with monitor, pytest.warns(RuntimeWarning, match="error in the hook .* monitor bug"):
         for _ in range(3):

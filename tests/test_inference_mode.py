@@ -9,8 +9,9 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import LayerStats, MardiaAccumulator
-from gsam_monitor.analysis.distributions import ReservoirSample
+from gsam_monitor import LayerStats
+from gsam_monitor.metrics import MardiaAccumulator
+from gsam_monitor.stats import ReservoirSample
 
 
 def _check(s: LayerStats, x: np.ndarray) -> None:

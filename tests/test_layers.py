@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gsam_monitor import GSAMMonitor
-from gsam_monitor.layers import (
+from gsam_monitor.capture.layers import (
     canonical_named_modules,
     estimate_dim,
     find_block_stacks,

@@ -10,7 +10,8 @@ import scipy.stats
 import torch
 from sklearn.covariance import OAS
 
-from gsam_monitor import LayerStats, MardiaAccumulator, metrics
+from gsam_monitor import LayerStats, metrics
+from gsam_monitor.metrics import MardiaAccumulator
 from tests.reference import gsam_pdet, gsam_scipy, mle_cov, scipy_rank_tol
 
 
@@ -180,6 +181,33 @@ def test_heldout_loglik_matches_scipy(rng: np.random.Generator) -> None:
     assert "heldout_loglik" not in metrics.compute(_stats(a))
 
 
+def test_gaussian_fit_is_the_support_of_the_mle_covariance_and_scores_like_its_window(
+    rng: np.random.Generator,
+) -> None:
+    # A rank-9 reference in R^12 (a hyperplane-like deficiency, as post-LayerNorm outputs).
+    w = rng.standard_normal((9, 12))
+    a = rng.standard_normal((400, 9)) @ w + 2.0
+    b = (1.3 * rng.standard_normal((250, 9)) + 0.2) @ w + 2.0  # another Gaussian on a's support
+    fit = metrics.GaussianFit.from_stats(_stats(a))
+    lam, vecs = np.linalg.eigh(mle_cov(a))
+    support = lam > scipy_rank_tol(lam)
+    assert fit.rank == int(support.sum()) == 9 and fit.dim == 12 and fit.n == 400
+    np.testing.assert_allclose(fit.evals.numpy(), lam[support][::-1], rtol=1e-9)
+    np.testing.assert_allclose(fit.mean.numpy(), a.mean(0), rtol=1e-12)
+    # Same subspace: the projector onto the support equals numpy's.
+    p_ref = vecs[:, support] @ vecs[:, support].T
+    np.testing.assert_allclose((fit.evecs @ fit.evecs.T).numpy(), p_ref, atol=1e-9)
+    # heldout_loglik under the fit equals scipy's pseudo-inverse Gaussian on the support.
+    ref = scipy.stats.multivariate_normal(a.mean(0), mle_cov(a), allow_singular=True)
+    expected = float(ref.logpdf(b).mean()) / 9
+    by_fit = metrics.compute(_stats(b), reference=fit, names=["heldout_loglik"])["heldout_loglik"]
+    by_window = metrics.compute(_stats(b), reference=_stats(a), names=["heldout_loglik"])["heldout_loglik"]
+    assert _relerr(by_fit, by_window) < 1e-12
+    assert _relerr(by_fit, expected) < 1e-9
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        metrics.GaussianFit.from_stats(LayerStats(3))
+
+
 def test_too_few_rows_give_nan_not_errors() -> None:
     s = LayerStats(5)
     m = metrics.compute(s)
@@ -203,3 +231,18 @@ def test_rank_tolerance_matches_scipy_rule() -> None:
     lam = torch.tensor([4.0, 1.0, 1e-12], dtype=torch.float64)
     assert metrics.rank_tolerance(lam, torch.float64) == pytest.approx(scipy_rank_tol(lam.numpy()))
     assert metrics.rank_tolerance(lam, torch.float32) == pytest.approx(4.0 * 1e3 * np.finfo(np.float32).eps)
+
+
+def test_compute_returns_the_spectrum_it_used_on_request() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((60, 6)) @ rng.standard_normal((6, 6))
+    s = LayerStats(6)
+    s.update(torch.from_numpy(x))
+    values, evals = metrics.compute(s, return_spectrum=True)
+    assert values == metrics.compute(s)
+    expected = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False, ddof=0)))[::-1]
+    np.testing.assert_allclose(evals.numpy(), expected, rtol=1e-10, atol=1e-12 * expected[0])
+    one = LayerStats(6)
+    one.update(torch.from_numpy(x[:1]))
+    assert metrics.compute(one, return_spectrum=True)[1] is None  # fewer than 2 rows: no spectrum
+

@@ -157,6 +157,44 @@ def test_collect_steps_keeps_hooks_off_between_windows() -> None:
     assert len(model.blocks[0]._forward_hooks) == baseline
 
 
+def test_a_collect_handle_keeps_the_hooks_until_it_is_closed_once() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=5, collect_steps=2)
+    baseline = len(model.blocks[0]._forward_hooks)
+    x = _batches(1)[0]
+    with monitor, torch.no_grad():
+        monitor.step()  # step 1: parked until the last 2 steps of the interval
+        assert len(model.blocks[0]._forward_hooks) == baseline
+        first, second = monitor.collect(), monitor.collect()  # e.g. a callback's evaluation
+        model(x)
+        first.close()
+        first.close()  # idempotent: the second handle still holds the hooks
+        assert len(model.blocks[0]._forward_hooks) - baseline == 1
+        model(x)
+        second.close()
+        assert len(model.blocks[0]._forward_hooks) == baseline
+        model(x)  # parked again: not counted
+    assert float(monitor.stats("blocks.0", "eval").count) == 2 * len(x)
+
+
+def test_the_report_is_pure_and_its_warnings_are_issued_once_when_published() -> None:
+    from gsam_monitor.monitor.report import build_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # building a report must warn about nothing
+        result = build_report(
+            {}, {}, layers=["blocks.0"], phases=["eval"], metric_names=["n"], disabled=(), step=7, want_spectrum=False
+        )
+    assert result.flat == {} and result.errors == []
+    assert [key for key, _ in result.warnings] == ["empty-window"]
+    assert "window ending at step 7" in result.warnings[0][1]
+    monitor = _monitor(Stack(dim=D, depth=1), every_n_steps=1)
+    with monitor, pytest.warns(RuntimeWarning, match="no activations were captured") as caught:
+        monitor.step()
+        monitor.step()  # the same warning again: logged at debug level, not warned
+    assert sum("no activations were captured" in str(w.message) for w in caught) == 1
+
+
 def test_missing_layer_is_reported_not_logged() -> None:
     class Skipping(Stack):
         skip = False
@@ -453,7 +491,7 @@ def test_background_errors_are_counted_and_training_goes_on(monkeypatch) -> None
     from gsam_monitor import metrics as metrics_module
 
     calls = {"n": 0}
-    real = metrics_module.compute_with_spectrum
+    real = metrics_module.compute
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -461,7 +499,7 @@ def test_background_errors_are_counted_and_training_goes_on(monkeypatch) -> None
             raise FloatingPointError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(metrics_module, "compute_with_spectrum", flaky)
+    monkeypatch.setattr(metrics_module, "compute", flaky)
     model = Stack(dim=D, depth=1)
     records: list[tuple[int, dict[str, float]]] = []
     monitor = _monitor(model, every_n_steps=2, background=True, sinks=[lambda m, s: records.append((s, dict(m)))])

@@ -96,13 +96,13 @@ def test_background_logs_run_on_the_statistics_device_and_one_stream() -> None:
         product_dtype=torch.float64, metrics=["gsam", "n"],
     )
     seen = []
-    real = monitor._metrics_of
+    real = monitor._logs._metrics_of
 
     def spying(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.cuda.current_device(), torch.cuda.current_stream()))
         return real(*args, **kwargs)
 
-    monitor._metrics_of = spying
+    monitor._logs._metrics_of = spying
     xs = [torch.randn(50, 16, dtype=torch.float64, device=device) * 2 + 1 for _ in range(6)]
     outs = {}
     with monitor, torch.no_grad():

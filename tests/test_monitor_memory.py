@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import gsam_monitor.monitor as monitor_module
+import gsam_monitor.metrics as metrics_module
 from gsam_monitor import GSAMMonitor, LayerStats
 from gsam_monitor.monitor import state_bytes_per_layer
 from tests.reference import gsam_pdet
@@ -52,14 +52,14 @@ def _held(alive: weakref.WeakSet) -> int:
 def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatch, live_stats, window) -> None:
     # Hold the worker inside its first metric until the next window has been collected.
     release, started = threading.Event(), threading.Event()
-    real = monitor_module._metrics.compute_with_spectrum
+    real = metrics_module.compute
 
     def held(*args, **kwargs):
         started.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(monitor_module._metrics, "compute_with_spectrum", held)
+    monkeypatch.setattr(metrics_module, "compute", held)
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal((40, D)) + i for i in range(6)]
     model = Stack(dim=D, depth=2)
@@ -73,7 +73,7 @@ def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatc
         )
     per_window = LayerStats.state_bytes(D) - 3 * D * 8  # no higher moments: no power3/power4/unit_sum
     budget = len(LAYERS) * state_bytes_per_layer(D, phases=["eval"], heldout=True, log_copies=1)
-    assert monitor._log_copies == 1
+    assert monitor.config.log_copies == 1
     peaks = []
     with monitor, torch.no_grad():
         for t, x in enumerate(xs, start=1):

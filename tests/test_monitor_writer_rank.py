@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import gsam_monitor.monitor as monitor_module
+import gsam_monitor.metrics as metrics_module
+import gsam_monitor.monitor.ranks as ranks_module
 from gsam_monitor import GSAMMonitor, LayerStats
 from tests.reference import gsam_pdet
 from tests.tiny_models import Stack
@@ -47,17 +48,17 @@ class _FakeDist:
 @pytest.mark.parametrize(("global_rank", "group_rank"), [(1, 0), (0, 1)])
 def test_only_group_rank_zero_computes_and_writes(monkeypatch, global_rank: int, group_rank: int) -> None:
     group = object()
-    monkeypatch.setattr(monitor_module, "_dist", lambda: _FakeDist(global_rank, group_rank, group))
+    monkeypatch.setattr(ranks_module, "active_dist", lambda: _FakeDist(global_rank, group_rank, group))
     # The peer saw the same rows: the sum over the group is the window twice.
     monkeypatch.setattr(LayerStats, "all_reduce_", lambda self, group=None, **kw: self.merge(self.clone()))
     computed = []
-    real = monitor_module._metrics.compute_with_spectrum
+    real = metrics_module.compute
 
     def counting(*args, **kwargs):
         computed.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(monitor_module._metrics, "compute_with_spectrum", counting)
+    monkeypatch.setattr(metrics_module, "compute", counting)
     written: list[dict[str, float]] = []
     model = Stack(dim=D, depth=1)
     with warnings.catch_warnings():

@@ -13,7 +13,8 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import LayerStats, MardiaAccumulator, metrics
+from gsam_monitor import LayerStats, metrics
+from gsam_monitor.metrics import MardiaAccumulator
 from gsam_monitor.stats import exact_numerics, fast_fp64, resolve_product_dtype, resolve_state_dtype
 from tests.reference import gsam_pdet, mle_cov, scipy_rank_tol
 

@@ -346,7 +346,7 @@ def test_d_8192_under_the_default_state_budget() -> None:
         for part in np.array_split(x, 4):
             model(torch.from_numpy(part))
         out = monitor.log()
-    assert monitor.errors == 0 and not monitor._disabled_layers
+    assert monitor.errors == 0 and not monitor._windows.disabled
     xc = x - x.mean(0)
     gram_evals = np.linalg.eigvalsh(xc @ xc.T / n)  # the nonzero eigenvalues of the MLE covariance
     keep = gram_evals > 1e6 * np.finfo(np.float64).eps * gram_evals.max()
@@ -591,8 +591,8 @@ def _plain_values(obj: object) -> bool:
 
 
 def test_every_state_dict_is_plain_and_loads_with_weights_only(tmp_path: Path) -> None:
-    from gsam_monitor.analysis import ReservoirSample
     from gsam_monitor.callbacks import GSAMCallback
+    from gsam_monitor.stats import ReservoirSample
 
     model = Stack(dim=D, depth=2)
     monitor = _monitor(model, every_n_steps=2, max_tokens_per_layer=4, window="ema", metrics="all")

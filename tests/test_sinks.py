@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import gsam_monitor.monitor as monitor_module
+import gsam_monitor.monitor.ranks as ranks_module
 from gsam_monitor import GSAMMonitor, JsonlSink, TensorBoardSink, WandbSink
 from gsam_monitor.sinks import CallableSink, LoggingSink, make_sink, metric_key
 from tests.reference import gsam_pdet
@@ -130,7 +130,7 @@ def test_wandb_sink_with_the_monitor_and_without_a_run(tmp_path, monkeypatch) ->
     assert wandb.run is None
     with pytest.warns(RuntimeWarning, match="no active W&B run; call wandb.init"):
         monitor, _, _ = _run_monitor([WandbSink()], steps=2)
-    assert monitor._disabled_sinks == {0}
+    assert monitor._fanout.disabled == {0}
 
     run = wandb.init(project="gsam-test", dir=str(tmp_path))
     try:
@@ -233,7 +233,7 @@ def test_only_global_rank_zero_writes(monkeypatch) -> None:
         def get_world_size(self, group=None):
             return 1
 
-    monkeypatch.setattr(monitor_module, "_dist", lambda: FakeDist())
+    monkeypatch.setattr(ranks_module, "active_dist", lambda: FakeDist())
     calls = []
     _, _, outs = _run_monitor([lambda m, s: calls.append(s)], steps=2)
     # Not rank zero: nothing written, and nothing computed either (the metrics are computed

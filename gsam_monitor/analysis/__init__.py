@@ -1,25 +1,29 @@
 """Eval-time analyses of activations that need more than streaming moments.
 
-- :mod:`.distributions`: bounded reservoir sample of activation values, parametric family
-  fits (logistic, t, normal, ...), KDE modes, tail fractions, a plotting helper.
+- :mod:`.distributions`: parametric family fits (logistic, t, normal, ...), KDE modes, tail
+  fractions, a plotting helper, on the values a ``ReservoirSample`` (``gsam_monitor.stats``,
+  re-exported here) collected.
 - :mod:`.spectrum`: power law of the covariance spectrum, LDA class separation from
   per-class moments, group cosine-similarity contrasts.
 - :func:`analyze_layer`: all of them for one layer, as a JSON-serialisable dict.
 """
 
+from gsam_monitor.stats import ReservoirSample
+
 from .distributions import (
     DEFAULT_FAMILIES,
-    ReservoirSample,
+    FIT_CRITERIA,
     find_modes,
     fit_families,
     plot_distribution,
     tail_fractions,
 )
-from .spectrum import class_separation, group_cosine_contrast, powerlaw_alpha
+from .spectrum import class_separation, group_cosine_contrast, powerlaw_fit
 from .summary import analyze_layer
 
 __all__ = [
     "DEFAULT_FAMILIES",
+    "FIT_CRITERIA",
     "ReservoirSample",
     "analyze_layer",
     "class_separation",
@@ -27,6 +31,6 @@ __all__ = [
     "fit_families",
     "group_cosine_contrast",
     "plot_distribution",
-    "powerlaw_alpha",
+    "powerlaw_fit",
     "tail_fractions",
 ]

@@ -3,9 +3,10 @@
 Three analyses of "The Geometry of Concepts" and "Beyond Gaussian" studies, all on
 quantities the monitor already has or on a small set of vectors:
 
-- :func:`powerlaw_alpha`: the covariance eigenvalues decay as a power law,
+- :func:`powerlaw_fit`: the covariance eigenvalues decay as a power law,
   lambda_k ~ k^-alpha, over a middle range of ranks; alpha is the slope of log lambda_k
-  against log k, with a 95% confidence interval.
+  against log k, with a 95% confidence interval (the ``powerlaw_alpha`` metric,
+  ``gsam_monitor.metrics.powerlaw_alpha``, is the same slope without the interval).
 - :func:`class_separation`: linear discriminant analysis (Fisher's criterion) from
   per-class streaming moments (count, mean, MLE covariance of a ``LayerStats`` each), so no
   activation has to be stored.
@@ -31,12 +32,13 @@ import scipy.linalg
 import torch
 from scipy import stats
 
-from gsam_monitor import metrics
+from gsam_monitor.metrics.linalg import rank_tolerance
+from gsam_monitor.metrics.scores import POWERLAW_RANGE
 
 __all__ = [
     "class_separation",
     "group_cosine_contrast",
-    "powerlaw_alpha",
+    "powerlaw_fit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,9 +59,9 @@ class ClassMoments(Protocol):
 # --------------------------------------------------------------------------- power law
 
 
-def powerlaw_alpha(
+def powerlaw_fit(
     eigenvalues: np.ndarray | Sequence[float] | torch.Tensor,
-    rank_range: tuple[int, int] = (10, 150),
+    rank_range: tuple[int, int] = POWERLAW_RANGE,
 ) -> dict[str, float]:
     """Power-law exponent of an eigenvalue spectrum, lambda_k ~ k^-alpha.
 
@@ -225,7 +227,7 @@ def class_separation(
         raise ValueError(
             "the within-class covariance is zero (every class is a point mass); the separation is undefined."
         )
-    support = w > metrics.rank_tolerance(torch.from_numpy(w), product_dtype, rtol)
+    support = w > rank_tolerance(torch.from_numpy(w), product_dtype, rtol)
     u_r = u[:, support]  # (d, r)
     reduced_between = u_r.T @ s_between @ u_r
     reduced_between = 0.5 * (reduced_between + reduced_between.T)

@@ -17,14 +17,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from gsam_monitor.metrics.scores import POWERLAW_RANGE
+from gsam_monitor.stats import ReservoirSample
+
 from .distributions import (
     MIN_VALUES,
-    ReservoirSample,
     find_modes,
     fit_families,
     tail_fractions,
 )
-from .spectrum import ClassMoments, class_separation, powerlaw_alpha
+from .spectrum import ClassMoments, class_separation, powerlaw_fit
 
 __all__ = ["analyze_layer"]
 
@@ -38,7 +40,7 @@ def analyze_layer(
     *,
     families: Iterable[str] | None = None,
     criterion: Literal["bic", "aic", "sse", "ks"] = "bic",
-    rank_range: tuple[int, int] = (10, 150),
+    rank_range: tuple[int, int] = POWERLAW_RANGE,
     tail_ks: Sequence[float] = (3, 5, 10),
     dim_max_values: int = 2_000,
     seed: int = 0,
@@ -52,7 +54,7 @@ def analyze_layer(
         stats_by_class: per-class ``LayerStats`` of the layer, or None to skip LDA.
         families: families for :func:`fit_families` (default all).
         criterion: ranking criterion of the fits.
-        rank_range: rank range of :func:`powerlaw_alpha`.
+        rank_range: rank range of :func:`powerlaw_fit`.
         tail_ks: thresholds of :func:`tail_fractions`.
         dim_max_values: fit cap for each separately sampled dimension (11 fits per dim).
         seed: seed of the fit subsamples.
@@ -67,7 +69,7 @@ def analyze_layer(
         - ``dims``: str(dim) -> {``n``, ``best_family``, ``n_left_modes``,
           ``n_right_modes``} for each dim the sample tracks (with 50+ values), and
           ``best_family_counts``: family -> number of those dims it fits best;
-        - ``powerlaw``: see :func:`powerlaw_alpha`, or None;
+        - ``powerlaw``: see :func:`powerlaw_fit`, or None;
         - ``class_separation``: see :func:`class_separation` without ``directions``
           (labels as strings), or None.
     """
@@ -114,7 +116,7 @@ def analyze_layer(
             }
         out["best_family_counts"] = dict(counts.most_common())
     if eigenvalues is not None:
-        out["powerlaw"] = powerlaw_alpha(eigenvalues, rank_range)
+        out["powerlaw"] = powerlaw_fit(eigenvalues, rank_range)
     if stats_by_class is not None:
         sep = class_separation(stats_by_class)
         sep.pop("directions")

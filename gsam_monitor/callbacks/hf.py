@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from gsam_monitor.callbacks._common import check_monitor_kwargs
-from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor._validate import positive_int
+from gsam_monitor.callbacks.core import MonitorCallback, close_quietly
 from gsam_monitor.sinks import TensorBoardSink, WandbSink
 
 __all__ = ["STATE_FILE", "GSAMTrainerCallback"]
@@ -91,13 +91,6 @@ def _find_trainer(max_depth: int = _STACK_DEPTH) -> tuple[Any | None, str | None
     return trainer, resume if isinstance(resume, (str, os.PathLike)) else None, found_resume
 
 
-def _close_quietly(monitor: GSAMMonitor) -> None:
-    try:
-        monitor.close()
-    except Exception as err:  # a finalizer or exception path must not raise
-        log.debug("GSAMTrainerCallback: closing the monitor raised %r", err)
-
-
 class _TrainerTensorBoardSink:
     """Writes into the Trainer's ``TensorBoardCallback`` writer, whichever one it holds now.
 
@@ -139,7 +132,7 @@ class _TrainerTensorBoardSink:
         return f"TrainerTensorBoardSink({self.log_dir!r})"
 
 
-class GSAMTrainerCallback(TrainerCallback):
+class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
     """Monitor GSAM and activation geometry during ``Trainer.train()``.
 
     Args:
@@ -186,30 +179,18 @@ class GSAMTrainerCallback(TrainerCallback):
         sinks: Iterable[Any] | Any = (),
         **monitor_kwargs: Any,
     ) -> None:
-        check_monitor_kwargs(monitor_kwargs, type(self).__name__)
+        self._init_monitor_callback(layers, sinks, monitor_kwargs)
         for name, value in (("tensorboard", tensorboard), ("wandb", wandb)):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{type(self).__name__}({name}=) must be None, True or False; got {value!r}.")
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ValueError(
-                f"every_n_steps must be a positive int, or None to follow TrainingArguments.logging_steps; "
-                f"got {every_n_steps!r}."
-            )
-        self.layers = layers
+        if every_n_steps is not None:
+            positive_int(every_n_steps, "every_n_steps", ", or None to follow TrainingArguments.logging_steps")
         self.every_n_steps = every_n_steps
         self.tensorboard = tensorboard
         self.wandb = wandb
-        self.extra_sinks = sinks
-        self.monitor_kwargs = dict(monitor_kwargs)
-        self.monitor: GSAMMonitor | None = None
-        self.last_metrics: dict[str, dict[str, float]] = {}
-        self.last_steps: dict[str, int] = {}
         self._sinks: list[Any] = []
         self._guarded: weakref.WeakSet[Any] = weakref.WeakSet()
         self._finalizer: weakref.finalize | None = None
-        self._eval_collect: Any = None
         self._pending_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ public helpers
@@ -224,9 +205,7 @@ class GSAMTrainerCallback(TrainerCallback):
 
     def close(self) -> None:
         """Detach the monitor from the model and close its sinks (idempotent)."""
-        self._end_eval_collect()
-        if self.monitor is not None:
-            _close_quietly(self.monitor)
+        self._close_monitor()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -260,12 +239,7 @@ class GSAMTrainerCallback(TrainerCallback):
         if self.monitor is None:
             every = self.every_n_steps if self.every_n_steps is not None else max(1, int(state.logging_steps))
             self._sinks = self._trainer_sinks(trainer, args, state) if state.is_world_process_zero else []
-            extra = self.extra_sinks
-            if isinstance(extra, str) or callable(extra) or hasattr(extra, "write"):
-                extra = [extra]
-            self.monitor = GSAMMonitor(
-                model, self.layers, every_n_steps=every, sinks=[*self._sinks, *extra], **self.monitor_kwargs
-            )
+            self.monitor = self._build_monitor(model, every, self._sinks)
         checkpoint = self._pending_checkpoint or resume
         if checkpoint is None and not found_resume and state.global_step > 0:
             # Trainer not found on the stack: the checkpoint the Trainer resumed from is, by its
@@ -278,32 +252,23 @@ class GSAMTrainerCallback(TrainerCallback):
         if self._finalizer is None:
             # Last resort for a run that raised where the Trainer was not found: the hooks leave
             # the model when this callback (held by the Trainer) is garbage-collected.
-            self._finalizer = weakref.finalize(self, _close_quietly, self.monitor)
+            self._finalizer = weakref.finalize(self, close_quietly, self.monitor, type(self).__name__)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         monitor = self.monitor
         if monitor is None or not monitor.attached:
             return
-        result = monitor.step(int(state.global_step))
-        if result:
-            self._record("train", result, state.global_step)
+        self._train_step(state.global_step)
         # DefaultFlowCallback (always before user callbacks) has just decided whether an
         # evaluation follows this step; with collect_steps the hooks may be parked, so keep
         # them on for the evaluation forwards.
-        if control.should_evaluate and "eval" in monitor.phases and self._eval_collect is None:
-            self._eval_collect = monitor.collect()
-            self._eval_collect.__enter__()
+        if control.should_evaluate:
+            self._start_eval_collect()
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any
     ) -> None:
-        self._end_eval_collect()
-        monitor = self.monitor
-        if monitor is None or not monitor.attached or "eval" not in monitor.phases:
-            return
-        result = monitor.log(int(state.global_step), phases=["eval"])
-        if result:
-            self._record("eval", result, state.global_step)
+        self._log_eval(state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.monitor is None:
@@ -325,15 +290,6 @@ class GSAMTrainerCallback(TrainerCallback):
         self.close()
 
     # ------------------------------------------------------------------ internals
-    def _record(self, phase: str, values: Mapping[str, float], step: int) -> None:
-        self.last_metrics[phase] = dict(values)
-        self.last_steps[phase] = int(step)
-
-    def _end_eval_collect(self) -> None:
-        if self._eval_collect is not None:
-            ctx, self._eval_collect = self._eval_collect, None
-            ctx.__exit__(None, None, None)
-
     def _guard(self, trainer: Any) -> None:
         """Wrap ``trainer.train`` so that an exception escaping it detaches the monitor."""
         if trainer in self._guarded:
@@ -392,10 +348,7 @@ class GSAMTrainerCallback(TrainerCallback):
                 stacklevel=3,
             )
             return
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if drop_window:
-            saved = {**saved, "stats": {}}
-        self.monitor.load_state_dict(saved)
+        self._load_state(torch.load(path, map_location="cpu", weights_only=True), drop_window=drop_window)
         log.info("GSAMTrainerCallback: monitor state restored from %s (step %d).", path, self.monitor.step_count)
 
 

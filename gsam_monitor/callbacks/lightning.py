@@ -30,12 +30,10 @@ calls callback hooks by name, so the callback works with either package's ``Trai
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 try:
@@ -49,12 +47,11 @@ except ImportError:  # the unified "lightning" package only
 
 from typing_extensions import override
 
-from gsam_monitor.callbacks._common import check_monitor_kwargs
-from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor._validate import positive_int
+from gsam_monitor.callbacks.core import MonitorCallback
+from gsam_monitor.monitor import ranks
 
 __all__ = ["GSAMCallback", "LoggersSink"]
-
-log = logging.getLogger(__name__)
 
 
 class LoggersSink:
@@ -103,7 +100,7 @@ def _spec_key(spec: Any) -> str:
     return type(spec).__qualname__
 
 
-class GSAMCallback(Callback):
+class GSAMCallback(MonitorCallback, Callback):
     """Monitor GSAM and activation geometry during ``Trainer.fit``.
 
     Args:
@@ -147,26 +144,18 @@ class GSAMCallback(Callback):
         sinks: Iterable[Any] | Any = (),
         **monitor_kwargs: Any,
     ) -> None:
-        check_monitor_kwargs(monitor_kwargs, type(self).__name__)
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"GSAMCallback(every_n_steps=) must be a positive int; got {every_n_steps!r}.")
+        self._init_monitor_callback(layers, sinks, monitor_kwargs)
+        positive_int(every_n_steps, "GSAMCallback(every_n_steps=)")
         if module is not None and not isinstance(module, str):
             raise TypeError(
                 f"GSAMCallback(module=) must be a dotted attribute path such as 'model', or None; "
                 f"got {type(module).__name__}."
             )
-        self.layers = layers
         self.module = module
         self.every_n_steps = every_n_steps
         self.log_validation = bool(log_validation)
-        self.extra_sinks = sinks
-        self.monitor_kwargs = dict(monitor_kwargs)
-        self.monitor: GSAMMonitor | None = None
-        self.last_metrics: dict[str, dict[str, float]] = {}
-        self.last_steps: dict[str, int] = {}
         self._pending_state: dict[str, Any] | None = None
         self._seen_step: int | None = None
-        self._val_collect: Any = None
 
     @property
     @override
@@ -180,30 +169,26 @@ class GSAMCallback(Callback):
             return
         target = self._target(pl_module)
         if self.monitor is not None and self.monitor.model is not target:
-            self._close()
+            self._close_monitor()
             self.monitor = None
         if self.monitor is None:
-            extra = self.extra_sinks
-            if isinstance(extra, str) or callable(extra) or hasattr(extra, "write"):
-                extra = [extra]
             sinks = [LoggersSink(trainer)] if trainer.is_global_zero else []
-            self.monitor = GSAMMonitor(
-                target, self.layers, every_n_steps=self.every_n_steps, sinks=[*sinks, *extra], **self.monitor_kwargs
-            )
+            self.monitor = self._build_monitor(target, self.every_n_steps, sinks)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
-            self._load(state, trainer.global_rank)
+            # Lightning saves rank 0's callback state and loads it on every rank.
+            self._load_state(state, drop_window=trainer.global_rank > 0)
         self.monitor.attach()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._close()
+            self._close_monitor()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning calls on_exception, not teardown, when fit raises.
-        self._close()
+        self._close_monitor()
 
     # ------------------------------------------------------------------ training
     @override
@@ -219,9 +204,7 @@ class GSAMCallback(Callback):
         if monitor is None or not monitor.attached or (self._seen_step is not None and step <= self._seen_step):
             return  # a micro-batch inside gradient accumulation: the optimizer has not stepped
         self._seen_step = step
-        result = monitor.step(int(step))
-        if result:
-            self._record("train", result, step)
+        self._train_step(step)
 
     # ------------------------------------------------------------------ validation
     @override
@@ -237,27 +220,16 @@ class GSAMCallback(Callback):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         monitor = self.monitor
-        if trainer.sanity_checking or monitor is None or not monitor.attached or "eval" not in monitor.phases:
+        if trainer.sanity_checking or monitor is None or not monitor.attached:
             return
-        if self._val_collect is None:  # collect_steps may have parked the hooks
-            self._val_collect = monitor.collect()
-            self._val_collect.__enter__()
+        self._start_eval_collect()  # collect_steps may have parked the hooks
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._end_val_collect()
-        monitor = self.monitor
-        if (
-            trainer.sanity_checking
-            or not self.log_validation
-            or monitor is None
-            or not monitor.attached
-            or "eval" not in monitor.phases
-        ):
+        if trainer.sanity_checking or not self.log_validation:
+            self._end_eval_collect()
             return
-        result = monitor.log(int(trainer.global_step), phases=["eval"])
-        if result:
-            self._record("eval", result, trainer.global_step)
+        self._log_eval(trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -273,18 +245,9 @@ class GSAMCallback(Callback):
         if self.monitor is None:
             self._pending_state = dict(state_dict)  # applied in setup("fit")
             return
-        self._load(state_dict, _global_rank())
+        self._load_state(state_dict, drop_window=ranks.global_rank() > 0)
 
     # ------------------------------------------------------------------ internals
-    def _load(self, state: Mapping[str, Any], rank: int) -> None:
-        assert self.monitor is not None
-        if rank > 0:
-            # Lightning saves rank 0's callback state and loads it on every rank: take its
-            # counters and held-out fits (identical on every rank), not its window in progress,
-            # which the sum over ranks at the next log would count once per rank.
-            state = {**state, "stats": {}}
-        self.monitor.load_state_dict(state)
-
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.module is None:
             return pl_module
@@ -304,25 +267,3 @@ class GSAMCallback(Callback):
             )
         return target
 
-    def _record(self, phase: str, values: Mapping[str, float], step: int) -> None:
-        self.last_metrics[phase] = dict(values)
-        self.last_steps[phase] = int(step)
-
-    def _end_val_collect(self) -> None:
-        if self._val_collect is not None:
-            ctx, self._val_collect = self._val_collect, None
-            ctx.__exit__(None, None, None)
-
-    def _close(self) -> None:
-        self._end_val_collect()
-        if self.monitor is not None:
-            try:
-                self.monitor.close()
-            except Exception as err:  # never mask the exception being handled
-                log.warning("GSAMCallback: closing the monitor raised %r", err)
-
-
-def _global_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0

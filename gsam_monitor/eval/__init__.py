@@ -7,7 +7,9 @@ metrics) and ``paper`` (the original benchmark code's exact recipe, kept for com
 
 Modules: ``corpus`` (bundled SST-2 files and user files), ``models`` (``minilm``,
 ``tiny:<arch>``, local folders and hub ids), ``protocols`` (the two recipes, and the pure
-``paper_score``), ``report`` (JSON, tables, plots, Markdown), ``__main__`` (the CLI).
+``paper_score``), ``analyses`` (``--analyses``: distributions, spectrum, classes) and
+``concepts`` (``--analyses concepts``), ``tables`` (text and Markdown), ``plots`` (PNG),
+``report`` (JSON and Markdown), ``__main__`` (the CLI).
 """
 
 from gsam_monitor.eval.corpus import BUNDLED_CORPORA, Corpus, load_corpus

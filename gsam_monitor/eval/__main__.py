@@ -21,14 +21,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gsam_monitor.analysis import FIT_CRITERIA
 from gsam_monitor.eval.analyses import (
     ANALYSES,
     DEFAULT_RESERVOIR_SIZE,
-    FIT_CRITERIA,
     NAMED_ANALYSES,
     AnalysisObserver,
     check_analyses,
+    check_reservoir_size,
     parse_analyses,
+    parse_analysis_dims,
 )
 from gsam_monitor.eval.concepts import CONCEPTS, ConceptsConfig, parse_layers
 from gsam_monitor.eval.corpus import BUNDLED_CORPORA, Corpus, load_corpus
@@ -37,6 +39,7 @@ from gsam_monitor.eval.protocols import (
     PROTOCOLS,
     LayerObserver,
     ModelResult,
+    check_run,
     run_paper_protocol,
     run_token_protocol,
 )
@@ -115,22 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--corpus), then the 'Geometry of Concepts' lobes, crystals and galaxy; under each selected "
         "layer's 'concepts' (one to a few minutes per layer on a 2-core CPU).",
     )
-    parser.add_argument(
-        "--layers", default=None, metavar="LIST",
-        help="layers of --analyses concepts: comma-separated hidden-state indices (0 = embeddings, "
-        "i = block i) or 'all'. Default: the middle block (3 of MiniLM's 6).",
-    )
-    parser.add_argument(
-        "--concept-blocks", type=int, default=ConceptsConfig.blocks_per_source, metavar="N",
-        help=f"--analyses concepts: 256-token blocks per source (prose, code, math; default "
-        f"{ConceptsConfig.blocks_per_source}).",
-    )
-    parser.add_argument(
-        "--concept-threshold", type=float, default=None, metavar="X",
-        help="--analyses concepts: a feature fires in a block when its SAE activation exceeds X on one "
-        "of the block's tokens. Default sqrt(d / k), the typical size of an active feature on the SAE's "
-        "scale (3.46 for MiniLM); the study's value on its own SAE is 1.",
-    )
+    concepts = parser.add_argument_group("--analyses concepts", "settings of the concept analysis (only with it)")
+    concepts.add_argument("--layers", default=None, metavar="LIST", help=(
+        "layers of --analyses concepts: comma-separated hidden-state indices (0 = embeddings, i = block i) or "
+        "'all'. Default: the middle block (3 of MiniLM's 6)."))
+    concepts.add_argument("--concept-blocks", type=int, default=ConceptsConfig.blocks_per_source, metavar="N", help=(
+        f"--analyses concepts: 256-token blocks per source (prose, code, math; default "
+        f"{ConceptsConfig.blocks_per_source})."))
+    concepts.add_argument("--concept-threshold", type=float, default=None, metavar="X", help=(
+        "--analyses concepts: a feature fires in a block when its SAE activation exceeds X on one of the block's "
+        "tokens. Default sqrt(d / k), the typical size of an active feature on the SAE's scale (3.46 for "
+        "MiniLM); the study's value on its own SAE is 1."))
     parser.add_argument(
         "--fit-criterion", choices=FIT_CRITERIA, default="bic",
         help="ranking of the family fits of --analyses distributions (default bic; sse "
@@ -211,15 +209,25 @@ def run_benchmark(
         One :class:`ModelResult` per model, in order.
 
     Raises:
-        ValueError: for an unknown protocol, analyses requested with the paper protocol, an
-            unknown analysis or fit criterion, a bad reservoir size, ``classes`` on a corpus
-            without labels, or a device this machine does not have (all before any model is
-            loaded).
+        ValueError: for an unknown protocol, ``with_log_n`` with the token protocol, a
+            non-positive batch size or truncation length, analyses requested with the paper
+            protocol, an unknown analysis or fit criterion, a bad reservoir size, ``classes`` on
+            a corpus without labels, or a device this machine does not have (all before any
+            model is loaded), each naming its command-line flag.
     """
     from gsam_monitor.eval.models import resolve_device
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if with_log_n and protocol != "paper":
+        raise ValueError("--with-log-n: applies to --protocol paper only (the token protocol's "
+                         "gsam already includes log N)")
+    check_run(batch_size, max_length)
+    check_reservoir_size(reservoir_size)
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as err:
+        raise ValueError(f"--device: {err}") from None
     if observer_factories and protocol != "token":
         raise ValueError("analyses run in the token protocol only; drop them or use "
                          "--protocol token")
@@ -231,7 +239,6 @@ def run_benchmark(
         # Validates the criterion and the reservoir size before any model is loaded.
         AnalysisObserver(selected, corpus, reservoir_size=reservoir_size,
                          criterion=fit_criterion, seed=analysis_seed, n_dims=analysis_dims)
-    torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
     results = []
     models = model_specs
@@ -281,13 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success. Usage and input errors exit with status 2 and a message on stderr.
     """
-    from gsam_monitor.eval.report import (
-        build_results,
-        format_table,
-        markdown_report,
-        write_json,
-        write_plots,
-    )
+    from gsam_monitor.eval.plots import write_plots
+    from gsam_monitor.eval.report import build_results, markdown_report, write_json
+    from gsam_monitor.eval.tables import format_table
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -295,19 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if args.with_log_n and args.protocol != "paper":
-        parser.error("--with-log-n: applies to --protocol paper only (the token protocol's "
-                     "gsam already includes log N)")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    from gsam_monitor.eval.models import resolve_device
-
-    try:
-        resolve_device(args.device)  # before the corpus and any model are loaded
-    except ValueError as err:
-        parser.error(f"--device: {err}")
-    if args.max_length is not None and args.max_length < 1:
-        parser.error(f"--max-length: expected a positive number of tokens, got {args.max_length}")
+    # What the library cannot check: flags that only mean something with another flag.
     try:
         wants_concepts = CONCEPTS in parse_analyses(args.analyses)
     except ValueError:
@@ -319,25 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if concept_flags and not wants_concepts:
         parser.error(f"{', '.join(concept_flags)}: apply to --analyses concepts only; add it, e.g. "
                      f"--analyses concepts")
-    if args.concept_blocks < 1:
-        parser.error(f"--concept-blocks: expected a positive number of blocks, got {args.concept_blocks}")
-    if args.reservoir_size < 1:
-        parser.error(f"--reservoir-size: expected a positive number of values, got "
-                     f"{args.reservoir_size}")
-    if args.analysis_dims == "all":
-        analysis_dims = -1
-    else:
-        try:
-            analysis_dims = int(args.analysis_dims)
-        except ValueError:
-            analysis_dims = -2
-        if analysis_dims < 0:
-            parser.error(f"--analysis-dims: expected a number of dimensions >= 0 or 'all', got "
-                         f"{args.analysis_dims!r}")
     progress = not args.quiet and sys.stderr.isatty()
     if not progress:
         _quiet_transformers()
-    try:
+    try:  # everything else is checked by the library, before any model is loaded
+        analysis_dims = parse_analysis_dims(args.analysis_dims)
         concepts = ConceptsConfig(layers=parse_layers(args.layers), blocks_per_source=args.concept_blocks,
                                   threshold=args.concept_threshold)
         corpus = load_corpus(args.corpus or DEFAULT_CORPUS[args.protocol])

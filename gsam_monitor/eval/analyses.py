@@ -4,13 +4,13 @@ The token protocol's statistics see only the first two moments of each layer. Th
 of :mod:`gsam_monitor.analysis` add, per layer:
 
 - ``distributions``: a bounded, seeded reservoir sample of the pooled activation values
-  (every coordinate of every non-padding token; :class:`~gsam_monitor.analysis.ReservoirSample`),
+  (every coordinate of every non-padding token; :class:`~gsam_monitor.stats.ReservoirSample`),
   then parametric family fits (:func:`~gsam_monitor.analysis.fit_families`, best first by
   ``--fit-criterion``, with the best family under every criterion beside it), KDE modes
   (:func:`~gsam_monitor.analysis.find_modes`) and tail fractions beyond 3, 5 and 10 sd
   (:func:`~gsam_monitor.analysis.tail_fractions`);
 - ``spectrum``: the power law of the covariance spectrum over ranks 10-150 with its 95%
-  interval (:func:`~gsam_monitor.analysis.powerlaw_alpha`), on the eigenvalues the metrics
+  interval (:func:`~gsam_monitor.analysis.powerlaw_fit`), on the eigenvalues the metrics
   already computed (no second eigendecomposition), restricted to the support (the layer's
   ``rank``) as the ``powerlaw_alpha`` metric is, so ``alpha`` equals that metric;
 - ``classes``: LDA class separation (:func:`~gsam_monitor.analysis.class_separation`) from
@@ -33,41 +33,32 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from gsam_monitor.analysis import (
-    ReservoirSample,
-    analyze_layer,
-    find_modes,
-    fit_families,
-    plot_distribution,
-    powerlaw_alpha,
-)
+from gsam_monitor._jsonable import plain
+from gsam_monitor._validate import is_positive_int
+from gsam_monitor.analysis import FIT_CRITERIA, analyze_layer, find_modes, fit_families, powerlaw_fit
 from gsam_monitor.analysis.distributions import MIN_VALUES
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.protocols import ModelResult
-from gsam_monitor.stats import LayerStats
+from gsam_monitor.metrics.scores import POWERLAW_RANGE
+from gsam_monitor.stats import LayerStats, ReservoirSample
 
 __all__ = [
     "ANALYSES",
     "DEFAULT_DIM_CAPACITY",
     "DEFAULT_RESERVOIR_SIZE",
-    "FIT_CRITERIA",
     "NAMED_ANALYSES",
-    "POWERLAW_RANGE",
     "AnalysisObserver",
     "check_analyses",
-    "format_analyses_table",
+    "check_reservoir_size",
     "has_analyses",
     "parse_analyses",
-    "write_analysis_plots",
+    "parse_analysis_dims",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,18 +70,12 @@ ANALYSES: tuple[str, ...] = ("distributions", "spectrum", "classes")
 #: its own corpus, minutes per layer (:mod:`gsam_monitor.eval.concepts`).
 NAMED_ANALYSES: tuple[str, ...] = ("concepts",)
 
-#: Ranking criteria of the family fits (``--fit-criterion``).
-FIT_CRITERIA: tuple[str, ...] = ("bic", "aic", "sse", "ks")
-
 #: Values kept per layer by the reservoir sample (800 kB of float32). The fits use a seeded
 #: 20k subsample of it (``analysis.FIT_MAX_VALUES``), the KDE another.
 DEFAULT_RESERVOIR_SIZE = 200_000
 
 #: Values kept per dimension when ``--analysis-dims`` asks for per-dimension fits.
 DEFAULT_DIM_CAPACITY = 2_000
-
-#: Rank range of the power-law fit, the same as ``metrics.compute``'s ``powerlaw_alpha``.
-POWERLAW_RANGE: tuple[int, int] = (10, 150)
 
 
 def parse_analyses(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -122,6 +107,41 @@ def parse_analyses(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(name for name in ANALYSES if name in names or "all" in names) + tuple(
         name for name in NAMED_ANALYSES if name in names
     )
+
+
+def check_reservoir_size(reservoir_size: object) -> int:
+    """``--reservoir-size``: the values sampled per layer, a positive int.
+
+    Raises:
+        ValueError: naming the flag, the value and a sensible one.
+    """
+    if not is_positive_int(reservoir_size):
+        raise ValueError(
+            f"--reservoir-size: expected a positive number of values, got {reservoir_size!r}; "
+            f"e.g. {DEFAULT_RESERVOIR_SIZE}"
+        )
+    return int(reservoir_size)  # type: ignore[call-overload]
+
+
+def parse_analysis_dims(value: str | int) -> int:
+    """``--analysis-dims``: a number of dimensions (0 or more) or ``"all"``; as an int, -1 is all.
+
+    Returns:
+        The number of dimensions, -1 for all.
+
+    Raises:
+        ValueError: for anything else, naming the flag.
+    """
+    dims = None
+    if value == "all":
+        dims = -1
+    elif isinstance(value, str):
+        dims = int(value) if value.strip().isdigit() else None
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= -1:
+        dims = value
+    if dims is None:
+        raise ValueError(f"--analysis-dims: expected a number of dimensions >= 0 or 'all', got {value!r}")
+    return dims
 
 
 def check_analyses(analyses: Sequence[str], corpus: Corpus, protocol: str = "token") -> None:
@@ -185,37 +205,19 @@ class AnalysisObserver:
     """
 
     def __init__(
-        self,
-        analyses: Sequence[str],
-        corpus: Corpus,
-        *,
-        reservoir_size: int = DEFAULT_RESERVOIR_SIZE,
-        criterion: str = "bic",
-        seed: int = 0,
-        n_dims: int = 0,
-        dim_capacity: int = DEFAULT_DIM_CAPACITY,
+        self, analyses: Sequence[str], corpus: Corpus, *, reservoir_size: int = DEFAULT_RESERVOIR_SIZE,
+        criterion: str = "bic", seed: int = 0, n_dims: int = 0, dim_capacity: int = DEFAULT_DIM_CAPACITY,
     ) -> None:
         self.analyses = parse_analyses(list(analyses))
         if criterion not in FIT_CRITERIA:
             raise ValueError(
                 f"--fit-criterion: expected one of {', '.join(FIT_CRITERIA)}, got {criterion!r}"
             )
-        if isinstance(reservoir_size, bool) or not isinstance(reservoir_size, int) or reservoir_size < 1:
-            raise ValueError(
-                f"--reservoir-size: expected a positive number of values, got {reservoir_size!r}; "
-                f"e.g. {DEFAULT_RESERVOIR_SIZE}"
-            )
-        if isinstance(n_dims, bool) or not isinstance(n_dims, int) or n_dims < -1:
-            raise ValueError(
-                f"--analysis-dims: expected a number of dimensions >= 0 or 'all', got {n_dims!r}"
-            )
-        if isinstance(dim_capacity, bool) or not isinstance(dim_capacity, int) or dim_capacity < MIN_VALUES:
-            raise ValueError(
-                f"dim_capacity: expected at least {MIN_VALUES} values per dimension, got "
-                f"{dim_capacity!r}; e.g. {DEFAULT_DIM_CAPACITY}"
-            )
-        self.reservoir_size = reservoir_size
-        self.n_dims = n_dims
+        self.reservoir_size = check_reservoir_size(reservoir_size)
+        self.n_dims = parse_analysis_dims(n_dims)
+        if not is_positive_int(dim_capacity) or dim_capacity < MIN_VALUES:
+            raise ValueError(f"dim_capacity: expected at least {MIN_VALUES} values per dimension, got "
+                             f"{dim_capacity!r}; e.g. {DEFAULT_DIM_CAPACITY}")
         self.dim_capacity = dim_capacity
         self.criterion = criterion
         self.seed = int(seed)
@@ -291,7 +293,7 @@ class AnalysisObserver:
                         entry["distributions"]["dims"] = self._per_dim(sample)
                 if per_class is not None:
                     entry["classes"] = summary["class_separation"]
-            out[layer] = {"analyses": _plain(entry)}
+            out[layer] = {"analyses": plain(entry)}
         return out
 
     def _per_dim(self, sample: ReservoirSample) -> dict[str, Any]:
@@ -341,7 +343,7 @@ class AnalysisObserver:
                 # output is rounding noise and would steepen the fit when the range reaches it.
                 spectrum = np.sort(np.asarray(spectrum, dtype=np.float64))[::-1][: int(layer.get("rank") or 0)]
                 entry["spectrum"] = (
-                    _plain(powerlaw_alpha(spectrum, POWERLAW_RANGE)) if spectrum.size else None
+                    plain(powerlaw_fit(spectrum, POWERLAW_RANGE)) if spectrum.size else None
                 )
         result.samples = {layer: sample.values() for layer, sample in self.samples.items()}
 
@@ -375,176 +377,6 @@ def _best_by(fits: Sequence[dict[str, Any]], criterion: str) -> str:
     return min(finite, key=lambda f: f[criterion])["family"] if finite else fits[0]["family"]
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars and arrays to Python numbers and lists (JSON-ready)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    return value
-
-
-# ---------------------------------------------------------------------------- report
-def _get(layer: dict[str, Any], *keys: str) -> Any:
-    value: Any = layer.get("analyses")
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
 def has_analyses(results: Sequence[ModelResult]) -> bool:
     """Whether any layer of any result carries analyses."""
     return any(layer.get("analyses") for r in results for layer in r.layers)
-
-
-def format_analyses_table(results: Sequence[ModelResult], *, markdown: bool = False) -> str:
-    """Per-layer table: best family, secondary modes, alpha with its 95% CI, Fisher ratio.
-
-    Args:
-        results: one :class:`ModelResult` per model.
-        markdown: a Markdown table instead of aligned text.
-
-    Returns:
-        One block per model with analyses (empty string if none has any).
-    """
-    from gsam_monitor.eval.report import _grid
-
-    blocks = []
-    header = ["layer", "name", "best family", "modes (sd)", "alpha [95% CI]", "fisher",
-              "tail>5sd / gauss"]
-    for r in results:
-        if not any(layer.get("analyses") for layer in r.layers):
-            continue
-        with_dims = any(_get(layer, "distributions", "dims") for layer in r.layers)
-        rows = []
-        for layer in r.layers:
-            dist = _get(layer, "distributions")
-            spec = _get(layer, "spectrum")
-            fisher = _get(layer, "classes", "fisher_ratio")
-            if dist:
-                offsets = [m["offset_sd"] for m in (*dist["modes"]["left"], *dist["modes"]["right"])]
-                modes = f"{len(offsets)}" + (" (" + ", ".join(f"{o:+.1f}" for o in offsets) + ")"
-                                             if offsets else "")
-                tail = dist["tails"].get("5")
-                tail_txt = "-" if tail is None or tail.get("ratio") is None else f"{tail['ratio']:.3g}"
-                family = dist["best_family"]
-            else:
-                modes, tail_txt, family = "-", "-", "-"
-            alpha = "-"
-            if spec and _finite(spec.get("alpha")):
-                alpha = f"{spec['alpha']:.3f} [{spec['ci_low']:.3f}, {spec['ci_high']:.3f}]"
-            row = [str(layer["index"]), str(layer["name"]), family, modes, alpha,
-                   f"{fisher:.3f}" if _finite(fisher) else "-", tail_txt]
-            if with_dims:
-                row.append(_dims_cell(_get(layer, "distributions", "dims"), _first_criterion(r)))
-            rows.append(row)
-        blocks.append(f"analyses: {r.model} (fits ranked by "
-                      f"{_first_criterion(r)})\n" + ("\n" if markdown else "")
-                      + _grid(header + (["per-dim best / with 2nd modes"] if with_dims else []),
-                              rows, markdown))
-    return "\n\n".join(blocks)
-
-
-def _dims_cell(dims: dict[str, Any] | None, criterion: str) -> str:
-    if not dims or not dims.get("n_dims"):
-        return "-"
-    counts = dims["best_family_counts"].get(criterion) or {}
-    top = ", ".join(f"{family} {n}" for family, n in list(counts.items())[:2])
-    return f"{top} of {dims['n_dims']} / {dims['dims_with_secondary_modes']}"
-
-
-def _first_criterion(r: ModelResult) -> str:
-    for layer in r.layers:
-        dist = _get(layer, "distributions")
-        if dist:
-            return str(dist["criterion"])
-    return "-"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
-
-
-def write_analysis_plots(results: Sequence[ModelResult], directory: str | os.PathLike[str]) -> list[Path]:
-    """PNG plots of the analyses (matplotlib must already use the Agg backend).
-
-    Writes, when the analyses are present: per model and layer a histogram of the sampled
-    values with the best fitted pdf, the Gaussian and the secondary modes
-    (``distribution_<model>_<layer>.png``); alpha per layer with 95% error bars
-    (``analysis_alpha.png``); the Fisher ratio per layer (``analysis_fisher_ratio.png``).
-
-    Args:
-        results: one :class:`ModelResult` per model.
-        directory: an existing folder.
-
-    Returns:
-        The written files.
-    """
-    import matplotlib.pyplot as plt
-
-    out = Path(directory)
-    written: list[Path] = []
-    for r in results:
-        for layer in r.layers:
-            dist = _get(layer, "distributions")
-            values = r.samples.get(layer["index"])
-            if not dist or values is None or values.size < 2:
-                continue
-            fig, ax = plt.subplots(figsize=(6.4, 4.0))
-            plot_distribution(ax, values, dist["fits"], dist["modes"],
-                              title=f"{r.model}: {layer['name']}")
-            fig.tight_layout()
-            path = out / f"distribution_{_slug(r.model)}_{_slug(str(layer['name']))}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
-    depths = {len(r.layers) for r in results}
-    relative = len(depths) > 1
-    for key, ylabel, filename in (
-        ("alpha", "power-law alpha (ranks 10-150), 95% CI", "analysis_alpha.png"),
-        ("fisher_ratio", "Fisher ratio (largest LDA eigenvalue)", "analysis_fisher_ratio.png"),
-    ):
-        section = "spectrum" if key == "alpha" else "classes"
-        if not any(_get(layer, section) for r in results for layer in r.layers):
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for r in results:
-            x = np.array([layer["index"] for layer in r.layers], dtype=float)
-            if relative:
-                x = x / max(x.max(), 1.0)
-            y = np.array([_num(_get(layer, section, key)) for layer in r.layers])
-            if key == "alpha":
-                low = np.array([_num(_get(layer, section, "ci_low")) for layer in r.layers])
-                high = np.array([_num(_get(layer, section, "ci_high")) for layer in r.layers])
-                ax.errorbar(x, y, yerr=np.vstack([y - low, high - y]), marker="o", capsize=3,
-                            label=r.model)
-            else:
-                ax.plot(x, y, marker="o", label=r.model)
-        ax.set_xlabel("relative depth" if relative else "layer (0 = embeddings)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out / filename
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _num(value: Any) -> float:
-    return float(value) if _finite(value) else math.nan

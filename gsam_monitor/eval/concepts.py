@@ -33,20 +33,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from gsam_monitor import metrics
+from gsam_monitor._jsonable import plain
+from gsam_monitor._validate import is_positive_int
 from gsam_monitor.analysis.concepts import (
     AFFINITIES,
     SOURCES,
@@ -76,10 +76,10 @@ from gsam_monitor.analysis.concepts import (
     spectral_embedding_2d,
     spectral_lobes,
 )
-from gsam_monitor.analysis.spectrum import powerlaw_alpha
-from gsam_monitor.eval.analyses import _plain, _slug
+from gsam_monitor.analysis.spectrum import powerlaw_fit
 from gsam_monitor.eval.corpus import load_corpus
 from gsam_monitor.eval.models import LoadedModel
+from gsam_monitor.metrics.scores import POWERLAW_RANGE
 from gsam_monitor.stats import LayerStats
 
 __all__ = [
@@ -87,20 +87,15 @@ __all__ = [
     "ConceptsConfig",
     "default_documents",
     "default_layers",
-    "format_concepts_table",
     "has_concepts",
     "parse_layers",
     "run_concepts",
-    "write_concepts_plots",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: The ``--analyses`` name of this analysis.
 CONCEPTS = "concepts"
-
-#: Rank range of both power-law fits (the monitor's ``powerlaw_alpha``).
-POWERLAW_RANGE: tuple[int, int] = (10, 150)
 
 
 @dataclass(frozen=True)
@@ -156,12 +151,13 @@ class ConceptsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = {"blocks_per_source": self.blocks_per_source, "block_size": self.block_size,
-                    "code_blocks_per_file": self.code_blocks_per_file, "expansion": self.expansion,
-                    "k": self.k, "epochs": self.epochs, "batch_blocks": self.batch_blocks,
+        if not is_positive_int(self.blocks_per_source):
+            raise ValueError(f"--concept-blocks: expected a positive number of blocks, got {self.blocks_per_source!r}")
+        positive = {"block_size": self.block_size, "code_blocks_per_file": self.code_blocks_per_file,
+                    "expansion": self.expansion, "k": self.k, "epochs": self.epochs, "batch_blocks": self.batch_blocks,
                     "sae_batch": self.sae_batch, "heldout_every": self.heldout_every, "min_blocks": self.min_blocks}
         for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"concepts {name}: expected a positive integer, got {value!r}")
         if self.heldout_every < 2:
             raise ValueError(f"concepts heldout_every: expected at least 2 (one block in n held out), got "
@@ -345,7 +341,7 @@ def run_concepts(
         # The protocol's names: hidden_states[i] is "layer_i" (the output of block i).
         name = "embeddings" if layer == 0 else f"layer_{layer}"
         entry, plot = _layer_results(layer, name, saes[layer], trainers[layer], analysis[layer], words, config)
-        results[layer] = {"concepts": _plain(entry)}
+        results[layer] = {"concepts": plain(entry)}
         logger.info("concepts: layer %d analyses %.1f s", layer, time.perf_counter() - started)
         plots[layer] = plot
     return results, plots
@@ -434,7 +430,7 @@ def _layer_results(layer: int, name: str, sae: TopKSAE, trainer: SAETrainer, sta
     crystals_entry = _crystals(words, layer, config, plot)
     features_alpha = point_cloud_powerlaw(directions, POWERLAW_RANGE)
     plot.feature_spectrum = point_cloud_spectrum(directions)
-    values, evals = metrics.compute_with_spectrum(state.stats, names=["powerlaw_alpha", "rank"])
+    values, evals = metrics.compute(state.stats, names=["powerlaw_alpha", "rank"], return_spectrum=True)
     rank = int(values.get("rank", 0))
     spectrum = evals.numpy()[:rank] if evals is not None else np.zeros(0)
     plot.activation_spectrum = spectrum
@@ -444,7 +440,7 @@ def _layer_results(layer: int, name: str, sae: TopKSAE, trainer: SAETrainer, sta
         "crystals": crystals_entry,
         "powerlaw_alpha": {
             "features": features_alpha,
-            "activations": powerlaw_alpha(spectrum, POWERLAW_RANGE) if spectrum.size else None,
+            "activations": powerlaw_fit(spectrum, POWERLAW_RANGE) if spectrum.size else None,
         },
     }
     return entry, plot
@@ -551,189 +547,6 @@ def _crystals(words: _Words, layer: int, config: ConceptsConfig, plot: LayerConc
     return entry
 
 
-# ---------------------------------------------------------------------------- report
 def has_concepts(results: Sequence[Any]) -> bool:
     """Whether any layer of any :class:`~gsam_monitor.eval.protocols.ModelResult` has ``concepts``."""
     return any(layer.get("concepts") for r in results for layer in r.layers)
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
-
-
-def format_concepts_table(results: Sequence[Any], *, markdown: bool = False) -> str:
-    """Per model and layer: SAE quality, lobes (AMI vs null, logistic regression), crystals, alphas.
-
-    Args:
-        results: :class:`~gsam_monitor.eval.protocols.ModelResult` objects.
-        markdown: a Markdown table instead of aligned text.
-
-    Returns:
-        One block per model with concepts, plus its lobe x source table (empty if none).
-    """
-    from gsam_monitor.eval.report import _grid
-
-    blocks = []
-    header = ["layer", "name", "EV", "L0", "dead", "lobes AMI (null mean±sd, z)", "logreg / chance",
-              "crystal cos act before→LDA (random)", "crystal cos SAE before→LDA (random)", "alpha SAE", "alpha act"]
-    for r in results:
-        rows, lobe_rows = [], []
-        for layer in r.layers:
-            c = layer.get("concepts")
-            if not c:
-                continue
-            sae, lobes, crystals, alpha = c["sae"], c["lobes"], c["crystals"], c["powerlaw_alpha"]
-            ami = (f"{_fmt(lobes.get('ami'), '.3f')} ({_fmt(lobes.get('ami_null_mean'), '.3f')}±"
-                   f"{_fmt(lobes.get('ami_null_sd'), '.3f')}, z {_fmt(lobes.get('ami_z'), '.1f')})")
-            cells = []
-            for space in ("activations", "features"):
-                s = crystals[space]
-                cells.append(f"{_fmt(s['before']['within'], '.3f')}→{_fmt(s['after_lda']['within'], '.3f')} "
-                             f"({_fmt(s['after_random_within'], '.3f')})")
-            act_alpha = (alpha.get("activations") or {}).get("alpha")
-            rows.append([str(layer["index"]), str(layer["name"]), _fmt(sae["explained_variance"], ".3f"),
-                         _fmt(sae["l0"], ".1f"), _fmt(sae["dead_fraction"], ".3f"), ami,
-                         f"{_fmt(lobes.get('logreg_accuracy'), '.3f')} / {_fmt(lobes.get('chance'), '.3f')}",
-                         *cells, _fmt(alpha["features"].get("alpha"), ".3f"), _fmt(act_alpha, ".3f")])
-            for lobe, shares in (lobes.get("lobe_by_source") or {}).items():
-                lobe_rows.append([str(layer["index"]), lobe, str(shares["n_features"]),
-                                  *(_fmt(shares[s], ".3f") for s in SOURCES)])
-        if not rows:
-            continue
-        title = f"concepts: {r.model} (TopK SAE on streamed activations; lobes by {_first(r, 'affinity')} affinity)"
-        text = title + "\n" + ("\n" if markdown else "") + _grid(header, rows, markdown)
-        if lobe_rows:
-            text += ("\n\n" + "lobe x source: mean fraction of each source's blocks its features fire in\n"
-                     + ("\n" if markdown else "") + _grid(["layer", "lobe", "features", *SOURCES], lobe_rows, markdown))
-        blocks.append(text)
-    return "\n\n".join(blocks)
-
-
-def _first(r: Any, key: str) -> str:
-    for layer in r.layers:
-        c = layer.get("concepts")
-        if c:
-            return str(c["lobes"].get(key))
-    return "-"
-
-
-def write_concepts_plots(results: Sequence[Any], directory: str | os.PathLike[str]) -> list[Path]:
-    """PNG plots of ``--analyses concepts`` (matplotlib must already use the Agg backend).
-
-    Per model and layer: ``concepts_lobes_<model>_<layer>.png`` (the features on a 2-D
-    spectral embedding of the headline affinity, coloured by lobe and by the source they fire
-    on most) and ``concepts_crystals_<model>_<layer>.png`` (each relation's pairs on their
-    first two principal components, before and after the LDA projection); per model
-    ``concepts_powerlaw_<model>.png`` (the decoder point cloud's and the activations'
-    eigenvalues per layer, log-log, with the fitted power laws).
-
-    Returns:
-        The written files.
-    """
-    import matplotlib.pyplot as plt
-
-    out = Path(directory)
-    written: list[Path] = []
-    colours = {"prose": "tab:blue", "code": "tab:orange", "math": "tab:green"}
-    for r in results:
-        plots: dict[int, LayerConcepts] = getattr(r, "concepts", None) or {}
-        for plot in plots.values():
-            slug = f"{_slug(r.model)}_{_slug(plot.name)}"
-            if plot.embedding.size:
-                fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-                emb = plot.embedding
-                src = np.asarray(plot.dominant_source)
-                # Lobe colours apart from the source colours, so that the two panels do not blur.
-                palette = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "tab:red"]
-                for lobe in np.unique(plot.lobes):
-                    sel = plot.lobes == lobe
-                    names, counts = np.unique(src[sel], return_counts=True)
-                    axes[0].scatter(emb[sel, 0], emb[sel, 1], s=4, alpha=0.6, color=palette[int(lobe) % len(palette)],
-                                    label=f"lobe {lobe} ({sel.sum()}; mostly {names[counts.argmax()]})")
-                for s, colour in colours.items():
-                    sel = src == s
-                    axes[1].scatter(emb[sel, 0], emb[sel, 1], s=4, alpha=0.6, color=colour, label=f"{s} ({sel.sum()})")
-                for ax, title in zip(axes, ("co-occurrence lobes", "source each feature fires on most"), strict=True):
-                    ax.set_title(f"{r.model} {plot.name}: {title}", fontsize="small")
-                    ax.set_xlabel("spectral embedding 1")
-                    ax.set_ylabel("spectral embedding 2")
-                    ax.legend(fontsize="x-small", markerscale=3)
-                fig.tight_layout()
-                path = out / f"concepts_lobes_{slug}.png"
-                fig.savefig(path, dpi=100)
-                plt.close(fig)
-                written.append(path)
-            if plot.crystals:
-                written.append(_crystal_plot(plt, r.model, plot, out / f"concepts_crystals_{slug}.png"))
-        if plots:
-            written.append(_powerlaw_plot(plt, r.model, plots, out / f"concepts_powerlaw_{_slug(r.model)}.png"))
-    return written
-
-
-def _crystal_plot(plt: Any, model: str, plot: LayerConcepts, path: Path) -> Path:
-    c = plot.crystals
-    relations = list(dict.fromkeys(c["relations"]))
-    rel = np.asarray(c["relations"])
-    fig, axes = plt.subplots(2, len(relations), figsize=(4.2 * len(relations), 7.6), squeeze=False)
-    for row, key in enumerate(("before", "after")):
-        vectors = c[key]
-        for col, relation in enumerate(relations):
-            sel = rel == relation
-            ia, ib = c["a"][sel], c["b"][sel]
-            points = np.concatenate([vectors[ia], vectors[ib]])
-            centred = points - points.mean(axis=0)
-            _, _, vt = np.linalg.svd(centred, full_matrices=False)
-            xy = centred @ vt[:2].T
-            n = ia.size
-            ax = axes[row][col]
-            for i in range(n):
-                ax.annotate("", xy=xy[n + i], xytext=xy[i],
-                            arrowprops={"arrowstyle": "->", "color": "tab:gray", "lw": 0.8})
-            ax.scatter(xy[:n, 0], xy[:n, 1], s=10, color="tab:blue")
-            ax.scatter(xy[n:, 0], xy[n:, 1], s=10, color="tab:red")
-            for i in range(min(n, 6)):
-                ax.annotate(c["words"][ia[i]], xy[i], fontsize=6)
-                ax.annotate(c["words"][ib[i]], xy[n + i], fontsize=6)
-            cosine = parallelogram_quality(vectors[ia], vectors[ib], [relation] * n)["within"]
-            ax.set_title(f"{relation}: {'before' if key == 'before' else 'after'} LDA (mean cos {cosine:.3f})",
-                         fontsize="small")
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"{model} {plot.name}: word pairs on their first two principal components (activations)",
-                 fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _powerlaw_plot(plt: Any, model: str, plots: dict[int, LayerConcepts], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("viridis")
-    n = max(len(plots) - 1, 1)
-    for i, (_, plot) in enumerate(sorted(plots.items())):
-        colour = cmap(i / n)
-        for ax, lam in zip(axes, (plot.feature_spectrum, plot.activation_spectrum), strict=True):
-            lam = np.asarray(lam, dtype=float)
-            lam = lam[lam > 0]
-            if lam.size == 0:
-                continue
-            ranks = np.arange(1, lam.size + 1)
-            fit = powerlaw_alpha(lam, POWERLAW_RANGE)
-            label = plot.name + (f" (alpha {fit['alpha']:.2f})" if math.isfinite(fit["alpha"]) else "")
-            ax.loglog(ranks, lam, color=colour, label=label)
-            if math.isfinite(fit["alpha"]):
-                lo, hi = POWERLAW_RANGE[0], min(POWERLAW_RANGE[1], lam.size)
-                k = np.arange(lo, hi + 1)
-                intercept = np.mean(np.log(lam[k - 1]) + fit["alpha"] * np.log(k))
-                ax.loglog(k, np.exp(intercept) * k ** -fit["alpha"], color=colour, ls="--", lw=0.8)
-    for ax, title in zip(axes, ("SAE decoder point cloud", "activations (same corpus)"), strict=True):
-        ax.set_title(f"{model}: {title}", fontsize="small")
-        ax.set_xlabel("rank k")
-        ax.set_ylabel("covariance eigenvalue")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -3,11 +3,12 @@
 ``token`` is the benchmark report's description done right: the token-level hidden states
 of every layer (the embedding output is layer 0), padding masked, streamed through one
 :class:`~gsam_monitor.LayerStats` per layer, then a second pass over the same batches for
-:class:`~gsam_monitor.stats.MardiaAccumulator`, then :func:`gsam_monitor.metrics.compute` per
+:class:`~gsam_monitor.metrics.MardiaAccumulator`, then :func:`gsam_monitor.metrics.compute` per
 layer. Memory is O(layers × d²): hidden states live for one batch; the second pass re-runs
 the model instead of keeping them.
 
-``paper`` reproduces the original benchmark code exactly (see DESIGN.md):
+``paper`` reproduces the original benchmark code exactly (see the README, "What the original code
+computed, and why Table 1 ranks hidden sizes"):
 
 1. one vector per sentence = masked mean of the last hidden state + masked mean of the
    embedding output (``hidden_states[-1]`` + ``hidden_states[0]``);
@@ -39,9 +40,12 @@ import numpy as np
 import torch
 
 from gsam_monitor import metrics
+from gsam_monitor._jsonable import plain
+from gsam_monitor._validate import is_positive_int
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.models import LoadedModel
-from gsam_monitor.stats import LayerStats, MardiaAccumulator
+from gsam_monitor.metrics import MardiaAccumulator
+from gsam_monitor.stats import LayerStats
 
 __all__ = [
     "PAPER_EPS",
@@ -50,6 +54,7 @@ __all__ = [
     "LayerObserver",
     "ModelResult",
     "PaperFit",
+    "check_run",
     "paper_fit",
     "paper_score",
     "run_paper_protocol",
@@ -150,10 +155,20 @@ def _progress(iterable: Iterable[Any], *, total: int, desc: str, enabled: bool) 
     return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, unit="batch")
 
 
+def check_run(batch_size: int, max_length: int | None) -> None:
+    """Refuse, before any model is loaded, a batch size or truncation length that is not positive.
+
+    Raises:
+        ValueError: naming the flag (``--batch-size``, ``--max-length``) and the value.
+    """
+    if not is_positive_int(batch_size):
+        raise ValueError(f"--batch-size: expected a positive integer, got {batch_size}")
+    if max_length is not None and not is_positive_int(max_length):
+        raise ValueError(f"--max-length: expected a positive number of tokens, got {max_length}")
+
+
 def _max_length(loaded: LoadedModel, max_length: int | None) -> int | None:
     if max_length is not None:
-        if max_length < 1:
-            raise ValueError(f"--max-length: expected a positive number of tokens, got {max_length}")
         return max_length if loaded.max_length is None else min(max_length, loaded.max_length)
     return loaded.max_length
 
@@ -200,33 +215,22 @@ def _batches(
         yield inputs, batch_labels
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"--batch-size: expected a positive integer, got {batch_size}")
-
-
 def _layer_name(index: int) -> str:
     return "embeddings" if index == 0 else f"layer_{index}"
 
 
-def _plain(metrics_dict: dict[str, Any]) -> dict[str, Any]:
-    """Python ints for counts, floats for the rest (JSON-ready)."""
-    out: dict[str, Any] = {}
-    for key, value in metrics_dict.items():
-        if key in ("d", "rank", "nonfinite", "outlier_dims"):
-            out[key] = int(value)
-        elif key == "n":
-            out[key] = round(float(value))
-        else:
-            out[key] = float(value)
+def _json_metrics(metrics_dict: dict[str, Any]) -> dict[str, Any]:
+    """Python numbers (JSON-ready); the row count, fp64 in the statistics, as an int."""
+    out = plain(metrics_dict)
+    out["n"] = round(out["n"])
     return out
 
 
 def _layer_metrics(stats: LayerStats, mardia: MardiaAccumulator | None) -> tuple[dict, np.ndarray]:
-    values, evals = metrics.compute_with_spectrum(stats, names="all", mardia=mardia)
+    values, evals = metrics.compute(stats, names="all", mardia=mardia, return_spectrum=True)
     values.setdefault("mardia_kurtosis", math.nan)
     spectrum = evals.numpy() if evals is not None else np.zeros(0)
-    return _plain(values), spectrum
+    return _json_metrics(values), spectrum
 
 
 def _mardia(stats: LayerStats) -> MardiaAccumulator | None:
@@ -259,7 +263,7 @@ def run_token_protocol(
     Raises:
         ValueError: for a non-positive ``batch_size`` or ``max_length``.
     """
-    _check_batch_size(batch_size)
+    check_run(batch_size, max_length)
     max_length = _max_length(loaded, max_length)
     n_truncated = _count_truncated(loaded, corpus.sentences, max_length)
     n_batches = math.ceil(len(corpus) / batch_size)
@@ -332,7 +336,7 @@ def sentence_vectors(
     Returns:
         Array of shape (N sentences, d).
     """
-    _check_batch_size(batch_size)
+    check_run(batch_size, max_length)
     vectors = []
     n_batches = math.ceil(len(corpus) / batch_size)
     # no_grad, not inference_mode: LayerStats reuses workspace buffers across calls, and an
@@ -425,13 +429,8 @@ def paper_score(vectors: np.ndarray, with_log_n: bool = False) -> float:
 
 
 def run_paper_protocol(
-    loaded: LoadedModel,
-    corpus: Corpus,
-    *,
-    batch_size: int = 32,
-    max_length: int | None = None,
-    with_log_n: bool = False,
-    progress: bool = False,
+    loaded: LoadedModel, corpus: Corpus, *, batch_size: int = 32, max_length: int | None = None,
+    with_log_n: bool = False, progress: bool = False,
 ) -> ModelResult:
     """The original benchmark code's recipe, plus the library's metrics on the same vectors.
 
@@ -451,6 +450,7 @@ def run_paper_protocol(
     Returns:
         The :class:`ModelResult`; ``score`` is the paper score.
     """
+    check_run(batch_size, max_length)
     max_length = _max_length(loaded, max_length)
     n_truncated = _count_truncated(loaded, corpus.sentences, max_length)
     vectors = sentence_vectors(

@@ -3,7 +3,7 @@
 The study reports that the point cloud of SAE feature vectors is not isotropic: the
 eigenvalues of its covariance fall off as a power law, steepest in the middle layers. The
 point cloud here is the SAE's unit decoder rows (one point per feature, alive or not); the
-power law is fitted by :func:`gsam_monitor.analysis.spectrum.powerlaw_alpha` over the same
+power law is fitted by :func:`gsam_monitor.analysis.spectrum.powerlaw_fit` over the same
 rank range as the activation spectrum the monitor reports, so the two alphas compare.
 """
 
@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from gsam_monitor.analysis.spectrum import powerlaw_alpha
+from gsam_monitor.analysis.spectrum import powerlaw_fit
+from gsam_monitor.metrics.scores import POWERLAW_RANGE
 
 __all__ = ["point_cloud_powerlaw", "point_cloud_spectrum"]
 
@@ -27,6 +28,6 @@ def point_cloud_spectrum(points: np.ndarray) -> np.ndarray:
     return np.clip(np.linalg.eigvalsh(centred.T @ centred / x.shape[0])[::-1], 0.0, None)
 
 
-def point_cloud_powerlaw(points: np.ndarray, rank_range: tuple[int, int] = (10, 150)) -> dict[str, Any]:
-    """``powerlaw_alpha`` of the point cloud's covariance spectrum (alpha, 95% CI, r2, n_points)."""
-    return powerlaw_alpha(point_cloud_spectrum(points), rank_range)
+def point_cloud_powerlaw(points: np.ndarray, rank_range: tuple[int, int] = POWERLAW_RANGE) -> dict[str, Any]:
+    """``powerlaw_fit`` of the point cloud's covariance spectrum (alpha, 95% CI, r2, n_points)."""
+    return powerlaw_fit(point_cloud_spectrum(points), rank_range)

@@ -19,25 +19,21 @@ recomputation and is skipped, so tokens are counted once. The phase is decided o
 forward because reentrant checkpointing runs the first forward of a block under
 ``torch.no_grad()`` even in training.
 
-Under ``torch.compile`` a layer hook is traced into the model's graph, where it calls the
-custom operator ``gsam_monitor::observe`` (``observe``): an opaque, effectful call that the
-compiled graph keeps (Inductor does not eliminate or reorder it) and that hands the hidden
-state, the padding mask and the phase, all fixed when the graph was traced, to the monitor
-registered under its key (``add_observer``). No graph break, so ``fullgraph=True`` works.
+Under ``torch.compile`` a layer hook is traced into the model's graph and reaches the monitor
+through an opaque operator (``gsam_monitor.capture.compiled``).
 
 ``nn.DataParallel`` runs the replicas of one module in several threads that share its hooks,
-so the forward context is thread-local (``ThreadForwardContext``) and the token sampler's
-generators are created under a lock. A root hook traced by torch.compile writes a plain
-``ForwardContext`` instead: Dynamo tracks attribute writes on plain objects within a trace,
-not on thread-locals, whose writes the traced layer hooks would not see.
+so the forward context is thread-local (``ThreadForwardContext``), the context hooks go on
+the module inside the wrapper (``context_root``), and the token sampler's generators are
+created under a lock (``gsam_monitor.capture.rows``). A root hook traced by torch.compile
+writes a plain ``ForwardContext`` instead: Dynamo tracks attribute writes on plain objects
+within a trace, not on thread-locals, whose writes the traced layer hooks would not see.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,30 +46,17 @@ __all__ = [
     "ForwardContext",
     "HookHandles",
     "ThreadForwardContext",
-    "TokenSampler",
-    "add_observer",
-    "align_mask",
     "attention_mask_position",
+    "context_root",
     "extract_hidden",
     "in_backward",
     "infer_phase",
-    "observe",
     "register_context_hooks",
     "register_layer_hook",
-    "remove_observer",
-    "to_rows",
 ]
 
 Phase = Literal["train", "eval"]
 _HIDDEN_KEYS = ("last_hidden_state", "hidden_states", "hidden_state", "output", "logits")
-# Modules whose outputs are channels-first even when 3-D (B, C, L); 4-D/5-D outputs always are.
-_CHANNELS_FIRST_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-)
 
 
 class HookHandles:
@@ -205,77 +188,6 @@ def extract_hidden(output: Any) -> torch.Tensor | None:
     return None
 
 
-def to_rows(x: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, bool]:
-    """View an activation as feature rows: ``(..., d)`` stays, channels-first outputs move.
-
-    Convolutional outputs ``(B, C, *spatial)`` count channels as features and positions as
-    samples, as Delve does: 4-D and 5-D outputs always, 3-D ones of conv/norm/pool modules.
-
-    Returns:
-        ``(rows, channels_first)``: ``rows`` has the features last (not yet flattened).
-    """
-    channels_first = x.dim() >= 4 or (x.dim() == 3 and isinstance(module, _CHANNELS_FIRST_TYPES))
-    if channels_first:
-        x = x.movedim(1, -1)  # (B, C, H, W) -> (B, H, W, C)
-    elif x.dim() == 1:
-        x = x.unsqueeze(0)
-    return x, channels_first
-
-
-class TokenSampler:
-    """Uniform sampling without replacement of at most ``k`` valid rows, on the device.
-
-    Each row gets a uniform random key, invalid rows the key -1; the ``k`` largest keys are
-    kept (``topk``), so every subset of valid rows is equally likely, and when fewer than ``k``
-    rows are valid all of them are kept, the rest of the selection being masked out. Nothing
-    is read back to the host. One generator per device, seeded with ``seed``.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self._generators: dict[str, torch.Generator] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()  # DataParallel replicas sample from several threads
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            with self._lock:
-                gen = self._generators.get(key)
-                if gen is None:
-                    gen = torch.Generator(device=device)
-                    gen.manual_seed(self.seed)
-                    if key in self._pending:
-                        gen.set_state(self._pending.pop(key))
-                    self._generators[key] = gen
-        return gen
-
-    def sample(
-        self, rows: torch.Tensor, mask: torch.Tensor | None, k: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows ``(N, d)`` and keep-mask ``(N,)`` -> at most ``k`` rows and their keep-mask."""
-        n = rows.shape[0]
-        if k is None or n <= k:
-            return rows, mask
-        keys = torch.rand(n, generator=self.generator(rows.device), device=rows.device)
-        if mask is not None:
-            keys = torch.where(mask, keys, torch.full_like(keys, -1.0))
-        idx = torch.topk(keys, k, sorted=False).indices
-        return rows.index_select(0, idx), (mask.index_select(0, idx) if mask is not None else None)
-
-    def state_dict(self) -> dict[str, Any]:
-        states = {k: g.get_state() for k, g in self._generators.items()}
-        states.update({k: v for k, v in self._pending.items() if k not in states})
-        return {"seed": self.seed, "generators": states}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.seed = int(state["seed"])
-        self._generators.clear()
-        # Restored when each device's generator is first needed (the device may not exist yet).
-        self._pending = {str(k): v for k, v in dict(state["generators"]).items()}
-
-
 def register_layer_hook(
     module: nn.Module,
     kind: Literal["output", "input"],
@@ -301,65 +213,16 @@ def register_layer_hook(
     return module.register_forward_pre_hook(input_hook, with_kwargs=True)
 
 
-def align_mask(mask: torch.Tensor, lead_shape: tuple[int, ...]) -> torch.Tensor | None:
-    """The part of a ``(B, T)`` keep-mask that belongs to a layer output of leading shape
-    ``lead_shape`` (the output without its feature dimension); ``None`` when none does.
-
-    Equal shapes match position by position. A ``(B, t)`` output with ``t < T`` is a decoding
-    step with a key/value cache (``generate()``): the mask covers the cached positions and the
-    new ones, and the layer sees only the newest ``t``, the mask's last ``t`` columns.
-    """
-    if tuple(mask.shape) == tuple(lead_shape):
-        return mask
-    if len(lead_shape) == 2 and mask.dim() == 2 and lead_shape[0] == mask.shape[0]:
-        t = lead_shape[1]
-        if 0 < t < mask.shape[1]:
-            return mask[:, -t:]
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.compile: an opaque operator that carries the hook's tensors out of the compiled graph.
-# ---------------------------------------------------------------------------------------------
-
-_observers: dict[int, Callable[[int, torch.Tensor, torch.Tensor | None, str], None]] = {}
-_observer_keys = itertools.count()
-
-
-def add_observer(method: Callable[[int, torch.Tensor, torch.Tensor | None, str], None]) -> int:
-    """Register a bound method ``(layer_index, hidden, mask, phase)`` for ``observe`` calls and
-    return its key. Only a weak reference is kept: a dropped monitor is never called."""
-    key = next(_observer_keys)
-    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
-
-    def call(layer: int, hidden: torch.Tensor, mask: torch.Tensor | None, phase: str) -> None:
-        fn = ref()
-        if fn is not None:
-            fn(layer, hidden, mask, phase)
-
-    _observers[key] = call
-    return key
-
-
-def remove_observer(key: int) -> None:
-    _observers.pop(key, None)
-
-
-# cudagraph_unsafe: a CUDA graph replays kernels, not Python; Inductor must run this call
-# outside any graph it captures (torch.compile(mode="reduce-overhead")).
-@torch.library.custom_op("gsam_monitor::observe", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
-def observe(hidden: torch.Tensor, mask: torch.Tensor | None, key: int, layer: int, phase: str) -> None:
-    """Hand a layer's hidden state to the observer registered under ``key`` (see module docstring)."""
-    fn = _observers.get(key)
-    if fn is not None:
-        fn(layer, hidden, mask, phase)
-
-
-@observe.register_fake
-def _observe_fake(hidden: torch.Tensor, mask: torch.Tensor | None, key: int, layer: int, phase: str) -> None:
-    return None
-
-
-# Without a registered effect a call whose result nobody uses is dead code to the compiler:
-# Inductor dropped it from no-grad graphs.
-observe.register_effect(torch.library.EffectType.ORDERED)
+def context_root(model: nn.Module) -> nn.Module:
+    """Where the forward-context hooks go: the model, or the module inside an
+    ``nn.DataParallel`` (its replicas share that module's hooks and run them in their own
+    threads with their own slice of the batch, attention mask included)."""
+    module: nn.Module = model
+    for _ in range(8):  # wrappers nest a few levels at most (compile, DataParallel)
+        if isinstance(module, nn.DataParallel):
+            return module.module
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return model

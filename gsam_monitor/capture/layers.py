@@ -26,7 +26,6 @@ statistics would describe overlapping computations under two names).
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 from torch import nn
+
+from gsam_monitor._validate import suggestions
 
 __all__ = [
     "AUTO",
@@ -268,7 +269,7 @@ def _as_spec_list(specs: object, arg: str) -> list[object]:
 
 
 def _unknown_name_error(arg: str, spec: str, names: Sequence[str]) -> ValueError:
-    close = difflib.get_close_matches(spec, names, n=5, cutoff=0.6)
+    close = suggestions(spec, names, n=5)
     hint = f" Close matches: {', '.join(close)}." if close else ""
     examples = ", ".join(list(names)[:6])
     return ValueError(

@@ -1,0 +1,137 @@
+"""What the framework callbacks share: no framework import here, one code path for both.
+
+``MonitorCallback`` is the framework-independent half of ``GSAMTrainerCallback`` and
+``GSAMCallback``: it checks the monitor's keyword arguments when the callback is built,
+builds the monitor with the framework's sinks and the user's, steps it and records what it
+logs, keeps the hooks on through an evaluation (``collect_steps`` may have parked them) and
+logs the evaluation window when it ends, restores a checkpoint (without the window in
+progress on a rank other than zero: the sum over ranks would count it once per rank), and
+closes the monitor without letting a failure there mask the exception being handled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from gsam_monitor._validate import with_suggestion
+from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor.monitor.schedule import CollectHandle
+from gsam_monitor.sinks import sink_list
+
+__all__ = ["MONITOR_ARGS", "MonitorCallback", "check_monitor_kwargs", "close_quietly"]
+
+log = logging.getLogger(__name__)
+
+MONITOR_ARGS = frozenset(inspect.signature(GSAMMonitor.__init__).parameters) - {"self", "model"}
+"""The keyword arguments a callback passes on to ``GSAMMonitor``."""
+
+
+def check_monitor_kwargs(kwargs: Mapping[str, Any], owner: str) -> None:
+    """Fail when the callback is built, not when training starts, on a keyword GSAMMonitor does not take.
+
+    Raises:
+        TypeError: naming the unknown keywords, a close match when there is one, and the valid ones.
+    """
+    unknown = sorted(set(kwargs) - MONITOR_ARGS)
+    if not unknown:
+        return
+    said = ", ".join(with_suggestion(name, MONITOR_ARGS) for name in unknown)
+    raise TypeError(
+        f"{owner}: unknown keyword argument(s) {said}. It passes these on to GSAMMonitor: "
+        f"{', '.join(sorted(MONITOR_ARGS))}."
+    )
+
+
+def close_quietly(monitor: GSAMMonitor, owner: str) -> None:
+    """Close ``monitor``; a failure is logged, never raised (an exception path or a finalizer)."""
+    try:
+        monitor.close()
+    except Exception as err:
+        log.warning("%s: closing the monitor raised %r", owner, err)
+
+
+class MonitorCallback:
+    """The shared half of the framework callbacks (a base class, before the framework's).
+
+    Attributes:
+        monitor: The ``GSAMMonitor`` (``None`` before training begins).
+        last_metrics: The last values logged per phase: ``{"train": {...}, "eval": {...}}``.
+        last_steps: The global step of each phase's last log.
+    """
+
+    def _init_monitor_callback(
+        self, layers: Any, sinks: Iterable[Any] | Any, monitor_kwargs: Mapping[str, Any]
+    ) -> None:
+        """Keep the monitor's arguments (checked now) and start without a monitor.
+
+        Raises:
+            TypeError: a keyword argument that ``GSAMMonitor`` does not take.
+        """
+        check_monitor_kwargs(monitor_kwargs, type(self).__name__)
+        self.layers = layers
+        self.extra_sinks = sinks
+        self.monitor_kwargs = dict(monitor_kwargs)
+        self.monitor: GSAMMonitor | None = None
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self.last_steps: dict[str, int] = {}
+        self._eval_collect: CollectHandle | None = None
+
+    def _build_monitor(self, model: nn.Module, every_n_steps: int, sinks: Iterable[Any]) -> GSAMMonitor:
+        """A monitor of ``model`` writing to the framework's ``sinks`` and the user's ``sinks=``."""
+        return GSAMMonitor(
+            model,
+            self.layers,
+            every_n_steps=every_n_steps,
+            sinks=[*sinks, *sink_list(self.extra_sinks)],
+            **self.monitor_kwargs,
+        )
+
+    def _train_step(self, step: int) -> None:
+        """Count an optimizer step (``self.monitor`` is set) and record a log it made."""
+        assert self.monitor is not None
+        result = self.monitor.step(int(step))
+        if result:
+            self._record("train", result, step)
+
+    def _start_eval_collect(self) -> None:
+        """Keep the hooks on for the evaluation forwards that follow."""
+        monitor = self.monitor
+        if monitor is not None and "eval" in monitor.phases and self._eval_collect is None:
+            self._eval_collect = monitor.collect()
+
+    def _end_eval_collect(self) -> None:
+        if self._eval_collect is not None:
+            handle, self._eval_collect = self._eval_collect, None
+            handle.close()
+
+    def _log_eval(self, step: int) -> None:
+        """Log the evaluation window at ``step`` and start the next one."""
+        self._end_eval_collect()
+        monitor = self.monitor
+        if monitor is None or not monitor.attached or "eval" not in monitor.phases:
+            return
+        result = monitor.log(int(step), phases=["eval"])
+        if result:
+            self._record("eval", result, step)
+
+    def _record(self, phase: str, values: Mapping[str, float], step: int) -> None:
+        self.last_metrics[phase] = dict(values)
+        self.last_steps[phase] = int(step)
+
+    def _load_state(self, state: Mapping[str, Any], *, drop_window: bool) -> None:
+        """Restore a saved monitor state; ``drop_window``: take its counters and held-out fits
+        (identical on every rank) but not its window in progress (rank zero's, which the sum
+        over ranks at the next log would count once per rank)."""
+        assert self.monitor is not None
+        self.monitor.load_state_dict({**state, "stats": {}} if drop_window else state)
+
+    def _close_monitor(self) -> None:
+        """Release the evaluation hooks and close the monitor (idempotent, never raises)."""
+        self._end_eval_collect()
+        if self.monitor is not None:
+            close_quietly(self.monitor, type(self).__name__)

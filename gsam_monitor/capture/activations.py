@@ -1,0 +1,245 @@
+"""``ActivationCapture``: the monitor's hooks on a model, from a layer's output to rows in a window.
+
+It registers the root's context hooks (mask and phase of the forward in flight) and one hook
+per monitored layer, switches them on and off as the schedule says, and turns each
+activation into rows (padding dropped, tokens sampled: ``gsam_monitor.capture.rows``) that
+it hands to the windows. Eager forwards run the hooks directly; under ``torch.compile`` the
+hooks are traced into the graph as ``observe`` calls (``gsam_monitor.capture.compiled``),
+and hooks the graph has traced stay registered, switched by a flag that the compiled graph
+is specialised on (two variants, no recompilation per window).
+
+A problem inside a hook never stops the model: it is handed to ``on_error`` and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gsam_monitor.capture.compiled import add_observer, drop_compiled_code, has_compiled_code, observe, remove_observer
+from gsam_monitor.capture.hooks import (
+    ForwardContext,
+    HookHandles,
+    ThreadForwardContext,
+    attention_mask_position,
+    context_root,
+    extract_hidden,
+    in_backward,
+    infer_phase,
+    register_context_hooks,
+    register_layer_hook,
+)
+from gsam_monitor.capture.layers import LayerTarget, unwrap_model
+from gsam_monitor.capture.rows import TokenSampler, activation_rows
+
+__all__ = ["ActivationCapture", "WindowFeed"]
+
+log = logging.getLogger(__name__)
+
+
+class WindowFeed(Protocol):
+    """Where the captured rows go (the monitor's window store)."""
+
+    def accepts(self, layer: str) -> bool:
+        """Whether ``layer`` is still monitored (not dropped over the memory budget)."""
+
+    def update(
+        self, target: LayerTarget, module: nn.Module, phase: str, rows: torch.Tensor, keep: torch.Tensor | None
+    ) -> None:
+        """Add rows ``(N, d)`` (keep-mask ``(N,)``) of ``target``, seen on ``module``, to ``phase``'s window."""
+
+
+class ActivationCapture:
+    """The hooks that feed the windows: registered, switched, removed, and their row pipeline.
+
+    Args:
+        model: The model (wrappers allowed).
+        targets: The monitored layers.
+        phases: The monitored phases; activations of other phases are ignored.
+        windows: Where the rows go.
+        seed: Seed of the token sampler.
+        max_tokens: At most this many tokens per layer per forward (``None``: all).
+        on_error: Called with an exception caught in a hook and where it happened.
+        warn_once: Called with a key and a message for a degradation worth one warning.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Sequence[LayerTarget],
+        phases: Sequence[str],
+        windows: WindowFeed,
+        *,
+        seed: int,
+        max_tokens: int | None,
+        on_error: Callable[..., None],
+        warn_once: Callable[[str, str], None],
+    ) -> None:
+        self.model = model
+        self.targets = list(targets)
+        self.phases = tuple(phases)
+        self.max_tokens = max_tokens
+        self.sampler = TokenSampler(seed)
+        self.context: ForwardContext = ThreadForwardContext()
+        self.traced_context = ForwardContext()  # written by root hooks that torch.compile traces
+        # Read by the layer hooks, also while torch.compile traces: the compiled graph is
+        # specialised on it (a guard), so a switched-off hook costs the graph nothing.
+        self.collecting = False
+        self.compiled = False  # a compiled graph has traced the hooks: they stay registered
+        self.attach_pending = False  # the next registration is the first since attach()
+        self.unreadable: set[str] = set()  # layers whose traced output held no hidden state
+        self._windows = windows
+        self._on_error = on_error
+        self._warn_once = warn_once
+        self._mask_position = attention_mask_position(unwrap_model(model))
+        self._handles = HookHandles()
+        self._observer_key = add_observer(self._observe_traced)
+        weakref.finalize(self, remove_observer, self._observer_key)
+
+    @property
+    def registered(self) -> bool:
+        """Whether hooks are on the model now."""
+        return len(self._handles) > 0
+
+    def switch(self, want: bool, attached: bool) -> None:
+        """Collect the next forwards or not (``want``); register or remove the hooks to match.
+
+        Hooks that compiled graphs have traced stay registered while attached, switched by
+        ``collecting``: removing them would recompile the graphs, and a graph compiled
+        without them would never notice them coming back (Dynamo guards on no empty hook dict).
+        """
+        self.collecting = want
+        keep = want or (self.compiled and attached)
+        if keep and not self.registered:
+            self._register()
+        elif not keep and self.registered:
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent) and forget the forward in flight."""
+        self._handles.remove()
+        self.collecting = False
+        self.context.clear()
+        self.traced_context.clear()
+
+    def report_unreadable(self) -> None:
+        """Warn about the layers whose traced output held no hidden state (a compiled graph
+        cannot warn from inside)."""
+        for layer in sorted(self.unreadable):
+            self.warn_unreadable(layer)
+
+    def warn_unreadable(self, layer: str, kind: str = "an output") -> None:
+        self._warn_once(
+            f"unpack:{layer}",
+            f"GSAMMonitor: layer {layer!r} produced {kind} with no floating tensor of shape (..., d); it is not "
+            f"monitored. Select a sub-module that returns the hidden states.",
+        )
+
+    # ------------------------------------------------------------------ registration
+    def _register(self) -> None:
+        root = context_root(self.model)
+        for handle in register_context_hooks(
+            root, self.context, self._mask_position, self._on_error, self.traced_context
+        ):
+            self._handles.add(handle)
+        for index, target in enumerate(self.targets):
+            self._handles.add(register_layer_hook(target.module, target.kind, self._make_callback(index, target)))
+        first, self.attach_pending = self.attach_pending, False
+        if first or self.compiled or has_compiled_code(unwrap_model(self.model)):
+            self._drop_compiled_code()
+
+    def _drop_compiled_code(self) -> None:
+        """Make torch.compile'd code trace the hooks just registered (see ``drop_compiled_code``)."""
+        try:
+            dropped = drop_compiled_code()
+        except Exception as err:  # Dynamo internals moved: say what to do instead
+            self._warn_once(
+                "compile-reset",
+                f"GSAMMonitor: could not make torch.compile'd code trace the hooks attached now "
+                f"({type(err).__name__}: {err}); a model compiled and run before attach() may log nothing. "
+                f"Attach the monitor before the first compiled call, or call torch._dynamo.reset() after attach().",
+            )
+            return
+        if dropped:
+            log.info(
+                "GSAMMonitor: dropped the compiled code of %d function(s) so that their next call compiles them "
+                "with the monitor's hooks (a model compiled and run before attach()).",
+                dropped,
+            )
+
+    def _make_callback(self, index: int, target: LayerTarget) -> Callable[[nn.Module, Any], None]:
+        def callback(module: nn.Module, value: Any) -> None:
+            if not self.collecting:
+                return
+            if torch.compiler.is_compiling():
+                self._trace_activation(index, target, module, value)
+            else:
+                self._on_activation(target, module, value)
+
+        return callback
+
+    # ------------------------------------------------------------------ the hook path
+    def _trace_activation(self, index: int, target: LayerTarget, module: nn.Module, value: Any) -> None:
+        """The hook inside a torch.compile trace: put one ``observe`` call into the graph. The
+        phase and the mask are those of the forward being traced (the graph is specialised on
+        the phase: grad mode, ``training`` and the context are guarded)."""
+        hidden = extract_hidden(value)
+        if hidden is None:
+            # Nothing to observe. No warning from inside the graph (a graph break, which
+            # fullgraph=True forbids): the monitor's step() warns.
+            self.unreadable.add(target.name)
+            return
+        # The root's hooks ran in this trace (a compiled model or training step), or eagerly
+        # before it (torch.compile(model): OptimizedModule calls them outside the graph).
+        context = self.traced_context if self.traced_context.active else self.context
+        phase = context.phase if context.active and context.phase else infer_phase(module)
+        if phase not in self.phases:
+            return
+        observe(hidden, context.mask if context.active else None, self._observer_key, index, phase)
+
+    def _observe_traced(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None, phase: str) -> None:
+        """Run by the compiled graph's ``observe`` call, eagerly, with real tensors."""
+        self.compiled = True
+        target = self.targets[index]
+        try:
+            self._collect(target, target.module, hidden, phase, mask)
+        except Exception as err:  # never let monitoring stop the model
+            self._on_error(err, target.name)
+
+    def _on_activation(self, target: LayerTarget, module: nn.Module, value: Any) -> None:
+        try:
+            if in_backward():
+                return  # a gradient-checkpointing recomputation: these tokens were counted
+            context = self.context
+            phase = context.phase if context.active and context.phase else infer_phase(module)
+            if phase not in self.phases:
+                return
+            hidden = extract_hidden(value)
+            if hidden is None:
+                self.warn_unreadable(target.name, type(value).__name__)
+                return
+            self._collect(target, module, hidden, phase, context.mask if context.active else None)
+        except Exception as err:  # never let monitoring stop the model
+            self._on_error(err, target.name)
+
+    def _collect(
+        self, target: LayerTarget, module: nn.Module, hidden: torch.Tensor, phase: str, root_mask: torch.Tensor | None
+    ) -> None:
+        """Feed one activation of ``target`` to its window (padding dropped, tokens sampled)."""
+        if not self._windows.accepts(target.name):
+            return
+        rows, keep, unaligned = activation_rows(hidden, module, root_mask)
+        if unaligned and root_mask is not None:
+            self._warn_once(
+                "mask-shape",
+                f"GSAMMonitor: the attention_mask has shape {tuple(root_mask.shape)} but layer "
+                f"{target.name!r} outputs {tuple(hidden.shape)}; its padding cannot be dropped, so every "
+                f"position is counted.",
+            )
+        rows, keep = self.sampler.sample(rows, keep, self.max_tokens)
+        self._windows.update(target, module, phase, rows, keep)

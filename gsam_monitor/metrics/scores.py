@@ -1,0 +1,217 @@
+"""The metrics themselves: pure functions from eigenvalues or moments to numbers, in fp64.
+
+GSAM (the benchmark report's metric) is log N + mean_i log p(x_i | mu, Sigma) for the Gaussian
+fitted to the rows. With the maximum-likelihood fit (mu = mean, Sigma = S) the mean
+log-likelihood has the closed form -(d/2)(1 + log 2 pi) - (1/2) log det S, so it needs only
+(n, mean, covariance); on a rank-deficient covariance it is scored on the support, as
+``scipy.stats.multivariate_normal(..., allow_singular=True)`` does.
+
+References:
+    Roy & Vetterli, "The effective rank", EUSIPCO 2007 (``effective_rank``).
+    Chen, Wiesel, Eldar & Hero, "Shrinkage algorithms for MMSE covariance estimation",
+        IEEE TSP 2010 (``oas_score``).
+    Shenk et al., "Feature space saturation during training" (Delve), 2021 (``saturation``).
+    Ethayarajh, "How contextual are contextualized word representations?", 2019 (``anisotropy``).
+    Sun et al., "Massive activations in large language models", 2024 (``outlier_dims``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from gsam_monitor.metrics.fit import GaussianFit
+from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, rank_tolerance, spectrum
+
+if TYPE_CHECKING:
+    from gsam_monitor.stats import LayerStats
+
+__all__ = [
+    "POWERLAW_RANGE",
+    "SPECTRAL_METRICS",
+    "anisotropy",
+    "correlation_score",
+    "gaussian_score",
+    "heldout_loglik",
+    "oas_score",
+    "outlier_dims",
+    "powerlaw_alpha",
+    "spectral_metrics",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+POWERLAW_RANGE: tuple[int, int] = (10, 150)
+"""Ranks (1-based, inclusive) of the power-law fit of a spectrum, wherever it is fitted."""
+
+SPECTRAL_METRICS: tuple[str, ...] = (
+    "effective_rank",
+    "participation_ratio",
+    "condition_number",
+    "powerlaw_alpha",
+    "top1_variance_fraction",
+    "saturation",
+)
+"""What ``spectral_metrics`` returns."""
+
+
+def gaussian_score(evals: torch.Tensor, n: float, tol: float | torch.Tensor) -> tuple[float, int]:
+    """GSAM from covariance eigenvalues: (log n + mean log-likelihood on the support, rank).
+
+    ``tol`` is one threshold or one per eigenvalue (``eigenvalue_tolerance``).
+
+    mean log p = -(r/2)(1 + log 2π) - (1/2) Σ_{λ>tol} log λ  (the MLE Gaussian's negative
+    entropy on its r-dimensional support; the mean Mahalanobis term is tr(S⁺S) = r).
+    """
+    support = evals[evals > tol]
+    r = int(support.numel())
+    if r == 0:
+        return math.nan, 0
+    mean_loglik = -0.5 * r * (1.0 + _LOG_2PI) - 0.5 * float(torch.log(support).sum())
+    return math.log(n) + mean_loglik, r
+
+
+def oas_score(evals: torch.Tensor, n: float) -> tuple[float, float]:
+    """GSAM under the OAS-shrunk covariance: (score, shrinkage).
+
+    OAS as in scikit-learn's ``oas`` (Chen et al. 2010): mu = tr S / d, alpha = tr S² / d²,
+    shrinkage = min((alpha + mu²) / ((n + 1)(alpha - mu²/d)), 1), Σ = (1 - s) S + s mu I.
+    Σ shares S's eigenvectors, so log det Σ and the mean Mahalanobis term tr(Σ⁻¹S) come
+    from the eigenvalues alone.
+    """
+    lam = evals.clamp_min(0.0)
+    d = lam.numel()
+    mu = float(lam.sum()) / d
+    if mu <= 0:
+        return math.nan, math.nan
+    alpha = float((lam * lam).sum()) / d**2
+    num = alpha + mu * mu
+    den = (n + 1.0) * (alpha - mu * mu / d)
+    shrink = 1.0 if den == 0 else min(num / den, 1.0)
+    shrunk = (1.0 - shrink) * lam + shrink * mu
+    mean_loglik = -0.5 * (d * _LOG_2PI + float(torch.log(shrunk).sum()) + float((lam / shrunk).sum()))
+    return math.log(n) + mean_loglik, shrink
+
+
+def powerlaw_alpha(
+    evals: torch.Tensor, rank_range: tuple[int, int] = POWERLAW_RANGE, tol: float | torch.Tensor = 0.0
+) -> float:
+    """Power-law exponent α of the spectrum, λ_k ∝ k^-α: least-squares slope of log λ_k on
+    log k over ranks ``rank_range`` (1-based, inclusive), clipped to the eigenvalues above
+    ``tol`` (one threshold or one per eigenvalue; numerically null eigenvalues are rounding
+    noise, not spectrum). NaN when fewer than 3 ranks remain.
+    ``analysis.powerlaw_fit`` adds the confidence interval."""
+    lam = evals[(evals > tol) & (evals > 0)].sort(descending=True).values
+    lo, hi = max(1, int(rank_range[0])), min(int(rank_range[1]), lam.numel())
+    if hi - lo + 1 < 3:
+        return math.nan
+    k = torch.arange(lo, hi + 1, dtype=torch.float64)
+    x = torch.log(k)
+    y = torch.log(lam[lo - 1 : hi])
+    xc = x - x.mean()
+    slope = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+    return -slope
+
+
+def spectral_metrics(evals: torch.Tensor, tol: float | torch.Tensor, rank_range: tuple[int, int]) -> dict[str, float]:
+    """The ``SPECTRAL_METRICS`` of covariance eigenvalues (descending) with tolerance ``tol``."""
+    lam = evals.clamp_min(0.0)
+    total = float(lam.sum())
+    d = lam.numel()
+    if total <= 0:
+        return dict.fromkeys(SPECTRAL_METRICS, math.nan)
+    p = lam[lam > 0] / total
+    support = evals[evals > tol]
+    cum = torch.cumsum(lam, 0) / total
+    k99 = int(torch.searchsorted(cum, torch.tensor(0.99, dtype=cum.dtype))) + 1
+    return {
+        "effective_rank": math.exp(-float((p * torch.log(p)).sum())),
+        "participation_ratio": total**2 / float((lam * lam).sum()),
+        "condition_number": float(support.max() / support.min()) if support.numel() else math.nan,
+        "powerlaw_alpha": powerlaw_alpha(evals, rank_range, tol),
+        "top1_variance_fraction": float(lam.max()) / total,
+        "saturation": min(k99, d) / d,
+    }
+
+
+def correlation_score(
+    cov: torch.Tensor, n: float, product_dtype: torch.dtype | None, scale: torch.Tensor | None = None
+) -> float:
+    """GSAM of the correlation matrix: -(r/2)(1 + log 2π) - (1/2) log pdet R + log n,
+    scale-invariant (dimensions without variance left out)."""
+    var = torch.diagonal(cov)
+    # Dimensions with no variance have no distribution to standardise; leave them out. With
+    # fp32 products a variance is zero when it is below its own rounding error, c·eps32·scale.
+    if product_dtype == torch.float64 or scale is None:
+        live = var > rank_tolerance(var, product_dtype)
+    else:
+        floor = rank_tolerance(var, torch.float64)
+        live = var > torch.clamp(PRODUCT_ERROR_FACTOR * torch.finfo(torch.float32).eps * scale, min=floor)
+    if not bool(live.any()):
+        return math.nan
+    c = cov[live][:, live]
+    sd = torch.sqrt(torch.diagonal(c))
+    corr = c / torch.outer(sd, sd)
+    # The error model carries over: R = D⁻¹ C D⁻¹ scales entry (i, j)'s error by 1/(sd_i sd_j).
+    r_scale = None if scale is None else scale[live] / torch.diagonal(c)
+    ev, _, tol = spectrum(0.5 * (corr + corr.T), r_scale, product_dtype, None)
+    return gaussian_score(ev, n, tol)[0]
+
+
+def heldout_loglik(stats: LayerStats, reference: LayerStats | GaussianFit, *, rtol: float | None = None) -> float:
+    """Mean log-likelihood per dimension of ``stats``' rows under ``reference``'s MLE Gaussian.
+
+    Closed form from moments: with the reference fit (m, Σ) on its support (rank r, the
+    pseudo-inverse and pseudo-determinant as elsewhere), the mean over the rows of log p is
+    -(1/2)[r log 2π + log pdet Σ + tr(Σ⁺ S) + (μ - m)ᵀ Σ⁺ (μ - m)], divided here by r.
+    Components off the reference's support are ignored.
+
+    This measures drift of the geometry between windows (how well the earlier fit predicts
+    the new activations), not Gaussianity: it falls when the covariance rotates, shrinks or
+    grows, or when the mean moves.
+
+    Args:
+        stats: The window to score.
+        reference: The earlier window, or its ``GaussianFit`` (factorised once and reused).
+        rtol: Override the relative eigenvalue tolerance (only when ``reference`` is a window).
+    """
+    if isinstance(reference, GaussianFit):
+        fit = reference
+    elif float(reference.count) < 2:
+        return math.nan
+    else:
+        fit = GaussianFit.from_stats(reference, rtol=rtol)
+    if float(stats.count) < 1 or fit.rank == 0:
+        return math.nan
+    lam, v, r = fit.evals, fit.evecs, fit.rank
+    cur_cov = stats.covariance().to("cpu", torch.float64)
+    dm = (stats.mean.cpu().double() - fit.mean) @ v
+    trace_term = float((torch.diagonal(v.T @ cur_cov @ v) / lam).sum())
+    mean_term = float((dm * dm / lam).sum())
+    ll = -0.5 * (r * _LOG_2PI + float(torch.log(lam).sum()) + trace_term + mean_term)
+    return ll / r
+
+
+def anisotropy(stats: LayerStats) -> float:
+    """Mean pairwise cosine similarity of the (uncentred) rows, i ≠ j:
+    (‖Σ u_i‖² - n) / (n(n - 1)) with u_i = x_i/‖x_i‖ (Ethayarajh 2019)."""
+    n = float(stats.count)
+    if n < 2:
+        return math.nan
+    u = stats.unit_sum.double()
+    return (float(u @ u) - n) / (n * (n - 1.0))
+
+
+def outlier_dims(stats: LayerStats, factor: float = 10.0) -> int:
+    """Number of dimensions whose variance, or |mean|, exceeds ``factor`` × its median over
+    dimensions (the "massive activations" of LLM residual streams)."""
+    var = stats.variance().cpu()
+    absmean = stats.mean.abs().cpu()
+    flagged = torch.zeros_like(var, dtype=torch.bool)
+    for v in (var, absmean):
+        med = float(v.median())
+        if med > 0 and math.isfinite(med):
+            flagged |= v > factor * med
+    return int(flagged.sum())

@@ -1,0 +1,423 @@
+"""GSAMMonitor: per-layer activation geometry of a model, logged while it trains or runs.
+
+The monitor is a facade over one unit per concern, in the order the data flows:
+
+* capture (``gsam_monitor.capture``): hooks on the chosen layers feed every forward's
+  hidden states, padding dropped and tokens optionally subsampled, to the windows;
+* accumulate (``windows``): one ``LayerStats`` per layer and phase, within the memory budget
+  (``config``), collected on the steps the ``schedule`` says;
+* compute (``report``): every ``every_n_steps`` optimizer steps the windows are synced over
+  ranks and turned into metrics (``gsam_monitor.metrics.compute``), inline or on the
+  ``background`` thread;
+* write (``gsam_monitor.sinks``): the metrics go to the sinks, on the writing rank only.
+
+Windows: ``"interval"`` statistics restart after every log; ``"cumulative"`` ones never do;
+``"ema"`` ones decay by ``0.5 ** (1 / ema_half_life)`` at every ``step()``. Held-out scores
+(``heldout_loglik``) rate each window under the previous logged window's fit. Memory: see
+``gsam_monitor.monitor.config`` (the budget ``max_state_bytes`` is checked at construction).
+``close()`` frees the statistics; ``detach()`` keeps them for a later ``attach()``.
+
+torch.compile: the layer hooks are traced into the compiled graph as calls of an opaque
+operator, without graph breaks, and stay registered once traced, switched by a flag
+(``gsam_monitor.capture.activations``).
+
+A monitor problem never stops training: exceptions inside hooks, metric computation or a
+sink are counted (``errors``), warned about once, and skipped; a failing sink is disabled.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gsam_monitor.capture.activations import ActivationCapture
+from gsam_monitor.capture.layers import LayerSpec, LayerTarget, resolve_layers
+from gsam_monitor.monitor import ranks
+from gsam_monitor.monitor.checkpoint import STATE_FORMAT, check_state
+from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, PHASES, MonitorConfig
+from gsam_monitor.monitor.faults import Faults
+from gsam_monitor.monitor.logger import WindowLogger
+from gsam_monitor.monitor.report import current_metrics
+from gsam_monitor.monitor.schedule import CollectHandle, Schedule
+from gsam_monitor.monitor.windows import WindowStore
+from gsam_monitor.sinks import SinkFanout
+from gsam_monitor.stats import LayerStats, ReservoirSample
+
+__all__ = ["GSAMMonitor"]
+
+
+def _view(part: str, name: str, doc: str) -> property:
+    """A read-only attribute of the monitor: ``name`` of its part ``part``."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=doc)
+
+
+def _setting(name: str) -> property:
+    """A read-only view of one ``MonitorConfig`` field on the monitor."""
+    return _view("config", name, f"``config.{name}`` (read-only).")
+
+
+class GSAMMonitor:
+    """Watch the activation geometry of chosen layers and log GSAM and related metrics.
+
+    Args:
+        model: The model (DDP-, FSDP- or ``torch.compile``-wrapped models are fine).
+        layers: What to watch: ``"auto"`` (every block of the repeated stack), module names,
+            globs (``"encoder.layer.*"``), compiled regexes, module types or module objects,
+            plus ``"embeddings"`` (embedding output) and ``"final_norm"``; one or a list.
+        ignore: Specs of the same kinds to leave out.
+        every_n_steps: Log every this many optimizer steps (``step()`` calls).
+        window: ``"interval"`` (reset after each log), ``"cumulative"`` (never reset) or
+            ``"ema"`` (moments decay with ``ema_half_life``).
+        ema_half_life: Half-life of the EMA window in ``step()`` calls; default ``every_n_steps``.
+        collect_steps: Collect only during the last ``k`` steps before each log; the hooks
+            are removed on the other steps, so they cost nothing (under ``torch.compile``,
+            once traced, they stay and a flag switches them, which the compiled graph is
+            specialised on). ``"auto"`` (default):
+            ``min(every_n_steps, max(10, every_n_steps // 10))``, i.e. the last 10 of every
+            100 steps (every step when ``every_n_steps <= 10``): a tenth of the collection
+            cost, and each logged window describes the model as it is at the log, not
+            averaged over an interval of training; before the first ``step()`` (inference,
+            or the first forward of training) every forward is collected. ``None``: every step.
+        max_tokens_per_layer: At most this many tokens per layer per forward call, sampled
+            uniformly without replacement among the non-padding ones; ``None``: every token.
+        metrics: ``"default"``, ``"all"`` or a list of ``metrics.METRIC_NAMES``.
+        sinks: Sink objects, callables ``(metrics, step)`` or names (``"tensorboard"``,
+            ``"wandb"``, ``"jsonl"``, ``"logging"``).
+        state_dtype: Dtype of the accumulated moments (fp64; fp32 halves the memory).
+        product_dtype: Dtype of the per-batch Gram products (see ``LayerStats``).
+        phases: Which phases to monitor: ``"train"`` (grad enabled and ``model.training``)
+            and/or ``"eval"`` (``torch.no_grad()`` or eval mode, e.g. plain inference).
+        seed: Seed of the token subsampling (offset by the distributed rank).
+        max_state_bytes: Refuse configurations whose statistics would exceed this many bytes
+            (see ``state_bytes_per_layer``); ``None`` for no limit.
+        spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
+            support it every this many logs; ``None`` or 0 never.
+        process_group: The ``torch.distributed`` group to sync over (default: the world). Its
+            rank zero computes and writes the metrics.
+        background: Compute the scheduled logs' metrics (the eigendecompositions) on a
+            background thread, so that the training step does not wait for them: the windows
+            are synced and snapshotted on schedule, and the metrics reach the sinks, at the
+            step they belong to, from a later ``step()`` (or ``flush()``/``close()``). At most
+            one log is in flight; a second waits for the first. ``None`` (default): in the
+            background when the model is on an accelerator, inline on CPU, where a thread
+            would only compete with training for the same cores. ``log()`` is always inline.
+        reservoir_size: Also keep a bounded uniform sample of this many activation values per
+            (layer, phase) (``gsam_monitor.ReservoirSample``, pooled coordinates of the same rows
+            the statistics see, over the whole run: log windows do not reset it, ``reset()``
+            does), for the distribution analyses; read it with ``sample(layer, phase)``.
+            ``None`` (default): no sample. Per-rank samples are not merged across processes.
+
+    Raises:
+        ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
+            non-positive interval, an unknown window, phase or sink, or a configuration whose
+            state exceeds ``max_state_bytes``.
+        TypeError: an argument of the wrong type.
+
+    Example::
+
+        monitor = GSAMMonitor(model, every_n_steps=100, sinks=[TensorBoardSink("runs/gsam")])
+        with monitor:
+            for batch in loader:
+                loss = model(**batch).loss
+                loss.backward(); optimizer.step(); optimizer.zero_grad()
+                monitor.step()          # logs "gsam/encoder.layer.0", ... every 100 steps
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec | Iterable[LayerSpec] = "auto",
+        *,
+        ignore: LayerSpec | Iterable[LayerSpec] | None = None,
+        every_n_steps: int = 100,
+        window: Literal["interval", "cumulative", "ema"] = "interval",
+        ema_half_life: float | None = None,
+        collect_steps: int | Literal["auto"] | None = "auto",
+        max_tokens_per_layer: int | None = 2048,
+        metrics: str | Iterable[str] = "default",
+        sinks: Iterable[Any] | Any = (),
+        state_dtype: torch.dtype = torch.float64,
+        product_dtype: torch.dtype | str | None = None,
+        phases: str | Sequence[str] = PHASES,
+        seed: int = 0,
+        max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
+        spectrum_every_n_logs: int | None = 10,
+        process_group: Any = None,
+        background: bool | None = None,
+        reservoir_size: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        self.config = config = MonitorConfig.from_arguments(
+            model, every_n_steps=every_n_steps, window=window, ema_half_life=ema_half_life,
+            collect_steps=collect_steps, max_tokens_per_layer=max_tokens_per_layer, metrics=metrics,
+            state_dtype=state_dtype, product_dtype=product_dtype, phases=phases, seed=seed,
+            max_state_bytes=max_state_bytes, spectrum_every_n_logs=spectrum_every_n_logs,
+            process_group=process_group, background=background, reservoir_size=reservoir_size,
+        )
+        self.model = model
+        self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
+        config.check_budget(self.targets)
+        self._faults = Faults()
+        self._fanout = SinkFanout(sinks, lambda: ranks.is_writer(config.process_group), self._faults.fail)
+        if config.every_n_steps < 10:
+            warnings.warn(
+                f"GSAMMonitor(every_n_steps={config.every_n_steps}): each log runs one eigendecomposition per "
+                f"layer and reads the statistics back to the host; logging more often than every 10 steps slows "
+                f"training. Use every_n_steps >= 10 (or collect_steps=) outside of tests.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.schedule = Schedule(config.every_n_steps, config.collect_steps, config.auto_collect)
+        self._windows = WindowStore(config, self.targets, self._faults.warn_once)
+        self._capture = ActivationCapture(
+            model, self.targets, config.phases, self._windows, seed=seed + ranks.global_rank(),
+            max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
+            warn_once=self._faults.warn_once,
+        )
+        self._logs = WindowLogger(config, self.layer_names, self._windows, self._fanout, self._faults)
+        self._attached = False
+        self._forced = 0  # open collect() handles
+        self.step_count = 0
+        self._stepped = False
+
+    every_n_steps = _setting("every_n_steps")
+    window = _setting("window")
+    ema_half_life = _setting("ema_half_life")
+    collect_steps = _setting("collect_steps")
+    max_tokens_per_layer = _setting("max_tokens_per_layer")
+    metric_names = _setting("metric_names")
+    phases = _setting("phases")
+    state_dtype = _setting("state_dtype")
+    product_dtype = _setting("product_dtype")
+    seed = _setting("seed")
+    max_state_bytes = _setting("max_state_bytes")
+    spectrum_every_n_logs = _setting("spectrum_every_n_logs")
+    process_group = _setting("process_group")
+    background = _setting("background")
+    reservoir_size = _setting("reservoir_size")
+    heldout = _setting("heldout")
+
+    errors = _view("_faults", "errors", "Monitor problems caught so far (hooks, metrics, sinks); training went on.")
+    n_logs = _view("_logs", "n_logs", "Logs made so far.")
+    last_metrics = _view("_logs", "last_metrics", "What the last log wrote (kept after ``close()``).")
+    missing_layers = _view("_logs", "missing_layers", "The layers the last log found without activations.")
+    sinks = _view("_fanout", "sinks", "The sinks, built from ``sinks=``.")
+    hooks_registered = _view(
+        "_capture", "registered", "Whether hooks are on the model right now (once a compiled graph has traced them, "
+        "they stay registered while attached; ``collect_steps`` then switches a flag)."
+    )
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The monitored layers' keys, in selection order."""
+        return [t.name for t in self.targets]
+
+    @property
+    def attached(self) -> bool:
+        """Whether the monitor is attached (its hooks may still be parked by ``collect_steps``)."""
+        return self._attached
+
+    def attach(self) -> GSAMMonitor:
+        """Start monitoring: register the hooks (now, or when ``collect_steps`` says so).
+
+        Returns the monitor, a context manager: ``with monitor.attach():`` closes it at the end.
+        A model already run under ``torch.compile`` (a warm-up, a resumed run) has compiled
+        code that does not call hooks added later: Dynamo's compiled code is then dropped once,
+        so that the next call recompiles with the hooks.
+        """
+        if not self._attached:
+            self._capture.attach_pending = True
+        self._attached = True
+        self._sync_hooks()
+        return self
+
+    def detach(self) -> None:
+        """Stop monitoring and remove every hook (idempotent). The statistics are kept, so
+        that a later ``attach()`` continues the windows; ``close()`` frees them."""
+        self._attached = False
+        self._capture.remove()
+
+    def close(self, *, free: bool = True) -> None:
+        """Detach, write a log still being computed, close the sinks (flushing TensorBoard
+        files) and free the statistics (idempotent).
+
+        Args:
+            free: Free the statistics, held-out fits and reservoir samples (default). Leaving
+                ``with monitor:`` closes with ``free=False``, so that ``compute()``, ``stats()``
+                and ``sample()`` still read the run's windows after the block; the memory goes
+                with the monitor object, or at ``close()``. ``last_metrics`` is always kept.
+        """
+        self.detach()
+        self.flush()
+        self._logs.shutdown()
+        self._fanout.close()
+        if free:
+            self._windows.clear()
+
+    def __enter__(self) -> GSAMMonitor:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(free=False)
+
+    def collect(self) -> CollectHandle:
+        """Keep the hooks registered, whatever ``collect_steps`` says (e.g. for an evaluation
+        loop between two logs), until the returned handle is closed: ``with monitor.collect():``
+        or ``handle = monitor.collect()`` ... ``handle.close()``."""
+        self._forced += 1
+        self._sync_hooks()
+        return CollectHandle(self, self._release_collect)
+
+    def _release_collect(self) -> None:
+        self._forced -= 1
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        started = self._stepped or self.step_count > 0
+        want = self._forced > 0 or (self._attached and self.schedule.want_hooks(self.step_count, started=started))
+        self._capture.switch(want, self._attached)
+
+    # ------------------------------------------------------------------ logs
+    @torch.inference_mode(False)  # windows cloned or created here must stay ordinary tensors
+    def step(self, global_step: int | None = None) -> dict[str, float] | None:
+        """Count one optimizer step; on schedule compute, sync, log and start a new window.
+
+        Args:
+            global_step: The trainer's step count, when it keeps one (resumed runs, gradient
+                accumulation); ``None`` adds one to the monitor's own count.
+
+        Returns:
+            The metrics written to the sinks during this call (``{"gsam/encoder.layer.0": ...}``):
+            on a logging step, or with ``background=True`` when an earlier log's computation
+            finished; else None. Under ``torch.distributed`` the metrics are computed and
+            written on the process group's rank zero only; the other ranks sync their windows
+            and get ``{}`` on a logging step.
+
+        Raises:
+            ValueError: if ``global_step`` is not a non-negative int.
+        """
+        self._stepped = True
+        self._capture.report_unreadable()  # seen by compiled graphs, which cannot warn
+        if global_step is None:
+            self.step_count += 1
+        else:
+            if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+                raise ValueError(f"global_step must be a non-negative int or None; got {global_step!r}.")
+            self.step_count = int(global_step)
+        result = self._logs.on_step(self.step_count, self.schedule)
+        if self.window == "ema":  # after the log: the newest step's data enters the next log with weight 1
+            self._windows.decay(self.config.ema_factor)
+        self._sync_hooks()
+        return result
+
+    @torch.inference_mode(False)
+    def log(self, global_step: int | None = None, *, phases: Sequence[str] | None = None) -> dict[str, float]:
+        """Compute, sync, write to the sinks and advance the window now, off schedule.
+
+        Args:
+            global_step: The step to log at (default: the monitor's step count).
+            phases: Only these phases (default: all monitored phases).
+
+        Returns:
+            The flat metrics written (finite values only), ``{}`` when nothing was collected
+            or on a rank that does not write (see ``step``).
+
+        Raises:
+            ValueError: a phase that is not monitored.
+        """
+        step = self.step_count if global_step is None else int(global_step)
+        phases = self.config.check_phases(phases)
+        return self._logs.log(phases, step, self.step_count)
+
+    def flush(self) -> dict[str, float]:
+        """Wait for a log being computed in the background and write it; ``{}`` if none."""
+        return self._logs.flush()
+
+    @torch.inference_mode(False)
+    def compute(self, phase: str | None = None) -> dict[str, dict[str, float]]:
+        """The current window's metrics per layer, without logging or resetting.
+
+        Args:
+            phase: ``"train"`` or ``"eval"`` for that phase's layers under their plain names;
+                ``None`` for every phase with data, eval layers keyed ``"{layer}/eval"``.
+
+        Returns:
+            ``{layer: {metric: value}}`` for the layers that saw data (NaN where undefined).
+
+        Raises:
+            ValueError: a phase that is not monitored.
+        """
+        phases = self.config.check_phases(None if phase is None else [phase])
+        windows = self._windows.synced(phases, in_place=False)
+        refs = self._windows.references(windows)
+        return current_metrics(windows, refs, self.metric_names, plain=phase is not None)
+
+    # ------------------------------------------------------------------ state
+    def stats(self, layer: str, phase: str = "train") -> LayerStats | None:
+        """The live statistics of ``layer`` in ``phase`` (``None`` before its first activation)."""
+        return self._windows.live.get((layer, phase))
+
+    def sample(self, layer: str, phase: str = "train") -> ReservoirSample | None:
+        """The ``ReservoirSample`` of ``layer`` in ``phase`` (``reservoir_size=`` must be set);
+        ``None`` before its first activation. ``.values()`` gives the values as numpy fp64.
+
+        Raises:
+            ValueError: if the monitor was built without ``reservoir_size``.
+        """
+        if self.reservoir_size is None:
+            raise ValueError(
+                "sample: this monitor collects no reservoir sample; construct it with "
+                "GSAMMonitor(..., reservoir_size=200_000)."
+            )
+        return self._windows.samples.get((layer, phase))
+
+    @torch.inference_mode(False)
+    def reset(self) -> None:
+        """Drop the statistics of every window and the held-out fits (the step count stays)."""
+        self._windows.reset()
+
+    @torch.inference_mode(False)
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state: tensors and plain values only, so that
+        ``torch.load(path, weights_only=True)`` can read it back. A log still being computed
+        in the background is waited for and written first."""
+        self.flush()  # a log still being computed reaches the sinks before the checkpoint
+        return {
+            "format": STATE_FORMAT,
+            "version": 1,
+            "layers": self.layer_names,
+            "window": self.window,
+            "step_count": self.step_count,
+            **self._logs.state_dict(),
+            "errors": self.errors,
+            **self._windows.state_dict(),  # stats, reference, samples
+            "sampler": self._capture.sampler.state_dict(),
+        }
+
+    @torch.inference_mode(False)
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output (e.g. from a checkpoint) to continue the windows.
+
+        Raises:
+            ValueError: if it is not a monitor state, or was saved for other layers or
+                another ``reservoir_size``.
+        """
+        check_state(state_dict, self.layer_names)
+        self._windows.load_windows(state_dict["stats"], state_dict["reference"])
+        self.step_count = int(state_dict["step_count"])
+        self._logs.load_state_dict(state_dict)
+        self._faults.errors = int(state_dict["errors"])
+        self._capture.sampler.load_state_dict(state_dict["sampler"])
+        self._windows.load_samples(state_dict.get("samples", {}))
+        self._sync_hooks()
+
+    def __repr__(self) -> str:
+        return (
+            f"GSAMMonitor(layers={len(self.targets)}, every_n_steps={self.every_n_steps}, window={self.window!r}, "
+            f"phases={self.phases}, step={self.step_count}, attached={self._attached})"
+        )

@@ -1,0 +1,172 @@
+"""The log cycle: close windows into a log, publish it, start the next windows.
+
+A log syncs the windows over the ranks, keeps the held-out fits, computes the report where
+it is written (the process group's rank zero; the other ranks only sync), and advances the
+windows. Inline (``log()``, or ``background=False``) the report is computed before the windows
+advance; in the background the windows are handed over first and the report reaches the
+sinks from a later step. Either way its warnings and errors are issued, and its metrics
+written, when it is published.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gsam_monitor.monitor import ranks, report
+from gsam_monitor.monitor.background import BackgroundLogger
+from gsam_monitor.monitor.config import MonitorConfig
+from gsam_monitor.monitor.faults import Faults
+from gsam_monitor.monitor.report import LogResult
+from gsam_monitor.monitor.schedule import Schedule
+from gsam_monitor.monitor.windows import Key, WindowStore
+from gsam_monitor.sinks import SinkFanout
+from gsam_monitor.sinks.keys import META_PREFIX
+from gsam_monitor.stats import LayerStats
+
+__all__ = ["WindowLogger"]
+
+
+class WindowLogger:
+    """Turns windows into logs, inline or with a ``BackgroundLogger``, and writes them.
+
+    Args:
+        config: The monitor's settings.
+        layers: The monitored layers' names, in order.
+        windows: The window store.
+        fanout: The sinks.
+        faults: Where warnings and errors are counted and issued.
+
+    Attributes:
+        n_logs: Logs made so far.
+        last_log_step: The step count at the last log.
+        last_metrics: What the last published log wrote.
+        missing_layers: The layer keys the last published log found without activations.
+    """
+
+    def __init__(
+        self, config: MonitorConfig, layers: Sequence[str], windows: WindowStore, fanout: SinkFanout, faults: Faults
+    ) -> None:
+        self.config = config
+        self.layers = tuple(layers)
+        self.n_logs = 0
+        self.last_log_step = 0
+        self.last_metrics: dict[str, float] = {}
+        self.missing_layers: list[str] = []
+        self._windows = windows
+        self._fanout = fanout
+        self._faults = faults
+        self._background = BackgroundLogger()
+
+    def on_step(self, step_count: int, schedule: Schedule) -> dict[str, float] | None:
+        """What a ``step()`` writes: a finished background log, and the scheduled log when due."""
+        result = self.drain(wait=False)
+        if not schedule.is_log_step(step_count, self.last_log_step):
+            return result
+        if self.config.background:
+            drained = self.flush()  # at most one log in flight: wait for the previous one
+            if drained:
+                result = {**(result or {}), **drained}
+            self.submit(step_count)
+            return result
+        return {**(result or {}), **self.log(self.config.phases, step_count, step_count)}
+
+    def log(self, phases: Sequence[str], step: int, step_count: int) -> dict[str, float]:
+        """Log ``phases`` now, inline, at ``step`` (the monitor's count is ``step_count``)."""
+        self.flush()  # an earlier background log reaches the sinks first
+        try:
+            windows = self._windows.synced(phases, in_place=self.config.window == "interval")
+            if self._is_writer():
+                refs = self._windows.references(windows)
+                result = self._metrics_of(windows, refs, step, self.n_logs, frozenset(self._windows.disabled))
+            else:  # the metrics are computed where they are written
+                result = LogResult(step)
+            self._windows.advance(windows)
+        except Exception as err:
+            result = LogResult(step, errors=[(err, "log")])
+        self._count(step_count)
+        return self._publish(result)
+
+    def submit(self, step: int) -> None:
+        """Sync the windows now, hand them to the background logger and start the next ones
+        (the caller has written the previous log)."""
+        n_logs, snapshot = self.n_logs, None
+        try:
+            windows = self._windows.synced(self.config.phases, in_place=self.config.window == "interval")
+            if self._is_writer():
+                refs = self._windows.references(windows)
+                snapshot = self._windows.hand_off(windows)
+            else:  # the metrics are computed where they are written
+                self._windows.advance(windows)
+        except Exception as err:
+            self._faults.hook_error(err, "log")
+            snapshot = None
+        self._count(step)
+        if snapshot is not None:
+            job = functools.partial(self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled))
+            self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
+
+    def flush(self) -> dict[str, float]:
+        """Wait for a log being computed in the background and write it; ``{}`` if none."""
+        return self.drain(wait=True) or {}
+
+    def drain(self, *, wait: bool) -> dict[str, float] | None:
+        """Write the background log's result if it is ready (or, with ``wait``, once it is)."""
+        result = self._background.drain(wait=wait)
+        return None if result is None else self._publish(result)
+
+    def shutdown(self) -> None:
+        """Stop the background thread (the caller has flushed)."""
+        self._background.shutdown()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_log_step": self.last_log_step, "n_logs": self.n_logs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.last_log_step = int(state["last_log_step"])
+        self.n_logs = int(state["n_logs"])
+
+    def _metrics_of(
+        self,
+        windows: Mapping[Key, LayerStats],
+        refs: Mapping[Key, LayerStats | None],
+        step: int,
+        n_logs: int,
+        disabled: frozenset[str],
+    ) -> LogResult:
+        """The report of closed windows (``report.build_report``: pure, it reads only its
+        arguments and the immutable settings, and returns its warnings as data)."""
+        every = self.config.spectrum_every_n_logs
+        return report.build_report(
+            windows,
+            refs,
+            layers=self.layers,
+            phases=self.config.phases,
+            metric_names=self.config.metric_names,
+            disabled=disabled,
+            step=step,
+            want_spectrum=every is not None and n_logs % every == 0,
+        )
+
+    def _count(self, step_count: int) -> None:
+        self.last_log_step = step_count
+        self.n_logs += 1
+
+    def _publish(self, result: LogResult) -> dict[str, float]:
+        """Warn about and count what the log reports, and write its metrics to the sinks."""
+        for key, message in result.warnings:
+            self._faults.warn_once(key, message)
+        for err, where in result.errors:
+            self._faults.hook_error(err, where)
+        flat = result.flat
+        if flat:
+            flat[f"{META_PREFIX}/errors"] = float(self._faults.errors)
+        self.missing_layers = result.missing
+        self.last_metrics = flat
+        if flat:
+            self._fanout.write(flat, result.spectra, result.step)
+        return flat
+
+    def _is_writer(self) -> bool:
+        return ranks.is_writer(self.config.process_group)

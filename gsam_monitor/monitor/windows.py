@@ -1,0 +1,315 @@
+"""The window store: one ``LayerStats`` per monitored (layer, phase), and what happens to them.
+
+Windows are created at their layer's first activation (where the activations are, within
+the memory budget: a layer that would exceed it is left out, with one warning), follow the
+model when it moves, are summed over the ranks for a log (``synced``), and then advance:
+``"interval"`` windows restart, ``"cumulative"`` ones go on, ``"ema"`` ones decay at every
+step. With ``heldout_loglik`` the logged window is kept as the next one's reference fit.
+A background log takes the closed windows over (``hand_off``): interval windows themselves,
+copies of the others, so that nothing the worker reads is modified. Optional reservoir
+samples of the values live beside the statistics (``reservoir_size=``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gsam_monitor.capture.layers import LayerTarget
+from gsam_monitor.monitor import ranks
+from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
+from gsam_monitor.stats import LayerStats, ReservoirSample
+
+__all__ = ["Key", "WindowStore"]
+
+Key = tuple[str, str]
+"""(layer name, phase)."""
+
+
+class WindowStore:
+    """The statistics (``live``), held-out fits (``reference``) and samples of every window.
+
+    Args:
+        config: The monitor's settings (dtypes, window kind, budget, group, reservoir size).
+        targets: The monitored layers.
+        warn_once: Called with a key and a message when a layer is left out over the budget.
+    """
+
+    def __init__(
+        self, config: MonitorConfig, targets: Sequence[LayerTarget], warn_once: Callable[[str, str], None]
+    ) -> None:
+        self.config = config
+        self.targets = list(targets)
+        self.live: dict[Key, LayerStats] = {}
+        self.reference: dict[Key, LayerStats] = {}
+        self.samples: dict[Key, ReservoirSample] = {}
+        self.disabled: set[str] = set()  # layers left out over the memory budget
+        self._warn_once = warn_once
+        # nn.DataParallel runs each layer's hook from several threads at once: one lock per
+        # window serialises its updates (uncontended, it costs a few hundred nanoseconds).
+        self._locks = {(t.name, p): threading.Lock() for t in self.targets for p in PHASES}
+        self._index = {t.name: i for i, t in enumerate(self.targets)}
+
+    # ------------------------------------------------------------------ feeding
+    def accepts(self, layer: str) -> bool:
+        """Whether ``layer`` is still monitored."""
+        return layer not in self.disabled
+
+    def update(
+        self, target: LayerTarget, module: nn.Module, phase: str, rows: torch.Tensor, keep: torch.Tensor | None
+    ) -> None:
+        """Add rows ``(N, d)`` of ``target`` (seen on ``module``, a replica under DataParallel)."""
+        with self._locks[(target.name, phase)]:
+            stats = self._stats_for(target, module, phase, rows.shape[-1], rows.device)
+            if stats is not None:
+                stats.update(rows, mask=keep)
+            size = self.config.reservoir_size
+            if size is not None:
+                self._sample_for(target.name, phase, rows.device, size).update(rows, mask=keep)
+
+    def _stats_for(
+        self, target: LayerTarget, module: nn.Module, phase: str, dim: int, device: torch.device
+    ) -> LayerStats | None:
+        key = (target.name, phase)
+        stats = self.live.get(key)
+        # An nn.DataParallel replica (another module object, on another device) feeds the
+        # statistics where the model lives; the statistics follow only the model itself.
+        replica = module is not target.module
+        if replica:
+            device = _home_device(target.module, device)
+        if stats is None:
+            if not self._fits(target.name, key, dim):
+                return None
+            stats = self.live[key] = self._new_stats(dim, device)
+        elif stats.device != device and not replica:  # the model moved after attach: follow it
+            with torch.inference_mode(False):  # moved copies must stay ordinary tensors
+                stats.to(device)
+                ref = self.reference.get(key)
+                if ref is not None:
+                    ref.to(device)
+        if stats.dim != dim:
+            raise ValueError(
+                f"layer {target.name!r} changed its feature size from {stats.dim} to {dim}; its statistics cannot "
+                f"continue. Call monitor.reset() after changing the model."
+            )
+        return stats
+
+    def _fits(self, layer: str, key: Key, dim: int) -> bool:
+        """Whether a new window of ``dim`` stays within the budget; else the layer is left out."""
+        budget = self.config.max_state_bytes
+        if budget is None:
+            return True
+        live = [s.nbytes for s in self.live.values()]
+        held = sum(live) + sum(s.nbytes for s in self.reference.values()) + self.config.log_copies * sum(live)
+        # This window, the fit to be kept from it, and what a log copies of it.
+        copies = 1 + (1 if self.config.heldout and key not in self.reference else 0) + self.config.log_copies
+        need = self.config.window_bytes(dim, copies)
+        if held + need <= budget:
+            return True
+        self.disabled.add(layer)
+        self._warn_once(
+            f"budget:{layer}",
+            f"GSAMMonitor: layer {layer!r} (d = {dim}) would take the statistics to "
+            f"{gib(held + need)}, over max_state_bytes = {gib(budget)}; it is not "
+            f"monitored. Monitor fewer layers, use state_dtype=torch.float32, or raise max_state_bytes.",
+        )
+        return False
+
+    def _sample_for(self, layer: str, phase: str, device: torch.device, size: int) -> ReservoirSample:
+        sample = self.samples.get((layer, phase))
+        if sample is None:
+            # A distinct, deterministic stream per (layer, phase) and rank.
+            offset = self._index[layer] * len(PHASES) + PHASES.index(phase)
+            seed = self.config.seed + ranks.global_rank() + 7919 * offset
+            with torch.inference_mode(False):  # an ordinary tensor, also under an inference-mode forward
+                sample = self.samples[(layer, phase)] = ReservoirSample(size, seed=seed, device=device)
+        return sample
+
+    def _new_stats(self, dim: int, device: torch.device | str) -> LayerStats:
+        # Ordinary tensors even when the first activation comes from an inference-mode forward:
+        # an inference tensor could not be updated in place by a later training step.
+        with torch.inference_mode(False):
+            return LayerStats(
+                dim,
+                device=device,
+                state_dtype=self.config.state_dtype,
+                product_dtype=self.config.product_dtype,
+                higher_moments=self.config.higher_moments,
+            )
+
+    # ------------------------------------------------------------------ logs
+    def synced(self, phases: Sequence[str], *, in_place: bool) -> dict[Key, LayerStats]:
+        """Each (layer, phase) window of ``phases``, summed over ranks under torch.distributed.
+
+        ``in_place`` reduces the live statistics (they are reset right after, interval windows);
+        otherwise clones are reduced so that the local state stays local.
+        """
+        keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
+        dist = ranks.active_dist()
+        group = self.config.process_group
+        if dist is None or dist.get_world_size(group) == 1:
+            return {k: self.live[k] for k in keys if k in self.live}
+        # Ranks must reduce the same tensors in the same order: agree first on which windows
+        # exist anywhere (and their sizes), creating empty ones where a rank saw no data.
+        device = self._comm_device(dist)
+        dims = torch.tensor([self.live[k].dim if k in self.live else 0 for k in keys], dtype=torch.int64, device=device)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        out: dict[Key, LayerStats] = {}
+        for key, dim in zip(keys, dims.tolist(), strict=True):
+            if dim == 0:
+                continue
+            stats = self.live.get(key)
+            if stats is None:
+                stats = self.live[key] = self._new_stats(int(dim), device)
+            synced = stats if in_place else stats.clone()
+            synced.all_reduce_(group)
+            out[key] = synced
+        return out
+
+    def _comm_device(self, dist: Any) -> torch.device:
+        for stats in self.live.values():
+            return stats.device
+        if dist.get_backend(self.config.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | None]:
+        """The held-out fit of each window (``None`` where there is none yet)."""
+        return {key: self.reference.get(key) for key in keys}
+
+    def hand_off(self, windows: Mapping[Key, LayerStats]) -> dict[Key, LayerStats]:
+        """Give synced windows to a background log and start the next ones.
+
+        Nothing is copied for interval windows: the worker takes the synced windows
+        themselves and fresh ones start at the next activation. Cumulative and EMA windows go
+        on, so the worker gets a copy (the one the sync made, under torch.distributed). The
+        held-out fits are replaced, never modified, so the worker reads them as they are.
+        """
+        if self.config.window == "interval":
+            snapshot = dict(windows)
+        else:
+            snapshot = {k: w.clone() if w is self.live.get(k) else w for k, w in windows.items()}
+        self.advance(snapshot, handed_off=True)
+        return snapshot
+
+    @torch.no_grad()
+    def advance(self, windows: Mapping[Key, LayerStats], *, handed_off: bool = False) -> None:
+        """Start the next windows after a log and keep the held-out fits.
+
+        ``handed_off``: a background log owns ``windows`` (the synced interval windows
+        themselves, or copies of the cumulative/EMA ones): they are never reset or reused.
+        """
+        interval, heldout = self.config.window == "interval", self.config.heldout
+        for key, synced in windows.items():
+            has_data = float(synced.count) > 0
+            if interval and handed_off:
+                self.live.pop(key, None)  # the worker's now; a fresh window starts at the next activation
+                if heldout and has_data:
+                    self.reference[key] = synced
+            elif interval:
+                if heldout and has_data:
+                    old = self.reference.get(key)
+                    self.reference[key] = synced  # the synced live state, summed over ranks
+                    if old is not None:
+                        old.reset()
+                        self.live[key] = old
+                    else:
+                        del self.live[key]  # re-created at the next activation
+                else:
+                    self.live[key].reset()
+            elif heldout and has_data:
+                self.reference[key] = synced if synced is not self.live.get(key) else synced.clone()
+            if not interval and key in self.live:  # never reset: re-centre (exact)
+                self.live[key].reshift_()
+
+    def decay(self, factor: float) -> None:
+        """Multiply every live window's sums by ``factor`` (EMA windows, once per step)."""
+        for stats in self.live.values():
+            stats.decay_(factor)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Empty every window and sample and drop the held-out fits."""
+        for stats in self.live.values():
+            stats.reset()
+        self.reference.clear()
+        for sample in self.samples.values():
+            sample.reset()
+
+    def clear(self) -> None:
+        """Free the statistics, held-out fits and samples."""
+        self.live.clear()
+        self.reference.clear()
+        self.samples.clear()
+
+    def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{"stats", "reference", "samples"}``, each ``{phase: {layer: state}}`` on the CPU."""
+        return {"stats": _pack(self.live), "reference": _pack(self.reference), "samples": _pack(self.samples)}
+
+    def load_windows(self, stats: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
+        """Restore the ``"stats"`` and ``"reference"`` parts of ``state_dict()``, each on its layer's device."""
+        self.live = self._unpack(stats)
+        self.reference = self._unpack(reference)
+
+    def load_samples(self, samples: Mapping[str, Mapping[str, Any]]) -> None:
+        """Restore the ``"samples"`` part of ``state_dict()`` (nothing without ``reservoir_size``).
+
+        Raises:
+            ValueError: if the saved samples have another capacity than ``reservoir_size``.
+        """
+        self.samples = {}
+        size = self.config.reservoir_size
+        if size is None:
+            return
+        for phase, layers in samples.items():
+            for name, sd in layers.items():
+                if int(sd["capacity"]) != size:
+                    raise ValueError(
+                        f"load_state_dict: the state's reservoir samples hold {int(sd['capacity'])} values, "
+                        f"this monitor has reservoir_size={size}; construct it with "
+                        f"reservoir_size={int(sd['capacity'])}."
+                    )
+                sample = ReservoirSample(size)  # CPU: the saved generator state is a CPU one
+                sample.load_state_dict(sd)
+                self.samples[(name, phase)] = sample.to(self.device_of(name))
+
+    def _unpack(self, table: Mapping[str, Mapping[str, Any]]) -> dict[Key, LayerStats]:
+        out: dict[Key, LayerStats] = {}
+        for phase, layers in table.items():
+            for name, sd in layers.items():
+                out[(name, phase)] = LayerStats.from_state_dict(
+                    sd, device=self.device_of(name), product_dtype=self.config.product_dtype
+                )
+        return out
+
+    def device_of(self, layer: str) -> torch.device:
+        """The device of ``layer``'s first parameter (the CPU when it has none)."""
+        for target in self.targets:
+            if target.name == layer:
+                param = next(target.module.parameters(), None)
+                if param is not None:
+                    return param.device
+        return torch.device("cpu")
+
+
+def _pack(table: Mapping[Key, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for (name, phase), stats in table.items():
+        # To the host layer by layer: a device copy of every window at once would need as
+        # much free accelerator memory again as the statistics themselves.
+        state = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in stats.state_dict().items()}
+        out.setdefault(phase, {})[name] = state
+    return out
+
+
+def _home_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    """The device of ``module``'s first parameter or buffer, else ``fallback``."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return fallback

@@ -1,0 +1,43 @@
+"""``JsonlSink``: one strict-JSON object per write, appended to a file (NaN/Inf written as null)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gsam_monitor._jsonable import finite_or_none
+
+__all__ = ["JsonlSink"]
+
+
+class JsonlSink:
+    """One JSON object per write, ``{"step": step, **metrics}``, appended to ``path``.
+
+    Args:
+        path: The file; its directory is created at the first write.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"JsonlSink(path=) must be a file path; got {type(path).__name__}.")
+        self.path = Path(path)
+        self._file: Any = None
+
+    def write(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        record = {"step": int(step), **finite_or_none(dict(metrics))}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+    def __repr__(self) -> str:
+        return f"JsonlSink({str(self.path)!r})"
