@@ -204,15 +204,48 @@ def measure_accuracy(args: argparse.Namespace, layers: Sequence[str]) -> dict[st
     }
 
 
+class HookTimer:
+    """The thread CPU time spent in the forward hooks that a tool put on ``layers``.
+
+    A hook registered first (``prepend=True``) and one registered last bracket every other
+    forward hook of the layer, so the difference is the tool's hook path alone: less exposed
+    to the machine's load than step times, which it complements. The baseline's value is the
+    bracket's own cost.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str]) -> None:
+        self.total = 0.0
+        self._t0 = 0.0
+        self.handles = []
+        for n in layers:
+            module = model.get_submodule(n)
+            self.handles.append(module.register_forward_hook(self._start, prepend=True))
+            self.handles.append(module.register_forward_hook(self._stop))
+
+    def _start(self, *_: Any) -> None:
+        self._t0 = time.thread_time()
+
+    def _stop(self, *_: Any) -> None:
+        self.total += time.thread_time() - self._t0
+
+    def take(self) -> float:
+        """The time accumulated since the last call."""
+        total, self.total = self.total, 0.0
+        return total
+
+
 @dataclass
 class Runner:
     """One setting's model and step, and what its tool does after each optimizer step."""
 
+    model: torch.nn.Module
     step: Callable[[], None]
     after: Callable[[int], None] | None = None  # called with the 1-based step count
     close: Callable[[], None] | None = None
+    hooks: HookTimer | None = None
     times: list[float] = field(default_factory=list)
     log_times: list[float] = field(default_factory=list)
+    hook_times: list[float] = field(default_factory=list)
     count: int = 0
 
     def run(self, interval: int, timed: bool) -> None:
@@ -223,17 +256,26 @@ class Runner:
         if self.after is not None:
             self.after(self.count)
         t2 = time.perf_counter()
+        hook_time = self.hooks.take() if self.hooks is not None else 0.0
         if timed:
             self.times.append(t2 - t0)
+            self.hook_times.append(hook_time)
             if self.count % interval == 0:
                 self.log_times.append(t2 - t1)
 
 
 def make_runner(setting: str, args: argparse.Namespace, layers: Sequence[str], savedir: str) -> Runner:
+    """One setting's model copy with its tool attached, and a HookTimer around the tool's hooks."""
+    runner = _make_runner(setting, args, layers, savedir)
+    runner.hooks = HookTimer(runner.model, layers)
+    return runner
+
+
+def _make_runner(setting: str, args: argparse.Namespace, layers: Sequence[str], savedir: str) -> Runner:
     model, step = build(args)
     interval = args.interval
     if setting == "baseline":
-        return Runner(step)
+        return Runner(model, step)
     if setting.startswith("gsam"):
         options = {
             "gsam_defaults": {},
@@ -241,7 +283,7 @@ def make_runner(setting: str, args: argparse.Namespace, layers: Sequence[str], s
             "gsam_capped": {"collect_steps": None, "max_tokens_per_layer": args.batch_size},
         }[setting]
         monitor = GSAMMonitor(model, layers=list(layers), every_n_steps=interval, **options).attach()
-        return Runner(step, lambda _: monitor.step(), monitor.close)
+        return Runner(model, step, lambda _: monitor.step(), monitor.close)
     if setting == "delve":
         tracker = make_delve(model, layers, savedir)
 
@@ -249,7 +291,7 @@ def make_runner(setting: str, args: argparse.Namespace, layers: Sequence[str], s
             if count % interval == 0:
                 tracker.add_saturations()
 
-        return Runner(step, delve_after, tracker.close)
+        return Runner(model, step, delve_after, tracker.close)
     import wandb
 
     run = wandb.init(
@@ -261,7 +303,7 @@ def make_runner(setting: str, args: argparse.Namespace, layers: Sequence[str], s
         if count % interval == 0:
             run.log({"step": count})  # commits the histograms watch queued
 
-    return Runner(step, wandb_after, run.finish)
+    return Runner(model, step, wandb_after, run.finish)
 
 
 def load() -> str:
@@ -288,14 +330,18 @@ def measure_timing(args: argparse.Namespace, layers: Sequence[str], savedir: str
         print(f"# {f'repetition {rep}/{args.reps}' if rep else 'warm-up'} done; {load()}", flush=True)
         if rep > 0:
             for s, r in runners.items():
-                blocks[s].append({"times": r.times, "log_times": r.log_times})
-                r.times, r.log_times = [], []
+                blocks[s].append({"times": r.times, "log_times": r.log_times, "hook_times": r.hook_times})
+                r.times, r.log_times, r.hook_times = [], [], []
     for r in runners.values():
         if r.close is not None:
             r.close()
 
     base = blocks["baseline"]
-    out: dict[str, Any] = {"baseline_step_ms": statistics.median(statistics.mean(b["times"]) for b in base) * 1e3}
+    out: dict[str, Any] = {
+        "baseline_step_ms": statistics.median(statistics.mean(b["times"]) for b in base) * 1e3,
+        "baseline_hook_ms": statistics.median(t for b in base for t in b["hook_times"]) * 1e3,
+    }
+    interval = args.interval
     for s in settings[1:]:
         pairs = list(zip(blocks[s], base, strict=True))
         ratios = [statistics.mean(b["times"]) / statistics.mean(r["times"]) for b, r in pairs]
@@ -306,6 +352,13 @@ def measure_timing(args: argparse.Namespace, layers: Sequence[str], savedir: str
             "ratios": ratios,
             "median_step_ratio_median": statistics.median(step_ratios),
             "log_ms_median": statistics.median(logs) * 1e3,
+            # Thread CPU time in the tool's forward hooks, all layers, per step (median step).
+            "hook_ms_median": statistics.median(t for b in blocks[s] for t in b["hook_times"]) * 1e3,
+            # The logging step spread over the interval, plus the hooks: the tool's own cost.
+            "own_ms_per_step": (
+                statistics.median(t for b in blocks[s] for t in b["hook_times"]) + statistics.median(logs) / interval
+            )
+            * 1e3,
             "steps_timed": [len(b["times"]) for b in blocks[s]],
             "logs": [len(b["log_times"]) for b in blocks[s]],
         }
@@ -322,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-batches", type=int, default=100, help="distinct batches cycled (first of sst2_train)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS[1:]), choices=SETTINGS)
     parser.add_argument("--no-timing", action="store_true", help="the accuracy phase only")
+    parser.add_argument("--no-accuracy", action="store_true", help="the timing phase only")
     parser.add_argument(
         "--quick", action="store_true", help="--interval 10 --reps 2 --warmup 3 --acc-steps 4 --n-batches 10"
     )
@@ -353,43 +407,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"# MiniLM on {CORPUS}, batch {args.batch_size}, torch {torch.__version__}, {out['threads']} threads; "
         f"layers {layers[0]} ... ({len(layers)})"
     )
-    acc = measure_accuracy(args, layers)
-    out["accuracy"] = acc
-    rows = acc["rows_per_layer"]
-    print(
-        f"\n## accuracy over {acc['steps']} steps: covariance vs fp64 np.cov(bias=True) of the non-padding tokens"
-        f"\nrows per layer in the window: {rows['tokens']:.0f} non-padding tokens "
-        f"({rows['tokens'] / acc['steps']:.0f} per forward); gsam_full {rows['gsam_full']:.0f}, gsam_capped "
-        f"{rows['gsam_capped']:.0f}, delve {rows['delve']:.0f} (the last position of each sequence in the last "
-        f"forward; padding in {100 * acc['last_position_padding_fraction']:.0f}% of sequences)"
-        "\ncolumns: relative Frobenius error of gsam_full, gsam_capped, (a uniform subsample of the capped size), "
-        "delve, (delve vs the rows it holds), (the last positions of every step); Delve's saturation (0.99)"
-    )
-    print(
-        f"{'layer':<36}{'gsam_full':>11}{'gsam_capped':>12}{'(uniform)':>11}{'delve':>9}{'(its rows)':>11}"
-        f"{'(accum.)':>10}   saturation: tokens/full/capped/delve"
-    )
-    for name, e in acc["layers"].items():
-        sat = e["saturation"]
+    if not args.no_accuracy:
+        acc = measure_accuracy(args, layers)
+        out["accuracy"] = acc
+        rows = acc["rows_per_layer"]
         print(
-            f"{name:<36}{e['error']['gsam_full']:>11.1e}{e['error']['gsam_capped']:>12.3f}{e['uniform_subsample']:>11.3f}"
-            f"{e['error']['delve']:>9.3f}{e['delve_vs_its_rows']:>11.1e}{e['delve_accumulated_last_position']:>10.3f}"
-            f"   {sat['tokens']:.3f}/{sat['gsam_full']:.3f}/{sat['gsam_capped']:.3f}/{sat['delve']:.3f}"
+            f"\n## accuracy over {acc['steps']} steps: covariance vs fp64 np.cov(bias=True) of the non-padding tokens"
+            f"\nrows per layer in the window: {rows['tokens']:.0f} non-padding tokens "
+            f"({rows['tokens'] / acc['steps']:.0f} per forward); gsam_full {rows['gsam_full']:.0f}, gsam_capped "
+            f"{rows['gsam_capped']:.0f}, delve {rows['delve']:.0f} (the last position of each sequence in the last "
+            f"forward; padding in {100 * acc['last_position_padding_fraction']:.0f}% of sequences)"
+            "\ncolumns: relative Frobenius error of gsam_full, gsam_capped, (a uniform subsample of the capped size), "
+            "delve, (delve vs the rows it holds), (the last positions of every step); Delve's saturation (0.99)"
         )
+        print(
+            f"{'layer':<36}{'gsam_full':>11}{'gsam_capped':>12}{'(uniform)':>11}{'delve':>9}{'(its rows)':>11}"
+            f"{'(accum.)':>10}   saturation: tokens/full/capped/delve"
+        )
+        for name, e in acc["layers"].items():
+            sat = e["saturation"]
+            print(
+                f"{name:<36}{e['error']['gsam_full']:>11.1e}{e['error']['gsam_capped']:>12.3f}{e['uniform_subsample']:>11.3f}"
+                f"{e['error']['delve']:>9.3f}{e['delve_vs_its_rows']:>11.1e}{e['delve_accumulated_last_position']:>10.3f}"
+                f"   {sat['tokens']:.3f}/{sat['gsam_full']:.3f}/{sat['gsam_capped']:.3f}/{sat['delve']:.3f}"
+            )
     if not args.no_timing:
         with tempfile.TemporaryDirectory() as savedir:
             timing = measure_timing(args, layers, savedir)
         out["timing"] = timing
         print(
             f"\n## step time, {args.interval}-step intervals (one log each), {args.reps} interleaved reps; "
-            f"baseline {timing['baseline_step_ms']:.1f} ms"
+            f"baseline {timing['baseline_step_ms']:.1f} ms (hook bracket alone {timing['baseline_hook_ms']:.3f} ms)"
+            "\nratio: mean step time (logs included) over the baseline's; hooks: thread CPU time in the tool's "
+            "forward hooks per step; own: hooks + log step / interval"
         )
         for s, t in timing.items():
-            if s == "baseline_step_ms":
+            if not isinstance(t, dict):
                 continue
             print(
                 f"{s:<14} x{t['ratio_median']:.4f} (reps: {', '.join(f'{r:.4f}' for r in t['ratios'])}); "
-                f"median step x{t['median_step_ratio_median']:.4f}; log step {t['log_ms_median']:.1f} ms"
+                f"median step x{t['median_step_ratio_median']:.4f}; log step {t['log_ms_median']:.1f} ms; "
+                f"hooks {t['hook_ms_median']:.2f} ms/step; own {t['own_ms_per_step']:.2f} ms/step"
             )
     out["load_after"] = load()
     print(f"# {out['load_after']}")
