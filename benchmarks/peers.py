@@ -16,7 +16,10 @@ Two phases:
   so drift and the machine's load hit all alike), ``--interval`` steps per repetition = one
   log of every tool, after ``--warmup`` untimed steps. Per repetition, each setting's mean
   step time (its logging step included) over the baseline's; the median over ``--reps``
-  repetitions is reported, with the median of per-step ratios (the logs excluded).
+  repetitions is reported, with the median of per-step ratios (the logs excluded), and each
+  tool's own cost: the thread CPU time inside its forward hooks on the six layers
+  (``HookTimer``) plus its log step spread over the interval, less exposed to a shared
+  machine's load than the step ratios.
 
 Settings:
 
