@@ -73,6 +73,9 @@ def peers(monkeypatch):
     torch.set_num_threads(1)
     yield peers
     torch.set_num_threads(threads)
+    # peers.main flushes denormals to zero for its run (a process-wide CPU flag); the rest of
+    # the suite (hypothesis' subnormal floats) needs the default back.
+    torch.set_flush_denormal(False)
     for name in ("peers", "overhead", "_common"):
         sys.modules.pop(name, None)
 
