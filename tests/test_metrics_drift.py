@@ -4,16 +4,14 @@ fp64 numpy/scipy/scikit-learn computations on the rows themselves."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-from sklearn.covariance import oas
 
 from gsam_monitor import LayerStats, metrics
 from tests.reference import mle_cov, scipy_rank_tol
+from tests.reference_drift import kl_oas, w2sq_eig, w2sq_sqrtm
 
 DRIFT = list(metrics.DRIFT_METRICS)
 
@@ -32,36 +30,6 @@ def _layernorm(x: np.ndarray) -> np.ndarray:
 
 def _drift(cur: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return metrics.compute(_stats(cur), reference=_stats(ref), names=DRIFT)
-
-
-def _w2sq_sqrtm(a: np.ndarray, b: np.ndarray) -> float:
-    """W2² by the textbook formula with scipy.linalg.sqrtm (fp64)."""
-    s1, s2 = mle_cov(b), mle_cov(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sqrtm warns on singular matrices
-        root = scipy.linalg.sqrtm(s1)
-        cross = scipy.linalg.sqrtm(root @ s2 @ root)
-    dm = a.mean(0) - b.mean(0)
-    return float(dm @ dm + np.trace(s1) + np.trace(s2) - 2 * np.trace(cross).real)
-
-
-def _w2sq_eig(a: np.ndarray, b: np.ndarray) -> float:
-    """W2² another way: the fidelity term is Σ sqrt(eig(S1 S2)) (real, non-negative)."""
-    s1, s2 = mle_cov(b), mle_cov(a)
-    ev = np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)
-    dm = a.mean(0) - b.mean(0)
-    return float(dm @ dm + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
-
-
-def _kl_oas(a: np.ndarray, b: np.ndarray) -> float:
-    """KL(N(mean a, OAS(a)) || N(mean b, OAS(b))) with scikit-learn's OAS, written out."""
-    sa, sb = oas(a)[0], oas(b)[0]
-    d = a.shape[1]
-    dm = a.mean(0) - b.mean(0)
-    inv_b = np.linalg.inv(sb)
-    _, logdet_a = np.linalg.slogdet(sa)
-    _, logdet_b = np.linalg.slogdet(sb)
-    return 0.5 * float(np.trace(inv_b @ sa) + dm @ inv_b @ dm - d + logdet_b - logdet_a)
 
 
 def _pair(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,10 +51,10 @@ def _pair(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray]:
 def test_w2_equals_the_sqrtm_formula_and_the_eigenvalue_formula(kind: str, rng: np.random.Generator) -> None:
     a, b = _pair(rng, kind)
     got = _drift(a, b)
-    by_eig = _w2sq_eig(a, b)
+    by_eig = w2sq_eig(a, b)
     assert got["drift_w2"] ** 2 == pytest.approx(by_eig, rel=1e-7)
     # sqrtm of a singular matrix is accurate to about sqrt(eps) only.
-    assert got["drift_w2"] ** 2 == pytest.approx(_w2sq_sqrtm(a, b), rel=1e-9 if kind == "full" else 1e-5)
+    assert got["drift_w2"] ** 2 == pytest.approx(w2sq_sqrtm(a, b), rel=1e-9 if kind == "full" else 1e-5)
     total = np.trace(mle_cov(a)) + np.trace(mle_cov(b))
     assert got["drift_w2_relative"] == pytest.approx(by_eig / total, rel=1e-7)
     assert math.isfinite(got["drift_kl_oas"]) and got["drift_kl_oas"] > 0
@@ -95,8 +63,8 @@ def test_w2_equals_the_sqrtm_formula_and_the_eigenvalue_formula(kind: str, rng: 
 @pytest.mark.parametrize("kind", ["full", "layernorm", "low_rank", "few_rows"])
 def test_kl_oas_equals_sklearn_oas_written_out(kind: str, rng: np.random.Generator) -> None:
     a, b = _pair(rng, kind)
-    assert _drift(a, b)["drift_kl_oas"] == pytest.approx(_kl_oas(a, b), rel=1e-8)
-    assert _drift(b, a)["drift_kl_oas"] == pytest.approx(_kl_oas(b, a), rel=1e-8)
+    assert _drift(a, b)["drift_kl_oas"] == pytest.approx(kl_oas(a, b), rel=1e-8)
+    assert _drift(b, a)["drift_kl_oas"] == pytest.approx(kl_oas(b, a), rel=1e-8)
 
 
 @pytest.mark.parametrize("kind", ["full", "layernorm", "few_rows"])

@@ -130,7 +130,7 @@ class WindowLogger:
     def _metrics_of(
         self,
         windows: Mapping[Key, LayerStats],
-        refs: Mapping[Key, LayerStats | None],
+        refs: Mapping[Key, report.Reference],
         step: int,
         n_logs: int,
         disabled: frozenset[str],
