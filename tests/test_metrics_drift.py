@@ -84,7 +84,9 @@ def test_a_window_against_itself_is_zero(kind: str, rng: np.random.Generator) ->
 
 def test_w2_is_symmetric_and_satisfies_the_triangle_inequality(rng: np.random.Generator) -> None:
     d = 12
-    windows = [rng.standard_normal((200, d)) @ rng.standard_normal((d, d)) * s + m for s, m in ((1, 0), (2, 1), (0.5, -1))]
+    windows = [
+        rng.standard_normal((200, d)) @ rng.standard_normal((d, d)) * s + m for s, m in ((1, 0), (2, 1), (0.5, -1))
+    ]
     windows += [_layernorm(rng.standard_normal((200, d))), rng.standard_normal((8, d))]  # rank d-1, N < d
     stats = [_stats(w) for w in windows]
     w2 = np.array([[metrics.compute(a, reference=b, names=["drift_w2"])["drift_w2"] for b in stats] for a in stats])

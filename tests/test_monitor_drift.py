@@ -31,7 +31,9 @@ def _batches(n: int, seed: int = 0, rows: int = 12) -> list[torch.Tensor]:
     # A covariance that rotates and a mean that moves a little at every step.
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((D, D))
-    return [torch.from_numpy(rng.standard_normal((rows, D)) @ (mix + 0.15 * t * np.eye(D)) + 0.05 * t) for t in range(n)]
+    return [
+        torch.from_numpy(rng.standard_normal((rows, D)) @ (mix + 0.15 * t * np.eye(D)) + 0.05 * t) for t in range(n)
+    ]
 
 
 def _run(monitor: GSAMMonitor, model: torch.nn.Module, batches: list[torch.Tensor]) -> list[dict[str, float]]:
@@ -180,5 +182,6 @@ def test_a_resumed_run_compares_with_the_same_reference(reference: str, tmp_path
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-12), key
     other = "pinned" if reference == "first" else "first"
-    with pytest.raises(ValueError, match=f"kept with reference='{reference}'.*construct it with reference='{reference}'"):
+    match = f"kept with reference='{reference}'.*construct it with reference='{reference}'"
+    with pytest.raises(ValueError, match=match):
         _monitor(model, **{**kwargs, "reference": other}).load_state_dict(state)

@@ -189,7 +189,7 @@ class GSAMMonitor:
         self._capture = ActivationCapture(
             model, self.targets, config.phases, self._windows, seed=seed + ranks.global_rank(),
             max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
-            warn_once=self._faults.warn_once,
+            warn_once=self._faults.warn_once, attention=self._windows.attention,
         )
         self._logs = WindowLogger(config, self.layer_names, self._windows, self._fanout, self._faults)
         self._attached = False

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gsam_monitor import metrics
+from gsam_monitor.monitor.attention import attention_report
 from gsam_monitor.sinks.keys import META_PREFIX, layer_key, metric_key
 from gsam_monitor.stats import LayerStats
 
@@ -59,6 +60,7 @@ def build_report(
     disabled: Collection[str],
     step: int,
     want_spectrum: bool,
+    attention: Mapping[Key, torch.Tensor] | None = None,
 ) -> LogResult:
     """Every metric of the windows (``metrics.compute``), keyed for the sinks.
 
@@ -71,8 +73,13 @@ def build_report(
         disabled: Layers left out (over the memory budget): not reported.
         step: The step the log belongs to (in messages).
         want_spectrum: Return each layer's eigenvalues too.
+        attention: The closed attention-entropy windows (``attention_entropy=True``).
     """
     result = LogResult(step)
+    if attention:
+        flat, warned = attention_report(attention)
+        result.flat.update(flat)
+        result.warnings.extend(warned)
     counts = {key: float(stats.count) for key, stats in windows.items()}
     # Rows dropped for NaN/Inf, read here at log time (the hook path never syncs).
     nonfinite = {key: int(stats.nonfinite) for key, stats in windows.items()}

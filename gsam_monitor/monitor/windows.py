@@ -23,6 +23,7 @@ from torch import nn
 
 from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.monitor import ranks
+from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
 from gsam_monitor.monitor.reference import ReferenceFits, check_reference_mode, takes_reference
 from gsam_monitor.stats import LayerStats, ReservoirSample
@@ -51,6 +52,7 @@ class WindowStore:
         self.reference: dict[Key, LayerStats] = {}
         self.samples: dict[Key, ReservoirSample] = {}
         self.fits = ReferenceFits()  # fixed references, factorised once
+        self.attention = AttentionWindows(config.window, config.process_group) if config.attention_entropy else None
         self.disabled: set[str] = set()  # layers left out over the memory budget
         self._warn_once = warn_once
         # nn.DataParallel runs each layer's hook from several threads at once: one lock per
@@ -266,6 +268,12 @@ class WindowStore:
         """Multiply every live window's sums by ``factor`` (EMA windows, once per step)."""
         for stats in self.live.values():
             stats.decay_(factor)
+        if self.attention is not None:
+            self.attention.decay(factor)
+
+    def close_attention(self, phases: Sequence[str]) -> dict[Key, torch.Tensor]:
+        """The attention-entropy windows of ``phases`` for a log (summed over ranks), then the next ones."""
+        return {} if self.attention is None else self.attention.close(phases)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -276,6 +284,8 @@ class WindowStore:
         self.fits.clear()
         for sample in self.samples.values():
             sample.reset()
+        if self.attention is not None:
+            self.attention.reset()
 
     def clear(self) -> None:
         """Free the statistics, held-out fits and samples."""
@@ -283,6 +293,8 @@ class WindowStore:
         self.reference.clear()
         self.fits.clear()
         self.samples.clear()
+        if self.attention is not None:
+            self.attention.reset()
 
     def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{"stats", "reference", "samples"}``, each ``{phase: {layer: state}}`` on the CPU, and
@@ -292,6 +304,7 @@ class WindowStore:
             "reference": _pack(self.reference),
             "reference_mode": self.config.reference,
             "samples": _pack(self.samples),
+            "attention": {} if self.attention is None else self.attention.state_dict(),
         }
 
     def load_windows(self, state: Mapping[str, Any]) -> None:
@@ -304,6 +317,8 @@ class WindowStore:
         self.live = self._unpack(state["stats"])
         self.reference = self._unpack(state["reference"])
         self.fits.clear()
+        if self.attention is not None:
+            self.attention.load_state_dict(state.get("attention", {}))
 
     def load_samples(self, samples: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore the ``"samples"`` part of ``state_dict()`` (nothing without ``reservoir_size``).
