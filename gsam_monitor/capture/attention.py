@@ -244,12 +244,12 @@ class AttentionHooks:
             )
             return
         if module.training and site.dropout > 0:
-            self._warn_once(
-                f"attn-dropout:{site.layer}",
-                f"GSAMMonitor(attention_entropy=True): {site.layer!r} applies dropout (p = {site.dropout:g}) to "
-                f"its attention probabilities in training mode, and returns them after the dropout; its "
-                f"training forwards are not counted (evaluation forwards are). Set the model's attention "
-                f"dropout to 0 to count them.",
+            self._warn_once(  # once per monitor, not per layer: every block of a model has the same dropout
+                "attn-dropout",
+                f"GSAMMonitor(attention_entropy=True): {site.layer!r} (and any other monitored block with attention "
+                f"dropout) applies dropout (p = {site.dropout:g}) to its attention probabilities in training mode, "
+                f"and returns them after the dropout; those training forwards are not counted (evaluation forwards "
+                f"are). Set the model's attention dropout to 0 to count them.",
             )
             return
         mask = context.mask if context.active else None
