@@ -124,18 +124,27 @@ def neox_workload(device: torch.device, batch_size: int, seed: int) -> tuple[tor
 def log_step_costs(dims: list[int], device: torch.device, reps: int = 3) -> list[dict]:
     """Seconds of one layer's logging-step work at width d: the fp64 eigendecomposition behind
     every metric (``metrics.compute(..., return_spectrum=True)`` on default metrics) and the snapshot copy
-    that ``background=True`` takes on the training thread instead."""
+    that ``background=True`` takes on the training thread instead; and the same with a fixed
+    reference (``reference="first"``/``"pinned"``: ``metrics="default"`` adds the drift metrics),
+    its ``GaussianFit`` made once beforehand as the monitor does."""
     from gsam_monitor import LayerStats, metrics
+    from gsam_monitor.metrics.fit import GaussianFit
 
+    with_drift = (*metrics.DEFAULT_METRICS, *metrics.DRIFT_METRICS)
     out = []
     for d in dims:
-        stats = LayerStats(d, device=device)
-        x = torch.randn(2 * d, d, device=device)
-        stats.update(x @ torch.randn(d, d, device=device) / d**0.5)
+        stats, ref = LayerStats(d, device=device), LayerStats(d, device=device)
+        mix = torch.randn(d, d, device=device) / d**0.5
+        stats.update(torch.randn(2 * d, d, device=device) @ mix)
+        ref.update(torch.randn(2 * d, d, device=device) @ mix)
+        fit = GaussianFit.from_stats(ref)
         # One warm-up each (LAPACK/cuSOLVER workspaces): at d = 4096 a run takes seconds.
         compute = median_seconds(lambda s=stats: metrics.compute(s, return_spectrum=True), device, reps, warmup=1)
+        drift = median_seconds(
+            lambda s=stats, f=fit: metrics.compute(s, f, names=with_drift, return_spectrum=True), device, reps, warmup=1
+        )
         snapshot = median_seconds(stats.clone, device, reps, warmup=1)
-        out.append({"d": d, "compute_s": compute, "snapshot_s": snapshot})
+        out.append({"d": d, "compute_s": compute, "with_drift_s": drift, "snapshot_s": snapshot})
     return out
 
 
@@ -200,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"d={r['d']:>5}  metrics (fp64 eigendecomposition) {r['compute_s'] * 1e3:10.1f} ms   "
                 f"snapshot copy {r['snapshot_s'] * 1e3:8.2f} ms   32 layers: {32 * r['compute_s']:8.2f} s inline, "
-                f"{32 * r['snapshot_s'] * 1e3:8.1f} ms on the training thread with background=True"
+                f"{32 * r['snapshot_s'] * 1e3:8.1f} ms on the training thread with background=True   "
+                f"with the drift metrics {r['with_drift_s'] * 1e3:10.1f} ms ({r['with_drift_s'] / r['compute_s']:.2f}x)"
             )
         write_json(args.json, rows)
         return {"log_step": rows}

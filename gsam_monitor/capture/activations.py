@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from gsam_monitor.capture.attention import AttentionFeed, build_attention_hooks
 from gsam_monitor.capture.compiled import add_observer, drop_compiled_code, has_compiled_code, observe, remove_observer
 from gsam_monitor.capture.hooks import (
     ForwardContext,
@@ -66,6 +67,10 @@ class ActivationCapture:
         max_tokens: At most this many tokens per layer per forward (``None``: all).
         on_error: Called with an exception caught in a hook and where it happened.
         warn_once: Called with a key and a message for a degradation worth one warning.
+        attention: Where the attention entropies go (``attention_entropy=True``), or ``None``.
+
+    Raises:
+        ValueError: with ``attention``, when no monitored block's attention returns probabilities.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class ActivationCapture:
         max_tokens: int | None,
         on_error: Callable[..., None],
         warn_once: Callable[[str, str], None],
+        attention: AttentionFeed | None = None,
     ) -> None:
         self.model = model
         self.targets = list(targets)
@@ -98,6 +104,10 @@ class ActivationCapture:
         self._warn_once = warn_once
         self._mask_position = attention_mask_position(unwrap_model(model))
         self._handles = HookHandles()
+        self._attention = None if attention is None else build_attention_hooks(
+            model, self.targets, self.context, self.phases, attention, collecting=lambda: self.collecting,
+            on_error=on_error, warn_once=warn_once,
+        )
         self._observer_key = add_observer(self._observe_traced)
         weakref.finalize(self, remove_observer, self._observer_key)
 
@@ -123,6 +133,8 @@ class ActivationCapture:
     def remove(self) -> None:
         """Remove every hook (idempotent) and forget the forward in flight."""
         self._handles.remove()
+        if self._attention is not None:
+            self._attention.remove()
         self.collecting = False
         self.context.clear()
         self.traced_context.clear()
@@ -149,6 +161,8 @@ class ActivationCapture:
             self._handles.add(handle)
         for index, target in enumerate(self.targets):
             self._handles.add(register_layer_hook(target.module, target.kind, self._make_callback(index, target)))
+        if self._attention is not None:
+            self._attention.register()
         first, self.attach_pending = self.attach_pending, False
         if first or self.compiled or has_compiled_code(unwrap_model(self.model)):
             self._drop_compiled_code()

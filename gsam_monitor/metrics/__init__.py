@@ -26,28 +26,36 @@ product's per-entry error model, so that one huge dimension (the "massive activa
 LLMs) does not hide every other direction.
 
 Modules: ``linalg`` (the tolerances and the eigensolve: a leaf), ``fit`` (a window's Gaussian
-factorised once, for the scores that compare windows), ``scores`` (the metrics), ``compute``
-(the entry point and the metric names), ``mardia`` (the second pass).
+factorised once, for the scores that compare windows), ``scores`` (the metrics), ``rankme``
+(RankMe), ``drift`` (distances to a reference window: Bures–Wasserstein, OAS KL),
+``compute`` (the entry point and the metric names), ``mardia`` (the second pass).
 
 References:
     Roy & Vetterli, "The effective rank", EUSIPCO 2007 (``effective_rank``).
     Chen, Wiesel, Eldar & Hero, "Shrinkage algorithms for MMSE covariance estimation",
         IEEE TSP 2010 (``gsam_oas``).
     Mardia, "Measures of multivariate skewness and kurtosis", Biometrika 1970.
+    Garrido, Balestriero, Najman & LeCun, "RankMe", ICML 2023 (``rankme``).
+    Dowson & Landau, "The Fréchet distance between multivariate normal distributions",
+        J. Multivariate Anal. 1982 (``drift_w2``).
     Shenk et al., "Feature space saturation during training" (Delve), 2021 (``saturation``).
     Sun et al., "Massive activations in large language models", 2024 (``outlier_dims``).
 """
 
 from gsam_monitor.metrics.compute import (
     DEFAULT_METRICS,
+    DRIFT_METRICS,
     HIGHER_MOMENT_METRICS,
     METRIC_NAMES,
+    REFERENCE_METRICS,
     compute,
     validate_names,
 )
+from gsam_monitor.metrics.drift import bures_wasserstein, kl_oas
 from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, eigenvalue_tolerance, eigenvalues, rank_tolerance
 from gsam_monitor.metrics.mardia import MardiaAccumulator
+from gsam_monitor.metrics.rankme import RANKME_EPS, rankme
 from gsam_monitor.metrics.scores import (
     POWERLAW_RANGE,
     anisotropy,
@@ -60,21 +68,27 @@ from gsam_monitor.metrics.scores import (
 
 __all__ = [
     "DEFAULT_METRICS",
+    "DRIFT_METRICS",
     "HIGHER_MOMENT_METRICS",
     "METRIC_NAMES",
     "POWERLAW_RANGE",
     "PRODUCT_ERROR_FACTOR",
+    "RANKME_EPS",
+    "REFERENCE_METRICS",
     "GaussianFit",
     "MardiaAccumulator",
     "anisotropy",
+    "bures_wasserstein",
     "compute",
     "eigenvalue_tolerance",
     "eigenvalues",
     "gaussian_score",
     "heldout_loglik",
+    "kl_oas",
     "oas_score",
     "outlier_dims",
     "powerlaw_alpha",
     "rank_tolerance",
+    "rankme",
     "validate_names",
 ]

@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from gsam_monitor._validate import with_suggestion
+from gsam_monitor.metrics.drift import DRIFT_METRICS, drift_metrics
+from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.metrics.linalg import spectrum
+from gsam_monitor.metrics.rankme import rankme
 from gsam_monitor.metrics.scores import (
     POWERLAW_RANGE,
     SPECTRAL_METRICS,
@@ -27,11 +30,18 @@ from gsam_monitor.metrics.scores import (
 )
 
 if TYPE_CHECKING:
-    from gsam_monitor.metrics.fit import GaussianFit
     from gsam_monitor.metrics.mardia import MardiaAccumulator
     from gsam_monitor.stats import LayerStats
 
-__all__ = ["DEFAULT_METRICS", "HIGHER_MOMENT_METRICS", "METRIC_NAMES", "compute", "validate_names"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "DRIFT_METRICS",
+    "HIGHER_MOMENT_METRICS",
+    "METRIC_NAMES",
+    "REFERENCE_METRICS",
+    "compute",
+    "validate_names",
+]
 
 METRIC_NAMES: tuple[str, ...] = (
     "n",
@@ -43,16 +53,24 @@ METRIC_NAMES: tuple[str, ...] = (
     "gsam_oas",
     "mean_kurtosis",
     *SPECTRAL_METRICS,
+    "rankme",
     "anisotropy",
     "outlier_dims",
     "heldout_loglik",
+    *DRIFT_METRICS,
     "mardia_kurtosis",
 )
 """Every key ``compute`` can return."""
 
-DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRIC_NAMES if m != "mardia_kurtosis")
+DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRIC_NAMES if m not in ("mardia_kurtosis", *DRIFT_METRICS))
 """What ``compute`` returns by default (``heldout_loglik`` only when given a reference;
-``mardia_kurtosis`` needs a second pass over the rows and is returned when one is given)."""
+``mardia_kurtosis`` needs a second pass over the rows and is returned when one is given).
+The ``DRIFT_METRICS`` are not: ``drift_w2`` costs a second eigendecomposition per layer, and
+against the previous window they mostly measure sampling noise (``GSAMMonitor(reference=
+"first")`` selects them)."""
+
+REFERENCE_METRICS = frozenset({"heldout_loglik", *DRIFT_METRICS})
+"""The metrics that compare a window with a reference window (computed when one is given)."""
 
 HIGHER_MOMENT_METRICS = frozenset({"mean_kurtosis", "anisotropy"})
 """The metrics that need ``LayerStats(higher_moments=True)``."""
@@ -100,7 +118,7 @@ def compute(
     Args:
         stats: The window's statistics.
         reference: An earlier window's statistics, or its ``GaussianFit`` (factorised once,
-            reused across logs); adds ``heldout_loglik``.
+            reused across logs); adds ``heldout_loglik`` and the selected ``DRIFT_METRICS``.
         names: A selection of ``METRIC_NAMES``; default ``DEFAULT_METRICS``.
         mardia: A finished ``MardiaAccumulator`` second pass; adds ``mardia_kurtosis``.
         powerlaw_range: Ranks (1-based, inclusive) for ``powerlaw_alpha``.
@@ -123,7 +141,7 @@ def compute(
     if mardia is not None:
         wanted.add("mardia_kurtosis")
     if reference is None:
-        wanted.discard("heldout_loglik")
+        wanted -= REFERENCE_METRICS
     if not stats.higher_moments:
         wanted -= HIGHER_MOMENT_METRICS
     evals = None
@@ -158,6 +176,8 @@ def _fill(
     if "gsam_correlation" in wanted:
         out["gsam_correlation"] = correlation_score(cov, n, stats.product_dtype, scale)
     out.update(spectral_metrics(evals, tol, powerlaw_range))
+    if "rankme" in wanted:
+        out["rankme"] = rankme(evals, n, tol)
     if "mean_kurtosis" in wanted:
         k = stats.excess_kurtosis()
         k = k[torch.isfinite(k)]
@@ -166,8 +186,21 @@ def _fill(
         out["anisotropy"] = anisotropy(stats)
     if "outlier_dims" in wanted:
         out["outlier_dims"] = outlier_dims(stats, outlier_factor)
-    if "heldout_loglik" in wanted and reference is not None:
-        out["heldout_loglik"] = heldout_loglik(stats, reference, rtol=rank_rtol)
+    fit = _reference_fit(reference, rank_rtol) if wanted & REFERENCE_METRICS else None
+    if fit is None:
+        out.update(dict.fromkeys(wanted & REFERENCE_METRICS, math.nan))
+    else:
+        if "heldout_loglik" in wanted:
+            out["heldout_loglik"] = heldout_loglik(stats, fit)
+        out.update(drift_metrics(stats.mean.to("cpu", torch.float64), cov, evals, n, fit, wanted))
     if mardia is not None:
         out["mardia_kurtosis"] = mardia.value()
     return evals
+
+
+def _reference_fit(reference: LayerStats | GaussianFit | None, rank_rtol: float | None) -> GaussianFit | None:
+    """The reference's fit (made here, once for every reference metric, from a window of at
+    least 2 rows); ``None`` without one."""
+    if reference is None or isinstance(reference, GaussianFit):
+        return reference
+    return GaussianFit.from_stats(reference, rtol=rank_rtol) if float(reference.count) >= 2 else None

@@ -36,6 +36,7 @@ __all__ = [
     "gaussian_score",
     "heldout_loglik",
     "oas_score",
+    "oas_shrinkage",
     "outlier_dims",
     "powerlaw_alpha",
     "spectral_metrics",
@@ -83,16 +84,24 @@ def oas_score(evals: torch.Tensor, n: float) -> tuple[float, float]:
     """
     lam = evals.clamp_min(0.0)
     d = lam.numel()
-    mu = float(lam.sum()) / d
+    shrink, mu = oas_shrinkage(lam, n, d)
     if mu <= 0:
         return math.nan, math.nan
-    alpha = float((lam * lam).sum()) / d**2
-    num = alpha + mu * mu
-    den = (n + 1.0) * (alpha - mu * mu / d)
-    shrink = 1.0 if den == 0 else min(num / den, 1.0)
     shrunk = (1.0 - shrink) * lam + shrink * mu
     mean_loglik = -0.5 * (d * _LOG_2PI + float(torch.log(shrunk).sum()) + float((lam / shrunk).sum()))
     return math.log(n) + mean_loglik, shrink
+
+
+def oas_shrinkage(lam: torch.Tensor, n: float, d: int) -> tuple[float, float]:
+    """(shrinkage s, target scale μ = tr C / d) of OAS for a covariance C with eigenvalues
+    ``lam`` from ``n`` rows in ``d`` dimensions (null eigenvalues may be left out: only tr C
+    and tr C² enter). As scikit-learn's ``oas``: α = tr C² / d²,
+    s = min((α + μ²) / ((n + 1)(α - μ²/d)), 1)."""
+    lam = lam.clamp_min(0.0)
+    mu = float(lam.sum()) / d
+    alpha = float((lam * lam).sum()) / d**2
+    den = (n + 1.0) * (alpha - mu * mu / d)
+    return (1.0 if den == 0 else min((alpha + mu * mu) / den, 1.0)), mu
 
 
 def powerlaw_alpha(

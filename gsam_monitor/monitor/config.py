@@ -7,7 +7,7 @@ validated value (every bad argument fails here, naming the argument and the fix)
 
 Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 5d)`` bytes
 per phase (fp64: 8·d², so d = 768: 4.7 MB, d = 4096: 134 MB, d = 8192: 537 MB), twice that
-when ``heldout_loglik`` is selected (the previous window's fit is kept), plus one copy more
+when a reference window is kept (``heldout_loglik`` or a drift metric is selected), plus one copy more
 where a log must copy a window (``log_copies``: background logs, and cumulative/EMA windows
 kept as held-out fits or summed over ranks). Interval windows are never copied: a
 background log takes the synced window itself and a fresh one starts.
@@ -24,11 +24,19 @@ from torch import nn
 
 from gsam_monitor._validate import positive_int
 from gsam_monitor.capture.layers import LayerTarget
-from gsam_monitor.metrics.compute import HIGHER_MOMENT_METRICS, validate_names
+from gsam_monitor.metrics.compute import DRIFT_METRICS, HIGHER_MOMENT_METRICS, REFERENCE_METRICS, validate_names
 from gsam_monitor.monitor import ranks
 from gsam_monitor.stats import LayerStats
 
-__all__ = ["DEFAULT_MAX_STATE_BYTES", "PHASES", "WINDOWS", "MonitorConfig", "gib", "state_bytes_per_layer"]
+__all__ = [
+    "DEFAULT_MAX_STATE_BYTES",
+    "PHASES",
+    "REFERENCES",
+    "WINDOWS",
+    "MonitorConfig",
+    "gib",
+    "state_bytes_per_layer",
+]
 
 DEFAULT_MAX_STATE_BYTES = 8 * 2**30
 """8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits, logged
@@ -36,6 +44,9 @@ inline (a background log's copy makes that two such layers)."""
 
 PHASES = ("train", "eval")
 WINDOWS = ("interval", "cumulative", "ema")
+REFERENCES = ("previous", "first", "pinned")
+"""What each window is compared with (``heldout_loglik``, the drift metrics): the previous
+logged window, the first one, or the one ``pin_reference()`` pinned."""
 
 
 def state_bytes_per_layer(
@@ -49,7 +60,7 @@ def state_bytes_per_layer(
     """Bytes of statistics the monitor keeps for one layer of feature size ``dim``, at most.
 
     ``LayerStats.state_bytes(dim)`` per phase, times one (the live window), plus one when the
-    previous window's fit is kept for ``heldout_loglik``, plus ``log_copies`` (the copies a
+    reference window is kept (``heldout_loglik``, the drift metrics), plus ``log_copies`` (the copies a
     log holds while it is computed: 1 for background logs and for cumulative/EMA windows
     that are kept as held-out fits or summed over ranks, else 0).
     """
@@ -86,11 +97,13 @@ class MonitorConfig:
     background: bool
     reservoir_size: int | None
     log_copies: int
+    reference: str = "previous"
+    attention_entropy: bool = False
 
     @property
     def heldout(self) -> bool:
-        """Whether the previous window's fit is kept (``heldout_loglik`` is selected)."""
-        return "heldout_loglik" in self.metric_names
+        """Whether a reference window is kept (``heldout_loglik`` or a drift metric is selected)."""
+        return bool(REFERENCE_METRICS & set(self.metric_names))
 
     @property
     def higher_moments(self) -> bool:
@@ -122,6 +135,8 @@ class MonitorConfig:
         process_group: Any,
         background: bool | None,
         reservoir_size: int | None,
+        reference: str = "previous",
+        attention_entropy: bool = False,
     ) -> MonitorConfig:
         """Check every argument (in the order of ``GSAMMonitor``'s signature) and resolve the
         automatic ones.
@@ -155,7 +170,9 @@ class MonitorConfig:
             max_tokens_per_layer = positive_int(
                 max_tokens_per_layer, "max_tokens_per_layer", " (or None for every token)"
             )
-        metric_names = validate_names(metrics)
+        metric_names = _with_reference(validate_names(metrics), metrics, reference)
+        if not isinstance(attention_entropy, bool):
+            raise TypeError(f"attention_entropy must be True or False; got {attention_entropy!r}.")
         phases = (phases,) if isinstance(phases, str) else tuple(phases)
         if any(p not in PHASES for p in phases) or not phases or len(set(phases)) != len(phases):
             raise ValueError(f"phases must be a non-empty selection of {PHASES} without repeats; got {phases!r}.")
@@ -178,7 +195,7 @@ class MonitorConfig:
             background = param is not None and param.device.type != "cpu"
         if reservoir_size is not None:
             reservoir_size = positive_int(reservoir_size, "reservoir_size", " (or None for no sample)")
-        heldout = "heldout_loglik" in metric_names
+        heldout = bool(REFERENCE_METRICS & set(metric_names))
         distributed = ranks.world_size(process_group) > 1
         return cls(
             every_n_steps=every,
@@ -198,6 +215,8 @@ class MonitorConfig:
             background=background,
             reservoir_size=reservoir_size,
             log_copies=1 if background or (window != "interval" and (heldout or distributed)) else 0,
+            reference=reference,
+            attention_entropy=attention_entropy,
         )
 
     def check_phases(self, phases: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -250,6 +269,27 @@ class MonitorConfig:
             f"d = {', '.join(map(str, dims))}; {len(self.phases)} phase(s) x {copies} "
             f"x {str(self.state_dtype).replace('torch.', '')} d^2 state each), over max_state_bytes = "
             f"{gib(self.max_state_bytes)}. Fix: monitor fewer layers (layers= / ignore=), use "
-            f"state_dtype=torch.float32 (halves it), drop 'heldout_loglik' from metrics= or a phase from "
-            f"phases=, or raise max_state_bytes."
+            f"state_dtype=torch.float32 (halves it), drop 'heldout_loglik' and the drift metrics from metrics= or a "
+            f"phase from phases=, or raise max_state_bytes."
         )
+
+
+def _with_reference(names: tuple[str, ...], metrics: str | Iterable[str], reference: str) -> tuple[str, ...]:
+    """The metric selection for ``reference=``: the default selection gains the drift metrics
+    when the reference is the first or a pinned window (a fixed base to drift from).
+
+    Raises:
+        ValueError: an unknown reference, or a fixed reference without a metric that uses it.
+    """
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}; got {reference!r}.")
+    if reference == "previous":
+        return names
+    if metrics is None or metrics == "default":
+        names = (*names, *DRIFT_METRICS)
+    if not REFERENCE_METRICS & set(names):
+        raise ValueError(
+            f"reference={reference!r} keeps a reference window, but no selected metric compares with it; add "
+            f"{', '.join(repr(m) for m in (*DRIFT_METRICS, 'heldout_loglik'))} to metrics= (or use metrics='default')."
+        )
+    return names

@@ -13,7 +13,8 @@ The monitor is a facade over one unit per concern, in the order the data flows:
 
 Windows: ``"interval"`` statistics restart after every log; ``"cumulative"`` ones never do;
 ``"ema"`` ones decay by ``0.5 ** (1 / ema_half_life)`` at every ``step()``. Held-out scores
-(``heldout_loglik``) rate each window under the previous logged window's fit. Memory: see
+(``heldout_loglik``) and drift (``drift_*``) compare each window with a reference window: the
+previous logged one, the first, or a pinned one (``gsam_monitor.monitor.reference``). Memory: see
 ``gsam_monitor.monitor.config`` (the budget ``max_state_bytes`` is checked at construction).
 ``close()`` frees the statistics; ``detach()`` keeps them for a later ``attach()``.
 
@@ -45,6 +46,7 @@ from gsam_monitor.monitor.report import current_metrics
 from gsam_monitor.monitor.schedule import CollectHandle, Schedule
 from gsam_monitor.monitor.windows import WindowStore
 from gsam_monitor.sinks import SinkFanout
+from gsam_monitor.sinks.keys import layer_key
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
 __all__ = ["GSAMMonitor"]
@@ -110,6 +112,13 @@ class GSAMMonitor:
             the statistics see, over the whole run: log windows do not reset it, ``reset()``
             does), for the distribution analyses; read it with ``sample(layer, phase)``.
             ``None`` (default): no sample. Per-rank samples are not merged across processes.
+        reference: What ``heldout_loglik`` and the ``drift_*`` metrics compare each window with:
+            ``"previous"`` (the previous logged window), ``"first"`` (the first logged window:
+            drift from the model as it started) or ``"pinned"`` (``pin_reference()``). With
+            ``"first"``/``"pinned"``, ``metrics="default"`` adds the drift metrics.
+        attention_entropy: Also log the mean attention entropy per head of the monitored
+            blocks, ``attn_entropy/{layer}/h{i}`` (eager attention only; see
+            ``gsam_monitor.capture.attention``).
 
     Raises:
         ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
@@ -149,6 +158,8 @@ class GSAMMonitor:
         process_group: Any = None,
         background: bool | None = None,
         reservoir_size: int | None = None,
+        reference: Literal["previous", "first", "pinned"] = "previous",
+        attention_entropy: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -158,6 +169,7 @@ class GSAMMonitor:
             state_dtype=state_dtype, product_dtype=product_dtype, phases=phases, seed=seed,
             max_state_bytes=max_state_bytes, spectrum_every_n_logs=spectrum_every_n_logs,
             process_group=process_group, background=background, reservoir_size=reservoir_size,
+            reference=reference, attention_entropy=attention_entropy,
         )
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
@@ -177,7 +189,7 @@ class GSAMMonitor:
         self._capture = ActivationCapture(
             model, self.targets, config.phases, self._windows, seed=seed + ranks.global_rank(),
             max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
-            warn_once=self._faults.warn_once,
+            warn_once=self._faults.warn_once, attention=self._windows.attention,
         )
         self._logs = WindowLogger(config, self.layer_names, self._windows, self._fanout, self._faults)
         self._attached = False
@@ -201,6 +213,7 @@ class GSAMMonitor:
     background = _setting("background")
     reservoir_size = _setting("reservoir_size")
     heldout = _setting("heldout")
+    reference = _setting("reference")
 
     errors = _view("_faults", "errors", "Monitor problems caught so far (hooks, metrics, sinks); training went on.")
     n_logs = _view("_logs", "n_logs", "Logs made so far.")
@@ -357,6 +370,17 @@ class GSAMMonitor:
         refs = self._windows.references(windows)
         return current_metrics(windows, refs, self.metric_names, plain=phase is not None)
 
+    @torch.inference_mode(False)
+    def pin_reference(self, phases: str | Sequence[str] | None = None) -> list[str]:
+        """Pin each layer's current window (summed over ranks: call it on every rank) as the
+        reference of ``heldout_loglik`` and the drift metrics until the next pin; it restarts
+        empty, unlogged. Returns the layer keys pinned (windows of at least 2 rows).
+
+        Raises:
+            ValueError: with ``reference="previous"``, an unmonitored phase, or no window of 2 rows.
+        """
+        return [layer_key(*key) for key in self._windows.pin(self.config.check_phases(phases))]
+
     # ------------------------------------------------------------------ state
     def stats(self, layer: str, phase: str = "train") -> LayerStats | None:
         """The live statistics of ``layer`` in ``phase`` (``None`` before its first activation)."""
@@ -408,7 +432,7 @@ class GSAMMonitor:
                 another ``reservoir_size``.
         """
         check_state(state_dict, self.layer_names)
-        self._windows.load_windows(state_dict["stats"], state_dict["reference"])
+        self._windows.load_windows(state_dict)
         self.step_count = int(state_dict["step_count"])
         self._logs.load_state_dict(state_dict)
         self._faults.errors = int(state_dict["errors"])

@@ -77,9 +77,12 @@ class WindowLogger:
         self.flush()  # an earlier background log reaches the sinks first
         try:
             windows = self._windows.synced(phases, in_place=self.config.window == "interval")
+            attention = self._windows.close_attention(phases)
             if self._is_writer():
                 refs = self._windows.references(windows)
-                result = self._metrics_of(windows, refs, step, self.n_logs, frozenset(self._windows.disabled))
+                result = self._metrics_of(
+                    windows, refs, step, self.n_logs, frozenset(self._windows.disabled), attention
+                )
             else:  # the metrics are computed where they are written
                 result = LogResult(step)
             self._windows.advance(windows)
@@ -94,6 +97,7 @@ class WindowLogger:
         n_logs, snapshot = self.n_logs, None
         try:
             windows = self._windows.synced(self.config.phases, in_place=self.config.window == "interval")
+            attention = self._windows.close_attention(self.config.phases)
             if self._is_writer():
                 refs = self._windows.references(windows)
                 snapshot = self._windows.hand_off(windows)
@@ -104,7 +108,9 @@ class WindowLogger:
             snapshot = None
         self._count(step)
         if snapshot is not None:
-            job = functools.partial(self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled))
+            job = functools.partial(
+                self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled), attention
+            )
             self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
 
     def flush(self) -> dict[str, float]:
@@ -130,10 +136,11 @@ class WindowLogger:
     def _metrics_of(
         self,
         windows: Mapping[Key, LayerStats],
-        refs: Mapping[Key, LayerStats | None],
+        refs: Mapping[Key, report.Reference],
         step: int,
         n_logs: int,
         disabled: frozenset[str],
+        attention: Mapping[Key, Any] | None = None,
     ) -> LogResult:
         """The report of closed windows (``report.build_report``: pure, it reads only its
         arguments and the immutable settings, and returns its warnings as data)."""
@@ -147,6 +154,7 @@ class WindowLogger:
             disabled=disabled,
             step=step,
             want_spectrum=every is not None and n_logs % every == 0,
+            attention=attention,
         )
 
     def _count(self, step_count: int) -> None:

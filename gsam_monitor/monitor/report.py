@@ -12,16 +12,21 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from gsam_monitor import metrics
+from gsam_monitor.monitor.attention import attention_report
 from gsam_monitor.sinks.keys import META_PREFIX, layer_key, metric_key
 from gsam_monitor.stats import LayerStats
 
 __all__ = ["LogResult", "build_report", "current_metrics"]
 
 Key = tuple[str, str]
+Reference = Any
+"""A window's reference: the previous window's ``LayerStats``, a callable giving a fixed
+reference's ``GaussianFit`` (``monitor.reference.ReferenceFits``), or ``None``."""
 
 
 @dataclass
@@ -47,7 +52,7 @@ class LogResult:
 
 def build_report(
     windows: Mapping[Key, LayerStats],
-    refs: Mapping[Key, LayerStats | None],
+    refs: Mapping[Key, Reference],
     *,
     layers: Sequence[str],
     phases: Sequence[str],
@@ -55,6 +60,7 @@ def build_report(
     disabled: Collection[str],
     step: int,
     want_spectrum: bool,
+    attention: Mapping[Key, torch.Tensor] | None = None,
 ) -> LogResult:
     """Every metric of the windows (``metrics.compute``), keyed for the sinks.
 
@@ -67,8 +73,13 @@ def build_report(
         disabled: Layers left out (over the memory budget): not reported.
         step: The step the log belongs to (in messages).
         want_spectrum: Return each layer's eigenvalues too.
+        attention: The closed attention-entropy windows (``attention_entropy=True``).
     """
     result = LogResult(step)
+    if attention:
+        flat, warned = attention_report(attention)
+        result.flat.update(flat)
+        result.warnings.extend(warned)
     counts = {key: float(stats.count) for key, stats in windows.items()}
     # Rows dropped for NaN/Inf, read here at log time (the hook path never syncs).
     nonfinite = {key: int(stats.nonfinite) for key, stats in windows.items()}
@@ -126,7 +137,7 @@ def build_report(
 def _add_layer(
     result: LogResult,
     stats: LayerStats,
-    ref: LayerStats | None,
+    ref: Reference,
     layer: str,
     phase: str,
     metric_names: Sequence[str],
@@ -134,7 +145,7 @@ def _add_layer(
 ) -> None:
     """One layer's metrics into ``result`` (its error instead, when they fail)."""
     try:
-        values, evals = metrics.compute(stats, ref, names=metric_names, return_spectrum=True)
+        values, evals = metrics.compute(stats, _resolve(ref), names=metric_names, return_spectrum=True)
     except Exception as err:
         result.errors.append((err, f"metrics of {layer}"))
         return
@@ -148,7 +159,7 @@ def _add_layer(
 
 def current_metrics(
     windows: Mapping[Key, LayerStats],
-    refs: Mapping[Key, LayerStats | None],
+    refs: Mapping[Key, Reference],
     metric_names: Sequence[str],
     *,
     plain: bool,
@@ -156,8 +167,16 @@ def current_metrics(
     """``{layer: {metric: value}}`` of the windows that saw data (NaN where undefined); eval
     layers keyed ``"{layer}/eval"`` unless ``plain`` (one phase: the plain layer names)."""
     return {
-        name if plain else layer_key(name, ph): metrics.compute(stats, refs.get((name, ph)), names=metric_names)
+        name if plain else layer_key(name, ph): metrics.compute(
+            stats, _resolve(refs.get((name, ph))), names=metric_names
+        )
         for (name, ph), stats in windows.items()
         if float(stats.count) > 0
     }
 
+
+
+def _resolve(ref: Reference) -> LayerStats | metrics.GaussianFit | None:
+    """A window's reference as ``metrics.compute`` takes it: a fixed reference comes as a
+    callable that factorises it once (``monitor.reference.ReferenceFits``)."""
+    return ref() if callable(ref) else ref

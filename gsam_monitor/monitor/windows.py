@@ -4,7 +4,9 @@ Windows are created at their layer's first activation (where the activations are
 the memory budget: a layer that would exceed it is left out, with one warning), follow the
 model when it moves, are summed over the ranks for a log (``synced``), and then advance:
 ``"interval"`` windows restart, ``"cumulative"`` ones go on, ``"ema"`` ones decay at every
-step. With ``heldout_loglik`` the logged window is kept as the next one's reference fit.
+step. With ``heldout_loglik`` or a drift metric a reference window is kept: the logged window
+for the next log, or a fixed one (``reference="first"``, ``pin_reference()``: see
+``gsam_monitor.monitor.reference``).
 A background log takes the closed windows over (``hand_off``): interval windows themselves,
 copies of the others, so that nothing the worker reads is modified. Optional reservoir
 samples of the values live beside the statistics (``reservoir_size=``).
@@ -21,7 +23,9 @@ from torch import nn
 
 from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.monitor import ranks
+from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
+from gsam_monitor.monitor.reference import ReferenceFits, check_reference_mode, takes_reference
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
 __all__ = ["Key", "WindowStore"]
@@ -47,6 +51,8 @@ class WindowStore:
         self.live: dict[Key, LayerStats] = {}
         self.reference: dict[Key, LayerStats] = {}
         self.samples: dict[Key, ReservoirSample] = {}
+        self.fits = ReferenceFits()  # fixed references, factorised once
+        self.attention = AttentionWindows(config.window, config.process_group) if config.attention_entropy else None
         self.disabled: set[str] = set()  # layers left out over the memory budget
         self._warn_once = warn_once
         # nn.DataParallel runs each layer's hook from several threads at once: one lock per
@@ -177,9 +183,41 @@ class WindowStore:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | None]:
-        """The held-out fit of each window (``None`` where there is none yet)."""
-        return {key: self.reference.get(key) for key in keys}
+    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | Callable[[], Any] | None]:
+        """The reference of each window (``None`` where there is none yet): the statistics of
+        the previous window, or a callable giving a fixed reference's fit, made once."""
+        if self.config.reference == "previous":
+            return {key: self.reference.get(key) for key in keys}
+        return {key: self.fits.lazy(key, self.reference[key]) if key in self.reference else None for key in keys}
+
+    def pin(self, phases: Sequence[str]) -> list[Key]:
+        """Make each window of ``phases`` with at least 2 rows (summed over ranks) the fixed
+        reference of its (layer, phase); those windows restart empty, as after a log.
+
+        Raises:
+            ValueError: under ``reference="previous"``, or when no window holds 2 rows.
+        """
+        if self.config.reference == "previous":
+            raise ValueError(
+                "pin_reference: this monitor compares each window with the previous one; construct it with "
+                "GSAMMonitor(..., reference='pinned') (or 'first') to pin a reference."
+            )
+        pinned = []
+        for key, window in self.synced(phases, in_place=False).items():
+            if float(window.count) < 2:
+                continue
+            self.reference[key] = window
+            if window is self.live.get(key):
+                del self.live[key]  # the reference now; a fresh window starts at the next activation
+            else:
+                self.live[key].reset()  # a copy summed over ranks: the local window restarts
+            pinned.append(key)
+        if not pinned:
+            raise ValueError(
+                f"pin_reference: no window of phase(s) {', '.join(phases)} holds 2 rows yet; run the model "
+                f"(e.g. an evaluation pass of the base model) while the monitor is attached, then pin."
+            )
+        return pinned
 
     def hand_off(self, windows: Mapping[Key, LayerStats]) -> dict[Key, LayerStats]:
         """Give synced windows to a background log and start the next ones.
@@ -205,23 +243,23 @@ class WindowStore:
         """
         interval, heldout = self.config.window == "interval", self.config.heldout
         for key, synced in windows.items():
-            has_data = float(synced.count) > 0
+            keep = heldout and takes_reference(self.config.reference, key, synced, self.reference)
             if interval and handed_off:
                 self.live.pop(key, None)  # the worker's now; a fresh window starts at the next activation
-                if heldout and has_data:
+                if keep:
                     self.reference[key] = synced
             elif interval:
-                if heldout and has_data:
+                if keep:
                     old = self.reference.get(key)
                     self.reference[key] = synced  # the synced live state, summed over ranks
-                    if old is not None:
+                    if old is not None and self.config.reference == "previous":  # reused as the next window
                         old.reset()
                         self.live[key] = old
                     else:
                         del self.live[key]  # re-created at the next activation
                 else:
                     self.live[key].reset()
-            elif heldout and has_data:
+            elif keep:
                 self.reference[key] = synced if synced is not self.live.get(key) else synced.clone()
             if not interval and key in self.live:  # never reset: re-centre (exact)
                 self.live[key].reshift_()
@@ -230,6 +268,12 @@ class WindowStore:
         """Multiply every live window's sums by ``factor`` (EMA windows, once per step)."""
         for stats in self.live.values():
             stats.decay_(factor)
+        if self.attention is not None:
+            self.attention.decay(factor)
+
+    def close_attention(self, phases: Sequence[str]) -> dict[Key, torch.Tensor]:
+        """The attention-entropy windows of ``phases`` for a log (summed over ranks), then the next ones."""
+        return {} if self.attention is None else self.attention.close(phases)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -237,23 +281,44 @@ class WindowStore:
         for stats in self.live.values():
             stats.reset()
         self.reference.clear()
+        self.fits.clear()
         for sample in self.samples.values():
             sample.reset()
+        if self.attention is not None:
+            self.attention.reset()
 
     def clear(self) -> None:
         """Free the statistics, held-out fits and samples."""
         self.live.clear()
         self.reference.clear()
+        self.fits.clear()
         self.samples.clear()
+        if self.attention is not None:
+            self.attention.reset()
 
     def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """``{"stats", "reference", "samples"}``, each ``{phase: {layer: state}}`` on the CPU."""
-        return {"stats": _pack(self.live), "reference": _pack(self.reference), "samples": _pack(self.samples)}
+        """``{"stats", "reference", "samples"}``, each ``{phase: {layer: state}}`` on the CPU, and
+        ``"reference_mode"``."""
+        return {
+            "stats": _pack(self.live),
+            "reference": _pack(self.reference),
+            "reference_mode": self.config.reference,
+            "samples": _pack(self.samples),
+            "attention": {} if self.attention is None else self.attention.state_dict(),
+        }
 
-    def load_windows(self, stats: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
-        """Restore the ``"stats"`` and ``"reference"`` parts of ``state_dict()``, each on its layer's device."""
-        self.live = self._unpack(stats)
-        self.reference = self._unpack(reference)
+    def load_windows(self, state: Mapping[str, Any]) -> None:
+        """Restore the ``"stats"`` and ``"reference"`` parts of ``state_dict()``, each on its layer's device.
+
+        Raises:
+            ValueError: if the reference windows were kept under another ``reference=``.
+        """
+        check_reference_mode(state, self.config.reference)
+        self.live = self._unpack(state["stats"])
+        self.reference = self._unpack(state["reference"])
+        self.fits.clear()
+        if self.attention is not None:
+            self.attention.load_state_dict(state.get("attention", {}))
 
     def load_samples(self, samples: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore the ``"samples"`` part of ``state_dict()`` (nothing without ``reservoir_size``).

@@ -1,0 +1,303 @@
+"""Attention entropy per head, from the attention probabilities a block's attention returns.
+
+For each query row, H = -Σ_k p_k log p_k (nats) over the keys of one head's attention
+probabilities; a window's value per head is the mean over its query rows (Zhai et al.,
+"Stabilizing transformer training by preventing attention entropy collapse", ICML 2023,
+watch it fall towards 0 before a divergence). log(number of keys) is the ceiling: a head
+attending uniformly to 20 tokens has entropy log 20 ≈ 3.0.
+
+Where the probabilities are reachable: Hugging Face models name, in ``_can_record_outputs``
+(what ``output_attentions=True`` itself hooks), the attention module whose output holds the
+probabilities, shape (batch, heads, queries, keys). With ``attn_implementation="eager"`` the
+module forms them and returns them on every forward, so a forward hook reads them without
+``output_attentions`` and without changing the model's outputs. The fused kernels (``"sdpa"``,
+``"flash_attention_2"``, flex attention) never form the probabilities: nothing can be read
+there, which the monitor says once at setup (the fix: ``attn_implementation="eager"``, at
+the eager kernel's cost in memory, a (queries × keys) matrix per head).
+
+Masking: padding keys are left out of the sum (their probability is 0 under the model's
+own mask; a row that put mass there is not a distribution over the real tokens and is
+dropped, below), and padding queries are left out of the mean (the root's ``attention_mask``,
+its last ``queries`` columns under a KV cache). A row whose probabilities over the real keys
+do not sum to 1 within the dtype's rounding (``ROW_SUM_TOLERANCE``) is dropped and counted:
+the eager kernels return the probabilities after attention dropout, so in training mode a
+module with attention dropout (BERT's 0.1) returns rescaled, partly zeroed rows. Those
+training forwards are skipped outright, with one warning (set the attention dropout to 0 to
+count them); evaluation forwards are counted. Not under ``torch.compile``: the hooks skip
+compiled forwards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gsam_monitor.capture.hooks import ForwardContext, HookHandles, in_backward, infer_phase
+from gsam_monitor.capture.layers import LayerTarget, unwrap_model
+
+__all__ = [
+    "ROW_SUM_TOLERANCE",
+    "AttentionFeed",
+    "AttentionHooks",
+    "AttentionSite",
+    "attention_implementation",
+    "attention_sites",
+    "build_attention_hooks",
+    "entropy_sums",
+]
+
+ROW_SUM_TOLERANCE = 1e-3
+"""|Σ_k p_k - 1| allowed for a row of fp32/fp64 probabilities; 16-bit ones get their dtype's
+eps (bf16: 2⁻⁷, which bounds the rounding of a sum of rounded probabilities)."""
+
+_CHUNK = 1 << 24  # elements per head chunk: the entropy's temporaries stay at ~64 MB in fp32
+_DROPOUT_NAMES = ("attention_dropout", "attn_dropout", "dropout")
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module whose output carries its probabilities.
+
+    Attributes:
+        layer: The key its entropies are logged under (the monitored block's name).
+        module: The attention module.
+        index: Where the probabilities are in its output tuple.
+        dropout: The attention dropout it applies in training mode (0 when none was found).
+    """
+
+    layer: str
+    module: nn.Module
+    index: int
+    dropout: float
+
+
+class AttentionFeed(Protocol):
+    """Where the per-forward sums go (the monitor's attention windows)."""
+
+    def add(self, layer: str, phase: str, sums: torch.Tensor) -> None:
+        """Add ``[entropy sums (H), rows (H), dropped rows (1)]`` to ``layer``'s ``phase`` window."""
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The model's ``config._attn_implementation`` (``None`` for a model without one)."""
+    config = getattr(unwrap_model(model), "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
+
+
+def _recorders(model: nn.Module) -> list[tuple[type | None, str | None, str | None, int]]:
+    """(class, class-name suffix, layer-name part, index) of every ``"attentions"`` entry of
+    the ``_can_record_outputs`` of the Hugging Face models inside ``model``."""
+    out = []
+    for module in model.modules():
+        spec = (getattr(type(module), "_can_record_outputs", None) or {}).get("attentions")
+        if spec is None:
+            continue
+        if isinstance(spec, type):  # a plain class: the probabilities are output[1]
+            out.append((spec, None, None, 1))
+        else:  # an OutputRecorder
+            out.append((spec.target_class, spec.class_name, spec.layer_name, int(spec.index)))
+    return out
+
+
+def _dropout(module: nn.Module) -> float:
+    for name in _DROPOUT_NAMES:
+        value = getattr(module, name, None)
+        if isinstance(value, nn.Dropout):
+            value = value.p
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return 0.0
+
+
+def attention_sites(model: nn.Module, targets: Sequence[LayerTarget]) -> list[AttentionSite]:
+    """The attention modules inside the monitored blocks (targets hooked on their output),
+    as the model's ``_can_record_outputs["attentions"]`` names them."""
+    recorders = _recorders(unwrap_model(model))
+    sites = []
+    for target in targets:
+        if target.kind != "output":
+            continue
+        found = []
+        for sub, module in target.module.named_modules():
+            full = f".{target.module_name}.{sub}." if sub else f".{target.module_name}."
+            for cls, class_name, layer_name, index in recorders:
+                by_class = cls is not None and isinstance(module, cls)
+                by_name = class_name is not None and full.rstrip(".").endswith(class_name)
+                if (by_class or by_name) and (layer_name is None or f".{layer_name.strip('.')}." in full):
+                    found.append((sub, module, index))
+                    break
+        for sub, module, index in found:
+            layer = target.name if len(found) == 1 else f"{target.name}.{sub}"
+            sites.append(AttentionSite(layer, module, index, _dropout(module)))
+    return sites
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return max(ROW_SUM_TOLERANCE, torch.finfo(dtype).eps)
+
+
+@torch.no_grad()
+def entropy_sums(probs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[Σ entropy per head (H), counted rows per head (H), dropped rows (1)]`` in fp64.
+
+    Args:
+        probs: (B, H, Tq, Tk) attention probabilities.
+        key_mask: (B, Tk) keep-mask of the keys (1 = token, 0 = padding), or ``None``; the
+            queries are its last Tq columns.
+    """
+    b, h, tq, tk = probs.shape
+    tol = _tolerance(probs.dtype)
+    if key_mask is None:
+        keys = torch.ones(b, tk, dtype=torch.bool, device=probs.device)
+    else:
+        keys = key_mask.to(probs.device).bool()
+    queries = keys[:, tk - tq :]
+    ent = torch.empty(b, h, tq, dtype=torch.float64, device=probs.device)
+    ok = torch.empty(b, h, tq, dtype=torch.bool, device=probs.device)
+    step = max(1, _CHUNK // max(1, b * tq * tk))
+    for h0 in range(0, h, step):  # chunks of heads: the temporaries stay small
+        chunk = probs[:, h0 : h0 + step]
+        p = chunk.to(torch.promote_types(chunk.dtype, torch.float32)) * keys[:, None, None, :]
+        ent[:, h0 : h0 + step] = -torch.special.xlogy(p, p).sum(-1, dtype=torch.float64)
+        ok[:, h0 : h0 + step] = (p.sum(-1, dtype=torch.float64) - 1).abs() <= tol
+    counted = queries[:, None, :] & ok
+    sums = torch.where(counted, ent, 0.0).sum((0, 2))
+    rows = counted.sum((0, 2), dtype=torch.float64)
+    dropped = (queries[:, None, :] & ~ok).sum(dtype=torch.float64).reshape(1)
+    return torch.cat([sums, rows, dropped])
+
+
+class AttentionHooks:
+    """Forward hooks on the attention modules of the monitored blocks.
+
+    They read the forward's mask and phase from the monitor's ``ForwardContext`` (filled by
+    the activation hooks' root pre-hook) and run only while ``collecting()`` says so.
+
+    Args:
+        sites: The attention modules (``attention_sites``).
+        context: The monitor's forward context.
+        phases: The monitored phases.
+        feed: Where the sums go.
+        collecting: Whether the monitor collects now.
+        on_error: Called with an exception caught in a hook and where it happened.
+        warn_once: Called with a key and a message for a degradation worth one warning.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[AttentionSite],
+        context: ForwardContext,
+        phases: Sequence[str],
+        feed: AttentionFeed,
+        *,
+        collecting: Callable[[], bool],
+        on_error: Callable[..., None],
+        warn_once: Callable[[str, str], None],
+    ) -> None:
+        self.sites = list(sites)
+        self._context = context
+        self._phases = tuple(phases)
+        self._feed = feed
+        self._collecting = collecting
+        self._on_error = on_error
+        self._warn_once = warn_once
+        self._handles = HookHandles()
+
+    def register(self) -> None:
+        if not len(self._handles):
+            for site in self.sites:
+                self._handles.add(site.module.register_forward_hook(self._make_hook(site)))
+
+    def remove(self) -> None:
+        self._handles.remove()
+
+    def _make_hook(self, site: AttentionSite) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._collecting() or torch.compiler.is_compiling() or in_backward():
+                return None
+            try:
+                self._on_output(site, module, output)
+            except Exception as err:  # never let monitoring stop the model
+                self._on_error(err, site.layer)
+            return None
+
+        return hook
+
+    def _on_output(self, site: AttentionSite, module: nn.Module, output: Any) -> None:
+        context = self._context
+        phase = context.phase if context.active and context.phase else infer_phase(module)
+        if phase not in self._phases:
+            return
+        probs = output[site.index] if isinstance(output, (tuple, list)) and len(output) > site.index else None
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
+            self._warn_once(
+                "attn-none",
+                f"GSAMMonitor(attention_entropy=True): {site.layer!r} returned no attention probabilities (its "
+                f"kernel never formed them); no attention entropy is logged for it. Load the model with "
+                f"attn_implementation='eager'.",
+            )
+            return
+        if module.training and site.dropout > 0:
+            self._warn_once(  # once per monitor, not per layer: every block of a model has the same dropout
+                "attn-dropout",
+                f"GSAMMonitor(attention_entropy=True): {site.layer!r} (and any other monitored block with attention "
+                f"dropout) applies dropout (p = {site.dropout:g}) to its attention probabilities in training mode, "
+                f"and returns them after the dropout; those training forwards are not counted (evaluation forwards "
+                f"are). Set the model's attention dropout to 0 to count them.",
+            )
+            return
+        mask = context.mask if context.active else None
+        if mask is not None and (mask.shape[0] != probs.shape[0] or mask.shape[-1] != probs.shape[-1]):
+            self._warn_once(
+                "attn-mask-shape",
+                f"GSAMMonitor(attention_entropy=True): the attention_mask has shape {tuple(mask.shape)} but "
+                f"{site.layer!r} returned probabilities of shape {tuple(probs.shape)}; padding cannot be left "
+                f"out there, so every position counts.",
+            )
+            mask = None
+        self._feed.add(site.layer, phase, entropy_sums(probs.detach(), mask))
+
+
+def build_attention_hooks(
+    model: nn.Module,
+    targets: Sequence[LayerTarget],
+    context: ForwardContext,
+    phases: Sequence[str],
+    feed: AttentionFeed,
+    *,
+    collecting: Callable[[], bool],
+    on_error: Callable[..., None],
+    warn_once: Callable[[str, str], None],
+) -> AttentionHooks:
+    """The attention hooks of ``GSAMMonitor(attention_entropy=True)``, checked at setup.
+
+    Raises:
+        ValueError: if no monitored block holds an attention module that returns its
+            probabilities (``_can_record_outputs["attentions"]`` of a Hugging Face model).
+    """
+    sites = attention_sites(model, targets)
+    if not sites:
+        raise ValueError(
+            "attention_entropy=True: none of the monitored layers holds an attention module that returns its "
+            "probabilities (a Hugging Face transformers model's _can_record_outputs['attentions']); monitor the "
+            "transformer blocks (layers='auto') of such a model, or drop attention_entropy."
+        )
+    impl = attention_implementation(model)
+    if impl is not None and impl != "eager":
+        warnings.warn(
+            f"GSAMMonitor(attention_entropy=True): the model runs attn_implementation={impl!r}, a fused kernel "
+            f"that never forms the attention probabilities, so no attention entropy can be logged. Load it with "
+            f"from_pretrained(..., attn_implementation='eager') or call model.set_attn_implementation('eager') "
+            f"(the eager kernel keeps a queries x keys matrix per head in memory).",
+            UserWarning,
+            stacklevel=4,
+        )
+    return AttentionHooks(
+        sites, context, phases, feed, collecting=collecting, on_error=on_error, warn_once=warn_once
+    )

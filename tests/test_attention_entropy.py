@@ -1,0 +1,204 @@
+"""GSAMMonitor(attention_entropy=True): mean attention entropy per layer and head against numpy on
+the ``output_attentions`` of the same forwards (padding keys and queries masked), on a tiny BERT
+and tiny decoders; where it cannot work, it says so."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from gsam_monitor import GSAMMonitor
+from gsam_monitor.capture.attention import entropy_sums
+from tests.tiny_models import Stack, tiny_config
+
+
+def _model(arch: str, impl: str = "eager", **overrides) -> torch.nn.Module:
+    import transformers as tr
+
+    torch.manual_seed(0)
+    config = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = tr.AutoModel.from_config(config, attn_implementation=impl).eval()
+    with torch.no_grad():  # sharper attention than a random init's near-uniform one
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("query.weight", "q_proj.weight", "c_attn.weight", "query_key_value")):
+                param.mul_(6.0)
+    return model
+
+
+def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
+        return GSAMMonitor(model, every_n_steps=1000, max_tokens_per_layer=None, attention_entropy=True,
+                           metrics=["n"], **kwargs)
+
+
+def _numpy_entropy(attentions: list[list[torch.Tensor]], masks: list[torch.Tensor]) -> list[np.ndarray]:
+    """Per layer, the mean entropy per head over the non-padding query rows of every forward,
+    the sum over the non-padding keys only (fp64 numpy)."""
+    out = []
+    for layer in range(len(attentions[0])):
+        sums, rows = 0.0, 0.0
+        for per_layer, mask in zip(attentions, masks, strict=True):
+            p = per_layer[layer].detach().double().numpy()  # (B, H, Tq, Tk)
+            keys = mask.bool().numpy()
+            q = keys[:, keys.shape[1] - p.shape[2] :]
+            terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0) * keys[:, None, None, :]
+            ent = terms.sum(-1)  # (B, H, Tq)
+            sums = sums + (ent * q[:, None, :]).sum((0, 2))
+            rows = rows + q.sum()
+        out.append(sums / rows)
+    return out
+
+
+def _batches(right_padded: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for lengths in ([9, 5, 2], [7, 9, 3, 6]):
+        ids = torch.randint(1, 64, (len(lengths), 9), generator=g)
+        mask = torch.zeros(len(lengths), 9, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            if right_padded:
+                mask[i, :n] = 1
+            else:
+                mask[i, 9 - n :] = 1
+        out.append((ids, mask))
+    return out
+
+
+def _blocks(arch: str) -> list[str]:
+    return {"bert": [f"encoder.layer.{i}" for i in range(2)], "gpt2": [f"h.{i}" for i in range(2)],
+            "llama": [f"layers.{i}" for i in range(2)], "gptneox": [f"layers.{i}" for i in range(2)]}[arch]
+
+
+@pytest.mark.parametrize(
+    ("arch", "right_padded"), [("bert", True), ("llama", False), ("gpt2", True), ("gptneox", True)]
+)
+def test_entropy_per_head_equals_numpy_on_output_attentions(arch: str, right_padded: bool) -> None:
+    model = _model(arch)
+    monitor = _monitor(model)
+    attentions, masks = [], []
+    with monitor, torch.no_grad():
+        for ids, mask in _batches(right_padded):
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+            attentions.append(list(out.attentions))
+            masks.append(mask)
+        logged = monitor.log()
+    expected = _numpy_entropy(attentions, masks)
+    for layer, ent in zip(_blocks(arch), expected, strict=True):
+        heads = [logged[f"attn_entropy/{layer}/h{h}/eval"] for h in range(len(ent))]
+        np.testing.assert_allclose(heads, ent, rtol=2e-6)  # fp32 probabilities, fp64 sums
+        assert logged[f"attn_entropy/{layer}/eval"] == pytest.approx(float(np.mean(ent)), rel=2e-6)
+        assert 0 < min(heads) and max(heads) < math.log(9)
+    assert not any(k.startswith("attn_entropy") and "/h2" in k for k in logged)  # 2 heads
+    # Padding matters: unmasked, every padded query row would count too.
+    unmasked = _numpy_entropy(attentions, [torch.ones_like(m) for m in masks])
+    assert not np.allclose(unmasked[0], expected[0], rtol=1e-3)
+
+
+def test_kv_cache_steps_use_the_last_mask_columns_as_queries() -> None:
+    model = _model("llama")
+    monitor = _monitor(model)
+    ids, mask = _batches(right_padded=False)[1]
+    attentions, masks = [], []
+    with monitor, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, output_attentions=True)
+        attentions.append(list(out.attentions))
+        masks.append(mask)
+        cache = out.past_key_values
+        for _ in range(2):  # two generated tokens, one query each
+            mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], 1)
+            out = model(input_ids=torch.randint(1, 64, (len(mask), 1)), attention_mask=mask,
+                        cache=cache, use_cache=True, output_attentions=True)
+            attentions.append(list(out.attentions))
+            masks.append(mask)
+            cache = out.past_key_values
+        logged = monitor.log()
+    for layer, ent in zip(_blocks("llama"), _numpy_entropy(attentions, masks), strict=True):
+        np.testing.assert_allclose([logged[f"attn_entropy/{layer}/h{h}/eval"] for h in range(2)], ent, rtol=2e-6)
+
+
+def test_training_forwards_count_without_attention_dropout_and_are_skipped_with_it() -> None:
+    ids, mask = _batches()[0]
+    for dropout in (0.0, 0.1):
+        model = _model("bert", attention_probs_dropout_prob=dropout).train()
+        monitor = _monitor(model, phases="train")
+        with monitor, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+            logged = monitor.log()
+        if dropout == 0:
+            expected = _numpy_entropy([list(out.attentions)], [mask])[0]
+            np.testing.assert_allclose([logged[f"attn_entropy/encoder.layer.0/h{h}"] for h in range(2)], expected,
+                                       rtol=2e-6)
+        else:
+            assert not any(k.startswith("attn_entropy") for k in logged)
+            # One warning for the monitor, not one per block.
+            assert sum("applies dropout (p = 0.1)" in str(w.message) for w in seen) == 1
+
+
+def test_fused_kernels_warn_at_setup_and_other_models_are_refused() -> None:
+    with pytest.warns(UserWarning, match=r"attn_implementation='sdpa'.*attn_implementation='eager'"):
+        GSAMMonitor(_model("bert", impl="sdpa"), attention_entropy=True)
+    with pytest.raises(ValueError, match="none of the monitored layers holds an attention module"):
+        GSAMMonitor(Stack(), attention_entropy=True)
+    with pytest.raises(TypeError, match="attention_entropy must be True or False"):
+        GSAMMonitor(Stack(), attention_entropy="yes")
+    # A forward that returns no probabilities (the kernel switched after setup): one warning, nothing logged.
+    model = _model("bert")
+    monitor = _monitor(model)
+    model.set_attn_implementation("sdpa")
+    ids, mask = _batches()[0]
+    with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="returned no attention probabilities"):
+        model(input_ids=ids, attention_mask=mask)
+        assert not any(k.startswith("attn_entropy") for k in monitor.log())
+
+
+def test_entropy_sums_mask_and_drop_rows_that_are_not_distributions() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 3, 4, 4)) * 3
+    keys = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=bool)
+    logits = np.where(keys[:, None, None, :], logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p[1, 2, 0] *= 1.1  # not a distribution (a rescaled, dropped-out row)
+    got = entropy_sums(torch.from_numpy(p), torch.from_numpy(keys)).numpy()
+    ent = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)  # (B, H, Tq)
+    counted = keys[:, None, :].repeat(3, 1)
+    counted[1, 2, 0] = False
+    np.testing.assert_allclose(got[:3], (ent * counted).sum((0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(got[3:6], counted.sum((0, 2)))
+    assert got[6] == 1
+    # 16-bit probabilities: their own rounding is tolerated, dropout's rescaling is not.
+    half = torch.from_numpy(p).to(torch.bfloat16)
+    assert entropy_sums(half, torch.from_numpy(keys)).numpy()[6] == 1
+
+
+def test_attention_windows_resume_mid_window(tmp_path) -> None:
+    batches = _batches()
+    model = _model("gpt2")
+    straight = _monitor(model).attach()
+    with torch.no_grad():
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask)
+    expected = straight.log()
+    straight.detach()
+    first = _monitor(model).attach()
+    with torch.no_grad():
+        model(input_ids=batches[0][0], attention_mask=batches[0][1])
+    torch.save(first.state_dict(), tmp_path / "m.pt")
+    first.detach()
+    resumed = _monitor(model)
+    resumed.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    with resumed, torch.no_grad():
+        model(input_ids=batches[1][0], attention_mask=batches[1][1])
+        got = resumed.log()
+    keys = [k for k in expected if k.startswith("attn_entropy")]
+    assert len(keys) == 6
+    for key in keys:
+        assert got[key] == pytest.approx(expected[key], rel=1e-12)
