@@ -378,7 +378,9 @@ def _forward(
         mask = inputs["attention_mask"].bool()
         # Packed rows: half of a padded SST-2 batch is padding, which the updates would
         # multiply as zero rows.
-        yield StoredBatch([h[mask] for h in hidden_states], mask, labels)
+        rows = [h[mask] for h in hidden_states]
+        del hidden_states  # not held beside the rows while the caller works on them
+        yield StoredBatch(rows, mask, labels)
 
 
 def _second_pass(
