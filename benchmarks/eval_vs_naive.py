@@ -108,6 +108,8 @@ def run_child(method: str, n: int, args: argparse.Namespace) -> dict:
     row = json.loads(out.decode().strip().splitlines()[-1])
     row["wall_s"] = wall
     row["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    # CPU seconds: less sensitive than wall time to other jobs on a shared machine.
+    row["cpu_s"] = usage.ru_utime + usage.ru_stime
     return row
 
 
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {args.model} on cpu ({platform.machine()}), torch {torch.__version__}, {threads} threads, "
           f"batch {args.batch_size}")
     print(f"{'sentences':>9} {'tokens':>9} {'stream s':>9} {'naive s':>9} {'time x':>7} "
-          f"{'stream MB':>10} {'naive MB':>10} {'mem x':>7} {'max rel diff gsam':>18}  second pass")
+          f"{'stream MB':>10} {'naive MB':>10} {'mem x':>7} {'max rel diff gsam':>18} "
+          f"{'stream cpu s':>12} {'naive cpu s':>11}  second pass")
     rows = []
     for n in args.sizes:
         s = run_child("streaming", n, args)
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{n:>9} {s['tokens']:>9} {s['wall_s']:>9.1f} {v['wall_s']:>9.1f} "
               f"{row['time_ratio_naive_over_streaming']:>7.2f} {s['peak_rss_mb']:>10.0f} {v['peak_rss_mb']:>10.0f} "
-              f"{row['memory_ratio_naive_over_streaming']:>7.2f} {diff:>18.2e}  "
+              f"{row['memory_ratio_naive_over_streaming']:>7.2f} {diff:>18.2e} "
+              f"{s['cpu_s']:>12.1f} {v['cpu_s']:>11.1f}  "
               f"{_second_pass_note(s.get('second_pass', {}))}", flush=True)
     write_json(args.json, rows)
     return rows
