@@ -2,7 +2,9 @@
 
 * ``streaming``: ``gsam_monitor.eval`` 's token protocol (``run_token_protocol``): every layer's
   moments in a ``LayerStats`` (O(d²) memory), every metric of ``metrics.METRIC_NAMES``
-  including Mardia's kurtosis from a second pass over the model.
+  including Mardia's kurtosis from a second pass that replays the first pass's hidden states
+  (kept in memory up to ``--max-memory``, beyond it in a temporary spill file; see
+  ``gsam_monitor.eval.cache``). The last column says where they were kept.
 * ``naive``: keep every non-padding hidden state of every layer (O(tokens·d) memory), then per
   layer ``np.cov`` and ``scipy.stats.multivariate_normal(..., allow_singular=True).logpdf`` of
   every row: GSAM = log N + mean log p(x_i).
@@ -46,7 +48,8 @@ def _corpus(n: int, path: str | None):
     return Corpus(name=f"{base.name} x{n}", sentences=sentences, labels=None, sha256=base.sha256, path=base.path)
 
 
-def child(method: str, n: int, model: str, batch_size: int, corpus_path: str | None) -> dict:
+def child(method: str, n: int, model: str, batch_size: int, corpus_path: str | None,
+          max_memory: str | None = None) -> dict:
     import numpy as np
     import scipy.stats
     import torch
@@ -56,11 +59,14 @@ def child(method: str, n: int, model: str, batch_size: int, corpus_path: str | N
 
     loaded = load_model(model, device="cpu")
     corpus = _corpus(n, corpus_path)
+    extra: dict = {}
     t0 = time.perf_counter()
     if method == "streaming":
-        result = run_token_protocol(loaded, corpus, batch_size=batch_size)
+        kwargs = {} if max_memory is None else {"max_memory": max_memory}
+        result = run_token_protocol(loaded, corpus, batch_size=batch_size, **kwargs)
         gsam = [layer["gsam"] for layer in result.layers]
         tokens = result.layers[-1]["n"]
+        extra["second_pass"] = result.second_pass
     else:
         stored: list[list[np.ndarray]] = []
         with torch.no_grad():
@@ -80,7 +86,8 @@ def child(method: str, n: int, model: str, batch_size: int, corpus_path: str | N
             gsam.append(float(math.log(len(x)) + dist.logpdf(x).mean()))
             tokens = len(x)
             del x
-    return {"method": method, "n": n, "tokens": int(tokens), "seconds_inside": time.perf_counter() - t0, "gsam": gsam}
+    return {"method": method, "n": n, "tokens": int(tokens), "seconds_inside": time.perf_counter() - t0, "gsam": gsam,
+            **extra}
 
 
 def run_child(method: str, n: int, args: argparse.Namespace) -> dict:
@@ -88,6 +95,8 @@ def run_child(method: str, n: int, args: argparse.Namespace) -> dict:
            "--batch-size", str(args.batch_size)]
     if args.corpus:
         cmd += ["--corpus", args.corpus]
+    if args.max_memory is not None:
+        cmd += ["--max-memory", args.max_memory]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out = proc.stdout.read()
@@ -99,7 +108,17 @@ def run_child(method: str, n: int, args: argparse.Namespace) -> dict:
     row = json.loads(out.decode().strip().splitlines()[-1])
     row["wall_s"] = wall
     row["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    # CPU seconds: less sensitive than wall time to other jobs on a shared machine.
+    row["cpu_s"] = usage.ru_utime + usage.ru_stime
     return row
+
+
+def _second_pass_note(info: dict) -> str:
+    if not info:
+        return "no second pass"
+    return (f"pass 2: {info['replayed']} batches replayed ({info['where']}, "
+            f"{info['bytes_in_memory'] / 1e6:.0f} MB in memory, {info['bytes_spilled'] / 1e6:.0f} MB spilled), "
+            f"{info['rerun']} re-run")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -108,11 +127,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--corpus", default=None)
+    parser.add_argument("--max-memory", default=None,
+                        help="the streaming protocol's budget for kept hidden states (default: its own)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", choices=("streaming", "naive"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.sizes[0], args.model, args.batch_size, args.corpus)))
+        print(json.dumps(child(args.child, args.sizes[0], args.model, args.batch_size, args.corpus,
+                               args.max_memory)))
         return []
     import torch
 
@@ -120,7 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {args.model} on cpu ({platform.machine()}), torch {torch.__version__}, {threads} threads, "
           f"batch {args.batch_size}")
     print(f"{'sentences':>9} {'tokens':>9} {'stream s':>9} {'naive s':>9} {'time x':>7} "
-          f"{'stream MB':>10} {'naive MB':>10} {'mem x':>7} {'max rel diff gsam':>18}")
+          f"{'stream MB':>10} {'naive MB':>10} {'mem x':>7} {'max rel diff gsam':>18} "
+          f"{'stream cpu s':>12} {'naive cpu s':>11}  second pass")
     rows = []
     for n in args.sizes:
         s = run_child("streaming", n, args)
@@ -138,7 +161,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{n:>9} {s['tokens']:>9} {s['wall_s']:>9.1f} {v['wall_s']:>9.1f} "
               f"{row['time_ratio_naive_over_streaming']:>7.2f} {s['peak_rss_mb']:>10.0f} {v['peak_rss_mb']:>10.0f} "
-              f"{row['memory_ratio_naive_over_streaming']:>7.2f} {diff:>18.2e}", flush=True)
+              f"{row['memory_ratio_naive_over_streaming']:>7.2f} {diff:>18.2e} "
+              f"{s['cpu_s']:>12.1f} {v['cpu_s']:>11.1f}  "
+              f"{_second_pass_note(s.get('second_pass', {}))}", flush=True)
     write_json(args.json, rows)
     return rows
 

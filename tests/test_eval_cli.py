@@ -163,7 +163,14 @@ def test_truncation_count_reaches_the_json(tmp_path):
     assert model["n_truncated"] == 1 and model["max_length"] == 128
 
 
-def test_second_pass_reruns_the_model_instead_of_storing_states():
+@pytest.mark.parametrize(
+    ("store", "forwards"),
+    [({}, 3),  # the rows fit the default budget: one pass of ceil(10 / 4) batches
+     ({"max_memory": 0}, 3),  # they go to a spill file: still one pass
+     ({"max_memory": 0, "spill": False}, 2 * 3),  # no budget, no file: the model runs twice
+     ({"max_memory": "1KiB", "spill": False}, 2 * 3)],  # not even the first batch fits
+)
+def test_the_model_runs_once_unless_the_states_are_not_kept(store, forwards, tmp_path):
     loaded = load_model("tiny:gpt2", device="cpu")
     calls = []
     handle = loaded.model.register_forward_hook(lambda *_: calls.append(1))
@@ -171,10 +178,11 @@ def test_second_pass_reruns_the_model_instead_of_storing_states():
     small = type(corpus)(name="s", sentences=corpus.sentences[:10], labels=corpus.labels[:10],
                          sha256="", path="")
     try:
-        run_token_protocol(loaded, small, batch_size=4)
+        result = run_token_protocol(loaded, small, batch_size=4, spill_dir=tmp_path, **store)
     finally:
         handle.remove()
-    assert len(calls) == 2 * 3  # two passes of ceil(10 / 4) batches
+    assert len(calls) == forwards
+    assert result.second_pass["rerun"] == forwards - 3
 
 
 class CountingObserver:

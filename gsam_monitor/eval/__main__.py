@@ -32,6 +32,7 @@ from gsam_monitor.eval.analyses import (
     parse_analyses,
     parse_analysis_dims,
 )
+from gsam_monitor.eval.cache import DEFAULT_MAX_MEMORY, check_spill_dir, parse_bytes
 from gsam_monitor.eval.concepts import CONCEPTS, ConceptsConfig, parse_layers
 from gsam_monitor.eval.corpus import BUNDLED_CORPORA, Corpus, load_corpus
 from gsam_monitor.eval.models import TINY_ARCHS, LoadedModel, load_model, parse_dtype
@@ -102,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         "EXECUTES code downloaded from the model repository on this machine. The original "
         "benchmark code enabled it silently for every model; enable it only for repositories "
         "you trust.",
+    )
+    parser.add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="token protocol: memory for the first pass's hidden states, which the second pass "
+        "(Mardia's kurtosis, --analyses) replays instead of re-running the model: bytes, or a size "
+        "such as 512MiB, 2GB (default 2GiB; 0: keep none in memory). They take layers x d x "
+        "itemsize bytes per token (MiniLM in float32: 10.5 KiB, 69 MB for the default corpus). "
+        "Beyond it they go to a temporary file in --spill-dir.",
+    )
+    parser.add_argument(
+        "--spill-dir", default=None, metavar="DIR|none",
+        help="token protocol: folder of the temporary file that takes the hidden states when they "
+        "do not fit --max-memory (default: the system's temporary folder, TMPDIR first); 'none': "
+        "re-run the model for the second pass beyond --max-memory instead.",
     )
     parser.add_argument("--with-log-n", action="store_true",
                         help="paper protocol: add log N to the score (the report's formula; "
@@ -179,6 +194,9 @@ def run_benchmark(
     analysis_seed: int = 0,
     analysis_dims: int = 0,
     concepts: ConceptsConfig | None = None,
+    max_memory: int | str = DEFAULT_MAX_MEMORY,
+    spill: bool = True,
+    spill_dir: str | Path | None = None,
     progress: bool = False,
 ) -> list[ModelResult]:
     """Run one protocol over several models, loading one model at a time.
@@ -203,6 +221,11 @@ def run_benchmark(
         concepts: settings of ``--analyses concepts`` (default
             :class:`~gsam_monitor.eval.concepts.ConceptsConfig`); its results go under each
             selected layer's ``"concepts"`` key.
+        max_memory: token protocol: bytes (or a size such as ``"512MiB"``) of memory for the
+            first pass's hidden states, replayed by the second pass.
+        spill: token protocol: beyond ``max_memory``, keep them in a temporary file (else
+            re-run the model for the second pass).
+        spill_dir: the temporary file's folder (default: the system's temporary folder).
         progress: tqdm bars on stderr.
 
     Returns:
@@ -212,8 +235,9 @@ def run_benchmark(
         ValueError: for an unknown protocol, ``with_log_n`` with the token protocol, a
             non-positive batch size or truncation length, analyses requested with the paper
             protocol, an unknown analysis or fit criterion, a bad reservoir size, ``classes`` on
-            a corpus without labels, or a device this machine does not have (all before any
-            model is loaded), each naming its command-line flag.
+            a corpus without labels, a device this machine does not have, a bad ``max_memory``
+            or a ``spill_dir`` that is not a folder (all before any model is loaded), each naming
+            its command-line flag.
     """
     from gsam_monitor.eval.models import resolve_device
 
@@ -224,6 +248,9 @@ def run_benchmark(
                          "gsam already includes log N)")
     check_run(batch_size, max_length)
     check_reservoir_size(reservoir_size)
+    parse_bytes(max_memory)
+    if spill:
+        check_spill_dir(spill_dir)
     try:
         torch_device = resolve_device(device)
     except ValueError as err:
@@ -259,6 +286,7 @@ def run_benchmark(
                 observers.append(analysis)
             result = run_token_protocol(loaded, corpus, batch_size=batch_size,
                                         max_length=max_length, observers=observers,
+                                        max_memory=max_memory, spill=spill, spill_dir=spill_dir,
                                         progress=progress)
             if analysis is not None:
                 analysis.finish(result)
@@ -306,6 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = {"--layers": args.layers is not None,
              "--concept-blocks": args.concept_blocks != ConceptsConfig.blocks_per_source,
              "--concept-threshold": args.concept_threshold is not None}
+    store_flags = [flag for flag, value in (("--max-memory", args.max_memory), ("--spill-dir", args.spill_dir))
+                   if value is not None]
+    if store_flags and args.protocol != "token":
+        parser.error(f"{', '.join(store_flags)}: apply to --protocol token only (the paper protocol keeps one "
+                     f"vector per sentence and has no second pass)")
     concept_flags = [flag for flag, used in given.items() if used]
     if concept_flags and not wants_concepts:
         parser.error(f"{', '.join(concept_flags)}: apply to --analyses concepts only; add it, e.g. "
@@ -333,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fit_criterion=args.fit_criterion,
             analysis_dims=analysis_dims,
             concepts=concepts,
+            max_memory=DEFAULT_MAX_MEMORY if args.max_memory is None else args.max_memory,
+            spill=(args.spill_dir or "").lower() != "none",
+            spill_dir=None if (args.spill_dir or "none").lower() == "none" else args.spill_dir,
             progress=progress,
         )
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:

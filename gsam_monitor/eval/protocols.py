@@ -2,10 +2,13 @@
 
 ``token`` is the benchmark report's description done right: the token-level hidden states
 of every layer (the embedding output is layer 0), padding masked, streamed through one
-:class:`~gsam_monitor.LayerStats` per layer, then a second pass over the same batches for
+:class:`~gsam_monitor.LayerStats` per layer, then a second pass over the same rows for
 :class:`~gsam_monitor.metrics.MardiaAccumulator`, then :func:`gsam_monitor.metrics.compute` per
-layer. Memory is O(layers × d²): hidden states live for one batch; the second pass re-runs
-the model instead of keeping them.
+layer. The second pass replays the first pass's non-padding rows from a
+:class:`~gsam_monitor.eval.cache.HiddenStateStore`: in memory while the corpus's rows fit
+``max_memory``, else from a temporary spill file, else (no spill folder) by re-running the model
+for the batches beyond ``max_memory``. The process's memory beyond the model is then
+O(layers × d² + max_memory).
 
 ``paper`` reproduces the original benchmark code exactly (see the README, "What the original code
 computed, and why Table 1 ranks hidden sizes"):
@@ -28,12 +31,14 @@ Analyses that need more than moments hook into the token protocol's second pass 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,6 +47,7 @@ import torch
 from gsam_monitor import metrics
 from gsam_monitor._jsonable import plain
 from gsam_monitor._validate import is_positive_int
+from gsam_monitor.eval.cache import DEFAULT_MAX_MEMORY, HiddenStateStore, StoredBatch, default_spill_dir
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.models import LoadedModel
 from gsam_monitor.metrics import MardiaAccumulator
@@ -78,8 +84,9 @@ class LayerObserver(Protocol):
     """Hook for analyses that need the hidden states themselves (second pass, token protocol).
 
     ``update`` sees every batch of every layer after the first pass is complete (so the
-    layer's ``LayerStats`` fit is available to it); ``results`` returns extra keys per layer
-    index, merged into that layer's result dict.
+    layer's ``LayerStats`` fit is available to it), in the corpus's order, with zeros at the
+    padding positions (``mask`` False); ``results`` returns extra keys per layer index, merged
+    into that layer's result dict.
     """
 
     def update(
@@ -111,6 +118,10 @@ class ModelResult:
             the plots; not in the JSON.
         concepts: per layer index, what ``--analyses concepts`` keeps for its plots
             (:class:`~gsam_monitor.eval.concepts.LayerConcepts`); not in the JSON.
+        second_pass: token protocol: how the second pass got its rows (``replayed`` and
+            ``rerun`` batches, ``where`` they were kept, ``bytes_in_memory``,
+            ``bytes_spilled``, ``bytes_per_token``); empty when no second pass ran. Not in
+            the JSON.
     """
 
     model: str
@@ -125,6 +136,7 @@ class ModelResult:
     device: str = ""
     samples: dict[int, np.ndarray] = field(default_factory=dict)
     concepts: dict[int, Any] = field(default_factory=dict)
+    second_pass: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -173,13 +185,20 @@ def _max_length(loaded: LoadedModel, max_length: int | None) -> int | None:
     return loaded.max_length
 
 
-def _count_truncated(loaded: LoadedModel, sentences: Sequence[str], max_length: int | None) -> int:
-    """Count sentences longer than ``max_length`` tokens and warn once if any are."""
-    if max_length is None:
-        return 0
-    # verbose=False: the tokenizer would log its own warning for every over-long input.
-    ids = loaded.tokenizer(list(sentences), truncation=False, verbose=False)["input_ids"]
-    n_long = sum(len(x) > max_length for x in ids)
+def _count_tokens(loaded: LoadedModel, sentences: Sequence[str], max_length: int | None) -> tuple[int, int]:
+    """Non-padding tokens the sentences make (after truncation) and how many sentences are longer
+    than ``max_length``; warns once if any are."""
+    tokens = n_long = 0
+    # Chunks: one call for 30,000 sentences held ~100 MB of token lists at once.
+    for start in range(0, len(sentences), _COUNT_CHUNK):
+        # verbose=False: the tokenizer would log its own warning for every over-long input.
+        ids = loaded.tokenizer(list(sentences[start : start + _COUNT_CHUNK]), truncation=False,
+                               verbose=False)["input_ids"]
+        lengths = [len(x) for x in ids]
+        if max_length is not None:
+            n_long += sum(n > max_length for n in lengths)
+            lengths = [min(n, max_length) for n in lengths]
+        tokens += sum(lengths)
     if n_long:
         warnings.warn(
             f"{n_long} of {len(sentences)} sentences are longer than {max_length} tokens for "
@@ -187,7 +206,10 @@ def _count_truncated(loaded: LoadedModel, sentences: Sequence[str], max_length: 
             f"in the results)",
             stacklevel=3,
         )
-    return n_long
+    return tokens, n_long
+
+
+_COUNT_CHUNK = 1024
 
 
 def _batches(
@@ -195,11 +217,13 @@ def _batches(
     corpus: Corpus,
     batch_size: int,
     max_length: int | None,
+    first: int = 0,
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    """Yield (model inputs, labels) per batch, padded, truncated at ``max_length``."""
+    """Yield (model inputs, labels) per batch from batch index ``first`` on, padded, truncated
+    at ``max_length``."""
     labels = corpus.labels
     int_labels = labels is not None and all(isinstance(x, int) for x in labels)
-    for start in range(0, len(corpus.sentences), batch_size):
+    for start in range(first * batch_size, len(corpus.sentences), batch_size):
         chunk = list(corpus.sentences[start : start + batch_size])
         enc = loaded.tokenizer(
             chunk,
@@ -226,9 +250,12 @@ def _json_metrics(metrics_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _layer_metrics(stats: LayerStats, mardia: MardiaAccumulator | None) -> tuple[dict, np.ndarray]:
-    values, evals = metrics.compute(stats, names="all", mardia=mardia, return_spectrum=True)
-    values.setdefault("mardia_kurtosis", math.nan)
+def _layer_metrics(
+    stats: LayerStats, mardia: MardiaAccumulator | None, names: str | Sequence[str] = "all"
+) -> tuple[dict, np.ndarray]:
+    values, evals = metrics.compute(stats, names=names, mardia=mardia, return_spectrum=True)
+    if "mardia_kurtosis" in metrics.validate_names(names):
+        values.setdefault("mardia_kurtosis", math.nan)
     spectrum = evals.numpy() if evals is not None else np.zeros(0)
     return _json_metrics(values), spectrum
 
@@ -245,9 +272,19 @@ def run_token_protocol(
     batch_size: int = 32,
     max_length: int | None = None,
     observers: Sequence[LayerObserver] = (),
+    metric_names: str | Sequence[str] = "all",
+    max_memory: int | str = DEFAULT_MAX_MEMORY,
+    spill: bool = True,
+    spill_dir: str | Path | None = None,
     progress: bool = False,
 ) -> ModelResult:
     """Per-layer metrics of the token-level hidden states (the default protocol).
+
+    The first pass runs the model once per batch and streams every layer's non-padding rows
+    into a :class:`~gsam_monitor.LayerStats`. When Mardia's kurtosis or an observer needs a
+    second pass under that fit, it replays the rows the first pass kept (see
+    :mod:`gsam_monitor.eval.cache`) and re-runs the model only for batches it did not keep.
+    The results do not depend on where the rows were kept.
 
     Args:
         loaded: the model (see :func:`gsam_monitor.eval.models.load_model`).
@@ -255,46 +292,62 @@ def run_token_protocol(
         batch_size: sentences per forward pass.
         max_length: truncate inputs to this many tokens (default: the model's limit).
         observers: analyses fed in the second pass; their results join the layer dicts.
+        metric_names: the metrics of :func:`gsam_monitor.metrics.compute` per layer
+            (default every one); without ``mardia_kurtosis`` and observers there is no second
+            pass.
+        max_memory: bytes (or a size such as ``"512MiB"``) of memory for the first pass's rows.
+        spill: keep the rows in a temporary file when they do not fit ``max_memory`` (else the
+            model is re-run for the batches beyond it).
+        spill_dir: the spill file's folder (default: the system's temporary folder).
         progress: show a tqdm bar over batches on stderr.
 
     Returns:
         The :class:`ModelResult`; ``score`` is the last layer's gsam.
 
     Raises:
-        ValueError: for a non-positive ``batch_size`` or ``max_length``.
+        ValueError: for a non-positive ``batch_size`` or ``max_length``, an unknown metric, a
+            bad ``max_memory`` or a ``spill_dir`` that is not a folder.
     """
     check_run(batch_size, max_length)
+    names = metrics.validate_names(metric_names)
+    if "gsam" not in names:  # the headline score
+        names = ("gsam", *names)
     max_length = _max_length(loaded, max_length)
-    n_truncated = _count_truncated(loaded, corpus.sentences, max_length)
+    tokens, n_truncated = _count_tokens(loaded, corpus.sentences, max_length)
+    second_pass = bool(observers) or "mardia_kurtosis" in names
+    store = HiddenStateStore(max_memory, tokens,
+                             (spill_dir or default_spill_dir()) if spill and second_pass else None)
     n_batches = math.ceil(len(corpus) / batch_size)
     stats: list[LayerStats] = []
+    accumulators: list[MardiaAccumulator | None] = []
+    info: dict[str, Any] = {}
     # no_grad, not inference_mode: LayerStats reuses workspace buffers across calls, and an
     # inference tensor cached here could not be updated in place by a later call outside it.
-    with torch.no_grad():
-        batches = _batches(loaded, corpus, batch_size, max_length)
-        for inputs, _ in _progress(batches, total=n_batches, desc=f"{loaded.name} pass 1",
-                                   enabled=progress):
-            hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
-            mask = inputs["attention_mask"].bool()
+    with store, torch.no_grad():
+        for batch in _progress(_forward(loaded, corpus, batch_size, max_length), total=n_batches,
+                               desc=f"{loaded.name} pass 1", enabled=progress):
             if not stats:
-                stats = [LayerStats(h.shape[-1], device=loaded.device) for h in hidden_states]
-            for layer_stats, h in zip(stats, hidden_states, strict=True):
-                layer_stats.update(h, mask=mask)
-        # Second pass: re-run the model rather than keep O(tokens × d) hidden states.
-        accumulators = [_mardia(s) for s in stats]
-        batches = _batches(loaded, corpus, batch_size, max_length)
-        for inputs, labels in _progress(batches, total=n_batches, desc=f"{loaded.name} pass 2",
-                                        enabled=progress):
-            hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
-            mask = inputs["attention_mask"].bool()
-            for index, h in enumerate(hidden_states):
-                if accumulators[index] is not None:
-                    accumulators[index].update(h, mask=mask)
-                for observer in observers:
-                    observer.update(index, h, mask, labels)
+                stats = [LayerStats(r.shape[-1], device=loaded.device) for r in batch.rows]
+            for layer_stats, rows in zip(stats, batch.rows, strict=True):
+                layer_stats.update(rows)
+            if second_pass:
+                store.add(batch.rows, batch.mask, batch.labels)
+        if second_pass:
+            if "mardia_kurtosis" in names:
+                accumulators = [_mardia(s) for s in stats]
+            replayed = len(store)
+            batches = itertools.chain(store.replay(),
+                                      _forward(loaded, corpus, batch_size, max_length, first=replayed))
+            for batch in _progress(batches, total=n_batches, desc=f"{loaded.name} pass 2", enabled=progress):
+                _second_pass(batch, accumulators, observers, loaded.device)
+            info = {"replayed": replayed, "rerun": n_batches - replayed, "where": store.where,
+                    "bytes_in_memory": store.bytes_in_memory, "bytes_spilled": store.bytes_spilled,
+                    "bytes_per_token": store.bytes_per_token}
+            logger.info("%s second pass: %s", loaded.name, info)
     layers, spectra = [], []
-    for index, (layer_stats, acc) in enumerate(zip(stats, accumulators, strict=True)):
-        values, spectrum = _layer_metrics(layer_stats, acc)
+    for index, layer_stats in enumerate(stats):
+        acc = accumulators[index] if accumulators else None
+        values, spectrum = _layer_metrics(layer_stats, acc, names)
         layers.append({"index": index, "name": _layer_name(index), **values})
         spectra.append(spectrum)
     for observer in observers:
@@ -311,7 +364,42 @@ def run_token_protocol(
         max_length=max_length,
         dtype=str(loaded.dtype).removeprefix("torch."),
         device=str(loaded.device),
+        second_pass=info,
     )
+
+
+def _forward(
+    loaded: LoadedModel, corpus: Corpus, batch_size: int, max_length: int | None, first: int = 0
+) -> Iterator[StoredBatch]:
+    """Run the model over the batches from index ``first`` on; yield each batch's non-padding
+    rows per hidden state (the layout the store keeps, so both passes see the same rows)."""
+    for inputs, labels in _batches(loaded, corpus, batch_size, max_length, first):
+        hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
+        mask = inputs["attention_mask"].bool()
+        # Packed rows: half of a padded SST-2 batch is padding, which the updates would
+        # multiply as zero rows.
+        rows = [h[mask] for h in hidden_states]
+        del hidden_states  # not held beside the rows while the caller works on them
+        yield StoredBatch(rows, mask, labels)
+
+
+def _second_pass(
+    batch: StoredBatch,
+    accumulators: Sequence[MardiaAccumulator | None],
+    observers: Sequence[LayerObserver],
+    device: torch.device,
+) -> None:
+    """Feed one batch's rows to the Mardia accumulators and, padded back to (B, T, d), to the
+    observers."""
+    mask = batch.mask.to(device)
+    for index, rows in enumerate(batch.rows):
+        if accumulators and accumulators[index] is not None:
+            accumulators[index].update(rows)
+        if observers:
+            hidden = rows.new_zeros((*mask.shape, rows.shape[-1]), device=device)
+            hidden[mask] = rows.to(device)
+            for observer in observers:
+                observer.update(index, hidden, mask, batch.labels)
 
 
 # ---------------------------------------------------------------------------- paper
@@ -452,7 +540,7 @@ def run_paper_protocol(
     """
     check_run(batch_size, max_length)
     max_length = _max_length(loaded, max_length)
-    n_truncated = _count_truncated(loaded, corpus.sentences, max_length)
+    n_truncated = _count_tokens(loaded, corpus.sentences, max_length)[1]
     vectors = sentence_vectors(
         loaded, corpus, batch_size=batch_size, max_length=max_length, progress=progress
     )
