@@ -14,6 +14,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gsam_monitor.metrics import GaussianFit
 from gsam_monitor.monitor import ranks, report
 from gsam_monitor.monitor.background import BackgroundLogger
 from gsam_monitor.monitor.config import MonitorConfig
@@ -130,7 +131,7 @@ class WindowLogger:
     def _metrics_of(
         self,
         windows: Mapping[Key, LayerStats],
-        refs: Mapping[Key, LayerStats | None],
+        refs: Mapping[Key, LayerStats | GaussianFit | None],
         step: int,
         n_logs: int,
         disabled: frozenset[str],
@@ -147,6 +148,7 @@ class WindowLogger:
             disabled=disabled,
             step=step,
             want_spectrum=every is not None and n_logs % every == 0,
+            want_fits=self.config.heldout,
         )
 
     def _count(self, step_count: int) -> None:
@@ -163,6 +165,7 @@ class WindowLogger:
         if flat:
             flat[f"{META_PREFIX}/errors"] = float(self._faults.errors)
         self.missing_layers = result.missing
+        self._windows.keep_fits(result.fits)  # after the windows advanced: the next log's references
         self.last_metrics = flat
         if flat:
             self._fanout.write(flat, result.spectra, result.step)

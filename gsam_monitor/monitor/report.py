@@ -35,6 +35,8 @@ class LogResult:
         missing: Layer keys that saw no activation in the window.
         errors: ``(exception, where)`` of what failed (a layer's metrics, the whole log).
         warnings: ``(warn-once key, message)`` pairs to warn about.
+        fits: Each window's own ``GaussianFit`` (when the log asks for them): the next log's
+            held-out reference, made from the spectrum this log computed.
     """
 
     step: int
@@ -43,11 +45,12 @@ class LogResult:
     missing: list[str] = field(default_factory=list)
     errors: list[tuple[BaseException, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    fits: dict[Key, metrics.GaussianFit] = field(default_factory=dict)
 
 
 def build_report(
     windows: Mapping[Key, LayerStats],
-    refs: Mapping[Key, LayerStats | None],
+    refs: Mapping[Key, LayerStats | metrics.GaussianFit | None],
     *,
     layers: Sequence[str],
     phases: Sequence[str],
@@ -55,6 +58,7 @@ def build_report(
     disabled: Collection[str],
     step: int,
     want_spectrum: bool,
+    want_fits: bool = False,
 ) -> LogResult:
     """Every metric of the windows (``metrics.compute``), keyed for the sinks.
 
@@ -67,6 +71,7 @@ def build_report(
         disabled: Layers left out (over the memory budget): not reported.
         step: The step the log belongs to (in messages).
         want_spectrum: Return each layer's eigenvalues too.
+        want_fits: Return each window's ``GaussianFit`` too (held-out references).
     """
     result = LogResult(step)
     counts = {key: float(stats.count) for key, stats in windows.items()}
@@ -100,7 +105,7 @@ def build_report(
                 n_missing += 1
                 result.missing.append(layer_key(layer, phase))
                 continue
-            _add_layer(result, windows[key], refs.get(key), layer, phase, metric_names, want_spectrum)
+            _add_layer(result, windows[key], refs.get(key), layer, phase, metric_names, want_spectrum, want_fits)
         result.flat[metric_key(META_PREFIX, "missing_layers", phase)] = float(n_missing)
     if result.missing:
         result.warnings.append(
@@ -126,15 +131,18 @@ def build_report(
 def _add_layer(
     result: LogResult,
     stats: LayerStats,
-    ref: LayerStats | None,
+    ref: LayerStats | metrics.GaussianFit | None,
     layer: str,
     phase: str,
     metric_names: Sequence[str],
     want_spectrum: bool,
+    want_fit: bool,
 ) -> None:
     """One layer's metrics into ``result`` (its error instead, when they fail)."""
     try:
-        values, evals = metrics.compute(stats, ref, names=metric_names, return_spectrum=True)
+        values, evals, *fit = metrics.compute(
+            stats, ref, names=metric_names, return_spectrum=True, return_fit=want_fit
+        )
     except Exception as err:
         result.errors.append((err, f"metrics of {layer}"))
         return
@@ -144,11 +152,13 @@ def _add_layer(
             result.flat[metric_key(metric, layer, phase)] = value
     if want_spectrum and evals is not None:
         result.spectra[layer_key(layer, phase)] = evals
+    if fit and fit[0] is not None:
+        result.fits[(layer, phase)] = fit[0]
 
 
 def current_metrics(
     windows: Mapping[Key, LayerStats],
-    refs: Mapping[Key, LayerStats | None],
+    refs: Mapping[Key, LayerStats | metrics.GaussianFit | None],
     metric_names: Sequence[str],
     *,
     plain: bool,

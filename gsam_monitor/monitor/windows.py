@@ -4,7 +4,8 @@ Windows are created at their layer's first activation (where the activations are
 the memory budget: a layer that would exceed it is left out, with one warning), follow the
 model when it moves, are summed over the ranks for a log (``synced``), and then advance:
 ``"interval"`` windows restart, ``"cumulative"`` ones go on, ``"ema"`` ones decay at every
-step. With ``heldout_loglik`` the logged window is kept as the next one's reference fit.
+step. With ``heldout_loglik`` the logged window is kept as the next one's reference, and the
+``GaussianFit`` its log made (``keep_fits``) is what the next log scores against.
 A background log takes the closed windows over (``hand_off``): interval windows themselves,
 copies of the others, so that nothing the worker reads is modified. Optional reservoir
 samples of the values live beside the statistics (``reservoir_size=``).
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from gsam_monitor.capture.layers import LayerTarget
+from gsam_monitor.metrics import GaussianFit
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
 from gsam_monitor.stats import LayerStats, ReservoirSample
@@ -46,6 +48,7 @@ class WindowStore:
         self.targets = list(targets)
         self.live: dict[Key, LayerStats] = {}
         self.reference: dict[Key, LayerStats] = {}
+        self.fits: dict[Key, GaussianFit] = {}  # the factorised references, made by their logs
         self.samples: dict[Key, ReservoirSample] = {}
         self.disabled: set[str] = set()  # layers left out over the memory budget
         self._warn_once = warn_once
@@ -177,9 +180,18 @@ class WindowStore:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | None]:
-        """The held-out fit of each window (``None`` where there is none yet)."""
-        return {key: self.reference.get(key) for key in keys}
+    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | GaussianFit | None]:
+        """The held-out fit of each window: its ``GaussianFit`` when its log made one, else the
+        reference window (``None`` where there is none yet)."""
+        return {key: self.fits.get(key) or self.reference.get(key) for key in keys}
+
+    def keep_fits(self, fits: Mapping[Key, GaussianFit]) -> None:
+        """Keep the fits a log made of its windows, where those windows are the references now
+        (a fit that arrives after a ``reset`` or a newer reference is dropped)."""
+        for key, fit in fits.items():
+            ref = self.reference.get(key)
+            if ref is not None and float(ref.count) == fit.n:
+                self.fits[key] = fit
 
     def hand_off(self, windows: Mapping[Key, LayerStats]) -> dict[Key, LayerStats]:
         """Give synced windows to a background log and start the next ones.
@@ -206,6 +218,8 @@ class WindowStore:
         interval, heldout = self.config.window == "interval", self.config.heldout
         for key, synced in windows.items():
             has_data = float(synced.count) > 0
+            if heldout and has_data:
+                self.fits.pop(key, None)  # made from the reference replaced below
             if interval and handed_off:
                 self.live.pop(key, None)  # the worker's now; a fresh window starts at the next activation
                 if heldout and has_data:
@@ -237,6 +251,7 @@ class WindowStore:
         for stats in self.live.values():
             stats.reset()
         self.reference.clear()
+        self.fits.clear()
         for sample in self.samples.values():
             sample.reset()
 
@@ -244,6 +259,7 @@ class WindowStore:
         """Free the statistics, held-out fits and samples."""
         self.live.clear()
         self.reference.clear()
+        self.fits.clear()
         self.samples.clear()
 
     def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
@@ -254,6 +270,7 @@ class WindowStore:
         """Restore the ``"stats"`` and ``"reference"`` parts of ``state_dict()``, each on its layer's device."""
         self.live = self._unpack(stats)
         self.reference = self._unpack(reference)
+        self.fits.clear()
 
     def load_samples(self, samples: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore the ``"samples"`` part of ``state_dict()`` (nothing without ``reservoir_size``).
