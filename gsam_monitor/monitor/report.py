@@ -59,6 +59,7 @@ def build_report(
     step: int,
     want_spectrum: bool,
     want_fits: bool = False,
+    owned: Collection[Key] | None = None,
 ) -> LogResult:
     """Every metric of the windows (``metrics.compute``), keyed for the sinks.
 
@@ -72,6 +73,9 @@ def build_report(
         step: The step the log belongs to (in messages).
         want_spectrum: Return each layer's eigenvalues too.
         want_fits: Return each window's ``GaussianFit`` too (held-out references).
+        owned: Compute the metrics of these windows only (default all): under
+            torch.distributed each rank computes the windows it owns; the others need only
+            their (summed) ``count`` and ``nonfinite`` here.
     """
     result = LogResult(step)
     counts = {key: float(stats.count) for key, stats in windows.items()}
@@ -105,7 +109,8 @@ def build_report(
                 n_missing += 1
                 result.missing.append(layer_key(layer, phase))
                 continue
-            _add_layer(result, windows[key], refs.get(key), layer, phase, metric_names, want_spectrum, want_fits)
+            if owned is None or key in owned:
+                _add_layer(result, windows[key], refs.get(key), layer, phase, metric_names, want_spectrum, want_fits)
         result.flat[metric_key(META_PREFIX, "missing_layers", phase)] = float(n_missing)
     if result.missing:
         result.warnings.append(

@@ -14,7 +14,7 @@ samples of the values live beside the statistics (``reservoir_size=``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -173,6 +173,40 @@ class WindowStore:
             out[key] = synced
         return out
 
+    def reduced(self, phases: Sequence[str], *, in_place: bool, spread: bool) -> tuple[dict[Key, LayerStats], set[Key]]:
+        """For a log: each window of ``phases`` summed onto the one rank that computes its
+        metrics (``LayerStats.reduce_``), and the keys this rank owns.
+
+        ``spread``: owners round robin over the group (``ranks.owner`` of the window's place in
+        the log), so that each rank reduces and computes about windows / world size; else the
+        writer owns every window (a background log, computed on the writer alone). Windows
+        this rank does not own keep only their summed ``count`` and ``nonfinite``. Outside
+        torch.distributed this is ``synced``, every window owned.
+        """
+        keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
+        dist = ranks.active_dist()
+        group = self.config.process_group
+        if dist is None or dist.get_world_size(group) == 1:
+            windows = {k: self.live[k] for k in keys if k in self.live}
+            return windows, set(windows)
+        device = self._comm_device(dist)
+        dims = torch.tensor([self.live[k].dim if k in self.live else 0 for k in keys], dtype=torch.int64, device=device)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        me = dist.get_rank(group)
+        out: dict[Key, LayerStats] = {}
+        owned: set[Key] = set()
+        for index, (key, dim) in enumerate(zip(keys, dims.tolist(), strict=True)):
+            if dim == 0:
+                continue
+            stats = self.live.get(key)
+            if stats is None:
+                stats = self.live[key] = self._new_stats(int(dim), device)
+            dst = ranks.owner(index, group) if spread else 0
+            out[key] = (stats if in_place else stats.clone()).reduce_(dst, group)
+            if dst == me:
+                owned.add(key)
+        return out, owned
+
     def _comm_device(self, dist: Any) -> torch.device:
         for stats in self.live.values():
             return stats.device
@@ -209,14 +243,19 @@ class WindowStore:
         return snapshot
 
     @torch.no_grad()
-    def advance(self, windows: Mapping[Key, LayerStats], *, handed_off: bool = False) -> None:
+    def advance(
+        self, windows: Mapping[Key, LayerStats], *, handed_off: bool = False, owned: Collection[Key] | None = None
+    ) -> None:
         """Start the next windows after a log and keep the held-out fits.
 
         ``handed_off``: a background log owns ``windows`` (the synced interval windows
         themselves, or copies of the cumulative/EMA ones): they are never reset or reused.
+        ``owned``: the windows whose sums this rank holds (``reduced``; default all): only
+        those become references here, the rank that scores them next.
         """
-        interval, heldout = self.config.window == "interval", self.config.heldout
+        interval = self.config.window == "interval"
         for key, synced in windows.items():
+            heldout = self.config.heldout and (owned is None or key in owned)
             has_data = float(synced.count) > 0
             if heldout and has_data:
                 self.fits.pop(key, None)  # made from the reference replaced below
