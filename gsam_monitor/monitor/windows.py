@@ -177,10 +177,11 @@ class WindowStore:
         """For a log: each window of ``phases`` summed onto the one rank that computes its
         metrics (``LayerStats.reduce_``), and the keys this rank owns.
 
-        ``spread``: owners round robin over the group (``ranks.owner`` of the window's place in
-        the log), so that each rank reduces and computes about windows / world size; else the
-        writer owns every window (a background log, computed on the writer alone). Windows
-        this rank does not own keep only their summed ``count`` and ``nonfinite``. Outside
+        ``spread``: owners round robin over the group (``ranks.owner`` of the window's place
+        among the monitored (layer, phase) windows), so that each rank reduces and computes
+        about windows / world size; else the writer owns every window (a background log,
+        computed on the writer alone). Windows this rank does not own keep only their summed
+        ``count`` and ``nonfinite``. Outside
         torch.distributed this is ``synced``, every window owned.
         """
         keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
@@ -201,6 +202,8 @@ class WindowStore:
             stats = self.live.get(key)
             if stats is None:
                 stats = self.live[key] = self._new_stats(int(dim), device)
+            # By the window's place among the monitored ones: the same owner at every log, so
+            # that it holds the window's previous reference.
             dst = ranks.owner(index, group) if spread else 0
             out[key] = (stats if in_place else stats.clone()).reduce_(dst, group)
             if dst == me:
@@ -256,6 +259,9 @@ class WindowStore:
         interval = self.config.window == "interval"
         for key, synced in windows.items():
             heldout = self.config.heldout and (owned is None or key in owned)
+            if owned is not None and key not in owned:  # another rank scores this window next
+                self.reference.pop(key, None)
+                self.fits.pop(key, None)
             has_data = float(synced.count) > 0
             if heldout and has_data:
                 self.fits.pop(key, None)  # made from the reference replaced below
