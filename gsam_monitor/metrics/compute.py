@@ -6,7 +6,8 @@ every spectral metric from it; metrics that need no spectrum (``mean_kurtosis``,
 correlation-matrix variant of GSAM reuses it too when the correlation matrix has full rank
 (log det R = log det S - Σ log S_ii); only a rank-deficient one needs a second. The window's
 own ``GaussianFit`` (``return_fit=True``), the next log's reference, is made from the same
-spectrum: at full rank one Cholesky factorisation more.
+spectrum: at full rank one Cholesky factorisation more, which the held-out score against
+the previous fit shares (one triangular solve).
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def _fill(
     if "outlier_dims" in wanted:
         out["outlier_dims"] = outlier_dims(stats, outlier_factor)
     if "heldout_loglik" in wanted and reference is not None:
-        out["heldout_loglik"] = heldout_loglik(stats, reference, rtol=rank_rtol, cov=cov)
+        chol = None if fit is None else fit.chol  # this window's own factor, shared
+        out["heldout_loglik"] = heldout_loglik(stats, reference, rtol=rank_rtol, cov=cov, chol=chol)
     if mardia is not None:
         out["mardia_kurtosis"] = mardia.value()
     return evals, fit

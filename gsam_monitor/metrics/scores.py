@@ -208,6 +208,7 @@ def heldout_loglik(
     *,
     rtol: float | None = None,
     cov: torch.Tensor | None = None,
+    chol: torch.Tensor | None = None,
 ) -> float:
     """Mean log-likelihood per dimension of ``stats``' rows under ``reference``'s MLE Gaussian.
 
@@ -225,6 +226,7 @@ def heldout_loglik(
         reference: The earlier window, or its ``GaussianFit`` (factorised once and reused).
         rtol: Override the relative eigenvalue tolerance (only when ``reference`` is a window).
         cov: ``stats``' MLE covariance (fp64, CPU), when the caller has it already.
+        chol: Its lower Cholesky factor, when the caller has it already (its own fit's).
     """
     if isinstance(reference, GaussianFit):
         fit = reference
@@ -237,11 +239,29 @@ def heldout_loglik(
     r = fit.rank
     cur_cov = stats.covariance().to("cpu", torch.float64) if cov is None else cov
     dm = stats.mean.cpu().double() - fit.mean
-    # tr(Σ⁺S) as an elementwise sum (both symmetric): O(d²) against a fit made once.
-    trace_term = float((fit.precision * cur_cov).sum())
-    mean_term = float(dm @ fit.precision @ dm)
+    if fit.chol is None:
+        # tr(Σ⁺S) as an elementwise sum (both symmetric): O(d²) against the kept pseudo-inverse.
+        trace_term = float((fit.pinv * cur_cov).sum())
+        mean_term = float(dm @ fit.pinv @ dm)
+    else:
+        trace_term = _trace_solve(fit.chol, cur_cov, chol)
+        z = torch.linalg.solve_triangular(fit.chol, dm[:, None], upper=False)
+        mean_term = float((z * z).sum())
     ll = -0.5 * (r * _LOG_2PI + float(torch.log(fit.evals).sum()) + trace_term + mean_term)
     return ll / r
+
+
+def _trace_solve(ref_chol: torch.Tensor, cov: torch.Tensor, chol: torch.Tensor | None) -> float:
+    """tr(Σ⁻¹S) with Σ = LLᵀ: ‖L⁻¹C‖²_F when S = CCᵀ has a Cholesky factor C (one
+    triangular solve), else tr(L⁻¹SL⁻ᵀ) (two)."""
+    if chol is None:
+        chol, info = torch.linalg.cholesky_ex(cov)
+        chol = chol if int(info) == 0 else None
+    if chol is not None:
+        w = torch.linalg.solve_triangular(ref_chol, chol, upper=False)
+        return float((w * w).sum())
+    y = torch.linalg.solve_triangular(ref_chol, cov, upper=False)
+    return float(torch.diagonal(torch.linalg.solve_triangular(ref_chol, y.T, upper=False)).sum())
 
 
 def anisotropy(stats: LayerStats) -> float:
