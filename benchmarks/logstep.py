@@ -10,7 +10,9 @@ times, as the median of ``--reps`` runs (one run from d = 2048 up):
   (``return_fit=True``) for the next log;
 * ``default+ref (refactorised)`` (``--refactorised``): the reference passed as a window,
   factorised again at every log (the cost before fits were kept);
-* one row per metric: ``compute(stats, fit, names=[metric])`` (``--per-metric``).
+* one row per metric: ``compute(stats, fit, names=[metric])`` (``--per-metric``);
+* the pieces (``--components``): ``cholesky``, ``solve_triangular`` with d right-hand sides
+  (the held-out score's), ``cholesky_inverse`` and ``eigh`` of the same covariance.
 
 Each is printed in seconds and as a ratio to ``eigvalsh``; ``--json`` writes the table.
 
@@ -18,6 +20,7 @@ Usage::
 
     python benchmarks/logstep.py                               # d = 384, 1024, 2048, 4096
     python benchmarks/logstep.py --dims 384 1024 --per-metric --json results/logstep.json
+    python benchmarks/logstep.py --components --refactorised
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def _window(d: int, seed: int) -> LayerStats:
     return stats
 
 
-def measure(d: int, reps: int, per_metric: bool, refactorised: bool) -> dict:
+def measure(d: int, reps: int, per_metric: bool, refactorised: bool, components: bool = False) -> dict:
     """Seconds of each variant at ``d`` (see the module docstring)."""
     reps = reps if d < 2048 else 1
     warm = 1 if d < 2048 else 0
@@ -55,6 +58,14 @@ def measure(d: int, reps: int, per_metric: bool, refactorised: bool) -> dict:
     row["default+ref"] = median_seconds(lambda: metrics.compute(stats, fit, return_fit=True), CPU, reps, warm)
     if refactorised:
         row["default+ref (refactorised)"] = median_seconds(lambda: metrics.compute(stats, previous), CPU, reps, warm)
+    if components:
+        chol = torch.linalg.cholesky(cov)
+        row["cholesky"] = median_seconds(lambda: torch.linalg.cholesky(cov), CPU, reps, warm)
+        row["solve_triangular"] = median_seconds(
+            lambda: torch.linalg.solve_triangular(chol, chol, upper=False), CPU, reps, warm
+        )
+        row["cholesky_inverse"] = median_seconds(lambda: torch.cholesky_inverse(chol), CPU, reps, warm)
+        row["eigh"] = median_seconds(lambda: torch.linalg.eigh(cov), CPU, reps, warm)
     if per_metric:
         names = [m for m in metrics.DEFAULT_METRICS if m not in ("n", "d", "nonfinite")]
         row["per_metric"] = {
@@ -69,6 +80,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed runs below d = 2048 (one from 2048 up)")
     parser.add_argument("--per-metric", action="store_true", help="also time each metric asked for alone")
     parser.add_argument("--refactorised", action="store_true", help="also time the reference refactorised per log")
+    parser.add_argument("--components", action="store_true", help="also time the factorisations themselves")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -78,7 +90,7 @@ def main() -> None:
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, load {load:.2f}")
     rows = []
     for d in args.dims:
-        row = measure(d, args.reps, args.per_metric, args.refactorised)
+        row = measure(d, args.reps, args.per_metric, args.refactorised, args.components)
         rows.append(row)
         unit = row["eigvalsh"]
         timed = [k for k in row if k not in ("d", "rows", "reps", "per_metric")]

@@ -160,10 +160,11 @@ def correlation_score(
         live = var > torch.clamp(PRODUCT_ERROR_FACTOR * torch.finfo(torch.float32).eps * scale, min=floor)
     if not bool(live.any()):
         return math.nan
-    c = cov[live][:, live]
+    everywhere = bool(live.all())
+    c = cov if everywhere else cov[live][:, live]  # no d x d copy in the common case
     # The error model carries over: R = D⁻¹ C D⁻¹ scales entry (i, j)'s error by 1/(sd_i sd_j).
     r_scale = None if scale is None else scale[live] / torch.diagonal(c)
-    if evals is not None and bool(live.all()):
+    if evals is not None and everywhere:
         fast = _full_rank_correlation(evals, var, n, product_dtype, r_scale)
         if fast is not None:
             return fast
