@@ -349,15 +349,21 @@ class LayerStats(Moments):
         around it, so that the sums add exactly. ``all_reduce`` defaults to
         ``torch.distributed.all_reduce`` and is injectable for tests.
         """
+        holders = self._agree_shift(group, all_reduce)
+        sum_over_ranks(self.state_tensors().values(), group, all_reduce)
+        self._shift_set = bool(holders.item() > 0)
+        return self
+
+    def _agree_shift(self, group: Any, all_reduce: Callable[..., Any] | None) -> torch.Tensor:
+        """Move the sums onto the shift the ranks agree on (one collective); returns how many
+        ranks hold data (a 0-dim tensor)."""
         common, holders = agree_on_shift(self.shift, self._shift_set, group, all_reduce)
         common = self._representable_shift(common)
         if self._shift_set:
             self.reshift_(common)
         else:
             self._state["shift"].copy_(common)
-        sum_over_ranks(self.state_tensors().values(), group, all_reduce)
-        self._shift_set = bool(holders.item() > 0)
-        return self
+        return holders
 
     @torch.no_grad()
     def reduce_(
@@ -377,12 +383,7 @@ class LayerStats(Moments):
         ``nonfinite`` there, then ``reset`` or drop the state. ``all_reduce`` and ``reduce``
         default to ``torch.distributed``'s and are injectable for tests.
         """
-        common, holders = agree_on_shift(self.shift, self._shift_set, group, all_reduce)
-        common = self._representable_shift(common)
-        if self._shift_set:
-            self.reshift_(common)
-        else:
-            self._state["shift"].copy_(common)
+        holders = self._agree_shift(group, all_reduce)
         everywhere = ("count", "nonfinite")
         sum_over_ranks([self._state[k] for k in everywhere], group, all_reduce)
         sum_to_rank([v for k, v in self.state_tensors().items() if k not in everywhere], dst, group, reduce)
