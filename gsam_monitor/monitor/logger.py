@@ -165,7 +165,7 @@ class WindowLogger:
             rank = ranks.global_rank()
             result.errors = [(RuntimeError(f"rank {rank}: {err!r}"), where) for err, where in result.errors]
         shares = ranks.gather_to_writer(result, self.config.process_group)
-        if shares is None:
+        if shares is None or not self._is_writer():
             return LogResult(result.step, fits=fits)
         for share in shares[1:]:
             result.flat.update(share.flat)
