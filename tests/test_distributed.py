@@ -1,4 +1,5 @@
-"""Two processes (gloo, CPU) under DDP: the synced metrics equal one process fed the union."""
+"""Two and four processes (gloo, CPU) under DDP: the metrics, each layer reduced to and
+computed on its owner rank and gathered to rank zero, equal one process fed the union."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 D = 3
+DEPTH = 3  # 3 train + 3 eval windows: owners round robin over 2 or 4 ranks
 STEPS = 4
 WINDOWS = ("interval", "cumulative")
 METRICS = ["n", "gsam", "rank", "gsam_oas", "effective_rank", "heldout_loglik", "anisotropy", "mean_kurtosis"]
@@ -54,9 +56,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ddp = DistributedDataParallel(Stack(dim=D, depth=2))
+        ddp = DistributedDataParallel(Stack(dim=D, depth=DEPTH))
         monitors = _monitors(ddp, [JsonlSink(os.path.join(out_dir, f"rank{rank}.jsonl"))])
-        assert monitors[0].layer_names == ["blocks.0", "blocks.1"]  # no "module." prefix
+        assert monitors[0].layer_names == [f"blocks.{i}" for i in range(DEPTH)]  # no "module." prefix
         outs = {w: [] for w in WINDOWS}
         for m in monitors:
             m.attach()
@@ -69,6 +71,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 out = m.step()
                 if out is not None:
                     outs[window].append(out)
+        # The held-out references each rank keeps: those of the windows it owns.
+        outs["references"] = {
+            w: sorted("/".join(k) for k in m._windows.reference) for w, m in zip(WINDOWS, monitors, strict=True)
+        }
         with open(os.path.join(out_dir, f"out{rank}.json"), "w") as f:
             json.dump(outs, f)
     finally:
@@ -76,12 +82,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_process_sync_equals_one_process_on_the_union(tmp_path) -> None:
+@pytest.mark.parametrize("world", [2, 4])
+def test_owner_computed_logs_equal_one_process_on_the_union(tmp_path, world: int) -> None:
     import torch.multiprocessing as mp
 
     from tests.tiny_models import Stack
 
-    world = 2
     mp.start_processes(
         _worker,
         args=(world, str(tmp_path / "init"), str(tmp_path)),
@@ -90,7 +96,7 @@ def test_two_process_sync_equals_one_process_on_the_union(tmp_path) -> None:
     )
     per_rank = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(world)]
 
-    model = Stack(dim=D, depth=2)
+    model = Stack(dim=D, depth=DEPTH)
     single = _monitors(model)
     expected = {w: [] for w in WINDOWS}
     for m in single:
@@ -108,14 +114,21 @@ def test_two_process_sync_equals_one_process_on_the_union(tmp_path) -> None:
     for window in WINDOWS:
         assert len(expected[window]) == 2
         assert "gsam/blocks.1/eval" in expected[window][1] and "heldout_loglik/blocks.0" in expected[window][1]
-        # The metrics are computed only where they are written: rank 1 syncs its windows and
-        # gets {} on each logging step.
-        assert per_rank[1][window] == [{}, {}]
+        # The metrics are written on rank zero only: the other ranks compute their share and
+        # get {} on each logging step.
+        for outs in per_rank[1:]:
+            assert outs[window] == [{}, {}]
         for outs in per_rank[:1]:
             for got, want in zip(outs[window], expected[window], strict=True):
                 assert got.keys() == want.keys()
                 for key in want:
                     assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (window, key)
+        # Owners round robin over the log's windows (train layers, then eval layers): each
+        # rank keeps the references of its own windows only.
+        keys = [f"blocks.{i}/{phase}" for phase in ("train", "eval") for i in range(DEPTH)]
+        for r in range(world):
+            assert per_rank[r]["references"][window] == sorted(k for i, k in enumerate(keys) if i % world == r)
     # Only global rank zero writes.
-    assert (tmp_path / "rank0.jsonl").exists() and not (tmp_path / "rank1.jsonl").exists()
+    assert (tmp_path / "rank0.jsonl").exists()
+    assert not any((tmp_path / f"rank{r}.jsonl").exists() for r in range(1, world))
     assert len((tmp_path / "rank0.jsonl").read_text().splitlines()) == 2

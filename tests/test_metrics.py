@@ -194,9 +194,9 @@ def test_gaussian_fit_is_the_support_of_the_mle_covariance_and_scores_like_its_w
     assert fit.rank == int(support.sum()) == 9 and fit.dim == 12 and fit.n == 400
     np.testing.assert_allclose(fit.evals.numpy(), lam[support][::-1], rtol=1e-9)
     np.testing.assert_allclose(fit.mean.numpy(), a.mean(0), rtol=1e-12)
-    # Same subspace: the projector onto the support equals numpy's.
-    p_ref = vecs[:, support] @ vecs[:, support].T
-    np.testing.assert_allclose((fit.evecs @ fit.evecs.T).numpy(), p_ref, atol=1e-9)
+    # The pseudo-inverse on the support equals numpy's.
+    pinv = (vecs[:, support] / lam[support]) @ vecs[:, support].T
+    np.testing.assert_allclose(fit.precision.numpy(), pinv, rtol=1e-7, atol=1e-9 * np.abs(pinv).max())
     # heldout_loglik under the fit equals scipy's pseudo-inverse Gaussian on the support.
     ref = scipy.stats.multivariate_normal(a.mean(0), mle_cov(a), allow_singular=True)
     expected = float(ref.logpdf(b).mean()) / 9
@@ -246,3 +246,84 @@ def test_compute_returns_the_spectrum_it_used_on_request() -> None:
     one.update(torch.from_numpy(x[:1]))
     assert metrics.compute(one, return_spectrum=True)[1] is None  # fewer than 2 rows: no spectrum
 
+
+
+# ---------------------------------------------------------------- cost: eigendecompositions per call
+@pytest.fixture
+def eig_calls(monkeypatch) -> dict[str, int]:
+    """Counts of torch.linalg.eigvalsh / eigh calls made while the test runs."""
+    calls = {"eigvalsh": 0, "eigh": 0}
+    for name in calls:
+        real = getattr(torch.linalg, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counted)
+    return calls
+
+
+def test_metrics_without_a_spectrum_run_no_eigendecomposition(rng: np.random.Generator, eig_calls) -> None:
+    x = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))
+    stats = LayerStats(16, higher_moments=True)
+    stats.update(torch.from_numpy(x))
+    fit = metrics.compute(_stats(x + 0.1), names=["n"], return_fit=True)[1]
+    eig_calls.update(eigvalsh=0, eigh=0)
+    m = metrics.compute(stats, fit, names=["mean_kurtosis", "anisotropy", "outlier_dims", "heldout_loglik"])
+    assert eig_calls == {"eigvalsh": 0, "eigh": 0}
+    kurt = scipy.stats.kurtosis(x, axis=0, fisher=True, bias=True)
+    assert _relerr(m["mean_kurtosis"], float(kurt.mean())) < 1e-9
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = u @ u.T
+    assert _relerr(m["anisotropy"], float((cos.sum() - np.trace(cos)) / (300 * 299))) < 1e-9
+    ref = scipy.stats.multivariate_normal(x.mean(0) + 0.1, mle_cov(x))
+    assert _relerr(m["heldout_loglik"], float(ref.logpdf(x).mean()) / 16) < 1e-9
+
+
+def test_default_metrics_with_a_cached_reference_cost_one_eigvalsh(rng: np.random.Generator, eig_calls) -> None:
+    # Full rank: one eigvalsh gives every spectral metric, gsam_correlation (log det R =
+    # log det S - sum log S_ii) and the window's own fit (a Cholesky factorisation).
+    a = rng.standard_normal((600, 24)) @ rng.standard_normal((24, 24)) + 1.0
+    b = rng.standard_normal((400, 24)) @ rng.standard_normal((24, 24)) - 0.5
+    _, fit_a = metrics.compute(_stats(a), return_fit=True)
+    eig_calls.update(eigvalsh=0, eigh=0)
+    m, fit_b = metrics.compute(_stats(b), fit_a, return_fit=True)
+    assert eig_calls == {"eigvalsh": 1, "eigh": 0}
+    assert _relerr(m["gsam"], gsam_scipy(b)[0]) < 1e-9
+    z = (b - b.mean(0)) / b.std(0)
+    assert _relerr(m["gsam_correlation"], gsam_scipy(z)[0]) < 1e-9
+    # The cached fit scores like a fresh numpy/scipy fit of the reference window.
+    expected = float(scipy.stats.multivariate_normal(a.mean(0), mle_cov(a)).logpdf(b).mean()) / 24
+    assert _relerr(m["heldout_loglik"], expected) < 1e-9
+    np.testing.assert_allclose(fit_b.precision.numpy(), np.linalg.inv(mle_cov(b)), rtol=1e-8, atol=0)
+    np.testing.assert_allclose(fit_b.evals.numpy(), np.linalg.eigvalsh(mle_cov(b))[::-1], rtol=1e-9)
+    # ... and the next log, scored against fit_b, again needs no factorisation of b.
+    c = rng.standard_normal((300, 24)) @ rng.standard_normal((24, 24))
+    eig_calls.update(eigvalsh=0, eigh=0)
+    held = metrics.compute(_stats(c), fit_b, names=["heldout_loglik"])["heldout_loglik"]
+    assert eig_calls == {"eigvalsh": 0, "eigh": 0}
+    ref_b = scipy.stats.multivariate_normal(b.mean(0), mle_cov(b))
+    assert _relerr(held, float(ref_b.logpdf(c).mean()) / 24) < 1e-9
+    # A rank-deficient window (no Cholesky factor of its own) against the full-rank fit.
+    low = rng.standard_normal((300, 5)) @ rng.standard_normal((5, 24))
+    held = metrics.compute(_stats(low), fit_b, names=["heldout_loglik"])["heldout_loglik"]
+    assert _relerr(held, float(ref_b.logpdf(low).mean()) / 24) < 1e-9
+
+
+def test_a_rank_deficient_fit_and_correlation_still_match_scipy(rng: np.random.Generator, eig_calls) -> None:
+    # Post-LayerNorm rank d - 1: neither shortcut applies (the fit needs the support's
+    # eigenvectors, R its own spectrum), and both fall back to the exact decompositions.
+    a, b = _layernorm(rng.standard_normal((500, 20)) * 3), _layernorm(rng.standard_normal((300, 20)) + 0.2)
+    _, fit_a = metrics.compute(_stats(a), return_fit=True)
+    assert fit_a.rank == 19
+    m = metrics.compute(_stats(b), fit_a)
+    ref = scipy.stats.multivariate_normal(a.mean(0), mle_cov(a), allow_singular=True)
+    assert _relerr(m["heldout_loglik"], float(ref.logpdf(b).mean()) / 19) < 1e-9
+    z = (b - b.mean(0)) / b.std(0)
+    assert _relerr(m["gsam_correlation"], gsam_pdet(z)[0]) < 1e-9
+    # Asked for alone, gsam_correlation decomposes R only.
+    eig_calls.update(eigvalsh=0, eigh=0)
+    alone = metrics.compute(_stats(b), names=["gsam_correlation"])["gsam_correlation"]
+    assert eig_calls == {"eigvalsh": 1, "eigh": 0}
+    assert _relerr(alone, m["gsam_correlation"]) < 1e-12

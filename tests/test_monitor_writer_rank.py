@@ -1,7 +1,8 @@
-"""Metrics are computed only where they are written: on rank zero of the monitor's process group,
-its group rank (a group [1, 2] writes on global rank 1). The other ranks sync their windows and
-compute nothing. torch.distributed is injected (torchmetrics-style), so no processes are needed;
-tests/test_distributed.py pins the same with two real gloo processes."""
+"""Metrics are written only on rank zero of the monitor's process group, its group rank (a group
+[1, 2] writes on global rank 1), and each window is computed on its owner, a group rank too: the
+first window's is group rank zero, so here (one window) the other rank computes nothing. torch.distributed is
+injected (torchmetrics-style), so no processes are needed; tests/test_distributed.py pins the
+owners with two and four real gloo processes."""
 
 from __future__ import annotations
 
@@ -44,13 +45,24 @@ class _FakeDist:
         assert group is self.group  # the window sizes agreed over the monitor's group
         # Both ranks hold the same windows: MAX leaves the sizes as they are.
 
+    def gather_object(self, obj: object, gathered: list | None, group: object = None, group_dst: int = 0) -> None:
+        assert group is self.group and group_dst == 0  # gathered on the group's writer
+        assert (gathered is not None) == (self.group_rank == 0)
+        if gathered is not None:  # the peer owned no window: an empty share
+            gathered[:] = [obj, type(obj)(obj.step)]
+
 
 @pytest.mark.parametrize(("global_rank", "group_rank"), [(1, 0), (0, 1)])
 def test_only_group_rank_zero_computes_and_writes(monkeypatch, global_rank: int, group_rank: int) -> None:
     group = object()
     monkeypatch.setattr(ranks_module, "active_dist", lambda: _FakeDist(global_rank, group_rank, group))
     # The peer saw the same rows: the sum over the group is the window twice.
-    monkeypatch.setattr(LayerStats, "all_reduce_", lambda self, group=None, **kw: self.merge(self.clone()))
+    def twice(self, dst, group=None, **kw):
+        assert dst == 0 and group is group_  # the only window's owner: group rank 0
+        return self.merge(self.clone())
+
+    group_ = group
+    monkeypatch.setattr(LayerStats, "reduce_", twice)
     computed = []
     real = metrics_module.compute
 
@@ -65,6 +77,7 @@ def test_only_group_rank_zero_computes_and_writes(monkeypatch, global_rank: int,
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10
         monitor = GSAMMonitor(
             model, "auto", every_n_steps=2, process_group=group, max_tokens_per_layer=None, metrics=["gsam", "n"],
+            phases="eval",  # one window, owned by group rank 0
             sinks=[lambda m, s: written.append(dict(m))],
         )
     rng = np.random.default_rng(0)

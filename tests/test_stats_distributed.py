@@ -1,5 +1,5 @@
-"""``LayerStats.all_reduce_`` over a process sub-group that does not contain global rank 0
-(3 gloo processes on CPU, group [1, 2])."""
+"""``LayerStats.all_reduce_`` and ``reduce_`` over a process sub-group that does not contain
+global rank 0 (3 gloo processes on CPU, group [1, 2])."""
 
 from __future__ import annotations
 
@@ -31,9 +31,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         s.update(torch.from_numpy(x[:10]))
         s.reset()  # the shift of each rank comes from different rows
         s.update(torch.from_numpy(x))
+        owned = s.clone()
         if rank in (1, 2):
             s.all_reduce_(group)
+            owned.reduce_(1, group)  # group rank 1 = global rank 2
         torch.save(s.state_dict(), f"{out_dir}/rank{rank}.pt")
+        torch.save(owned.state_dict(), f"{out_dir}/owned{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -64,3 +67,13 @@ def test_all_reduce_over_a_group_without_global_rank_zero(tmp_path) -> None:
     assert float(states[0].count) == len(own)
     own_cov = np.cov(own.T, ddof=0)
     np.testing.assert_allclose(states[0].covariance().numpy(), own_cov, rtol=1e-9, atol=1e-12 * np.abs(own_cov).max())
+
+    # reduce_ onto group rank 1 (global rank 2): the sums there equal all_reduce_'s; global
+    # rank 1 holds the summed count and nonfinite only.
+    owned = [LayerStats.from_state_dict(torch.load(tmp_path / f"owned{r}.pt", weights_only=True)) for r in range(3)]
+    np.testing.assert_allclose(owned[2].covariance().numpy(), cov, rtol=1e-9, atol=1e-12 * np.abs(cov).max())
+    np.testing.assert_allclose(owned[2].mean.numpy(), union.mean(0), rtol=1e-12)
+    kurt = scipy.stats.kurtosis(union, axis=0, bias=True)
+    np.testing.assert_allclose(owned[2].excess_kurtosis().numpy(), kurt, rtol=1e-8)
+    assert float(owned[1].count) == float(owned[2].count) == len(union)
+    assert float(owned[0].count) == len(own)

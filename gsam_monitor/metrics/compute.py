@@ -1,14 +1,20 @@
 """``compute``: every metric of one window's statistics, from one eigendecomposition.
 
-``compute`` runs one eigendecomposition of the MLE covariance and derives every spectral
-metric from it; the correlation-matrix variant of GSAM needs a second one.
+``compute`` runs at most one eigendecomposition of the MLE covariance per call and derives
+every spectral metric from it; metrics that need no spectrum (``mean_kurtosis``,
+``anisotropy``, ``outlier_dims``, ``heldout_loglik`` against a ``GaussianFit``) run none. The
+correlation-matrix variant of GSAM reuses it too when the correlation matrix has full rank
+(log det R = log det S - Σ log S_ii); only a rank-deficient one needs a second. The window's
+own ``GaussianFit`` (``return_fit=True``), the next log's reference, is made from the same
+spectrum: at full rank one Cholesky factorisation more, which the held-out score against
+the previous fit shares (one triangular solve).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -77,6 +83,10 @@ HIGHER_MOMENT_METRICS = frozenset({"mean_kurtosis", "anisotropy"})
 
 _ALWAYS = ("n", "d", "nonfinite")
 
+_COVARIANCE_SPECTRUM = frozenset({"gsam", "rank", "gsam_oas", *SPECTRAL_METRICS})
+"""The metrics read from the covariance eigenvalues (``gsam_correlation`` reuses them when
+they are computed anyway, and otherwise decomposes the correlation matrix alone)."""
+
 
 def validate_names(names: Iterable[str] | str | None) -> tuple[str, ...]:
     """Check a metric selection; ``None`` or ``"default"`` means ``DEFAULT_METRICS``.
@@ -112,7 +122,8 @@ def compute(
     outlier_factor: float = 10.0,
     rank_rtol: float | None = None,
     return_spectrum: bool = False,
-) -> dict[str, float] | tuple[dict[str, float], torch.Tensor | None]:
+    return_fit: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], torch.Tensor | None] | tuple[Any, ...]:
     """Every metric of ``stats`` as a dict of floats (ints for ``n``-like counts).
 
     Args:
@@ -127,10 +138,13 @@ def compute(
         return_spectrum: Also return the covariance eigenvalues the metrics were computed
             from (fp64, CPU, descending; ``None`` with fewer than 2 rows), e.g. for a
             spectrum histogram, without a second eigendecomposition.
+        return_fit: Also return the window's own ``GaussianFit`` (``None`` with fewer than 2
+            rows), made from the same spectrum: keep it as the next log's ``reference``.
 
     Returns:
         ``{"n", "d", "nonfinite", ...}``; with fewer than 2 rows every other metric is NaN.
-        With ``return_spectrum=True``, ``(metrics, eigenvalues)``.
+        With ``return_spectrum=True``, ``(metrics, eigenvalues)``; with ``return_fit=True``,
+        ``(metrics, fit)``; with both, ``(metrics, eigenvalues, fit)``.
 
     Raises:
         ValueError: for an unknown metric name.
@@ -144,15 +158,19 @@ def compute(
         wanted -= REFERENCE_METRICS
     if not stats.higher_moments:
         wanted -= HIGHER_MOMENT_METRICS
-    evals = None
+    evals, fit = None, None
     if n < 2:
         out.update({k: math.nan for k in wanted if k not in out})
         if "rank" in wanted:
             out["rank"] = 0
     else:
-        evals = _fill(out, wanted, stats, reference, mardia, powerlaw_range, outlier_factor, rank_rtol)
+        evals, fit = _fill(
+            out, wanted, stats, reference, mardia, powerlaw_range, outlier_factor, rank_rtol,
+            want_spectrum=return_spectrum, want_fit=return_fit,
+        )  # fmt: skip
     values = {k: v for k, v in out.items() if k in wanted or k in _ALWAYS}
-    return (values, evals) if return_spectrum else values
+    extras = ((evals,) if return_spectrum else ()) + ((fit,) if return_fit else ())
+    return (values, *extras) if extras else values
 
 
 def _fill(
@@ -164,20 +182,30 @@ def _fill(
     powerlaw_range: tuple[int, int],
     outlier_factor: float,
     rank_rtol: float | None,
-) -> torch.Tensor:
-    """Add the metrics of a window of at least 2 rows to ``out``; returns the eigenvalues."""
+    *,
+    want_spectrum: bool,
+    want_fit: bool,
+) -> tuple[torch.Tensor | None, GaussianFit | None]:
+    """Add the metrics of a window of at least 2 rows to ``out``; returns (eigenvalues, fit),
+    each ``None`` when nothing asked for it."""
     n = float(stats.count)
-    cov = stats.covariance(ddof=0).to("cpu", torch.float64)
-    scale = stats.product_scale().to("cpu", torch.float64)
-    evals, _, tol = spectrum(cov, scale, stats.product_dtype, rank_rtol)
-    out["gsam"], out["rank"] = gaussian_score(evals, n, tol)
-    if "gsam_oas" in wanted:
-        out["gsam_oas"] = oas_score(evals, n)[0]
+    evals = fit = None
+    needs_spectrum = wanted & (_COVARIANCE_SPECTRUM | {"rankme", *DRIFT_METRICS}) or want_spectrum or want_fit
+    if needs_spectrum or wanted & ({"gsam_correlation"} | REFERENCE_METRICS):
+        cov = stats.covariance(ddof=0).to("cpu", torch.float64)
+        scale = stats.product_scale().to("cpu", torch.float64)
+    if needs_spectrum:
+        evals, evecs, tol = spectrum(cov, scale, stats.product_dtype, rank_rtol)
+        gsam, rank = gaussian_score(evals, n, tol)
+        out.update({"gsam": gsam, "rank": rank, **spectral_metrics(evals, tol, powerlaw_range)})
+        if "gsam_oas" in wanted:
+            out["gsam_oas"] = oas_score(evals, n)[0]
+        if "rankme" in wanted:
+            out["rankme"] = rankme(evals, n, tol)
+        if want_fit:
+            fit = GaussianFit.from_spectrum(stats, cov, evals, evecs, tol, rtol=rank_rtol)
     if "gsam_correlation" in wanted:
-        out["gsam_correlation"] = correlation_score(cov, n, stats.product_dtype, scale)
-    out.update(spectral_metrics(evals, tol, powerlaw_range))
-    if "rankme" in wanted:
-        out["rankme"] = rankme(evals, n, tol)
+        out["gsam_correlation"] = correlation_score(cov, n, stats.product_dtype, scale, evals=evals)
     if "mean_kurtosis" in wanted:
         k = stats.excess_kurtosis()
         k = k[torch.isfinite(k)]
@@ -186,16 +214,18 @@ def _fill(
         out["anisotropy"] = anisotropy(stats)
     if "outlier_dims" in wanted:
         out["outlier_dims"] = outlier_dims(stats, outlier_factor)
-    fit = _reference_fit(reference, rank_rtol) if wanted & REFERENCE_METRICS else None
-    if fit is None:
+    ref = _reference_fit(reference, rank_rtol) if wanted & REFERENCE_METRICS else None
+    if ref is None:
         out.update(dict.fromkeys(wanted & REFERENCE_METRICS, math.nan))
     else:
         if "heldout_loglik" in wanted:
-            out["heldout_loglik"] = heldout_loglik(stats, fit)
-        out.update(drift_metrics(stats.mean.to("cpu", torch.float64), cov, evals, n, fit, wanted))
+            chol = None if fit is None else fit.chol  # this window's own factor, shared
+            out["heldout_loglik"] = heldout_loglik(stats, ref, cov=cov, chol=chol)
+        if wanted.intersection(DRIFT_METRICS):
+            out.update(drift_metrics(stats.mean.to("cpu", torch.float64), cov, evals, n, ref, wanted))
     if mardia is not None:
         out["mardia_kurtosis"] = mardia.value()
-    return evals
+    return evals, fit
 
 
 def _reference_fit(reference: LayerStats | GaussianFit | None, rank_rtol: float | None) -> GaussianFit | None:

@@ -65,9 +65,9 @@ def bures_wasserstein(
         mean: (d,) the current window's mean (fp64).
         cov: (d, d) its MLE covariance S (fp64, symmetric).
         reference: The reference window's fit.
-        cov_u: ``cov @ reference.evecs`` when the caller has it already.
+        cov_u: ``cov @ reference.eigenvectors()`` when the caller has it already.
     """
-    u, lam = reference.evecs, reference.evals
+    u, lam = reference.eigenvectors(), reference.evals
     su = cov @ u if cov_u is None else cov_u
     half = lam.clamp_min(0.0).sqrt()
     inner = (u.T @ su) * torch.outer(half, half)
@@ -100,10 +100,10 @@ def kl_oas(
     Args:
         mean, cov, evals, n: The current window: mean, MLE covariance, its eigenvalues, rows.
         reference: The reference window's fit.
-        cov_u: ``cov @ reference.evecs`` when the caller has it already.
+        cov_u: ``cov @ reference.eigenvectors()`` when the caller has it already.
     """
     d, r = mean.numel(), reference.rank
-    u, lam = reference.evecs, reference.evals.clamp_min(0.0)
+    u, lam = reference.eigenvectors(), reference.evals.clamp_min(0.0)
     s_ref, mu_ref = oas_shrinkage(lam, reference.n, d)
     s_cur, mu_cur = oas_shrinkage(evals, n, d)
     if mu_ref <= 0 or mu_cur <= 0:
@@ -139,7 +139,7 @@ def drift_metrics(
         return {}
     if reference.dim != mean.numel() or reference.rank == 0:
         return dict.fromkeys(wanted, math.nan)
-    cov_u = cov @ reference.evecs
+    cov_u = cov @ reference.eigenvectors()
     out: dict[str, float] = {}
     if "drift_w2" in wanted or "drift_w2_relative" in wanted:
         w2sq, total = bures_wasserstein(mean, cov, reference, cov_u=cov_u)

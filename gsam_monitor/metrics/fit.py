@@ -1,9 +1,12 @@
 """``GaussianFit``: a window's MLE Gaussian, factorised once on its support.
 
 Scores that compare a window with an earlier one (``heldout_loglik``; distances between
-two windows' Gaussians) need the earlier covariance's eigendecomposition. A fit is made once,
-when a window becomes a reference, and reused by every later log that compares against it,
-instead of one eigendecomposition per comparison.
+two windows' Gaussians) need the earlier covariance's pseudo-inverse and pseudo-determinant.
+A fit is made once, when a window is logged (``compute(..., return_fit=True)``, from the
+spectrum that log computes anyway), and reused by the next log that compares against it:
+at full rank a Cholesky factor (scoring against it: a Cholesky factor of the new window,
+which its own fit reuses, and one triangular solve), else the pseudo-inverse on the support
+(scoring: O(d²)). No eigendecomposition of the reference is redone.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gsam_monitor.metrics.linalg import eigenvalue_tolerance
+from gsam_monitor.metrics.linalg import eigenvalue_tolerance, spectrum
 
 if TYPE_CHECKING:
     from gsam_monitor.stats import LayerStats
@@ -30,13 +33,18 @@ class GaussianFit:
         mean: (d,) the window's mean.
         evals: (r,) the support eigenvalues of S, descending (those above the window's rank
             tolerance: scipy's rule with fp64 products, the product's error model otherwise).
-        evecs: (d, r) the matching unit eigenvectors as columns.
+        chol: (d, d) the lower Cholesky factor L of S (S = LLᵀ) at full rank, else ``None``.
+        pinv: (d, d) the pseudo-inverse S⁺ on the support when S is rank-deficient, else ``None``.
+        evecs: (d, r) the support eigenvectors, matching ``evals``, when the fit was made from
+            them; ``eigenvectors()`` makes them once otherwise (only the drift metrics need them).
     """
 
     n: float
     mean: torch.Tensor
     evals: torch.Tensor
-    evecs: torch.Tensor
+    chol: torch.Tensor | None = None
+    pinv: torch.Tensor | None = None
+    evecs: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -46,9 +54,28 @@ class GaussianFit:
     def dim(self) -> int:
         return int(self.mean.numel())
 
+    @property
+    def precision(self) -> torch.Tensor:
+        """S⁺ (S⁻¹ at full rank), formed on demand from the Cholesky factor."""
+        return self.pinv if self.chol is None else torch.cholesky_inverse(self.chol)
+
+    def eigenvectors(self) -> torch.Tensor:
+        """(d, r) eigenvectors of S on its support, in the order of ``evals``.
+
+        A full-rank fit holds a Cholesky factor, not eigenvectors: they are made here once (an
+        ``eigh`` of LLᵀ) and kept, so a fixed reference pays it once per run.
+        """
+        if self.evecs is None:
+            _, vecs = torch.linalg.eigh(self.chol @ self.chol.T)
+            object.__setattr__(self, "evecs", vecs.flip(1))  # a cache on a frozen value
+        return self.evecs
+
     @classmethod
     def from_stats(cls, stats: LayerStats, *, rtol: float | None = None) -> GaussianFit:
-        """Factorise ``stats``' MLE covariance (one ``eigh``) and keep its support.
+        """Factorise ``stats``' MLE covariance and keep its support.
+
+        Prefer ``compute(..., return_fit=True)`` when the window's metrics are computed too:
+        it reuses their spectrum instead of a second eigendecomposition.
 
         Raises:
             ValueError: if ``stats`` holds fewer than 2 rows (no covariance to fit).
@@ -57,8 +84,41 @@ class GaussianFit:
         if n < 2:
             raise ValueError(f"GaussianFit needs a window of at least 2 rows; this one has {n:g}.")
         cov = stats.covariance().to("cpu", torch.float64)
-        evals, vecs = torch.linalg.eigh(cov)
-        evals, vecs = evals.flip(0), vecs.flip(1)
         scale = stats.product_scale().to("cpu", torch.float64)
-        keep = evals > eigenvalue_tolerance(evals, vecs, scale, stats.product_dtype, rtol)
-        return cls(n=n, mean=stats.mean.to("cpu", torch.float64), evals=evals[keep], evecs=vecs[:, keep])
+        evals, evecs, tol = spectrum(cov, scale, stats.product_dtype, rtol)
+        return cls.from_spectrum(stats, cov, evals, evecs, tol, rtol=rtol)
+
+    @classmethod
+    def from_spectrum(
+        cls,
+        stats: LayerStats,
+        cov: torch.Tensor,
+        evals: torch.Tensor,
+        evecs: torch.Tensor | None,
+        tol: torch.Tensor,
+        *,
+        rtol: float | None = None,
+    ) -> GaussianFit:
+        """The fit of ``stats`` from its covariance ``cov`` (fp64, CPU) and its spectrum as
+        ``linalg.spectrum`` returns it (eigenvalues descending, eigenvectors or ``None``,
+        per-eigenvalue tolerance).
+
+        At full rank the fit is a Cholesky factor (a ninth of the flops of an ``eigh``, all
+        BLAS-3; scores against it are triangular solves); on a rank-deficient support, the
+        pseudo-inverse from the eigenvectors (one ``eigh`` when they are not at hand).
+        """
+        mean = stats.mean.to("cpu", torch.float64)
+        n = float(stats.count)
+        keep = evals > tol
+        if bool(keep.all()):
+            chol, info = torch.linalg.cholesky_ex(cov)
+            if int(info) == 0:
+                return cls(n=n, mean=mean, evals=evals, chol=chol)
+        if evecs is None:
+            evals, evecs = torch.linalg.eigh(cov)
+            evals, evecs = evals.flip(0), evecs.flip(1)
+            scale = stats.product_scale().to("cpu", torch.float64)
+            keep = evals > eigenvalue_tolerance(evals, evecs, scale, stats.product_dtype, rtol)
+        lam, vecs = evals[keep], evecs[:, keep]
+        pinv = (vecs / lam) @ vecs.T
+        return cls(n=n, mean=mean, evals=lam, pinv=0.5 * (pinv + pinv.T), evecs=vecs)

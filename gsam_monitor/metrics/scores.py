@@ -146,10 +146,19 @@ def spectral_metrics(evals: torch.Tensor, tol: float | torch.Tensor, rank_range:
 
 
 def correlation_score(
-    cov: torch.Tensor, n: float, product_dtype: torch.dtype | None, scale: torch.Tensor | None = None
+    cov: torch.Tensor,
+    n: float,
+    product_dtype: torch.dtype | None,
+    scale: torch.Tensor | None = None,
+    *,
+    evals: torch.Tensor | None = None,
 ) -> float:
     """GSAM of the correlation matrix: -(r/2)(1 + log 2π) - (1/2) log pdet R + log n,
-    scale-invariant (dimensions without variance left out)."""
+    scale-invariant (dimensions without variance left out).
+
+    ``evals``: ``cov``'s eigenvalues, when at hand. Where they prove R = D⁻¹CD⁻¹ of full
+    rank, log det R = log det C - Σ log C_ii (a determinant is multiplicative) and no second
+    eigendecomposition is needed."""
     var = torch.diagonal(cov)
     # Dimensions with no variance have no distribution to standardise; leave them out. With
     # fp32 products a variance is zero when it is below its own rounding error, c·eps32·scale.
@@ -160,16 +169,57 @@ def correlation_score(
         live = var > torch.clamp(PRODUCT_ERROR_FACTOR * torch.finfo(torch.float32).eps * scale, min=floor)
     if not bool(live.any()):
         return math.nan
-    c = cov[live][:, live]
-    sd = torch.sqrt(torch.diagonal(c))
-    corr = c / torch.outer(sd, sd)
+    everywhere = bool(live.all())
+    c = cov if everywhere else cov[live][:, live]  # no d x d copy in the common case
     # The error model carries over: R = D⁻¹ C D⁻¹ scales entry (i, j)'s error by 1/(sd_i sd_j).
     r_scale = None if scale is None else scale[live] / torch.diagonal(c)
+    if evals is not None and everywhere:
+        fast = _full_rank_correlation(evals, var, n, product_dtype, r_scale)
+        if fast is not None:
+            return fast
+    sd = torch.sqrt(torch.diagonal(c))
+    corr = c / torch.outer(sd, sd)
     ev, _, tol = spectrum(0.5 * (corr + corr.T), r_scale, product_dtype, None)
     return gaussian_score(ev, n, tol)[0]
 
 
-def heldout_loglik(stats: LayerStats, reference: LayerStats | GaussianFit, *, rtol: float | None = None) -> float:
+def _full_rank_correlation(
+    evals: torch.Tensor, var: torch.Tensor, n: float, product_dtype: torch.dtype | None, r_scale: torch.Tensor | None
+) -> float | None:
+    """The correlation GSAM from C's eigenvalues when they prove that every eigenvalue of R
+    clears the tolerance ``spectrum`` would give R's; ``None`` when they do not.
+
+    Bounds (Rayleigh quotients with y = D⁻¹x): λmin(R) >= λmin(C) / max C_ii and
+    λmax(R) <= min(d, λmax(C) / min C_ii); R's tolerance is at most its relative rule at
+    that λmax, or c · eps32 · Σ r_scale_i (the per-eigenvector bound of
+    ``eigenvalue_tolerance`` under Cauchy-Schwarz, Σ v_i² = 1) with fp32 products."""
+    d = var.numel()
+    lam_min, lam_max = float(evals.min()), float(evals.max())
+    if lam_min <= 0:
+        return None
+    r_max = min(float(d), lam_max / float(var.min()))
+    if product_dtype == torch.float64 or r_scale is None:
+        bound = rank_tolerance(torch.tensor([r_max]), product_dtype)
+    else:
+        bound = max(
+            rank_tolerance(torch.tensor([r_max]), torch.float64),
+            PRODUCT_ERROR_FACTOR * torch.finfo(torch.float32).eps * float(r_scale.clamp_min(0).sum()),
+        )
+    # A factor 2 of margin for the rounding of the computed eigenvalues themselves.
+    if lam_min / float(var.max()) <= 2.0 * bound:
+        return None
+    logdet = float(torch.log(evals).sum()) - float(torch.log(var).sum())
+    return math.log(n) - 0.5 * d * (1.0 + _LOG_2PI) - 0.5 * logdet
+
+
+def heldout_loglik(
+    stats: LayerStats,
+    reference: LayerStats | GaussianFit,
+    *,
+    rtol: float | None = None,
+    cov: torch.Tensor | None = None,
+    chol: torch.Tensor | None = None,
+) -> float:
     """Mean log-likelihood per dimension of ``stats``' rows under ``reference``'s MLE Gaussian.
 
     Closed form from moments: with the reference fit (m, Σ) on its support (rank r, the
@@ -185,6 +235,8 @@ def heldout_loglik(stats: LayerStats, reference: LayerStats | GaussianFit, *, rt
         stats: The window to score.
         reference: The earlier window, or its ``GaussianFit`` (factorised once and reused).
         rtol: Override the relative eigenvalue tolerance (only when ``reference`` is a window).
+        cov: ``stats``' MLE covariance (fp64, CPU), when the caller has it already.
+        chol: Its lower Cholesky factor, when the caller has it already (its own fit's).
     """
     if isinstance(reference, GaussianFit):
         fit = reference
@@ -194,13 +246,32 @@ def heldout_loglik(stats: LayerStats, reference: LayerStats | GaussianFit, *, rt
         fit = GaussianFit.from_stats(reference, rtol=rtol)
     if float(stats.count) < 1 or fit.rank == 0:
         return math.nan
-    lam, v, r = fit.evals, fit.evecs, fit.rank
-    cur_cov = stats.covariance().to("cpu", torch.float64)
-    dm = (stats.mean.cpu().double() - fit.mean) @ v
-    trace_term = float((torch.diagonal(v.T @ cur_cov @ v) / lam).sum())
-    mean_term = float((dm * dm / lam).sum())
-    ll = -0.5 * (r * _LOG_2PI + float(torch.log(lam).sum()) + trace_term + mean_term)
+    r = fit.rank
+    cur_cov = stats.covariance().to("cpu", torch.float64) if cov is None else cov
+    dm = stats.mean.cpu().double() - fit.mean
+    if fit.chol is None:
+        # tr(Σ⁺S) as an elementwise sum (both symmetric): O(d²) against the kept pseudo-inverse.
+        trace_term = float((fit.pinv * cur_cov).sum())
+        mean_term = float(dm @ fit.pinv @ dm)
+    else:
+        trace_term = _trace_solve(fit.chol, cur_cov, chol)
+        z = torch.linalg.solve_triangular(fit.chol, dm[:, None], upper=False)
+        mean_term = float((z * z).sum())
+    ll = -0.5 * (r * _LOG_2PI + float(torch.log(fit.evals).sum()) + trace_term + mean_term)
     return ll / r
+
+
+def _trace_solve(ref_chol: torch.Tensor, cov: torch.Tensor, chol: torch.Tensor | None) -> float:
+    """tr(Σ⁻¹S) with Σ = LLᵀ: ‖L⁻¹C‖²_F when S = CCᵀ has a Cholesky factor C (one
+    triangular solve), else tr(L⁻¹SL⁻ᵀ) (two)."""
+    if chol is None:
+        chol, info = torch.linalg.cholesky_ex(cov)
+        chol = chol if int(info) == 0 else None
+    if chol is not None:
+        w = torch.linalg.solve_triangular(ref_chol, chol, upper=False)
+        return float((w * w).sum())
+    y = torch.linalg.solve_triangular(ref_chol, cov, upper=False)
+    return float(torch.diagonal(torch.linalg.solve_triangular(ref_chol, y.T, upper=False)).sum())
 
 
 def anisotropy(stats: LayerStats) -> float:

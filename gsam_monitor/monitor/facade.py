@@ -99,7 +99,8 @@ class GSAMMonitor:
         spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
             support it every this many logs; ``None`` or 0 never.
         process_group: The ``torch.distributed`` group to sync over (default: the world). Its
-            rank zero computes and writes the metrics.
+            ranks compute the metrics of the windows they own (round robin); its rank zero
+            writes them.
         background: Compute the scheduled logs' metrics (the eigendecompositions) on a
             background thread, so that the training step does not wait for them: the windows
             are synced and snapshotted on schedule, and the metrics reach the sinks, at the
@@ -307,9 +308,9 @@ class GSAMMonitor:
         Returns:
             The metrics written to the sinks during this call (``{"gsam/encoder.layer.0": ...}``):
             on a logging step, or with ``background=True`` when an earlier log's computation
-            finished; else None. Under ``torch.distributed`` the metrics are computed and
-            written on the process group's rank zero only; the other ranks sync their windows
-            and get ``{}`` on a logging step.
+            finished; else None. Under ``torch.distributed`` the metrics are written on the
+            process group's rank zero only; the other ranks compute the windows they own and
+            get ``{}`` on a logging step.
 
         Raises:
             ValueError: if ``global_step`` is not a non-negative int.

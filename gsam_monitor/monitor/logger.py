@@ -11,7 +11,7 @@ written, when it is published.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from gsam_monitor.monitor import ranks, report
@@ -76,40 +76,43 @@ class WindowLogger:
         """Log ``phases`` now, inline, at ``step`` (the monitor's count is ``step_count``)."""
         self.flush()  # an earlier background log reaches the sinks first
         try:
-            windows = self._windows.synced(phases, in_place=self.config.window == "interval")
-            attention = self._windows.close_attention(phases)
-            if self._is_writer():
-                refs = self._windows.references(windows)
-                result = self._metrics_of(
-                    windows, refs, step, self.n_logs, frozenset(self._windows.disabled), attention
-                )
-            else:  # the metrics are computed where they are written
-                result = LogResult(step)
-            self._windows.advance(windows)
+            # Each window summed onto the rank that owns it (round robin), which computes it.
+            windows, owned = self._windows.reduced(phases, in_place=self.config.window == "interval", spread=True)
+            attention = self._windows.close_attention(phases)  # summed over ranks: the writer reports it
+            refs = self._windows.references(owned)
+            result = self._metrics_of(
+                windows, refs, step, self.n_logs, frozenset(self._windows.disabled),
+                owned=owned, attention=attention if self._is_writer() else None,
+            )  # fmt: skip
+            self._windows.advance(windows, owned=owned)
         except Exception as err:
             result = LogResult(step, errors=[(err, "log")])
         self._count(step_count)
-        return self._publish(result)
+        return self._publish(self._gather(result))
 
     def submit(self, step: int) -> None:
         """Sync the windows now, hand them to the background logger and start the next ones
         (the caller has written the previous log)."""
         n_logs, snapshot = self.n_logs, None
         try:
-            windows = self._windows.synced(self.config.phases, in_place=self.config.window == "interval")
+            # A background log is computed on the writer alone (a collective from the worker
+            # thread could interleave with training's): every window is summed onto it.
+            windows, owned = self._windows.reduced(
+                self.config.phases, in_place=self.config.window == "interval", spread=False
+            )
             attention = self._windows.close_attention(self.config.phases)
             if self._is_writer():
                 refs = self._windows.references(windows)
                 snapshot = self._windows.hand_off(windows)
             else:  # the metrics are computed where they are written
-                self._windows.advance(windows)
+                self._windows.advance(windows, owned=owned)
         except Exception as err:
             self._faults.hook_error(err, "log")
             snapshot = None
         self._count(step)
         if snapshot is not None:
             job = functools.partial(
-                self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled), attention
+                self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled), attention=attention
             )
             self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
 
@@ -140,10 +143,13 @@ class WindowLogger:
         step: int,
         n_logs: int,
         disabled: frozenset[str],
+        *,
+        owned: Collection[Key] | None = None,
         attention: Mapping[Key, Any] | None = None,
     ) -> LogResult:
         """The report of closed windows (``report.build_report``: pure, it reads only its
-        arguments and the immutable settings, and returns its warnings as data)."""
+        arguments and the immutable settings, and returns its warnings as data); the metrics
+        of the ``owned`` windows only, when given."""
         every = self.config.spectrum_every_n_logs
         return report.build_report(
             windows,
@@ -155,7 +161,27 @@ class WindowLogger:
             step=step,
             want_spectrum=every is not None and n_logs % every == 0,
             attention=attention,
+            want_fits=self.config.heldout,
+            owned=owned,
         )
+
+    def _gather(self, result: LogResult) -> LogResult:
+        """Every rank's share of an inline log, merged on the writer (``gather_object`` of the
+        scalars, spectra and errors: a few kB per window); elsewhere only this rank's fits
+        stay, kept as its windows' next references. A collective: every rank calls it."""
+        fits, result.fits = result.fits, {}
+        if not self._is_writer():  # what reaches the writer must pickle: errors as their text
+            rank = ranks.global_rank()
+            result.errors = [(RuntimeError(f"rank {rank}: {err!r}"), where) for err, where in result.errors]
+        shares = ranks.gather_to_writer(result, self.config.process_group)
+        if shares is None or not self._is_writer():
+            return LogResult(result.step, fits=fits)
+        for share in shares[1:]:
+            result.flat.update(share.flat)
+            result.spectra.update(share.spectra)
+            result.errors.extend(share.errors)
+        result.fits = fits
+        return result
 
     def _count(self, step_count: int) -> None:
         self.last_log_step = step_count
@@ -171,6 +197,7 @@ class WindowLogger:
         if flat:
             flat[f"{META_PREFIX}/errors"] = float(self._faults.errors)
         self.missing_layers = result.missing
+        self._windows.keep_fits(result.fits)  # after the windows advanced: the next log's references
         self.last_metrics = flat
         if flat:
             self._fanout.write(flat, result.spectra, result.step)

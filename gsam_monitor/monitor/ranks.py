@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["active_dist", "global_rank", "is_writer", "world_size"]
+__all__ = ["active_dist", "gather_to_writer", "global_rank", "group_rank", "is_writer", "owner", "world_size"]
 
 
 def active_dist() -> Any | None:
@@ -40,3 +40,26 @@ def is_writer(group: Any = None) -> bool:
     ``torch.distributed`` is."""
     dist = active_dist()
     return dist is None or dist.get_rank(group) == 0
+
+
+def group_rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (0 outside ``torch.distributed``)."""
+    dist = active_dist()
+    return dist.get_rank(group) if dist is not None else 0
+
+
+def owner(index: int, group: Any = None) -> int:
+    """The group rank that computes the metrics of the ``index``-th window of a log: round
+    robin over the group, so that each rank's share of a log is about windows / world size."""
+    return index % world_size(group)
+
+
+def gather_to_writer(obj: Any, group: Any = None) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in group-rank order, on the writer (group rank 0);
+    ``None`` on the other ranks. A collective: every rank of ``group`` must call it."""
+    dist = active_dist()
+    if dist is None or dist.get_world_size(group) == 1:
+        return [obj]
+    gathered: list[Any] | None = [None] * dist.get_world_size(group) if dist.get_rank(group) == 0 else None
+    dist.gather_object(obj, gathered, group=group, group_dst=0)
+    return gathered

@@ -25,8 +25,9 @@ __all__ = ["LogResult", "build_report", "current_metrics"]
 
 Key = tuple[str, str]
 Reference = Any
-"""A window's reference: the previous window's ``LayerStats``, a callable giving a fixed
-reference's ``GaussianFit`` (``monitor.reference.ReferenceFits``), or ``None``."""
+"""A window's reference: the previous window's ``GaussianFit`` (kept from its log) or its
+``LayerStats``, a callable giving a fixed reference's ``GaussianFit``
+(``monitor.reference.ReferenceFits``), or ``None``."""
 
 
 @dataclass
@@ -40,6 +41,8 @@ class LogResult:
         missing: Layer keys that saw no activation in the window.
         errors: ``(exception, where)`` of what failed (a layer's metrics, the whole log).
         warnings: ``(warn-once key, message)`` pairs to warn about.
+        fits: Each window's own ``GaussianFit`` (when the log asks for them): the next log's
+            held-out reference, made from the spectrum this log computed.
     """
 
     step: int
@@ -48,6 +51,7 @@ class LogResult:
     missing: list[str] = field(default_factory=list)
     errors: list[tuple[BaseException, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    fits: dict[Key, metrics.GaussianFit] = field(default_factory=dict)
 
 
 def build_report(
@@ -61,6 +65,8 @@ def build_report(
     step: int,
     want_spectrum: bool,
     attention: Mapping[Key, torch.Tensor] | None = None,
+    want_fits: bool = False,
+    owned: Collection[Key] | None = None,
 ) -> LogResult:
     """Every metric of the windows (``metrics.compute``), keyed for the sinks.
 
@@ -74,6 +80,10 @@ def build_report(
         step: The step the log belongs to (in messages).
         want_spectrum: Return each layer's eigenvalues too.
         attention: The closed attention-entropy windows (``attention_entropy=True``).
+        want_fits: Return each window's ``GaussianFit`` too (held-out references).
+        owned: Compute the metrics of these windows only (default all): under
+            torch.distributed each rank computes the windows it owns; the others need only
+            their (summed) ``count`` and ``nonfinite`` here.
     """
     result = LogResult(step)
     if attention:
@@ -111,7 +121,8 @@ def build_report(
                 n_missing += 1
                 result.missing.append(layer_key(layer, phase))
                 continue
-            _add_layer(result, windows[key], refs.get(key), layer, phase, metric_names, want_spectrum)
+            if owned is None or key in owned:
+                _add_layer(result, windows[key], refs.get(key), layer, phase, metric_names, want_spectrum, want_fits)
         result.flat[metric_key(META_PREFIX, "missing_layers", phase)] = float(n_missing)
     if result.missing:
         result.warnings.append(
@@ -142,10 +153,13 @@ def _add_layer(
     phase: str,
     metric_names: Sequence[str],
     want_spectrum: bool,
+    want_fit: bool,
 ) -> None:
     """One layer's metrics into ``result`` (its error instead, when they fail)."""
     try:
-        values, evals = metrics.compute(stats, _resolve(ref), names=metric_names, return_spectrum=True)
+        values, evals, *fit = metrics.compute(
+            stats, _resolve(ref), names=metric_names, return_spectrum=True, return_fit=want_fit
+        )
     except Exception as err:
         result.errors.append((err, f"metrics of {layer}"))
         return
@@ -155,6 +169,8 @@ def _add_layer(
             result.flat[metric_key(metric, layer, phase)] = value
     if want_spectrum and evals is not None:
         result.spectra[layer_key(layer, phase)] = evals
+    if fit and fit[0] is not None:
+        result.fits[(layer, phase)] = fit[0]
 
 
 def current_metrics(
@@ -173,7 +189,6 @@ def current_metrics(
         for (name, ph), stats in windows.items()
         if float(stats.count) > 0
     }
-
 
 
 def _resolve(ref: Reference) -> LayerStats | metrics.GaussianFit | None:

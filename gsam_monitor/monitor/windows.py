@@ -5,7 +5,8 @@ the memory budget: a layer that would exceed it is left out, with one warning), 
 model when it moves, are summed over the ranks for a log (``synced``), and then advance:
 ``"interval"`` windows restart, ``"cumulative"`` ones go on, ``"ema"`` ones decay at every
 step. With ``heldout_loglik`` or a drift metric a reference window is kept: the logged window
-for the next log, or a fixed one (``reference="first"``, ``pin_reference()``: see
+for the next log (with the ``GaussianFit`` its log made, ``keep_fits``: what the next log
+scores against), or a fixed one (``reference="first"``, ``pin_reference()``: see
 ``gsam_monitor.monitor.reference``).
 A background log takes the closed windows over (``hand_off``): interval windows themselves,
 copies of the others, so that nothing the worker reads is modified. Optional reservoir
@@ -15,13 +16,14 @@ samples of the values live beside the statistics (``reservoir_size=``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from gsam_monitor.capture.layers import LayerTarget
+from gsam_monitor.metrics import GaussianFit
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
@@ -50,8 +52,9 @@ class WindowStore:
         self.targets = list(targets)
         self.live: dict[Key, LayerStats] = {}
         self.reference: dict[Key, LayerStats] = {}
+        self.fits: dict[Key, GaussianFit] = {}  # the factorised references, made by their logs
         self.samples: dict[Key, ReservoirSample] = {}
-        self.fits = ReferenceFits()  # fixed references, factorised once
+        self.fixed_fits = ReferenceFits()  # fixed references ("first", pinned), factorised once
         self.attention = AttentionWindows(config.window, config.process_group) if config.attention_entropy else None
         self.disabled: set[str] = set()  # layers left out over the memory budget
         self._warn_once = warn_once
@@ -176,6 +179,43 @@ class WindowStore:
             out[key] = synced
         return out
 
+    def reduced(self, phases: Sequence[str], *, in_place: bool, spread: bool) -> tuple[dict[Key, LayerStats], set[Key]]:
+        """For a log: each window of ``phases`` summed onto the one rank that computes its
+        metrics (``LayerStats.reduce_``), and the keys this rank owns.
+
+        ``spread``: owners round robin over the group (``ranks.owner`` of the window's place
+        among the monitored (layer, phase) windows), so that each rank reduces and computes
+        about windows / world size; else the writer owns every window (a background log,
+        computed on the writer alone). Windows this rank does not own keep only their summed
+        ``count`` and ``nonfinite``. Outside
+        torch.distributed this is ``synced``, every window owned.
+        """
+        keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
+        dist = ranks.active_dist()
+        group = self.config.process_group
+        if dist is None or dist.get_world_size(group) == 1:
+            windows = {k: self.live[k] for k in keys if k in self.live}
+            return windows, set(windows)
+        device = self._comm_device(dist)
+        dims = torch.tensor([self.live[k].dim if k in self.live else 0 for k in keys], dtype=torch.int64, device=device)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        me = dist.get_rank(group)
+        out: dict[Key, LayerStats] = {}
+        owned: set[Key] = set()
+        for index, (key, dim) in enumerate(zip(keys, dims.tolist(), strict=True)):
+            if dim == 0:
+                continue
+            stats = self.live.get(key)
+            if stats is None:
+                stats = self.live[key] = self._new_stats(int(dim), device)
+            # By the window's place among the monitored ones: the same owner at every log, so
+            # that it holds the window's previous reference.
+            dst = ranks.owner(index, group) if spread else 0
+            out[key] = (stats if in_place else stats.clone()).reduce_(dst, group)
+            if dst == me:
+                owned.add(key)
+        return out, owned
+
     def _comm_device(self, dist: Any) -> torch.device:
         for stats in self.live.values():
             return stats.device
@@ -183,12 +223,25 @@ class WindowStore:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | Callable[[], Any] | None]:
-        """The reference of each window (``None`` where there is none yet): the statistics of
-        the previous window, or a callable giving a fixed reference's fit, made once."""
+    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | GaussianFit | Callable[[], Any] | None]:
+        """The reference of each window (``None`` where there is none yet). Under ``"previous"``:
+        the ``GaussianFit`` the previous log made of its window (``keep_fits``), else that
+        window's statistics; under a fixed reference, a callable giving its fit, made once."""
         if self.config.reference == "previous":
-            return {key: self.reference.get(key) for key in keys}
-        return {key: self.fits.lazy(key, self.reference[key]) if key in self.reference else None for key in keys}
+            return {key: self.fits.get(key) or self.reference.get(key) for key in keys}
+        return {key: self.fixed_fits.lazy(key, self.reference[key]) if key in self.reference else None for key in keys}
+
+    def keep_fits(self, fits: Mapping[Key, GaussianFit]) -> None:
+        """Under ``reference="previous"``, keep the fits a log made of its windows, where those
+        windows are the references now (a fit that arrives after a ``reset`` or a newer
+        reference is dropped). A fixed reference is factorised by ``fixed_fits`` instead: a
+        later window of the same row count must never stand in for it."""
+        if self.config.reference != "previous":
+            return
+        for key, fit in fits.items():
+            ref = self.reference.get(key)
+            if ref is not None and float(ref.count) == fit.n:
+                self.fits[key] = fit
 
     def pin(self, phases: Sequence[str]) -> list[Key]:
         """Make each window of ``phases`` with at least 2 rows (summed over ranks) the fixed
@@ -235,15 +288,25 @@ class WindowStore:
         return snapshot
 
     @torch.no_grad()
-    def advance(self, windows: Mapping[Key, LayerStats], *, handed_off: bool = False) -> None:
+    def advance(
+        self, windows: Mapping[Key, LayerStats], *, handed_off: bool = False, owned: Collection[Key] | None = None
+    ) -> None:
         """Start the next windows after a log and keep the held-out fits.
 
         ``handed_off``: a background log owns ``windows`` (the synced interval windows
         themselves, or copies of the cumulative/EMA ones): they are never reset or reused.
+        ``owned``: the windows whose sums this rank holds (``reduced``; default all): only
+        those become references here, the rank that scores them next.
         """
-        interval, heldout = self.config.window == "interval", self.config.heldout
+        interval = self.config.window == "interval"
         for key, synced in windows.items():
-            keep = heldout and takes_reference(self.config.reference, key, synced, self.reference)
+            mine = owned is None or key in owned
+            if not mine:  # another rank scores this window next
+                self.reference.pop(key, None)
+                self.fits.pop(key, None)
+            keep = self.config.heldout and mine and takes_reference(self.config.reference, key, synced, self.reference)
+            if keep:
+                self.fits.pop(key, None)  # made from the reference replaced below
             if interval and handed_off:
                 self.live.pop(key, None)  # the worker's now; a fresh window starts at the next activation
                 if keep:
@@ -282,6 +345,7 @@ class WindowStore:
             stats.reset()
         self.reference.clear()
         self.fits.clear()
+        self.fixed_fits.clear()
         for sample in self.samples.values():
             sample.reset()
         if self.attention is not None:
@@ -292,6 +356,7 @@ class WindowStore:
         self.live.clear()
         self.reference.clear()
         self.fits.clear()
+        self.fixed_fits.clear()
         self.samples.clear()
         if self.attention is not None:
             self.attention.reset()
@@ -317,6 +382,7 @@ class WindowStore:
         self.live = self._unpack(state["stats"])
         self.reference = self._unpack(state["reference"])
         self.fits.clear()
+        self.fixed_fits.clear()
         if self.attention is not None:
             self.attention.load_state_dict(state.get("attention", {}))
 

@@ -1,5 +1,9 @@
 """Summing statistics over the ranks of a process group: two steps, no broadcast.
 
+A log needs the sum on one rank only, the one that computes the window's metrics:
+``sum_to_rank`` reduces onto that rank (``torch.distributed.reduce``), which moves half the
+bytes of an ``all_reduce`` and leaves the other ranks' copies undefined.
+
 Every field of the statistics but the shift is a plain sum, so once the ranks agree on a
 common shift a sync is one ``all_reduce(SUM)`` per tensor, as torchmetrics'
 ``dist_reduce_fx="sum"``. The agreement is itself one ``all_reduce``: every rank receives the
@@ -15,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["agree_on_shift", "sum_over_ranks"]
+__all__ = ["agree_on_shift", "sum_over_ranks", "sum_to_rank"]
 
 AllReduce = Callable[..., Any]
 
@@ -52,3 +56,15 @@ def sum_over_ranks(tensors: Iterable[torch.Tensor], group: Any = None, all_reduc
     reduce = _default(all_reduce)
     for t in tensors:
         reduce(t, group=group)
+
+
+def sum_to_rank(tensors: Iterable[torch.Tensor], dst: int, group: Any = None, reduce: AllReduce | None = None) -> None:
+    """Sum each tensor over the ranks of ``group`` onto group rank ``dst``, in the order given;
+    elsewhere the tensors are left undefined. ``reduce`` defaults to ``torch.distributed.reduce``
+    (called as ``reduce(t, group_dst=dst, group=group)``) and is injectable."""
+    if reduce is None:
+        import torch.distributed as dist
+
+        reduce = dist.reduce
+    for t in tensors:
+        reduce(t, group_dst=dst, group=group)

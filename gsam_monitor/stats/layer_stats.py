@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from gsam_monitor._validate import positive_int
-from gsam_monitor.stats.distributed import agree_on_shift, sum_over_ranks
+from gsam_monitor.stats.distributed import agree_on_shift, sum_over_ranks, sum_to_rank
 from gsam_monitor.stats.kernel import chunk_rows, update_chunk
 from gsam_monitor.stats.moments import Moments
 from gsam_monitor.stats.precision import exact_numerics, resolve_product_dtype, resolve_state_dtype, shift_dtype
@@ -349,13 +349,44 @@ class LayerStats(Moments):
         around it, so that the sums add exactly. ``all_reduce`` defaults to
         ``torch.distributed.all_reduce`` and is injectable for tests.
         """
+        holders = self._agree_shift(group, all_reduce)
+        sum_over_ranks(self.state_tensors().values(), group, all_reduce)
+        self._shift_set = bool(holders.item() > 0)
+        return self
+
+    def _agree_shift(self, group: Any, all_reduce: Callable[..., Any] | None) -> torch.Tensor:
+        """Move the sums onto the shift the ranks agree on (one collective); returns how many
+        ranks hold data (a 0-dim tensor)."""
         common, holders = agree_on_shift(self.shift, self._shift_set, group, all_reduce)
         common = self._representable_shift(common)
         if self._shift_set:
             self.reshift_(common)
         else:
             self._state["shift"].copy_(common)
-        sum_over_ranks(self.state_tensors().values(), group, all_reduce)
+        return holders
+
+    @torch.no_grad()
+    def reduce_(
+        self,
+        dst: int,
+        group: Any = None,
+        *,
+        all_reduce: Callable[..., Any] | None = None,
+        reduce: Callable[..., Any] | None = None,
+    ) -> LayerStats:
+        """Sum this state over the ranks of ``group`` onto group rank ``dst``, in place.
+
+        The shift is agreed as in ``all_reduce_``, and ``count`` and ``nonfinite`` are summed
+        on every rank (two scalars: every rank knows the window's size); the other sums (the
+        d x d Gram matrix above all) reach ``dst`` only, where this state then equals
+        ``all_reduce_``'s. Elsewhere those sums are undefined: use only ``count`` and
+        ``nonfinite`` there, then ``reset`` or drop the state. ``all_reduce`` and ``reduce``
+        default to ``torch.distributed``'s and are injectable for tests.
+        """
+        holders = self._agree_shift(group, all_reduce)
+        everywhere = ("count", "nonfinite")
+        sum_over_ranks([self._state[k] for k in everywhere], group, all_reduce)
+        sum_to_rank([v for k, v in self.state_tensors().items() if k not in everywhere], dst, group, reduce)
         self._shift_set = bool(holders.item() > 0)
         return self
 
