@@ -27,7 +27,8 @@ LLMs) does not hide every other direction.
 
 Modules: ``linalg`` (the tolerances and the eigensolve: a leaf), ``fit`` (a window's Gaussian
 factorised once, for the scores that compare windows), ``scores`` (the metrics), ``compute``
-(the entry point and the metric names), ``mardia`` (the second pass).
+(the entry point and the metric names), ``mardia`` (the second pass), ``quantization`` (the
+int8 absmax round-off expected from the moments and the abs-max).
 
 References:
     Roy & Vetterli, "The effective rank", EUSIPCO 2007 (``effective_rank``).
@@ -48,6 +49,7 @@ from gsam_monitor.metrics.compute import (
 from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, eigenvalue_tolerance, eigenvalues, rank_tolerance
 from gsam_monitor.metrics.mardia import MardiaAccumulator
+from gsam_monitor.metrics.quantization import int8_absmax_error
 from gsam_monitor.metrics.scores import (
     POWERLAW_RANGE,
     anisotropy,
@@ -55,6 +57,7 @@ from gsam_monitor.metrics.scores import (
     heldout_loglik,
     oas_score,
     outlier_dims,
+    outlier_ratios,
     powerlaw_alpha,
 )
 
@@ -72,8 +75,10 @@ __all__ = [
     "eigenvalues",
     "gaussian_score",
     "heldout_loglik",
+    "int8_absmax_error",
     "oas_score",
     "outlier_dims",
+    "outlier_ratios",
     "powerlaw_alpha",
     "rank_tolerance",
     "validate_names",

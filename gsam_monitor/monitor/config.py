@@ -5,7 +5,7 @@ validated value (every bad argument fails here, naming the argument and the fix)
 ``check_budget`` refuses a selection of layers whose statistics would exceed
 ``max_state_bytes``.
 
-Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 5d)`` bytes
+Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 6d)`` bytes
 per phase (fp64: 8·d², so d = 768: 4.7 MB, d = 4096: 134 MB, d = 8192: 537 MB), twice that
 when ``heldout_loglik`` is selected (the previous window's fit is kept), plus one copy more
 where a log must copy a window (``log_copies``: background logs, and cumulative/EMA windows
@@ -26,6 +26,7 @@ from gsam_monitor._validate import positive_int
 from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics.compute import HIGHER_MOMENT_METRICS, validate_names
 from gsam_monitor.monitor import ranks
+from gsam_monitor.monitor.alerts import AlertRule, parse_alert_rules
 from gsam_monitor.stats import LayerStats
 
 __all__ = ["DEFAULT_MAX_STATE_BYTES", "PHASES", "WINDOWS", "MonitorConfig", "gib", "state_bytes_per_layer"]
@@ -57,6 +58,23 @@ def state_bytes_per_layer(
     return LayerStats.state_bytes(dim, state_dtype) * len(phases) * copies
 
 
+def _rules_for(rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool) -> tuple[AlertRule, ...]:
+    """The rules whose metric each log computes: ``"default"`` keeps those, a rule given
+    explicitly on a metric that ``metrics=`` leaves out is an error.
+
+    Raises:
+        ValueError: naming the rule's metric and both fixes.
+    """
+    computed = {*metric_names, "nonfinite", "new_outlier_dims"}  # counted always; tracked always
+    missing = [r.metric for r in rules if r.metric not in computed]
+    if missing and explicit:
+        raise ValueError(
+            f"alerts: a rule watches {missing[0]!r}, which metrics= does not compute; add {missing[0]!r} to "
+            f"metrics= or drop the rule."
+        )
+    return tuple(r for r in rules if r.metric in computed)
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -86,6 +104,7 @@ class MonitorConfig:
     background: bool
     reservoir_size: int | None
     log_copies: int
+    alert_rules: tuple[AlertRule, ...] = ()
 
     @property
     def heldout(self) -> bool:
@@ -122,12 +141,14 @@ class MonitorConfig:
         process_group: Any,
         background: bool | None,
         reservoir_size: int | None,
+        alerts: str | Iterable[Any] | None = None,
     ) -> MonitorConfig:
         """Check every argument (in the order of ``GSAMMonitor``'s signature) and resolve the
         automatic ones.
 
         Raises:
-            ValueError: a non-positive interval or size, an unknown window, metric or phase.
+            ValueError: a non-positive interval or size, an unknown window, metric or phase, a
+                bad alert rule.
             TypeError: an argument of the wrong type.
         """
         every = positive_int(every_n_steps, "every_n_steps", " (e.g. every_n_steps=100)")
@@ -179,6 +200,7 @@ class MonitorConfig:
         if reservoir_size is not None:
             reservoir_size = positive_int(reservoir_size, "reservoir_size", " (or None for no sample)")
         heldout = "heldout_loglik" in metric_names
+        alert_rules = _rules_for(parse_alert_rules(alerts), metric_names, explicit=alerts != "default")
         distributed = ranks.world_size(process_group) > 1
         return cls(
             every_n_steps=every,
@@ -198,6 +220,7 @@ class MonitorConfig:
             background=background,
             reservoir_size=reservoir_size,
             log_copies=1 if background or (window != "interval" and (heldout or distributed)) else 0,
+            alert_rules=alert_rules,
         )
 
     def check_phases(self, phases: str | Sequence[str] | None) -> tuple[str, ...]:

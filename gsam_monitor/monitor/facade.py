@@ -110,6 +110,9 @@ class GSAMMonitor:
             the statistics see, over the whole run: log windows do not reset it, ``reset()``
             does), for the distribution analyses; read it with ``sample(layer, phase)``.
             ``None`` (default): no sample. Per-rank samples are not merged across processes.
+        alerts: ``"default"`` (rank collapse, anisotropy jump, ...: ``monitor.alerts.DEFAULT_RULES``),
+            ``None`` or a list of rules (metric names, ``AlertRule`` objects, dicts). Each log's
+            alerts are in ``alerts``; the sinks get ``alert/{metric}/{layer}`` = 1.
 
     Raises:
         ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
@@ -149,6 +152,7 @@ class GSAMMonitor:
         process_group: Any = None,
         background: bool | None = None,
         reservoir_size: int | None = None,
+        alerts: str | Iterable[Any] | None = "default",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -157,7 +161,7 @@ class GSAMMonitor:
             collect_steps=collect_steps, max_tokens_per_layer=max_tokens_per_layer, metrics=metrics,
             state_dtype=state_dtype, product_dtype=product_dtype, phases=phases, seed=seed,
             max_state_bytes=max_state_bytes, spectrum_every_n_logs=spectrum_every_n_logs,
-            process_group=process_group, background=background, reservoir_size=reservoir_size,
+            process_group=process_group, background=background, reservoir_size=reservoir_size, alerts=alerts,
         )
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
@@ -206,6 +210,7 @@ class GSAMMonitor:
     n_logs = _view("_logs", "n_logs", "Logs made so far.")
     last_metrics = _view("_logs", "last_metrics", "What the last log wrote (kept after ``close()``).")
     missing_layers = _view("_logs", "missing_layers", "The layers the last log found without activations.")
+    alerts = property(lambda self: self._logs.diagnostics.alerts, doc="Every alert so far (dicts, in step order).")
     sinks = _view("_fanout", "sinks", "The sinks, built from ``sinks=``.")
     hooks_registered = _view(
         "_capture", "registered", "Whether hooks are on the model right now (once a compiled graph has traced them, "
@@ -254,6 +259,7 @@ class GSAMMonitor:
         """
         self.detach()
         self.flush()
+        self._logs.write_quantization()
         self._logs.shutdown()
         self._fanout.close()
         if free:
@@ -356,6 +362,22 @@ class GSAMMonitor:
         windows = self._windows.synced(phases, in_place=False)
         refs = self._windows.references(windows)
         return current_metrics(windows, refs, self.metric_names, plain=phase is not None)
+
+    def outliers(self, layer: str, phase: str = "train") -> list[dict[str, Any]]:
+        """The outlier dimensions of ``layer`` by index (``metrics.outlier_ratios`` > 10, the rule
+        of ``outlier_dims``), over the logs so far: ``{dim, first_step, peak_ratio, peak_step,
+        last_step, active}`` per index ever flagged."""
+        return self._logs.diagnostics.outliers(layer, phase)
+
+    def quantization_summary(self, phase: str = "train") -> dict[str, dict[str, Any]]:
+        """Per layer, the int8 absmax round-off of its last logged window
+        (``metrics.int8_absmax_error``: scale, expected squared error, SQNR, also without the
+        outlier dimensions) and those dimensions. ``close()`` writes it as ``int8_*`` scalars.
+
+        Raises:
+            ValueError: a phase that is not monitored.
+        """
+        return self._logs.diagnostics.quantization_summary(self.config.check_phases([phase]))
 
     # ------------------------------------------------------------------ state
     def stats(self, layer: str, phase: str = "train") -> LayerStats | None:

@@ -19,9 +19,21 @@ from gsam_monitor import metrics
 from gsam_monitor.sinks.keys import META_PREFIX, layer_key, metric_key
 from gsam_monitor.stats import LayerStats
 
-__all__ = ["LogResult", "build_report", "current_metrics"]
+__all__ = ["DimStats", "LogResult", "build_report", "current_metrics"]
 
 Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class DimStats:
+    """A window's per-dimension numbers for the outlier tracker and the quantization summary
+    (fp64, CPU, length d): ``metrics.outlier_ratios``, mean, MLE variance and the abs-max
+    (``None`` without higher moments)."""
+
+    ratios: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    absmax: torch.Tensor | None
 
 
 @dataclass
@@ -35,6 +47,8 @@ class LogResult:
         missing: Layer keys that saw no activation in the window.
         errors: ``(exception, where)`` of what failed (a layer's metrics, the whole log).
         warnings: ``(warn-once key, message)`` pairs to warn about.
+        values: Every metric per (layer, phase), non-finite values included (for the alerts).
+        dims: Per-dimension numbers per (layer, phase) (``DimStats``).
     """
 
     step: int
@@ -43,6 +57,8 @@ class LogResult:
     missing: list[str] = field(default_factory=list)
     errors: list[tuple[BaseException, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    values: dict[Key, dict[str, float]] = field(default_factory=dict)
+    dims: dict[Key, DimStats] = field(default_factory=dict)
 
 
 def build_report(
@@ -95,6 +111,7 @@ def build_report(
                 # The layer fired, but every row held NaN/Inf: report that, not "missing".
                 result.flat[metric_key("n", layer, phase)] = 0.0
                 result.flat[metric_key("nonfinite", layer, phase)] = float(nonfinite[key])
+                result.values[key] = {"n": 0.0, "nonfinite": float(nonfinite[key])}
                 continue
             if counts.get(key, 0.0) <= 0:
                 n_missing += 1
@@ -142,8 +159,17 @@ def _add_layer(
         value = float(value)
         if math.isfinite(value):  # NaN/inf never reach a sink
             result.flat[metric_key(metric, layer, phase)] = value
+    result.values[(layer, phase)] = {k: float(v) for k, v in values.items()}
     if want_spectrum and evals is not None:
         result.spectra[layer_key(layer, phase)] = evals
+    if float(stats.count) >= 2:
+        cpu = torch.device("cpu")
+        result.dims[(layer, phase)] = DimStats(
+            ratios=metrics.outlier_ratios(stats),
+            mean=stats.mean.to(cpu, torch.float64),
+            variance=stats.variance().to(cpu, torch.float64),
+            absmax=stats.absmax.to(cpu, torch.float64) if stats.higher_moments else None,
+        )
 
 
 def current_metrics(
