@@ -204,7 +204,17 @@ def loss_events(losses: Sequence[float], args: argparse.Namespace) -> tuple[int 
 
 
 def series(run: Mapping[str, Any]) -> dict[str, list[tuple[int, dict[str, float]]]]:
-    """Per layer, the logged ``(step, {metric: value})`` of the watched metrics, from the flat logs."""
+    """Per layer, the logged ``(step, {metric: value})`` of the watched metrics, from the flat logs,
+    plus ``new_outlier_dims`` (indices listed for the first time in the run) from the outlier lists."""
+    new_dims: dict[tuple[int, str], float] = {}
+    seen: dict[str, set[int]] = {}
+    for record in run.get("outliers", []):
+        for layer, dims in record.items():
+            if layer == "step" or layer.endswith("/eval"):
+                continue
+            known = seen.setdefault(layer, set())
+            new_dims[(record["step"], layer)] = float(len(set(dims) - known))
+            known.update(dims)
     out: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for log in run["logs"]:
         per_layer: dict[str, dict[str, float]] = {}
@@ -213,14 +223,15 @@ def series(run: Mapping[str, Any]) -> dict[str, list[tuple[int, dict[str, float]
             if metric in WATCHED and layer and not layer.endswith("/eval"):
                 per_layer.setdefault(layer, {})[metric] = value
         for layer, values in per_layer.items():
+            if (log["step"], layer) in new_dims:
+                values["new_outlier_dims"] = new_dims[(log["step"], layer)]
             out.setdefault(layer, []).append((log["step"], values))
     return out
 
 
 def replay(run: Mapping[str, Any], rules: Sequence[AlertRule] | str) -> list[dict[str, Any]]:
-    """The alerts ``AlertEngine(rules)`` raises on the run's logged series (no new-dimension rule:
-    the identities are the live engine's)."""
-    engine = AlertEngine([r for r in (DEFAULT_RULES if rules == "default" else rules) if r.metric in WATCHED])
+    """The alerts ``AlertEngine(rules)`` raises on the run's logged series."""
+    engine = AlertEngine(list(DEFAULT_RULES if rules == "default" else rules))
     by_step: dict[int, list[tuple[str, dict[str, float]]]] = {}
     for layer, points in series(run).items():
         for step, values in points:
@@ -315,15 +326,16 @@ def assess(runs: Sequence[Mapping[str, Any]], alerts_of, args: argparse.Namespac
 
 
 def variants() -> dict[str, Any]:
-    """The alert settings compared: the live monitor's alerts first, then replays of the recorded
-    series (without the new-outlier-dimension rule, whose identities only the live run has)."""
+    """The alert settings compared: ``DEFAULT_RULES`` replayed on the recorded series first (the
+    same as the live monitor's alerts when the run used the same rules), the live alerts, then
+    other band widths and windows, and CUSUM."""
     def band(threshold: float, window: int) -> list[AlertRule]:
         return [AlertRule(**{**r.__dict__, "threshold": threshold, "window": window, "cooldown": window})
-                for r in DEFAULT_RULES if r.metric in WATCHED]
+                if r.method == "band" else r for r in DEFAULT_RULES]
 
     out: dict[str, Any] = {
-        "monitor's own alerts (default rules)": lambda run: [a for a in run["alerts"] if a["phase"] == "train"],
-        "replay: default band rules, 6 MAD, k=10": lambda run: replay(run, "default"),
+        "default rules (replayed)": lambda run: replay(run, "default"),
+        "the run's live alerts": lambda run: [a for a in run["alerts"] if a["phase"] == "train"],
     }
     for threshold, window in ((4.0, 10), (8.0, 10), (6.0, 20), (4.0, 20)):
         out[f"band, {threshold:g} MAD, k={window}"] = lambda run, t=threshold, w=window: replay(run, band(t, w))

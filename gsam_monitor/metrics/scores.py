@@ -207,7 +207,8 @@ def anisotropy(stats: LayerStats) -> float:
 
 def outlier_ratios(stats: LayerStats) -> torch.Tensor:
     """Per-dimension outlier ratio, fp64 on the CPU: max(var_j / median var, |mean_j| /
-    median |mean|), each term left out (0) where its median is 0 or not finite.
+    median |mean|), each term left out (0) where its median is 0 or not finite (the median of
+    ``torch.median``: the lower middle value when d is even).
 
     A dimension is an outlier dimension (the "massive activations" of LLM residual streams,
     Sun et al. 2024) when its ratio exceeds the factor: ``outlier_dims`` counts them and the

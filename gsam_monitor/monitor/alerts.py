@@ -107,11 +107,12 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     AlertRule("outlier_dims", "up", "outlier_dims_jump", threshold=6.0, min_absolute=2.0),
     AlertRule("mean_kurtosis", "up", "kurtosis_jump", threshold=6.0, min_relative=0.5, min_absolute=1.0),
     AlertRule("nonfinite", "up", "nonfinite_rows", method="above", threshold=0.0),
-    AlertRule("new_outlier_dims", "up", "new_outlier_dim", method="above", threshold=0.0, warmup=10),
+    AlertRule("new_outlier_dims", "up", "new_outlier_dim", method="above", threshold=0.0, warmup=10, cooldown=0),
 )
 """``alerts="default"``: rank collapse, anisotropy jump, a dominant direction, more outlier
 dimensions, heavier tails, non-finite rows and a dimension that becomes an outlier for the
-first time (after the warm-up)."""
+first time (after the warm-up; no cool-down: an index is new only once, so each new one is
+reported and the alerts of a layer are at most d)."""
 
 
 def _rule(spec: Any, index: int) -> AlertRule:
