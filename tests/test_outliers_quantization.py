@@ -202,3 +202,37 @@ def test_quantization_summary_of_the_monitor(tmp_path: Path, rng: np.random.Gene
     assert quant["step"] == 6 and quant["quantization"]["blocks.0"]["outlier_dims"] == [3, 7]
     with pytest.raises(ValueError, match=r"eval"):
         monitor.quantization_summary("eval")
+
+
+def test_tensorboard_and_wandb_get_outlier_lists_and_the_int8_summary(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gsam_monitor import TensorBoardSink, WandbSink
+
+    tb = TensorBoardSink(tmp_path / "tb")
+    tb.write_outliers({"blocks.0": [3]}, 2)
+    tb.write_outliers({"blocks.0": [3]}, 4)  # unchanged: no new text
+    tb.write_outliers({"blocks.0": [3, 7]}, 6)
+    entry = {"sqnr_db": 25.8, "scale": 1.4, "scale_dim": 7, "sqnr_db_without_outliers": 35.7, "outlier_dims": [3, 7],
+             "mse": math.nan}
+    tb.write_quantization({"blocks.0": entry}, 6)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = acc.Tensors("outliers/blocks.0/text_summary")
+    assert [(t.step, t.tensor_proto.string_val[0]) for t in texts] == [(2, b"3"), (6, b"3, 7")]
+    (quant,) = acc.Tensors("quantization/text_summary")
+    line = quant.tensor_proto.string_val[0]
+    assert b"SQNR 25.8 dB" in line and b"[3, 7]: 35.7 dB" in line
+
+    class Run:
+        def __init__(self) -> None:
+            self.summary: dict = {}
+
+    run = Run()
+    sink = WandbSink(run)
+    sink.write_outliers({"blocks.0": [3, 7]}, 6)
+    sink.write_quantization({"blocks.0": entry}, 6)
+    assert run.summary["outliers/blocks.0"] == [3, 7]
+    assert run.summary["int8/blocks.0/sqnr_db"] == 25.8 and run.summary["int8/blocks.0/outlier_dims"] == [3, 7]
+    assert "int8/blocks.0/mse" not in run.summary  # NaN is left out
