@@ -40,7 +40,9 @@ Run (the README's numbers; about 30 min on 2 busy CPU cores)::
     python examples/instability.py --out runs/instability --plot docs/instability.png
 
 ``--reassess`` reads ``summary.json`` back and redoes the assessment and the plot without
-training (e.g. with other ``--spike-*`` / ``--rise-*`` settings).
+training (e.g. with other ``--spike-*`` / ``--rise-*`` settings); ``--add-stable`` brings the
+stable runs of another experiment's ``summary.json`` into the assessment (an experiment that
+trains only unstable runs, ``--conditions ramp``).
 """
 
 from __future__ import annotations
@@ -411,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rise-factor", type=float, default=1.2)
     parser.add_argument("--rise-window", type=int, default=5, help="steps in the loss rise's running median")
     parser.add_argument("--reassess", action="store_true", help="read --out/summary.json back; no training")
+    parser.add_argument("--add-stable", default=None,
+                        help="another run's summary.json whose stable runs join the assessment and plot")
     parser.add_argument("--after-spike", type=int, default=30, help="steps to go on after the first loss spike")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steadier when shared)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
@@ -441,13 +445,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(runs: list[dict], args: argparse.Namespace, out: Path, wall_s: float) -> dict[str, Any]:
-    """Assess the runs under every alert setting, write summary.json, print it, plot."""
+    """Assess the runs (and ``--add-stable``'s stable runs) under every alert setting, write
+    summary.json (this experiment's own runs), print it, plot."""
+    own = runs
+    if args.add_stable:
+        added = json.loads(Path(args.add_stable).read_text())["runs"]
+        runs = [r for r in added if r["condition"] == "stable"] + list(own)
     results = {name: assess(runs, fn, args) for name, fn in variants().items()}
     summary = {
         "args": {k: v for k, v in vars(args).items() if k != "reassess"},
         "wall_s": wall_s,
         "assessment": results,
-        "runs": runs,
+        "runs": own,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True, default=str))
