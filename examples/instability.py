@@ -374,15 +374,18 @@ def plot(runs: Sequence[Mapping[str, Any]], path: Path, args: argparse.Namespace
         for layer, points in series(run).items():
             xs = [s for s, v in points if metric in v]
             metric_ax.plot(xs, [v[metric] for _, v in points if metric in v], lw=1, label=layer)
-        for a in alerts:
-            metric_ax.plot(a["step"], a["value"], marker="v" if a["metric"] == metric else "x", color="tab:red",
-                           ms=7 if a["metric"] == metric else 4, ls="none")
+        for a in alerts:  # this metric's alerts at their value; the other metrics' as ticks at the bottom
+            if a["metric"] == metric:
+                metric_ax.plot(a["step"], a["value"], marker="v", color="tab:red", ms=7, ls="none")
+            else:
+                metric_ax.axvline(a["step"], ymax=0.06, color="tab:red", lw=1)
         metric_ax.set_ylabel(metric)
         metric_ax.set_xlabel("optimizer step")
         if spike is not None or rise is not None:
             loss_ax.legend(fontsize=7, loc="upper left")
     axes[1][0].legend(fontsize=6, loc="best")
-    fig.suptitle("Loss and the first alerting metric per layer (red: alerts; dotted: LR onset; dashed: loss events)",
+    fig.suptitle("Loss, and the first alerting metric per layer (red triangles: its alerts; red ticks: other metrics' "
+                 "alerts; dotted: LR onset; dashed: loss events)",
                  fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
