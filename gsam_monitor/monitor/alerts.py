@@ -20,10 +20,12 @@ baseline, so after a lasting shift the band moves to the new level. ``state_dict
 baselines and counters (plain values only): a resumed run alerts as an uninterrupted one.
 
 Why median/MAD over the last k logs and not a change-point test (CUSUM): on the tiny GPT's
-logged series (``examples/instability.py``, README "Diagnostics") the two find the same
-first alerts on the diverging runs, and the band needs no per-metric noise model; CUSUM's
-accumulation of small deviations alerted more often on the stable runs, whose geometry drifts
-slowly and legitimately all through training.
+logged series (``examples/instability.py``, README "Diagnostics", benchmarks/RESULTS.md) the
+band rules raised 3 alerts in 800 stable steps (3.75 per 1,000) against 13.75-27.5 for a
+one-sided CUSUM on the same robust z-scores (h = 10, 5), whose accumulation of small
+deviations fires on the slow, legitimate drift of training; on the diverging runs both alert
+at the first log after the onset (CUSUM h = 10 earlier by 3-4 steps in 2 of 5 runs). The
+band also needs no per-metric noise model.
 """
 
 from __future__ import annotations
