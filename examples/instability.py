@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--corpus", default="sst2_train", help="bundled corpus (see the pretraining example)")
     parser.add_argument("--spike-factor", type=float, default=1.5)
     parser.add_argument("--spike-history", type=int, default=20, help="steps in the loss spike's running median")
     parser.add_argument("--rise-factor", type=float, default=1.2)
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="another run's summary.json whose stable runs join the assessment and plot")
     parser.add_argument("--after-spike", type=int, default=30, help="steps to go on after the first loss spike")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steadier when shared)")
-    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes; 1: in this process)")
     args = parser.parse_args(argv)
     conditions = [c for c in args.conditions.split(",") if c]
     bad = [c for c in conditions if c not in CONDITIONS]
@@ -432,18 +433,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stored = json.loads((out / "summary.json").read_text())
         return report(stored["runs"], args, out, stored.get("wall_s", math.nan))
     torch.set_num_threads(args.threads)
-    text = load_text("sst2_train")
+    text = load_text(args.corpus)
     vocab = build_vocab(text, args.vocab)
     ids = pack(text, vocab, args.block)  # (n_blocks, T)
     jobs = [(condition, seed, ids, len(vocab) + 2, args) for seed in range(args.seeds) for condition in conditions]
     runs = []
-    with multiprocessing.get_context("spawn").Pool(max(1, args.workers)) as pool:
-        for run in pool.imap(_train_job, jobs):
+    pool = multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
+    try:
+        for run in pool.imap(_train_job, jobs) if pool is not None else map(_train_job, jobs):
             runs.append(run)
             spike = first_spike(run["loss"], args.spike_factor, args.spike_history)
             print(f"{run['condition']:6s} seed {run['seed']}: {run['steps']} steps in {run['wall_s']:.0f} s, "
                   f"first spike {spike}, {len(run['alerts'])} alerts, first at "
                   f"{[a['step'] for a in run['alerts']][:1]}", flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     return report(runs, args, out, sum(r["wall_s"] for r in runs))
 
 
