@@ -136,6 +136,10 @@ class _TrainerTensorBoardSink:
         self._sink().write_outliers(outliers, step)
 
     def write_quantization(self, summary: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        if getattr(self._tb, "tb_writer", None) is None and self._own is None:
+            # The Trainer closed its writer at train end: a new events file for one text entry
+            # would split the run's folder; the summary still reaches the other sinks.
+            return
         self._sink().write_quantization(summary, step)
 
     def close(self) -> None:
