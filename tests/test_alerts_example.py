@@ -51,7 +51,8 @@ def test_instability_example_end_to_end(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     ex = load_example("instability")
     argv = (f"--out {tmp_path} --seeds 1 --conditions stable,jump --steps 16 --jump-step 8 --every 2 --tokens 64 "
-            f"--batch-size 4 --block 16 --vocab 256 --corpus sst2_dev --spike-history 5 --workers 1 --plot {tmp_path / 'p.png'}")
+            f"--batch-size 4 --block 16 --vocab 256 --corpus sst2_dev --spike-history 5 --workers 1 "
+            f"--plot {tmp_path / 'p.png'}")
     summary = ex.main(argv.split())
     stored = json.loads((tmp_path / "summary.json").read_text())
     assert [(r["condition"], r["onset"]) for r in stored["runs"]] == [("stable", None), ("jump", 8)]

@@ -16,7 +16,7 @@ __all__ = ["JsonlSink"]
 class JsonlSink:
     """One JSON object per write, ``{"step": step, **metrics}``, appended to ``path``; alerts
     and outlier dimensions as lines of their own, ``{"step", "alerts": [...]}`` and
-    ``{"step", "outliers": {layer: [indices]}}``, and at ``close()`` of the monitor the int8
+    ``{"step", "outliers": {layer: [indices]}}`` (when a list changes), and at ``close()`` of the monitor the int8
     readiness, ``{"step", "quantization": {layer: {...}}}``.
 
     Args:
@@ -28,6 +28,7 @@ class JsonlSink:
             raise TypeError(f"JsonlSink(path=) must be a file path; got {type(path).__name__}.")
         self.path = Path(path)
         self._file: Any = None
+        self._outliers: dict[str, list[int]] = {}  # the lists last written, per layer key
 
     def write(self, metrics: Mapping[str, float], step: int) -> None:
         self._append({"step": int(step), **finite_or_none(dict(metrics))})
@@ -36,7 +37,12 @@ class JsonlSink:
         self._append({"step": int(step), "alerts": finite_or_none([dict(a) for a in alerts])})
 
     def write_outliers(self, outliers: Mapping[str, list[int]], step: int) -> None:
-        self._append({"step": int(step), "outliers": finite_or_none(dict(outliers))})
+        """A line when some layer's list differs from the last one written (none before: ``[]``)."""
+        current = {k: list(v) for k, v in outliers.items()}
+        if all(self._outliers.get(k, []) == v for k, v in current.items()):
+            return
+        self._outliers.update(current)
+        self._append({"step": int(step), "outliers": finite_or_none(current)})
 
     def write_quantization(self, summary: Mapping[str, Mapping[str, Any]], step: int) -> None:
         self._append({"step": int(step), "quantization": finite_or_none({k: dict(v) for k, v in summary.items()})})
