@@ -131,4 +131,5 @@ def test_owner_computed_logs_equal_one_process_on_the_union(tmp_path, world: int
     # Only global rank zero writes.
     assert (tmp_path / "rank0.jsonl").exists()
     assert not any((tmp_path / f"rank{r}.jsonl").exists() for r in range(1, world))
-    assert len((tmp_path / "rank0.jsonl").read_text().splitlines()) == 2
+    lines = (tmp_path / "rank0.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"quantization"' not in line and '"outliers"' not in line]) == 2

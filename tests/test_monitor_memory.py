@@ -71,7 +71,7 @@ def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatc
             metrics=["gsam", "n", "heldout_loglik"], max_tokens_per_layer=None,
             sinks=[lambda m, s: records.append(dict(m))],
         )
-    per_window = LayerStats.state_bytes(D) - 3 * D * 8  # no higher moments: no power3/power4/unit_sum
+    per_window = LayerStats.state_bytes(D) - 4 * D * 8  # no higher moments: no power3/power4/unit_sum/absmax
     budget = len(LAYERS) * state_bytes_per_layer(D, phases=["eval"], heldout=True, log_copies=1)
     assert monitor.config.log_copies == 1
     peaks = []
@@ -116,7 +116,7 @@ def test_detach_keeps_the_statistics_and_close_frees_them(live_stats) -> None:
         monitor.attach()
         model(x)  # the window goes on
     assert float(monitor.stats("blocks.0", "eval").count) == 60
-    assert _held(live_stats) == 2 * len(LAYERS) * (LayerStats.state_bytes(D) - 3 * D * 8)
+    assert _held(live_stats) == 2 * len(LAYERS) * (LayerStats.state_bytes(D) - 4 * D * 8)
     refs = [weakref.ref(s) for s in live_stats]
     monitor.close()
     assert _held(live_stats) == 0 and all(r() is None for r in refs)

@@ -184,10 +184,17 @@ def test_wandb_sink_commit_rule() -> None:
 def test_jsonl_sink(tmp_path) -> None:
     path = tmp_path / "sub" / "gsam.jsonl"
     _, _, outs = _run_monitor([JsonlSink(path)], steps=4)
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    extra = ("alerts", "outliers", "quantization")
+    lines = [r for r in records if not any(k in r for k in extra)]
     assert [line["step"] for line in lines] == [2, 4, 4]
     assert lines[1]["gsam/blocks.0"] == outs[1]["gsam/blocks.0"]
     assert "gsam/blocks.0/eval" in lines[2]
+    # No outlier dimension in this data: no outlier lines; close() adds the int8 readiness once.
+    assert [r["step"] for r in records if "outliers" in r] == []
+    (quant,) = [r for r in records if "quantization" in r]
+    assert quant["step"] == 4 and {"blocks.0", "blocks.0/eval"} <= set(quant["quantization"])
+    assert quant["quantization"]["blocks.0"]["sqnr_db"] > 0
     with pytest.raises(TypeError, match=r"JsonlSink\(path=\) must be a file path"):
         JsonlSink(3)
 

@@ -173,11 +173,12 @@ def test_injected_all_reduce_sums_shards_exactly(rng: np.random.Generator) -> No
     calls: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
     def collective(rank: int):
-        def all_reduce(t, group=None):
+        def all_reduce(t, op=None, group=None):
             calls[rank].append(t)
             barrier.wait()
             if rank == 0:
-                total = calls[0][-1] + calls[1][-1]
+                combine = torch.maximum if op == torch.distributed.ReduceOp.MAX else torch.add
+                total = combine(calls[0][-1], calls[1][-1])
                 calls[0][-1].copy_(total)
                 calls[1][-1].copy_(total)
             barrier.wait()
@@ -325,11 +326,15 @@ def _threaded_all_reduce(states: list[LayerStats]) -> None:
     pending: dict[int, torch.Tensor] = {}
 
     def collective(rank: int):
-        def all_reduce(t, group=None):
+        def all_reduce(t, op=None, group=None):
             pending[rank] = t
             barrier.wait()
             if rank == 0:
-                total = sum(pending[k].clone() for k in range(len(states)))
+                parts = [pending[k].clone() for k in range(len(states))]
+                if op == torch.distributed.ReduceOp.MAX:
+                    total = torch.stack(parts).amax(0)
+                else:
+                    total = sum(parts)
                 for k in range(len(states)):
                     pending[k].copy_(total)
             barrier.wait()

@@ -5,30 +5,34 @@
 builds the monitor with the framework's sinks and the user's, steps it and records what it
 logs, keeps the hooks on through an evaluation (``collect_steps`` may have parked them) and
 logs the evaluation window when it ends, restores a checkpoint (without the window in
-progress on a rank other than zero: the sum over ranks would count it once per rank), and
-closes the monitor without letting a failure there mask the exception being handled.
+progress on a rank other than zero: the sum over ranks would count it once per rank), decides
+whether a new geometry alert asks for an action (``on_alert``: the same answer on every rank),
+and closes the monitor without letting a failure there mask the exception being handled.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
 from gsam_monitor._validate import with_suggestion
-from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor.monitor import GSAMMonitor, ranks
 from gsam_monitor.monitor.schedule import CollectHandle
 from gsam_monitor.sinks import sink_list
 
-__all__ = ["MONITOR_ARGS", "MonitorCallback", "check_monitor_kwargs", "close_quietly"]
+__all__ = ["MONITOR_ARGS", "ON_ALERT", "MonitorCallback", "check_monitor_kwargs", "close_quietly"]
 
 log = logging.getLogger(__name__)
 
 MONITOR_ARGS = frozenset(inspect.signature(GSAMMonitor.__init__).parameters) - {"self", "model"}
 """The keyword arguments a callback passes on to ``GSAMMonitor``."""
+
+ON_ALERT = (None, "save", "stop")
+"""What a callback does when the monitor raises a geometry alert: nothing, save a checkpoint, stop."""
 
 
 def check_monitor_kwargs(kwargs: Mapping[str, Any], owner: str) -> None:
@@ -65,14 +69,26 @@ class MonitorCallback:
     """
 
     def _init_monitor_callback(
-        self, layers: Any, sinks: Iterable[Any] | Any, monitor_kwargs: Mapping[str, Any]
+        self, layers: Any, sinks: Iterable[Any] | Any, monitor_kwargs: Mapping[str, Any], on_alert: str | None = None
     ) -> None:
         """Keep the monitor's arguments (checked now) and start without a monitor.
 
         Raises:
             TypeError: a keyword argument that ``GSAMMonitor`` does not take.
+            ValueError: an ``on_alert`` not in ``ON_ALERT``, or one given with ``alerts=None``.
         """
         check_monitor_kwargs(monitor_kwargs, type(self).__name__)
+        owner = type(self).__name__
+        if on_alert not in ON_ALERT:
+            raise ValueError(f"{owner}(on_alert=) must be None, 'save' or 'stop'; got {on_alert!r}.")
+        if on_alert is not None and monitor_kwargs.get("alerts", "default") is None:
+            raise ValueError(
+                f"{owner}(on_alert={on_alert!r}) acts on geometry alerts, but alerts=None turns them off; pass "
+                f"alerts='default' (or a list of rules), or drop on_alert."
+            )
+        self.on_alert = on_alert
+        self._alerts_seen = 0
+        self._logs_checked = 0
         self.layers = layers
         self.extra_sinks = sinks
         self.monitor_kwargs = dict(monitor_kwargs)
@@ -118,6 +134,52 @@ class MonitorCallback:
         result = monitor.log(int(step), phases=["eval"])
         if result:
             self._record("eval", result, step)
+
+    def _mark_alerts_seen(self) -> None:
+        """Alerts restored from a checkpoint are old news: act only on later ones."""
+        if self.monitor is not None:
+            self._alerts_seen = len(self.monitor.alerts)
+            self._logs_checked = self.monitor.n_logs
+
+    def _alert_due(self, sync: Callable[[bool], bool] | None = None) -> bool:
+        """Whether ``on_alert`` should act now: a new alert since the last check.
+
+        Under ``torch.distributed`` only the writing rank sees alerts, and a stop or save must
+        happen on every rank, so the answer is agreed with ``sync`` (an all-reduce of the flag),
+        called on every rank at the steps where the monitor logged (the same steps everywhere);
+        one process checks at every step, so an alert from a background log acts at once.
+        """
+        monitor = self.monitor
+        if self.on_alert is None or monitor is None:
+            return False
+        distributed = ranks.world_size(monitor.process_group) > 1
+        if distributed and monitor.n_logs == self._logs_checked:
+            return False
+        self._logs_checked = monitor.n_logs
+        new = len(monitor.alerts) > self._alerts_seen
+        self._alerts_seen = len(monitor.alerts)
+        if new:
+            last = monitor.alerts[-1]
+            log.warning(
+                "%s: geometry alert %s in %s at step %d; on_alert=%r.",
+                type(self).__name__, last["kind"], last["layer"], last["step"], self.on_alert,
+            )
+        if not distributed:
+            return new
+        return bool((sync or self._any_rank)(new))
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or-ed over the monitor's process group (one all-reduce of one number)."""
+        import torch
+
+        monitor = self.monitor
+        assert monitor is not None
+        dist = ranks.active_dist()
+        group = monitor.process_group
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return bool(value.item() > 0)
 
     def _record(self, phase: str, values: Mapping[str, float], step: int) -> None:
         self.last_metrics[phase] = dict(values)

@@ -16,7 +16,10 @@ What happens, hook by hook (transformers v5):
   from a checkpoint holding ``gsam_monitor_state.pt``, the monitor's windows and counters
   are restored from it (``torch.load(weights_only=True)``).
 * ``on_step_end``: ``monitor.step(state.global_step)``, so windows count optimizer steps
-  (not micro-batches under gradient accumulation) and a resumed run continues the count.
+  (not micro-batches under gradient accumulation) and a resumed run continues the count. When
+  the step brought a new geometry alert, ``on_alert="save"`` sets ``control.should_save``
+  (the Trainer writes a checkpoint at this step, with the monitor's state) and
+  ``on_alert="stop"`` sets ``control.should_training_stop`` (on every rank alike).
 * ``on_evaluate``: the evaluation forwards (``model.eval()`` under ``no_grad``) went into the
   monitor's ``"eval"`` phase; they are logged now (``"{metric}/{layer}/eval"``) at the global
   step of the evaluation, and that window restarts.
@@ -41,7 +44,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -104,6 +107,7 @@ class _TrainerTensorBoardSink:
         self._tb = tb_callback
         self._fallback_dir = str(fallback_dir)
         self._own: TensorBoardSink | None = None
+        self._borrowed: TensorBoardSink | None = None
 
     @property
     def log_dir(self) -> str:
@@ -112,7 +116,9 @@ class _TrainerTensorBoardSink:
     def _sink(self) -> TensorBoardSink:
         writer = getattr(self._tb, "tb_writer", None)
         if writer is not None:
-            return TensorBoardSink(writer)  # borrowed: never closed here
+            if self._borrowed is None or self._borrowed.writer is not writer:
+                self._borrowed = TensorBoardSink(writer)  # borrowed: never closed here
+            return self._borrowed
         if self._own is None:
             self._own = TensorBoardSink(self.log_dir)
         return self._own
@@ -122,6 +128,19 @@ class _TrainerTensorBoardSink:
 
     def write_spectrum(self, spectra: Mapping[str, torch.Tensor], step: int) -> None:
         self._sink().write_spectrum(spectra, step)
+
+    def write_alerts(self, alerts: list[Mapping[str, Any]], step: int) -> None:
+        self._sink().write_alerts(alerts, step)
+
+    def write_outliers(self, outliers: Mapping[str, list[int]], step: int) -> None:
+        self._sink().write_outliers(outliers, step)
+
+    def write_quantization(self, summary: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        if getattr(self._tb, "tb_writer", None) is None and self._own is None:
+            # The Trainer closed its writer at train end: a new events file for one text entry
+            # would split the run's folder; the summary still reaches the other sinks.
+            return
+        self._sink().write_quantization(summary, step)
 
     def close(self) -> None:
         if self._own is not None:
@@ -147,6 +166,9 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         wandb: ``None`` logs into the W&B run when the Trainer's ``WandbCallback`` is active or a
             run is open at train begin; ``True`` requires a run at the first log; ``False`` never.
         sinks: Extra sinks (objects, callables ``(metrics, step)`` or names), as ``GSAMMonitor``.
+        on_alert: What a new geometry alert (``GSAMMonitor(alerts=)``) does: ``None`` (default)
+            nothing beyond logging it, ``"save"`` a checkpoint at that step
+            (``control.should_save``), ``"stop"`` end training (``control.should_training_stop``).
         **monitor_kwargs: Every other ``GSAMMonitor`` argument (``max_tokens_per_layer``,
             ``window``, ``collect_steps``, ``metrics``, ``phases``, ``state_dtype``, ...).
 
@@ -158,7 +180,8 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
     Raises:
         TypeError: a keyword argument that ``GSAMMonitor`` does not take, or a non-bool
             ``tensorboard``/``wandb``.
-        ValueError: (at train begin) what ``GSAMMonitor`` refuses: unknown layers, metrics, ...
+        ValueError: an unknown ``on_alert`` (or one with ``alerts=None``); (at train begin)
+            what ``GSAMMonitor`` refuses: unknown layers, metrics, alert rules, ...
 
     Example::
 
@@ -177,9 +200,10 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         tensorboard: bool | None = None,
         wandb: bool | None = None,
         sinks: Iterable[Any] | Any = (),
+        on_alert: Literal["save", "stop"] | None = None,
         **monitor_kwargs: Any,
     ) -> None:
-        self._init_monitor_callback(layers, sinks, monitor_kwargs)
+        self._init_monitor_callback(layers, sinks, monitor_kwargs, on_alert)
         for name, value in (("tensorboard", tensorboard), ("wandb", wandb)):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{type(self).__name__}({name}=) must be None, True or False; got {value!r}.")
@@ -248,6 +272,7 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         self._pending_checkpoint = None
         if checkpoint is not None:
             self._restore(checkpoint, args, state)
+        self._mark_alerts_seen()
         self.monitor.attach()
         if self._finalizer is None:
             # Last resort for a run that raised where the Trainer was not found: the hooks leave
@@ -259,6 +284,7 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         if monitor is None or not monitor.attached:
             return
         self._train_step(state.global_step)
+        self._act_on_alert(control)
         # DefaultFlowCallback (always before user callbacks) has just decided whether an
         # evaluation follows this step; with collect_steps the hooks may be parked, so keep
         # them on for the evaluation forwards.
@@ -269,6 +295,7 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any
     ) -> None:
         self._log_eval(state.global_step)
+        self._act_on_alert(control)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.monitor is None:
@@ -290,6 +317,13 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _act_on_alert(self, control: TrainerControl) -> None:
+        if self._alert_due():
+            if self.on_alert == "stop":
+                control.should_training_stop = True
+            else:
+                control.should_save = True
+
     def _guard(self, trainer: Any) -> None:
         """Wrap ``trainer.train`` so that an exception escaping it detaches the monitor."""
         if trainer in self._guarded:

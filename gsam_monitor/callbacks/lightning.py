@@ -15,7 +15,11 @@ What happens, hook by hook:
   statistics are summed over ranks (one ``all_reduce``) at each log under DDP.
 * ``on_train_batch_end``: ``monitor.step(trainer.global_step)`` whenever the global step has
   moved, i.e. once per optimizer step: with ``accumulate_grad_batches=k`` a window of ``n``
-  steps holds ``n·k`` micro-batches.
+  steps holds ``n·k`` micro-batches. When the step brought a new geometry alert,
+  ``on_alert="stop"`` sets ``trainer.should_stop`` and ``on_alert="save"`` writes a checkpoint
+  (``trainer.save_checkpoint``, in the ``ModelCheckpoint``'s folder or
+  ``default_root_dir/checkpoints``, named ``gsam-alert-step={step}.ckpt``), the decision agreed
+  over the ranks (``strategy.reduce_boolean_decision``).
 * ``on_validation_start`` / ``on_validation_end``: validation forwards (no grad, eval mode)
   go into the monitor's ``"eval"`` phase and are logged (``"{metric}/{layer}/eval"``) when
   validation ends. The sanity check is not monitored.
@@ -30,9 +34,10 @@ calls callback hooks by name, so the callback works with either package's ``Trai
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -112,6 +117,9 @@ class GSAMCallback(MonitorCallback, Callback):
         every_n_steps: Log every this many optimizer steps (``trainer.global_step``).
         log_validation: Log the ``"eval"`` phase when each validation run ends.
         sinks: Extra sinks besides ``trainer.loggers`` (objects, callables, names).
+        on_alert: What a new geometry alert (``GSAMMonitor(alerts=)``) does: ``None`` (default)
+            nothing beyond logging it, ``"save"`` a checkpoint at that step, ``"stop"`` end
+            training (``trainer.should_stop``).
         **monitor_kwargs: Every other ``GSAMMonitor`` argument (``max_tokens_per_layer``,
             ``window``, ``collect_steps``, ``metrics``, ``phases``, ``state_dtype``, ...).
 
@@ -122,7 +130,8 @@ class GSAMCallback(MonitorCallback, Callback):
 
     Raises:
         TypeError: a keyword argument that ``GSAMMonitor`` does not take.
-        ValueError: a non-positive ``every_n_steps``.
+        ValueError: a non-positive ``every_n_steps``, an unknown ``on_alert`` (or one with
+            ``alerts=None``).
         MisconfigurationException: (in ``setup``) ``module`` names no sub-module.
 
     Example::
@@ -142,9 +151,10 @@ class GSAMCallback(MonitorCallback, Callback):
         every_n_steps: int = 50,
         log_validation: bool = True,
         sinks: Iterable[Any] | Any = (),
+        on_alert: Literal["save", "stop"] | None = None,
         **monitor_kwargs: Any,
     ) -> None:
-        self._init_monitor_callback(layers, sinks, monitor_kwargs)
+        self._init_monitor_callback(layers, sinks, monitor_kwargs, on_alert)
         positive_int(every_n_steps, "GSAMCallback(every_n_steps=)")
         if module is not None and not isinstance(module, str):
             raise TypeError(
@@ -178,6 +188,7 @@ class GSAMCallback(MonitorCallback, Callback):
             state, self._pending_state = self._pending_state, None
             # Lightning saves rank 0's callback state and loads it on every rank.
             self._load_state(state, drop_window=trainer.global_rank > 0)
+        self._mark_alerts_seen()
         self.monitor.attach()
 
     @override
@@ -205,6 +216,7 @@ class GSAMCallback(MonitorCallback, Callback):
             return  # a micro-batch inside gradient accumulation: the optimizer has not stepped
         self._seen_step = step
         self._train_step(step)
+        self._act_on_alert(trainer, step)
 
     # ------------------------------------------------------------------ validation
     @override
@@ -230,6 +242,7 @@ class GSAMCallback(MonitorCallback, Callback):
             self._end_eval_collect()
             return
         self._log_eval(trainer.global_step)
+        self._act_on_alert(trainer, trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -246,8 +259,19 @@ class GSAMCallback(MonitorCallback, Callback):
             self._pending_state = dict(state_dict)  # applied in setup("fit")
             return
         self._load_state(state_dict, drop_window=ranks.global_rank() > 0)
+        self._mark_alerts_seen()
 
     # ------------------------------------------------------------------ internals
+    def _act_on_alert(self, trainer: pl.Trainer, step: int) -> None:
+        if not self._alert_due(lambda flag: trainer.strategy.reduce_boolean_decision(flag, all=False)):
+            return
+        if self.on_alert == "stop":
+            trainer.should_stop = True
+            return
+        checkpoint = getattr(trainer, "checkpoint_callback", None)
+        folder = getattr(checkpoint, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        trainer.save_checkpoint(os.path.join(folder, f"gsam-alert-step={step}.ckpt"))
+
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.module is None:
             return pl_module

@@ -28,7 +28,8 @@ LLMs) does not hide every other direction.
 Modules: ``linalg`` (the tolerances and the eigensolve: a leaf), ``fit`` (a window's Gaussian
 factorised once, for the scores that compare windows), ``scores`` (the metrics), ``rankme``
 (RankMe), ``drift`` (distances to a reference window: Bures–Wasserstein, OAS KL),
-``compute`` (the entry point and the metric names), ``mardia`` (the second pass).
+``compute`` (the entry point and the metric names), ``mardia`` (the second pass),
+``quantization`` (the int8 absmax round-off expected from the moments and the abs-max).
 
 References:
     Roy & Vetterli, "The effective rank", EUSIPCO 2007 (``effective_rank``).
@@ -55,6 +56,7 @@ from gsam_monitor.metrics.drift import bures_wasserstein, kl_oas
 from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.metrics.linalg import PRODUCT_ERROR_FACTOR, eigenvalue_tolerance, eigenvalues, rank_tolerance
 from gsam_monitor.metrics.mardia import MardiaAccumulator
+from gsam_monitor.metrics.quantization import int8_absmax_error
 from gsam_monitor.metrics.rankme import RANKME_EPS, rankme
 from gsam_monitor.metrics.scores import (
     POWERLAW_RANGE,
@@ -63,6 +65,7 @@ from gsam_monitor.metrics.scores import (
     heldout_loglik,
     oas_score,
     outlier_dims,
+    outlier_ratios,
     powerlaw_alpha,
 )
 
@@ -84,9 +87,11 @@ __all__ = [
     "eigenvalues",
     "gaussian_score",
     "heldout_loglik",
+    "int8_absmax_error",
     "kl_oas",
     "oas_score",
     "outlier_dims",
+    "outlier_ratios",
     "powerlaw_alpha",
     "rank_tolerance",
     "rankme",

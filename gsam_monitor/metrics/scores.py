@@ -38,6 +38,7 @@ __all__ = [
     "oas_score",
     "oas_shrinkage",
     "outlier_dims",
+    "outlier_ratios",
     "powerlaw_alpha",
     "spectral_metrics",
 ]
@@ -284,14 +285,26 @@ def anisotropy(stats: LayerStats) -> float:
     return (float(u @ u) - n) / (n * (n - 1.0))
 
 
-def outlier_dims(stats: LayerStats, factor: float = 10.0) -> int:
-    """Number of dimensions whose variance, or |mean|, exceeds ``factor`` × its median over
-    dimensions (the "massive activations" of LLM residual streams)."""
-    var = stats.variance().cpu()
-    absmean = stats.mean.abs().cpu()
-    flagged = torch.zeros_like(var, dtype=torch.bool)
+def outlier_ratios(stats: LayerStats) -> torch.Tensor:
+    """Per-dimension outlier ratio, fp64 on the CPU: max(var_j / median var, |mean_j| /
+    median |mean|), each term left out (0) where its median is 0 or not finite (the median of
+    ``torch.median``: the lower middle value when d is even).
+
+    A dimension is an outlier dimension (the "massive activations" of LLM residual streams,
+    Sun et al. 2024) when its ratio exceeds the factor: ``outlier_dims`` counts them and the
+    monitor tracks them by index, from this one rule.
+    """
+    var = stats.variance().to("cpu", torch.float64)
+    absmean = stats.mean.abs().to("cpu", torch.float64)
+    ratio = torch.zeros_like(var)
     for v in (var, absmean):
         med = float(v.median())
         if med > 0 and math.isfinite(med):
-            flagged |= v > factor * med
-    return int(flagged.sum())
+            ratio = torch.maximum(ratio, torch.nan_to_num(v / med, nan=0.0))
+    return ratio
+
+
+def outlier_dims(stats: LayerStats, factor: float = 10.0) -> int:
+    """Number of dimensions whose variance, or |mean|, exceeds ``factor`` × its median over
+    dimensions (``outlier_ratios(stats) > factor``)."""
+    return int((outlier_ratios(stats) > factor).sum())

@@ -5,7 +5,7 @@ validated value (every bad argument fails here, naming the argument and the fix)
 ``check_budget`` refuses a selection of layers whose statistics would exceed
 ``max_state_bytes``.
 
-Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 5d)`` bytes
+Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 6d)`` bytes
 per phase (fp64: 8·d², so d = 768: 4.7 MB, d = 4096: 134 MB, d = 8192: 537 MB), twice that
 when a reference window is kept (``heldout_loglik`` or a drift metric is selected), plus one copy more
 where a log must copy a window (``log_copies``: background logs, and cumulative/EMA windows
@@ -15,6 +15,7 @@ background log takes the synced window itself and a fresh one starts.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from gsam_monitor._validate import positive_int
 from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics.compute import DRIFT_METRICS, HIGHER_MOMENT_METRICS, REFERENCE_METRICS, validate_names
 from gsam_monitor.monitor import ranks
+from gsam_monitor.monitor.alerts import AlertRule, parse_alert_rules
 from gsam_monitor.stats import LayerStats
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "MonitorConfig",
     "gib",
     "state_bytes_per_layer",
+    "warn_if_frequent",
 ]
 
 DEFAULT_MAX_STATE_BYTES = 8 * 2**30
@@ -66,6 +69,23 @@ def state_bytes_per_layer(
     """
     copies = 1 + (1 if heldout else 0) + log_copies
     return LayerStats.state_bytes(dim, state_dtype) * len(phases) * copies
+
+
+def _rules_for(rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool) -> tuple[AlertRule, ...]:
+    """The rules whose metric each log computes: ``"default"`` keeps those, a rule given
+    explicitly on a metric that ``metrics=`` leaves out is an error.
+
+    Raises:
+        ValueError: naming the rule's metric and both fixes.
+    """
+    computed = {*metric_names, "nonfinite", "new_outlier_dims"}  # counted always; tracked always
+    missing = [r.metric for r in rules if r.metric not in computed]
+    if missing and explicit:
+        raise ValueError(
+            f"alerts: a rule watches {missing[0]!r}, which metrics= does not compute; add {missing[0]!r} to "
+            f"metrics= or drop the rule."
+        )
+    return tuple(r for r in rules if r.metric in computed)
 
 
 def gib(n: float) -> str:
@@ -99,6 +119,7 @@ class MonitorConfig:
     log_copies: int
     reference: str = "previous"
     attention_entropy: bool = False
+    alert_rules: tuple[AlertRule, ...] = ()
 
     @property
     def heldout(self) -> bool:
@@ -137,12 +158,14 @@ class MonitorConfig:
         reservoir_size: int | None,
         reference: str = "previous",
         attention_entropy: bool = False,
+        alerts: str | Iterable[Any] | None = None,
     ) -> MonitorConfig:
         """Check every argument (in the order of ``GSAMMonitor``'s signature) and resolve the
         automatic ones.
 
         Raises:
-            ValueError: a non-positive interval or size, an unknown window, metric or phase.
+            ValueError: a non-positive interval or size, an unknown window, metric or phase, a
+                bad alert rule.
             TypeError: an argument of the wrong type.
         """
         every = positive_int(every_n_steps, "every_n_steps", " (e.g. every_n_steps=100)")
@@ -196,6 +219,7 @@ class MonitorConfig:
         if reservoir_size is not None:
             reservoir_size = positive_int(reservoir_size, "reservoir_size", " (or None for no sample)")
         heldout = bool(REFERENCE_METRICS & set(metric_names))
+        alert_rules = _rules_for(parse_alert_rules(alerts), metric_names, explicit=alerts != "default")
         distributed = ranks.world_size(process_group) > 1
         return cls(
             every_n_steps=every,
@@ -217,6 +241,7 @@ class MonitorConfig:
             log_copies=1 if background or (window != "interval" and (heldout or distributed)) else 0,
             reference=reference,
             attention_entropy=attention_entropy,
+            alert_rules=alert_rules,
         )
 
     def check_phases(self, phases: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -293,3 +318,16 @@ def _with_reference(names: tuple[str, ...], metrics: str | Iterable[str], refere
             f"{', '.join(repr(m) for m in (*DRIFT_METRICS, 'heldout_loglik'))} to metrics= (or use metrics='default')."
         )
     return names
+
+
+def warn_if_frequent(every_n_steps: int, *, stacklevel: int) -> None:
+    """Warn that logging more often than every 10 steps slows training (``stacklevel`` as the
+    caller's, so that the warning points at the user's code)."""
+    if every_n_steps < 10:
+        warnings.warn(
+            f"GSAMMonitor(every_n_steps={every_n_steps}): each log runs one eigendecomposition per "
+            f"layer and reads the statistics back to the host; logging more often than every 10 steps slows "
+            f"training. Use every_n_steps >= 10 (or collect_steps=) outside of tests.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )

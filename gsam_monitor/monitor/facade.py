@@ -28,7 +28,6 @@ sink are counted (``errors``), warned about once, and skipped; a failing sink is
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,7 +38,7 @@ from gsam_monitor.capture.activations import ActivationCapture
 from gsam_monitor.capture.layers import LayerSpec, LayerTarget, resolve_layers
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.checkpoint import STATE_FORMAT, check_state
-from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, PHASES, MonitorConfig
+from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, PHASES, MonitorConfig, warn_if_frequent
 from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.logger import WindowLogger
 from gsam_monitor.monitor.report import current_metrics
@@ -120,6 +119,9 @@ class GSAMMonitor:
         attention_entropy: Also log the mean attention entropy per head of the monitored
             blocks, ``attn_entropy/{layer}/h{i}`` (eager attention only; see
             ``gsam_monitor.capture.attention``).
+        alerts: ``"default"`` (rank collapse, anisotropy jump, ...: ``monitor.alerts.DEFAULT_RULES``),
+            ``None`` or a list of rules (metric names, ``AlertRule`` objects, dicts). Each log's
+            alerts are in ``alerts``; the sinks get ``alert/{metric}/{layer}`` = 1.
 
     Raises:
         ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
@@ -161,6 +163,7 @@ class GSAMMonitor:
         reservoir_size: int | None = None,
         reference: Literal["previous", "first", "pinned"] = "previous",
         attention_entropy: bool = False,
+        alerts: str | Iterable[Any] | None = "default",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -170,21 +173,14 @@ class GSAMMonitor:
             state_dtype=state_dtype, product_dtype=product_dtype, phases=phases, seed=seed,
             max_state_bytes=max_state_bytes, spectrum_every_n_logs=spectrum_every_n_logs,
             process_group=process_group, background=background, reservoir_size=reservoir_size,
-            reference=reference, attention_entropy=attention_entropy,
+            reference=reference, attention_entropy=attention_entropy, alerts=alerts,
         )
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
         config.check_budget(self.targets)
         self._faults = Faults()
         self._fanout = SinkFanout(sinks, lambda: ranks.is_writer(config.process_group), self._faults.fail)
-        if config.every_n_steps < 10:
-            warnings.warn(
-                f"GSAMMonitor(every_n_steps={config.every_n_steps}): each log runs one eigendecomposition per "
-                f"layer and reads the statistics back to the host; logging more often than every 10 steps slows "
-                f"training. Use every_n_steps >= 10 (or collect_steps=) outside of tests.",
-                UserWarning,
-                stacklevel=2,
-            )
+        warn_if_frequent(config.every_n_steps, stacklevel=2)
         self.schedule = Schedule(config.every_n_steps, config.collect_steps, config.auto_collect)
         self._windows = WindowStore(config, self.targets, self._faults.warn_once)
         self._capture = ActivationCapture(
@@ -220,6 +216,7 @@ class GSAMMonitor:
     n_logs = _view("_logs", "n_logs", "Logs made so far.")
     last_metrics = _view("_logs", "last_metrics", "What the last log wrote (kept after ``close()``).")
     missing_layers = _view("_logs", "missing_layers", "The layers the last log found without activations.")
+    alerts = property(lambda self: self._logs.diagnostics.alerts, doc="Every alert so far (dicts, in step order).")
     sinks = _view("_fanout", "sinks", "The sinks, built from ``sinks=``.")
     hooks_registered = _view(
         "_capture", "registered", "Whether hooks are on the model right now (once a compiled graph has traced them, "
@@ -268,6 +265,7 @@ class GSAMMonitor:
         """
         self.detach()
         self.flush()
+        self._logs.write_quantization()
         self._logs.shutdown()
         self._fanout.close()
         if free:
@@ -381,6 +379,22 @@ class GSAMMonitor:
             ValueError: with ``reference="previous"``, an unmonitored phase, or no window of 2 rows.
         """
         return [layer_key(*key) for key in self._windows.pin(self.config.check_phases(phases))]
+
+    def outliers(self, layer: str, phase: str = "train") -> list[dict[str, Any]]:
+        """The outlier dimensions of ``layer`` by index (``metrics.outlier_ratios`` > 10, the rule
+        of ``outlier_dims``), over the logs so far: ``{dim, first_step, peak_ratio, peak_step,
+        last_step, active}`` per index ever flagged."""
+        return self._logs.diagnostics.outliers(layer, phase)
+
+    def quantization_summary(self, phase: str = "train") -> dict[str, dict[str, Any]]:
+        """Per layer, the int8 absmax round-off of its last logged window
+        (``metrics.int8_absmax_error``: scale, expected squared error, SQNR, also without the
+        outlier dimensions) and those dimensions. ``close()`` writes it as ``int8_*`` scalars.
+
+        Raises:
+            ValueError: a phase that is not monitored.
+        """
+        return self._logs.diagnostics.quantization_summary(self.config.check_phases([phase]))
 
     # ------------------------------------------------------------------ state
     def stats(self, layer: str, phase: str = "train") -> LayerStats | None:

@@ -5,7 +5,8 @@ it is written (the process group's rank zero; the other ranks only sync), and ad
 windows. Inline (``log()``, or ``background=False``) the report is computed before the windows
 advance; in the background the windows are handed over first and the report reaches the
 sinks from a later step. Either way its warnings and errors are issued, and its metrics
-written, when it is published.
+written, when it is published; ``Diagnostics`` reads it then (alerts, outlier dimensions), in
+step order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from gsam_monitor.monitor import ranks, report
 from gsam_monitor.monitor.background import BackgroundLogger
 from gsam_monitor.monitor.config import MonitorConfig
+from gsam_monitor.monitor.diagnostics import Diagnosis, Diagnostics
 from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.report import LogResult
 from gsam_monitor.monitor.schedule import Schedule
@@ -43,6 +45,7 @@ class WindowLogger:
         last_log_step: The step count at the last log.
         last_metrics: What the last published log wrote.
         missing_layers: The layer keys the last published log found without activations.
+        diagnostics: Alerts, outlier dimensions and the quantization summary of the logs.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class WindowLogger:
         self._fanout = fanout
         self._faults = faults
         self._background = BackgroundLogger()
+        self.diagnostics = Diagnostics(config.alert_rules)
 
     def on_step(self, step_count: int, schedule: Schedule) -> dict[str, float] | None:
         """What a ``step()`` writes: a finished background log, and the scheduled log when due."""
@@ -130,11 +134,28 @@ class WindowLogger:
         self._background.shutdown()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_log_step": self.last_log_step, "n_logs": self.n_logs}
+        return {
+            "last_log_step": self.last_log_step,
+            "n_logs": self.n_logs,
+            "diagnostics": self.diagnostics.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_log_step = int(state["last_log_step"])
         self.n_logs = int(state["n_logs"])
+        if "diagnostics" in state:  # states saved before alerts existed start without baselines
+            self.diagnostics.load_state_dict(state["diagnostics"])
+
+    def write_quantization(self) -> None:
+        """Send each layer's int8 readiness (``quantization_summary``) to the sinks that take it,
+        at the last log's step; a failure is counted and warned, never raised (it runs in close)."""
+        try:
+            summary = self.diagnostics.quantization_summary(self.config.phases)
+        except Exception as err:
+            self._faults.hook_error(err, "quantization summary")
+            return
+        if summary:
+            self._fanout.write_quantization(summary, max(int(e["step"]) for e in summary.values()))
 
     def _metrics_of(
         self,
@@ -167,8 +188,9 @@ class WindowLogger:
 
     def _gather(self, result: LogResult) -> LogResult:
         """Every rank's share of an inline log, merged on the writer (``gather_object`` of the
-        scalars, spectra and errors: a few kB per window); elsewhere only this rank's fits
-        stay, kept as its windows' next references. A collective: every rank calls it."""
+        scalars, spectra, per-dimension vectors and errors: O(d) per window, against the d²
+        state the owners kept); elsewhere only this rank's fits stay, kept as its windows' next
+        references. A collective: every rank calls it."""
         fits, result.fits = result.fits, {}
         if not self._is_writer():  # what reaches the writer must pickle: errors as their text
             rank = ranks.global_rank()
@@ -179,6 +201,8 @@ class WindowLogger:
         for share in shares[1:]:
             result.flat.update(share.flat)
             result.spectra.update(share.spectra)
+            result.values.update(share.values)
+            result.dims.update(share.dims)
             result.errors.extend(share.errors)
         result.fits = fits
         return result
@@ -194,13 +218,20 @@ class WindowLogger:
         for err, where in result.errors:
             self._faults.hook_error(err, where)
         flat = result.flat
+        try:
+            diagnosis = self.diagnostics.observe(result)
+        except Exception as err:  # a diagnostics failure never costs the log its metrics
+            self._faults.hook_error(err, "alerts")
+            diagnosis = Diagnosis()
         if flat:
+            flat.update(diagnosis.flags)
             flat[f"{META_PREFIX}/errors"] = float(self._faults.errors)
         self.missing_layers = result.missing
         self._windows.keep_fits(result.fits)  # after the windows advanced: the next log's references
         self.last_metrics = flat
         if flat:
             self._fanout.write(flat, result.spectra, result.step)
+            self._fanout.write_diagnostics(diagnosis.alerts, diagnosis.outliers, result.step)
         return flat
 
     def _is_writer(self) -> bool:

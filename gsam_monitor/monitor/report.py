@@ -21,13 +21,25 @@ from gsam_monitor.monitor.attention import attention_report
 from gsam_monitor.sinks.keys import META_PREFIX, layer_key, metric_key
 from gsam_monitor.stats import LayerStats
 
-__all__ = ["LogResult", "build_report", "current_metrics"]
+__all__ = ["DimStats", "LogResult", "build_report", "current_metrics"]
 
 Key = tuple[str, str]
 Reference = Any
 """A window's reference: the previous window's ``GaussianFit`` (kept from its log) or its
 ``LayerStats``, a callable giving a fixed reference's ``GaussianFit``
 (``monitor.reference.ReferenceFits``), or ``None``."""
+
+
+@dataclass(frozen=True)
+class DimStats:
+    """A window's per-dimension numbers for the outlier tracker and the quantization summary
+    (fp64, CPU, length d): ``metrics.outlier_ratios``, mean, MLE variance and the abs-max
+    (``None`` without higher moments)."""
+
+    ratios: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    absmax: torch.Tensor | None
 
 
 @dataclass
@@ -43,6 +55,8 @@ class LogResult:
         warnings: ``(warn-once key, message)`` pairs to warn about.
         fits: Each window's own ``GaussianFit`` (when the log asks for them): the next log's
             held-out reference, made from the spectrum this log computed.
+        values: Every metric per (layer, phase), non-finite values included (for the alerts).
+        dims: Per-dimension numbers per (layer, phase) (``DimStats``).
     """
 
     step: int
@@ -52,6 +66,8 @@ class LogResult:
     errors: list[tuple[BaseException, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
     fits: dict[Key, metrics.GaussianFit] = field(default_factory=dict)
+    values: dict[Key, dict[str, float]] = field(default_factory=dict)
+    dims: dict[Key, DimStats] = field(default_factory=dict)
 
 
 def build_report(
@@ -116,6 +132,7 @@ def build_report(
                 # The layer fired, but every row held NaN/Inf: report that, not "missing".
                 result.flat[metric_key("n", layer, phase)] = 0.0
                 result.flat[metric_key("nonfinite", layer, phase)] = float(nonfinite[key])
+                result.values[key] = {"n": 0.0, "nonfinite": float(nonfinite[key])}
                 continue
             if counts.get(key, 0.0) <= 0:
                 n_missing += 1
@@ -167,10 +184,19 @@ def _add_layer(
         value = float(value)
         if math.isfinite(value):  # NaN/inf never reach a sink
             result.flat[metric_key(metric, layer, phase)] = value
+    result.values[(layer, phase)] = {k: float(v) for k, v in values.items()}
     if want_spectrum and evals is not None:
         result.spectra[layer_key(layer, phase)] = evals
     if fit and fit[0] is not None:
         result.fits[(layer, phase)] = fit[0]
+    if float(stats.count) >= 2:
+        cpu = torch.device("cpu")
+        result.dims[(layer, phase)] = DimStats(
+            ratios=metrics.outlier_ratios(stats),
+            mean=stats.mean.to(cpu, torch.float64),
+            variance=stats.variance().to(cpu, torch.float64),
+            absmax=stats.absmax.to(cpu, torch.float64) if stats.higher_moments else None,
+        )
 
 
 def current_metrics(

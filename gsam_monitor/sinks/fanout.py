@@ -99,6 +99,32 @@ class SinkFanout:
             except Exception as err:
                 self._failed(i, sink, err)
 
+    def write_diagnostics(self, alerts: list[dict[str, Any]], outliers: Mapping[str, list[int]], step: int) -> None:
+        """Send a log's alerts to the sinks with ``write_alerts`` (when there are any) and its
+        outlier indices per layer to those with ``write_outliers``."""
+        if not self._is_writer():
+            return
+        for i, sink in self._enabled():
+            try:
+                if alerts and hasattr(sink, "write_alerts"):
+                    sink.write_alerts(list(alerts), step)
+                if outliers and hasattr(sink, "write_outliers"):
+                    sink.write_outliers(dict(outliers), step)
+            except Exception as err:
+                self._failed(i, sink, err)
+
+    def write_quantization(self, summary: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        """Send the end-of-run int8 readiness summary (``{layer key: {...}}``) to the sinks with
+        ``write_quantization``; plain sinks (callables) never see it."""
+        if not summary or not self._is_writer():
+            return
+        for i, sink in self._enabled():
+            try:
+                if hasattr(sink, "write_quantization"):
+                    sink.write_quantization({k: dict(v) for k, v in summary.items()}, step)
+            except Exception as err:
+                self._failed(i, sink, err)
+
     def close(self) -> None:
         """Close every enabled sink that has ``close()`` (flushing TensorBoard files)."""
         for i, sink in self._enabled():

@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from gsam_monitor.sinks.protocol import log10_spectrum, require_package
+from gsam_monitor.sinks.protocol import describe_alert, describe_quantization, log10_spectrum, require_package
 
 __all__ = ["TensorBoardSink"]
 
 
 class TensorBoardSink:
-    """Scalars (``add_scalar``) and log10-eigenvalue histograms (``add_histogram``) to TensorBoard.
+    """Scalars (``add_scalar``) and log10-eigenvalue histograms (``add_histogram``) to TensorBoard;
+    alerts, outlier dimension indices and the int8 readiness as text (``add_text``).
 
     Args:
         log_dir: A directory for a new ``SummaryWriter`` (``None``: its default ``runs/...``),
@@ -35,6 +36,7 @@ class TensorBoardSink:
     """
 
     def __init__(self, log_dir: str | os.PathLike[str] | Any | None = None) -> None:
+        self._outliers: dict[str, list[int]] = {}  # the indices last written per layer
         if log_dir is None or isinstance(log_dir, (str, os.PathLike)):
             require_package("tensorboard", "tensorboard")
             self._writer: Any = None
@@ -73,6 +75,25 @@ class TensorBoardSink:
             if values.numel():
                 writer.add_histogram(f"spectrum/{key}", values.numpy(), global_step=step)
         writer.flush()
+
+    def write_alerts(self, alerts: list[Mapping[str, Any]], step: int) -> None:
+        """The step's alerts as one text entry, ``"alerts"``."""
+        self.writer.add_text("alerts", "\n\n".join(describe_alert(a) for a in alerts), global_step=step)
+        self.writer.flush()
+
+    def write_outliers(self, outliers: Mapping[str, list[int]], step: int) -> None:
+        """Each layer's outlier dimension indices as text, ``"outliers/{layer}"``, when they change."""
+        for key, dims in outliers.items():
+            if self._outliers.get(key) != dims:
+                self._outliers[key] = list(dims)
+                self.writer.add_text(f"outliers/{key}", ", ".join(map(str, dims)) or "none", global_step=step)
+        self.writer.flush()
+
+    def write_quantization(self, summary: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        """The int8 readiness as one text entry, ``"quantization"``, one line per layer."""
+        text = "\n\n".join(describe_quantization(k, v) for k, v in summary.items())
+        self.writer.add_text("quantization", text, global_step=step)
+        self.writer.flush()
 
     def close(self) -> None:
         if self._writer is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from gsam_monitor.sinks.protocol import log10_spectrum, require_package
+from gsam_monitor.sinks.protocol import describe_alert, log10_spectrum, require_package
 
 __all__ = ["WandbSink"]
 
@@ -28,12 +30,28 @@ class WandbSink:
         step_metric: Name of the x-axis metric.
         commit: ``True``/``False`` to force ``run.log(commit=...)``; ``None`` for the rule above.
             ``True`` gives every write a row of its own (fine when the loop logs without ``step=``).
+        alert_every_s: At most one ``run.alert`` (a W&B notification: e-mail, Slack) per this
+            many seconds; the geometry alerts of a log are sent as one, and those held back by
+            the limit are counted in the next. ``None``: never call ``run.alert`` (the
+            ``alert/{metric}/{layer}`` scalars are logged either way).
+        clock: Seconds for the rate limit (``time.monotonic``; injectable for tests).
+
+    Outlier dimensions go into the run summary, ``outliers/{layer}`` = the indices of the last log,
+    and so does the monitor's end-of-run int8 readiness, ``int8/{layer}/{name}``.
 
     Raises:
         ImportError: if wandb is not installed.
     """
 
-    def __init__(self, run: Any | None = None, *, step_metric: str = "gsam_step", commit: bool | None = None) -> None:
+    def __init__(
+        self,
+        run: Any | None = None,
+        *,
+        step_metric: str = "gsam_step",
+        commit: bool | None = None,
+        alert_every_s: float | None = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if run is None:
             require_package("wandb", "wandb")
         self._run = run
@@ -43,6 +61,12 @@ class WandbSink:
         self._pending_step: int | None = None
         self._pending_keys: set[str] = set()
         self._pending_value: int | None = None
+        if alert_every_s is not None and (isinstance(alert_every_s, bool) or not alert_every_s >= 0):
+            raise ValueError(f"WandbSink(alert_every_s=) must be seconds >= 0 or None; got {alert_every_s!r}.")
+        self.alert_every_s = alert_every_s
+        self._clock = clock
+        self._last_alert: float | None = None
+        self._held_back = 0
 
     @property
     def run(self) -> Any:
@@ -106,6 +130,39 @@ class WandbSink:
                 data[f"spectrum/{key}"] = wandb.Histogram(values.numpy())
         if data:
             self._log(self.run, data, step)
+
+    def write_alerts(self, alerts: list[Mapping[str, Any]], step: int) -> None:
+        """One ``run.alert`` (level WARN) for a log's geometry alerts, rate-limited."""
+        if self.alert_every_s is None or not alerts:
+            return
+        now = self._clock()
+        if self._last_alert is not None and now - self._last_alert < self.alert_every_s:
+            self._held_back += len(alerts)
+            return
+        text = "\n".join(describe_alert(a) for a in alerts)
+        if self._held_back:
+            text += f"\n({self._held_back} earlier alert(s) held back by the rate limit; see the alert/* charts.)"
+        self.run.alert(title=f"gsam_monitor: {len(alerts)} geometry alert(s) at step {step}"[:63], text=text,
+                       level="WARN")
+        self._last_alert, self._held_back = now, 0
+
+    def write_outliers(self, outliers: Mapping[str, list[int]], step: int) -> None:
+        """The last log's outlier dimension indices per layer, in the run summary ``outliers/{layer}``."""
+        summary = getattr(self.run, "summary", None)
+        if summary is not None:
+            for key, dims in outliers.items():
+                summary[f"outliers/{key}"] = list(dims)
+
+    def write_quantization(self, summary: Mapping[str, Mapping[str, Any]], step: int) -> None:
+        """The int8 readiness in the run summary, ``int8/{layer}/{name}`` (finite numbers and the
+        outlier dimension list)."""
+        run_summary = getattr(self.run, "summary", None)
+        if run_summary is None:
+            return
+        for key, entry in summary.items():
+            for name, value in entry.items():
+                if isinstance(value, list) or (isinstance(value, (int, float)) and math.isfinite(value)):
+                    run_summary[f"int8/{key}/{name}"] = value
 
     def close(self) -> None:
         return None  # the run belongs to the user (or to the Trainer / Lightning logger)

@@ -4,12 +4,12 @@ A log needs the sum on one rank only, the one that computes the window's metrics
 ``sum_to_rank`` reduces onto that rank (``torch.distributed.reduce``), which moves half the
 bytes of an ``all_reduce`` and leaves the other ranks' copies undefined.
 
-Every field of the statistics but the shift is a plain sum, so once the ranks agree on a
-common shift a sync is one ``all_reduce(SUM)`` per tensor, as torchmetrics'
-``dist_reduce_fx="sum"``. The agreement is itself one ``all_reduce``: every rank receives the
-same sums, so no source rank is needed and any process group works (its ranks need not
-include global rank 0). ``all_reduce`` defaults to ``torch.distributed.all_reduce`` and is
-injectable, so most sync tests need no processes.
+Every field of the statistics but the shift and the abs-max is a plain sum, so once the ranks
+agree on a common shift a sync is one ``all_reduce(SUM)`` per tensor, as torchmetrics'
+``dist_reduce_fx="sum"``; the abs-max is one ``all_reduce(MAX)``. The agreement is itself one
+``all_reduce``: every rank receives the same sums, so no source rank is needed and any process
+group works (its ranks need not include global rank 0). ``all_reduce`` defaults to
+``torch.distributed.all_reduce`` and is injectable, so most sync tests need no processes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["agree_on_shift", "sum_over_ranks", "sum_to_rank"]
+__all__ = ["agree_on_shift", "max_over_ranks", "sum_over_ranks", "sum_to_rank"]
 
 AllReduce = Callable[..., Any]
 
@@ -68,3 +68,10 @@ def sum_to_rank(tensors: Iterable[torch.Tensor], dst: int, group: Any = None, re
         reduce = dist.reduce
     for t in tensors:
         reduce(t, group_dst=dst, group=group)
+def max_over_ranks(tensors: Iterable[torch.Tensor], group: Any = None, all_reduce: AllReduce | None = None) -> None:
+    """The element-wise maximum of each tensor over the ranks of ``group``, in place."""
+    import torch.distributed as dist
+
+    reduce = _default(all_reduce)
+    for t in tensors:
+        reduce(t, op=dist.ReduceOp.MAX, group=group)

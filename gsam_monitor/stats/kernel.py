@@ -81,6 +81,8 @@ def update_chunk(
         keep = keep_in & finite
         st["nonfinite"] += (keep_in & ~finite).sum()
     xs.masked_fill_(~keep[:, None], 0.0)  # dropped rows (padding, NaN/Inf) become 0
+    if higher:  # zeroed rows never raise a maximum of |x|
+        torch.maximum(st["absmax"], torch.abs(xs, out=tmp).amax(0).to(sd), out=st["absmax"])
     keep_w = keep.to(work)
     kept = keep_w.sum(dtype=st["count"].dtype)
     st["count"] += kept

@@ -9,6 +9,7 @@
 * ``gram``       sum_i (x_i - K)(x_i - K)^T,
 * ``power3/4``   per-dimension sum_i (x_ij - K_j)^3 and ^4 (excess kurtosis),
 * ``unit_sum``   sum_i x_i / ||x_i|| (mean pairwise cosine similarity, "anisotropy"),
+* ``absmax``     per-dimension max_i |x_ij| (the int8 absmax scale; reduced with MAX, not SUM),
 * ``nonfinite``  number of rows dropped because they held NaN or Inf,
 * ``product_sq`` (products narrower than fp64 only) Σ over chunks of diag of each chunk's
                  Gram product: the scale of the products' rounding error (``product_scale``).
@@ -17,11 +18,12 @@ The shift follows the data: the first rows after construction or ``reset()`` set
 ``reshift_`` moves it exactly (``GSAMMonitor`` re-centres windows that never reset at each
 log), so a mean that moves never costs the products their digits.
 
-Every field but the shift is a plain sum, so two states with the same shift merge by
-addition and a distributed sync is one ``all_reduce(SUM)`` per tensor, as torchmetrics'
-``dist_reduce_fx="sum"``. Shifting by K (a value near the mean) keeps the Gram matrix well
-conditioned when activations sit far from the origin: the naive sum-of-squares formula loses
-every digit when |mean| is 1e4 times the spread; the shifted one does not
+Every field but the shift and the abs-max is a plain sum, so two states with the same shift
+merge by addition and a distributed sync is one ``all_reduce(SUM)`` per tensor, as torchmetrics'
+``dist_reduce_fx="sum"`` (the abs-max takes one ``all_reduce(MAX)``, ``dist_reduce_fx="max"``).
+Shifting by K (a value near the mean) keeps the Gram matrix well conditioned when activations
+sit far from the origin: the naive sum-of-squares formula loses every digit when |mean| is 1e4
+times the spread; the shifted one does not
 (Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983).
 
 ``update`` ignores the caller's numeric context: it runs with autocast disabled and with
@@ -43,7 +45,7 @@ from typing import Any
 import torch
 
 from gsam_monitor._validate import positive_int
-from gsam_monitor.stats.distributed import agree_on_shift, sum_over_ranks, sum_to_rank
+from gsam_monitor.stats.distributed import AllReduce, agree_on_shift, max_over_ranks, sum_over_ranks, sum_to_rank
 from gsam_monitor.stats.kernel import chunk_rows, update_chunk
 from gsam_monitor.stats.moments import Moments
 from gsam_monitor.stats.precision import exact_numerics, resolve_product_dtype, resolve_state_dtype, shift_dtype
@@ -52,6 +54,7 @@ from gsam_monitor.stats.shift import shifted_sums
 __all__ = ["LayerStats"]
 
 _SUM_FIELDS = ("count", "sum", "gram", "power3", "power4", "unit_sum", "product_sq")
+_MAX_FIELDS = ("absmax",)
 
 
 class LayerStats(Moments):
@@ -69,7 +72,8 @@ class LayerStats(Moments):
             MPS; see ``resolve_product_dtype``), ``"native"`` = the activations' own dtype
             (fp32 for bf16/fp16 activations), or a dtype. The metrics' rank tolerance follows
             the product's error model (``gsam_monitor.metrics.eigenvalue_tolerance``).
-        higher_moments: Keep the per-dimension 3rd/4th power sums and the unit-vector sum.
+        higher_moments: Keep the per-dimension 3rd/4th power sums, the unit-vector sum and the
+            per-dimension abs-max.
 
     State tensors are ordinary tensors whatever mode they are created or updated in: a
     ``LayerStats`` first touched under ``torch.inference_mode()`` keeps working outside it.
@@ -118,6 +122,7 @@ class LayerStats(Moments):
                 self._state["power3"] = torch.zeros(d, dtype=f, device=dev)
                 self._state["power4"] = torch.zeros(d, dtype=f, device=dev)
                 self._state["unit_sum"] = torch.zeros(d, dtype=f, device=dev)
+                self._state["absmax"] = torch.zeros(d, dtype=f, device=dev)
             self._state["nonfinite"] = torch.zeros((), dtype=torch.int64, device=dev)
         self._track_product_error()
 
@@ -153,19 +158,30 @@ class LayerStats(Moments):
         return self._state["unit_sum"]
 
     @property
+    def absmax(self) -> torch.Tensor:
+        """Per-dimension largest |x| over the kept rows (0 before any row; an EMA window keeps
+        the largest since its last reset: a maximum does not decay)."""
+        self._require_higher("absmax")
+        return self._state["absmax"]
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors."""
         return sum(t.numel() * t.element_size() for t in self._state.values())
 
     @staticmethod
     def state_bytes(dim: int, state_dtype: torch.dtype = torch.float64) -> int:
-        """Bytes of state a ``LayerStats(dim)`` holds: d² for the Gram matrix plus 5·d."""
+        """Bytes of state a ``LayerStats(dim)`` holds: d² for the Gram matrix plus 6·d."""
         itemsize = torch.empty((), dtype=state_dtype).element_size()
-        return itemsize * (dim * dim + 5 * dim) + 16
+        return itemsize * (dim * dim + 6 * dim) + 16
 
     def state_tensors(self) -> OrderedDict[str, torch.Tensor]:
-        """The sum-reducible state (everything but the shift), by name."""
-        return OrderedDict((k, v) for k, v in self._state.items() if k != "shift")
+        """The sum-reducible state (everything but the shift and the abs-max), by name."""
+        return OrderedDict((k, v) for k, v in self._state.items() if k != "shift" and k not in _MAX_FIELDS)
+
+    def max_tensors(self) -> OrderedDict[str, torch.Tensor]:
+        """The max-reducible state (the per-dimension abs-max), by name."""
+        return OrderedDict((k, v) for k, v in self._state.items() if k in _MAX_FIELDS)
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -277,6 +293,8 @@ class LayerStats(Moments):
         ``other``'s shift.
         """
         self._check_compatible(other)
+        for k, v in self.max_tensors().items():
+            torch.maximum(v, other._state[k].to(v.device, v.dtype), out=v)
         if not other._shift_set:
             self._state["nonfinite"] += other._state["nonfinite"].to(self.device)
             return self
@@ -295,14 +313,15 @@ class LayerStats(Moments):
     def reset(self) -> None:
         """Zero the sums and release the shift: the next window's first rows set it, so a
         window whose mean moved far from the last one's keeps every digit."""
-        for t in self.state_tensors().values():
+        for t in (*self.state_tensors().values(), *self.max_tensors().values()):
             t.zero_()
         self._state["shift"].zero_()
         self._shift_set = False
 
     @torch.no_grad()
     def decay_(self, factor: float) -> LayerStats:
-        """Multiply every sum, the count included, by ``factor`` (exponential windows)."""
+        """Multiply every sum, the count included, by ``factor`` (exponential windows); the
+        abs-max is a maximum and stays."""
         if not 0.0 <= factor <= 1.0:
             raise ValueError(f"factor must be in [0, 1]; got {factor!r}.")
         for k in _SUM_FIELDS:
@@ -340,17 +359,16 @@ class LayerStats(Moments):
     # ------------------------------------------------------------------ distributed
     @torch.no_grad()
     def all_reduce_(self, group: Any = None, *, all_reduce: Callable[..., Any] | None = None) -> LayerStats:
-        """Sum this state over the ranks of ``group``, in place (any process group: the
-        group's ranks need not include global rank 0).
-
-        The common shift is the plain (unweighted) mean of the shifts of the ranks that hold
-        data, agreed by the first ``all_reduce`` itself: every rank receives the same sums, so
-        no broadcast (and no source rank) is needed. Each rank then re-expresses its sums
-        around it, so that the sums add exactly. ``all_reduce`` defaults to
-        ``torch.distributed.all_reduce`` and is injectable for tests.
+        """Sum this state over the ranks of ``group``, in place (any process group: its ranks
+        need not include global rank 0). The common shift, the plain mean of the shifts of the
+        ranks holding data, is agreed by the first ``all_reduce`` itself (every rank receives the
+        same sums: no broadcast, no source rank); each rank re-expresses its sums around it, so
+        that they add exactly; the abs-max takes the maximum (``op=ReduceOp.MAX``). ``all_reduce``
+        (default ``torch.distributed.all_reduce``, called with ``group=``) is injectable for tests.
         """
         holders = self._agree_shift(group, all_reduce)
         sum_over_ranks(self.state_tensors().values(), group, all_reduce)
+        max_over_ranks(self.max_tensors().values(), group, all_reduce)
         self._shift_set = bool(holders.item() > 0)
         return self
 
@@ -367,12 +385,7 @@ class LayerStats(Moments):
 
     @torch.no_grad()
     def reduce_(
-        self,
-        dst: int,
-        group: Any = None,
-        *,
-        all_reduce: Callable[..., Any] | None = None,
-        reduce: Callable[..., Any] | None = None,
+        self, dst: int, group: Any = None, *, all_reduce: AllReduce | None = None, reduce: AllReduce | None = None
     ) -> LayerStats:
         """Sum this state over the ranks of ``group`` onto group rank ``dst``, in place.
 
@@ -387,6 +400,7 @@ class LayerStats(Moments):
         everywhere = ("count", "nonfinite")
         sum_over_ranks([self._state[k] for k in everywhere], group, all_reduce)
         sum_to_rank([v for k, v in self.state_tensors().items() if k not in everywhere], dst, group, reduce)
+        max_over_ranks(self.max_tensors().values(), group, all_reduce)  # d values: everywhere
         self._shift_set = bool(holders.item() > 0)
         return self
 
@@ -415,6 +429,9 @@ class LayerStats(Moments):
         if bool(state_dict.get("higher_moments")) != self.higher_moments:
             raise ValueError("state_dict and this LayerStats disagree on higher_moments.")
         for k, v in self._state.items():
+            if k in _MAX_FIELDS and k not in state_dict:
+                v.fill_(float("nan"))  # a state saved before the field existed: the maximum is unknown
+                continue
             if k == "product_sq" and k not in state_dict:
                 # A state saved before the field existed: its products were not centred per
                 # chunk, so their error scale is the diagonal of the Gram around the shift.
