@@ -25,6 +25,8 @@ def _records(path: Path) -> list[bytes]:
             pos += _BLOCK - pos % _BLOCK
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record the W&B service is still writing
+            break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == _FULL:
@@ -42,15 +44,22 @@ def _records(path: Path) -> list[bytes]:
 def _parsed(path: Path, timeout: float) -> list[Any]:
     """The file's records, waiting until the run's exit record is on disk: under load the
     W&B service may still be writing when ``run.finish()`` has returned."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     deadline = time.monotonic() + timeout
     while True:
         records = []
-        for raw in _records(path):
-            record = pb.Record()
-            record.ParseFromString(raw)
-            records.append(record)
+        try:
+            for raw in _records(path):
+                record = pb.Record()
+                record.ParseFromString(raw)
+                records.append(record)
+        except DecodeError:  # read while the service was writing: read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
