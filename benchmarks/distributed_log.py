@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from benchmarks._common import write_json
+from _common import write_json
 
 
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out: str) -> None:

@@ -31,8 +31,8 @@ import platform
 from pathlib import Path
 
 import torch
+from _common import median_seconds, write_json
 
-from benchmarks._common import median_seconds, write_json
 from gsam_monitor import LayerStats, metrics
 
 CPU = torch.device("cpu")
