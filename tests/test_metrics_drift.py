@@ -12,20 +12,11 @@ import torch
 from gsam_monitor import LayerStats, metrics
 from tests.reference import mle_cov, scipy_rank_tol
 from tests.reference_drift import kl_oas, w2sq_eig, w2sq_sqrtm
+from tests.test_metrics import _layernorm, _stats
 
 DRIFT = list(metrics.DRIFT_METRICS)
 
 
-def _stats(x: np.ndarray, chunks: int = 3) -> LayerStats:
-    s = LayerStats(x.shape[1])
-    for part in np.array_split(x, chunks):
-        s.update(torch.from_numpy(np.ascontiguousarray(part)))
-    return s
-
-
-def _layernorm(x: np.ndarray) -> np.ndarray:
-    z = x - x.mean(1, keepdims=True)
-    return z / np.sqrt(z.var(1, keepdims=True) + 1e-5)
 
 
 def _drift(cur: np.ndarray, ref: np.ndarray) -> dict[str, float]:
