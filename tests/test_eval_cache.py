@@ -75,7 +75,7 @@ def test_store_keeps_everything_in_memory_when_it_fits():
     bytes_per_token = 3 * 8 * 4
     with HiddenStateStore(15 * bytes_per_token, expected_tokens=15) as store:
         assert all(store.add(*b) for b in batches)
-        assert store.where == "memory" and store.bytes_in_memory == 15 * bytes_per_token
+        assert store.where == "memory" and not store.spilling and store.bytes_in_memory == 15 * bytes_per_token
         assert store.bytes_per_token == bytes_per_token and store.bytes_spilled == 0
         _same(list(store.replay()), batches)
 
@@ -85,7 +85,7 @@ def test_store_spills_every_batch_when_the_corpus_does_not_fit(tmp_path, dtype):
     batches = _batches([5, 7, 0, 3], dtype=dtype)
     with HiddenStateStore("100B", expected_tokens=15, spill_dir=tmp_path) as store:
         assert all(store.add(*b) for b in batches)
-        assert store.where == "spill" and store.bytes_in_memory == 0
+        assert store.where == "spill" and store.spilling and store.bytes_in_memory == 0
         assert store.bytes_spilled == 15 * 3 * 8 * dtype.itemsize
         _same(list(store.replay()), batches)
         _same(list(store.replay()), batches)  # replayable more than once

@@ -149,6 +149,11 @@ class HiddenStateStore:
         return len(self._memory) + len(self._spilled)
 
     @property
+    def spilling(self) -> bool:
+        """Whether the rows go to a spill file (a corpus larger than ``max_memory``)."""
+        return self._file is not None
+
+    @property
     def where(self) -> str:
         """``"memory"``, ``"spill"``, ``"memory+spill"`` or ``"none"``: where the kept rows are."""
         return "+".join(name for name, used in (("memory", self._memory), ("spill", self._spilled)) if used) or "none"
