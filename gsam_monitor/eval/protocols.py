@@ -339,8 +339,7 @@ def run_token_protocol(
             if second_pass:
                 store.add(batch.rows, batch.mask, batch.labels)
             del batch
-            if store.spilling:
-                _release_heap()
+            _release_heap(store)
         if second_pass:
             if "mardia_kurtosis" in names:
                 accumulators = [_mardia(s) for s in stats]
@@ -350,8 +349,7 @@ def run_token_protocol(
             for batch in _progress(batches, total=n_batches, desc=f"{loaded.name} pass 2", enabled=progress):
                 _second_pass(batch, accumulators, observers, loaded.device)
                 del batch
-                if store.spilling:
-                    _release_heap()
+                _release_heap(store)
             info = {"replayed": replayed, "rerun": n_batches - replayed, "where": store.where,
                     "bytes_in_memory": store.bytes_in_memory, "bytes_spilled": store.bytes_spilled,
                     "bytes_per_token": store.bytes_per_token}
@@ -380,13 +378,13 @@ def run_token_protocol(
     )
 
 
-def _release_heap() -> None:
+def _release_heap(store: HiddenStateStore) -> None:
     """Give the freed per-batch buffers back to the OS (glibc's ``malloc_trim``; nothing
     elsewhere), after each batch of a run whose rows spill to a file. Batches of varying size,
     freed in turn, otherwise fragment the heap: at 30,000 sentences the peak resident memory
     doubled. Trimming every 8th batch instead kept a third of that growth; runs whose rows stay
     in memory are not trimmed, since a trim costs ~0.06 s (``benchmarks/RESULTS.md``)."""
-    if _MALLOC_TRIM is not None:
+    if store.spilling and _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
 
