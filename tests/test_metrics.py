@@ -181,6 +181,22 @@ def test_heldout_loglik_matches_scipy(rng: np.random.Generator) -> None:
     assert "heldout_loglik" not in metrics.compute(_stats(a))
 
 
+@pytest.mark.parametrize("d", [256, 301])
+def test_heldout_loglik_from_two_cholesky_factors_matches_scipy_at_blocked_sizes(
+    d: int, rng: np.random.Generator
+) -> None:
+    # From d = 256 the trace term ‖L_ref⁻¹ L‖² is solved by column blocks; 301 leaves uneven ones.
+    mix = np.eye(d) + 0.3 * rng.standard_normal((d, d)) / math.sqrt(d)  # well conditioned, correlated
+    a = rng.standard_normal((2 * d, d)) @ mix
+    b = rng.standard_normal((3 * d, d)) * np.linspace(0.5, 2.0, d) + 0.1
+    _, fit = metrics.compute(_stats(a), names=["n"], return_fit=True)
+    assert fit.chol is not None  # the path under test: both windows at full rank
+    m, own = metrics.compute(_stats(b), fit, names=["heldout_loglik"], return_fit=True)
+    assert own.chol is not None
+    expected = float(scipy.stats.multivariate_normal(a.mean(0), mle_cov(a)).logpdf(b).mean()) / d
+    assert _relerr(m["heldout_loglik"], expected) < 1e-9
+
+
 def test_gaussian_fit_is_the_support_of_the_mle_covariance_and_scores_like_its_window(
     rng: np.random.Generator,
 ) -> None:

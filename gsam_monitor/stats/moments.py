@@ -49,8 +49,12 @@ class Moments:
         if ddof not in (0, 1):
             raise ValueError(f"ddof must be 0 (maximum likelihood) or 1 (unbiased); got {ddof!r}.")
         n = self._n()
-        s = self._wide("sum")
-        return (self._gram() - torch.outer(s, s) / n) / (n - ddof)
+        g = self._wide("gram")
+        # (G + Gᵀ - 2 s sᵀ/n) / (2(n - ddof)), in place on one d x d buffer: symmetric to the
+        # last bit (r_i r_j = r_j r_i), and a third of the passes over d² of the plain formula.
+        cov = g + g.T
+        r = self._wide("sum") * n.rsqrt()
+        return cov.addr_(r, r, alpha=-2.0).mul_(0.5 / (n - ddof))
 
     def variance(self, ddof: int = 0) -> torch.Tensor:
         """Per-dimension variance in fp64 (the covariance diagonal, without forming it)."""
