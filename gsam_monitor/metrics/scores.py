@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING
 
@@ -290,7 +291,7 @@ def _lower_solve_sq_norm(ref_chol: torch.Tensor, chol: torch.Tensor) -> float:
     blocks = _SOLVE_BLOCKS if d >= 256 else 1
     edges = [d * i // blocks for i in range(blocks + 1)]
     total = chol.new_zeros(())
-    for c0, c1 in zip(edges[:-1], edges[1:]):
+    for c0, c1 in itertools.pairwise(edges):
         w = torch.linalg.solve_triangular(ref_chol[c0:, c0:], chol[c0:, c0:c1], upper=False)
         total += (w * w).sum()
     return float(total)
