@@ -11,8 +11,9 @@ times, as the median of ``--reps`` runs (one run from d = 2048 up):
 * ``default+ref (refactorised)`` (``--refactorised``): the reference passed as a window,
   factorised again at every log (the cost before fits were kept);
 * one row per metric: ``compute(stats, fit, names=[metric])`` (``--per-metric``);
-* the pieces (``--components``): ``cholesky``, ``solve_triangular`` with d right-hand sides
-  (the held-out score's), ``cholesky_inverse`` and ``eigh`` of the same covariance.
+* the pieces (``--components``): ``cholesky``, a dense ``solve_triangular`` with d right-hand
+  sides, the held-out score's solve of a triangular right-hand side by column blocks,
+  ``cholesky_inverse`` and ``eigh`` of the same covariance.
 
 Each is printed in seconds and as a ratio to ``eigvalsh``; ``--json`` writes the table.
 
@@ -34,6 +35,7 @@ import torch
 from _common import median_seconds, write_json
 
 from gsam_monitor import LayerStats, metrics
+from gsam_monitor.metrics.scores import _lower_solve_sq_norm
 
 CPU = torch.device("cpu")
 
@@ -64,6 +66,7 @@ def measure(d: int, reps: int, per_metric: bool, refactorised: bool, components:
         row["solve_triangular"] = median_seconds(
             lambda: torch.linalg.solve_triangular(chol, chol, upper=False), CPU, reps, warm
         )
+        row["solve (column blocks)"] = median_seconds(lambda: _lower_solve_sq_norm(chol, chol), CPU, reps, warm)
         row["cholesky_inverse"] = median_seconds(lambda: torch.cholesky_inverse(chol), CPU, reps, warm)
         row["eigh"] = median_seconds(lambda: torch.linalg.eigh(cov), CPU, reps, warm)
     if per_metric:

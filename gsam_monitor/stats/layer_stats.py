@@ -46,21 +46,18 @@ import torch
 
 from gsam_monitor._validate import positive_int
 from gsam_monitor.stats.distributed import AllReduce, agree_on_shift, max_over_ranks, sum_over_ranks, sum_to_rank
-from gsam_monitor.stats.kernel import chunk_rows, update_chunk
+from gsam_monitor.stats.feed import RowFeed
 from gsam_monitor.stats.moments import Moments
-from gsam_monitor.stats.precision import exact_numerics, resolve_product_dtype, resolve_state_dtype, shift_dtype
+from gsam_monitor.stats.precision import resolve_product_dtype, resolve_state_dtype, shift_dtype
 from gsam_monitor.stats.shift import shifted_sums
 
 __all__ = ["LayerStats"]
 
 _SUM_FIELDS = ("count", "sum", "gram", "power3", "power4", "unit_sum", "product_sq")
-_PENDING_ELEMENTS = 1 << 16
-"""Rows x dim a CPU state may hold back (and at most dim²/2): small updates wait and are
-added together, at the first read or when this fills (see ``update``)."""
 _MAX_FIELDS = ("absmax",)
 
 
-class LayerStats(Moments):
+class LayerStats(Moments, RowFeed):
     """Streaming first to fourth moments of row vectors, sum-reducible and exact.
 
     Args:
@@ -138,29 +135,6 @@ class LayerStats(Moments):
             with torch.inference_mode(False):
                 self._state["product_sq"] = torch.zeros(self.dim, dtype=gram.dtype, device=gram.device)
 
-    # ------------------------------------------------------------------ the state, read
-    # Every read of the state (``_state``, ``_shift_set``) first adds the rows that small CPU
-    # updates held back (``_flush``): the sums are exact whenever anything looks at them.
-    @property
-    def _state(self) -> OrderedDict[str, torch.Tensor]:
-        if self._pending:
-            self._flush()
-        return self._sums
-
-    @_state.setter
-    def _state(self, value: OrderedDict[str, torch.Tensor]) -> None:
-        self._sums = value
-
-    @property
-    def _shift_set(self) -> bool:
-        if self._pending:
-            self._flush()
-        return self._shift_known
-
-    @_shift_set.setter
-    def _shift_set(self, value: bool) -> None:
-        self._shift_known = value
-
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
@@ -226,11 +200,9 @@ class LayerStats(Moments):
         caller's context (``exact_numerics``); rows are processed in chunks of
         ``2**22 // dim`` rows (at least 256) so that the workspace stays bounded.
 
-        On the CPU, an update of fewer than ``min(2**16, dim²/2) / dim`` rows is copied and
-        held back, and held rows are added together when they fill that size or when anything
-        reads the state: a few dozen rows per call (a capped token sample) would otherwise pay
-        the kernel's fixed cost per call, several times their products. The held copy is at
-        most a quarter of an fp64 Gram matrix's bytes.
+        On the CPU, an update under ``min(2**16, dim²/2)`` elements is copied and held, and
+        held rows are added together when they fill that size or at the first read of the
+        state (``stats.feed``): at most a quarter of an fp64 Gram matrix's bytes.
 
         Raises:
             ValueError: if the last dimension is not ``dim`` or the mask shape does not match.
@@ -260,44 +232,7 @@ class LayerStats(Moments):
                 # No device to wait for on CPU: drop padding before the products instead of
                 # multiplying zeros (padded batches are often half padding).
                 rows, keep_in = rows[keep_in], None
-        if keep_in is None and dev.type == "cpu" and self._hold(rows):
-            return
-        if self._pending:
-            self._flush()
-        self._add_rows(rows, keep_in)
-
-    def _hold(self, rows: torch.Tensor) -> bool:
-        """Keep a copy of a small CPU update for later (True); False when it is too large."""
-        limit = min(_PENDING_ELEMENTS, self.dim * self.dim // 2)
-        if rows.numel() > limit:
-            return False
-        if self._pending and (
-            (self._pending_rows + rows.shape[0]) * self.dim > limit or rows.dtype != self._pending[0].dtype
-        ):
-            self._flush()
-        with torch.inference_mode(False):  # an ordinary copy: it may be added outside the mode
-            self._pending.append(rows.clone())
-        self._pending_rows += rows.shape[0]
-        return True
-
-    def _flush(self) -> None:
-        """Add the held rows to the sums (taken first: a second reader finds none)."""
-        pending, self._pending, self._pending_rows = self._pending, [], 0
-        if pending:
-            self._add_rows(pending[0] if len(pending) == 1 else torch.cat(pending), None)
-
-    def _add_rows(self, rows: torch.Tensor, keep_in: torch.Tensor | None) -> None:
-        """Rows into the sums, in chunks that bound the kernel's workspace."""
-        step = chunk_rows(self.dim)
-        with exact_numerics(self.device.type):
-            for start in range(0, rows.shape[0], step):
-                part = rows[start : start + step]
-                self._update_rows(part, None if keep_in is None else keep_in[start : start + step])
-
-    def _update_rows(self, rows: torch.Tensor, keep_in: torch.Tensor | None) -> None:
-        """One chunk of rows into the sums (``kernel.update_chunk``); the first sets the shift."""
-        update_chunk(self._sums, rows, keep_in, self.product_dtype, set_shift=not self._shift_known)
-        self._shift_known = True
+        self._feed(rows, keep_in)
 
     # ------------------------------------------------------------------ shift algebra
     def _representable_shift(self, shift: torch.Tensor) -> torch.Tensor:
