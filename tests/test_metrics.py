@@ -224,6 +224,41 @@ def test_gaussian_fit_is_the_support_of_the_mle_covariance_and_scores_like_its_w
         metrics.GaussianFit.from_stats(LayerStats(3))
 
 
+def test_rank_deficient_fits_find_the_null_space_without_an_eigh(rng: np.random.Generator, eig_calls) -> None:
+    # Post-LayerNorm with a learned gain: one null direction, along 1/γ rather than 1. The
+    # fit finds it by inverse iteration (no eigh); its pseudo-inverse, scores and support
+    # eigenvectors equal numpy's.
+    d = 64
+    gain = rng.uniform(0.5, 2.0, d)
+    a = _layernorm(rng.standard_normal((900, d)) @ rng.standard_normal((d, d))) * gain + 0.1
+    b = _layernorm(rng.standard_normal((500, d)) * np.linspace(0.5, 2, d)) * gain + 0.1
+    eig_calls.update(eigvalsh=0, eigh=0)
+    _, fit = metrics.compute(_stats(a), names=["gsam"], return_fit=True)
+    assert eig_calls == {"eigvalsh": 1, "eigh": 0} and fit.rank == d - 1 and fit.chol is None
+    lam, vecs = np.linalg.eigh(mle_cov(a))
+    support = lam > scipy_rank_tol(lam)
+    pinv = (vecs[:, support] / lam[support]) @ vecs[:, support].T
+    np.testing.assert_allclose(fit.precision.numpy(), pinv, rtol=1e-7, atol=1e-10 * np.abs(pinv).max())
+    ref = scipy.stats.multivariate_normal(a.mean(0), mle_cov(a), allow_singular=True)
+    held = metrics.compute(_stats(b), fit, names=["heldout_loglik"])["heldout_loglik"]
+    assert _relerr(held, float(ref.logpdf(b).mean()) / (d - 1)) < 1e-9
+    # The support eigenvectors (for the drift metrics), made once from the pseudo-inverse.
+    u = fit.eigenvectors().numpy()
+    assert u.shape == (d, d - 1)
+    np.testing.assert_allclose(u @ u.T, vecs[:, support] @ vecs[:, support].T, atol=1e-9)
+    np.testing.assert_allclose(np.abs(u[:, 0]), np.abs(vecs[:, -1]), atol=1e-9)  # λmax first, as evals
+    # More null directions than inverse iteration takes on: the eigh fallback, same answers.
+    w = rng.standard_normal((20, d))
+    low = rng.standard_normal((400, 20)) @ w
+    eig_calls.update(eigvalsh=0, eigh=0)
+    _, fit_low = metrics.compute(_stats(low), names=["gsam"], return_fit=True)
+    assert eig_calls == {"eigvalsh": 1, "eigh": 1} and fit_low.rank == 20
+    ref_low = scipy.stats.multivariate_normal(low.mean(0), mle_cov(low), allow_singular=True)
+    more = rng.standard_normal((100, 20)) @ w
+    held = metrics.compute(_stats(more), fit_low, names=["heldout_loglik"])["heldout_loglik"]
+    assert _relerr(held, float(ref_low.logpdf(more).mean()) / 20) < 1e-9
+
+
 def test_too_few_rows_give_nan_not_errors() -> None:
     s = LayerStats(5)
     m = metrics.compute(s)
