@@ -247,6 +247,15 @@ def test_rank_deficient_fits_find_the_null_space_without_an_eigh(rng: np.random.
     assert u.shape == (d, d - 1)
     np.testing.assert_allclose(u @ u.T, vecs[:, support] @ vecs[:, support].T, atol=1e-9)
     np.testing.assert_allclose(np.abs(u[:, 0]), np.abs(vecs[:, -1]), atol=1e-9)  # λmax first, as evals
+    # A log of the default metrics on the next post-LayerNorm window: one eigvalsh in all (R's
+    # pseudo-determinant from C's spectrum and null basis, the window's fit from its null space).
+    eig_calls.update(eigvalsh=0, eigh=0)
+    m, fit_b = metrics.compute(_stats(b), fit, return_fit=True)
+    assert eig_calls == {"eigvalsh": 1, "eigh": 0} and fit_b.null is not None
+    z = (b - b.mean(0)) / b.std(0)
+    assert _relerr(m["gsam_correlation"], gsam_pdet(z)[0]) < 1e-9
+    assert _relerr(m["heldout_loglik"], float(ref.logpdf(b).mean()) / (d - 1)) < 1e-9
+    assert _relerr(m["gsam"], gsam_pdet(b)[0]) < 1e-9
     # More null directions than inverse iteration takes on: the eigh fallback, same answers.
     w = rng.standard_normal((20, d))
     low = rng.standard_normal((400, 20)) @ w
@@ -257,6 +266,9 @@ def test_rank_deficient_fits_find_the_null_space_without_an_eigh(rng: np.random.
     more = rng.standard_normal((100, 20)) @ w
     held = metrics.compute(_stats(more), fit_low, names=["heldout_loglik"])["heldout_loglik"]
     assert _relerr(held, float(ref_low.logpdf(more).mean()) / 20) < 1e-9
+    corr = metrics.compute(_stats(low), names=["gsam", "gsam_correlation"])["gsam_correlation"]
+    z = (low - low.mean(0)) / low.std(0)
+    assert _relerr(corr, gsam_pdet(z)[0]) < 1e-9
 
 
 def test_too_few_rows_give_nan_not_errors() -> None:

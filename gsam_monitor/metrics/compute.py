@@ -21,7 +21,7 @@ import torch
 from gsam_monitor._validate import with_suggestion
 from gsam_monitor.metrics.drift import DRIFT_METRICS, drift_metrics
 from gsam_monitor.metrics.fit import GaussianFit
-from gsam_monitor.metrics.linalg import spectrum
+from gsam_monitor.metrics.linalg import null_space, spectrum
 from gsam_monitor.metrics.rankme import rankme
 from gsam_monitor.metrics.scores import (
     POWERLAW_RANGE,
@@ -205,7 +205,8 @@ def _fill(
         if want_fit:
             fit = GaussianFit.from_spectrum(stats, cov, evals, evecs, tol, rtol=rank_rtol)
     if "gsam_correlation" in wanted:
-        out["gsam_correlation"] = correlation_score(cov, n, stats.product_dtype, scale, evals=evals)
+        null = _null_basis(cov, evals, tol, fit, stats.product_dtype) if evals is not None else None
+        out["gsam_correlation"] = correlation_score(cov, n, stats.product_dtype, scale, evals=evals, null=null)
     if "mean_kurtosis" in wanted:
         k = stats.excess_kurtosis()
         k = k[torch.isfinite(k)]
@@ -226,6 +227,24 @@ def _fill(
     if mardia is not None:
         out["mardia_kurtosis"] = mardia.value()
     return evals, fit
+
+
+def _null_basis(
+    cov: torch.Tensor,
+    evals: torch.Tensor,
+    tol: torch.Tensor,
+    fit: GaussianFit | None,
+    product_dtype: torch.dtype | None,
+) -> torch.Tensor | None:
+    """C's null basis for a rank-deficient correlation score (fp64 products): the fit's, or
+    found here when no fit was made; ``None`` at full rank or when none is found."""
+    keep = evals > tol
+    if product_dtype != torch.float64 or bool(keep.all()):
+        return None
+    if fit is not None:
+        return fit.null
+    found = null_space(cov, evals, keep)
+    return None if found is None else found[0]
 
 
 def _reference_fit(reference: LayerStats | GaussianFit | None, rank_rtol: float | None) -> GaussianFit | None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gsam_monitor.metrics.linalg import eigenvalue_tolerance, spectrum
+from gsam_monitor.metrics.linalg import eigenvalue_tolerance, null_space, spectrum
 
 if TYPE_CHECKING:
     from gsam_monitor.stats import LayerStats
@@ -37,6 +37,8 @@ class GaussianFit:
         pinv: (d, d) the pseudo-inverse S⁺ on the support when S is rank-deficient, else ``None``.
         evecs: (d, r) the support eigenvectors, matching ``evals``, when the fit was made from
             them; ``eigenvectors()`` makes them once otherwise (only the drift metrics need them).
+        null: (d, d - r) an orthonormal basis of the null directions, when the fit found them
+            by inverse iteration (``linalg.null_space``).
     """
 
     n: float
@@ -45,6 +47,7 @@ class GaussianFit:
     chol: torch.Tensor | None = None
     pinv: torch.Tensor | None = None
     evecs: torch.Tensor | None = None
+    null: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -139,45 +142,22 @@ class GaussianFit:
     ) -> GaussianFit | None:
         """The pseudo-inverse of a covariance with a few null directions, without an ``eigh``.
 
-        Inverse iteration with the factor of S + σI (σ = 10⁻⁴ of the smallest kept
-        eigenvalue) finds the null space N (k columns) in a few triangular solves of k
-        vectors; with c the mean kept eigenvalue, S + cNNᵀ has full rank and
-        S⁺ = (S + cNNᵀ)⁻¹ - N diag(1/(μ + c)) Nᵀ, μ = diag(NᵀSN): two Cholesky factorisations
-        and one inverse (≈ 0.6–0.9 ``eigvalsh`` at d = 4096) where an ``eigh`` costs ≈ 3. ``None`` (the caller
-        falls back to ``eigh``) for more than ``_NULL_SPACE_MAX`` null directions, a kept
-        spectrum too close to the null one, or a basis that fails its residual check.
+        With the null basis N and μ = diag(NᵀSN) from ``linalg.null_space`` and c the mean
+        kept eigenvalue, S + cNNᵀ has full rank and S⁺ = (S + cNNᵀ)⁻¹ - N diag(1/(μ + c)) Nᵀ:
+        with the null space's own factor, two Cholesky factorisations and one inverse
+        (≈ 0.6–0.9 ``eigvalsh`` at d = 4096) where an ``eigh`` costs ≈ 3. ``None`` (the
+        caller falls back to ``eigh``) when ``null_space`` finds none.
         """
-        k = int((~keep).sum())
-        if not 0 < k <= _NULL_SPACE_MAX or not bool(keep[:-k].all()):
+        found = null_space(cov, evals, keep)
+        if found is None:
             return None
-        lam = evals[:-k]  # descending: the kept ones first
-        floor = float(lam[-1])
-        work = cov.clone()  # one d x d buffer for both factorised matrices
-        work.diagonal().add_(1e-4 * floor)
-        chol, info = torch.linalg.cholesky_ex(work)
-        if int(info) != 0:
-            return None
-        gen = torch.Generator().manual_seed(0)
-        basis = torch.linalg.qr(torch.randn(cov.shape[0], k, dtype=cov.dtype, generator=gen)).Q
-        for _ in range(_NULL_SPACE_ITERATIONS):  # each step shrinks the kept part by ≈ 1e-4
-            basis = torch.linalg.qr(torch.cholesky_solve(basis, chol)).Q
-        s_n = cov @ basis
-        mu = (basis * s_n).sum(0)
-        # A null basis leaves S N within the tolerance the spectrum used: what it keeps out is null.
-        tol = float(evals[0]) * 1e6 * torch.finfo(torch.float64).eps
-        if float(torch.linalg.matrix_norm(s_n, ord=2)) > max(tol, 1e-8 * floor):
-            return None
+        basis, mu = found
+        lam = evals[keep]
         c = float(lam.mean())
-        full, info = torch.linalg.cholesky_ex(work.copy_(cov).addmm_(basis, basis.T, alpha=c))
+        full, info = torch.linalg.cholesky_ex(torch.addmm(cov, basis, basis.T, alpha=c))
         if int(info) != 0:
             return None
         scaled = basis * (mu + c).rsqrt()
         pinv = torch.cholesky_inverse(full).addmm_(scaled, scaled.T, alpha=-1.0)
         mean = stats.mean.to("cpu", torch.float64)
-        return cls(n=float(stats.count), mean=mean, evals=lam, pinv=pinv)
-
-
-_NULL_SPACE_MAX = 16
-"""Most null directions ``GaussianFit`` finds by inverse iteration (post-LayerNorm layers have
-one); beyond it an ``eigh`` is as cheap."""
-_NULL_SPACE_ITERATIONS = 4
+        return cls(n=float(stats.count), mean=mean, evals=lam, pinv=pinv, null=basis)

@@ -154,13 +154,16 @@ def correlation_score(
     scale: torch.Tensor | None = None,
     *,
     evals: torch.Tensor | None = None,
+    null: torch.Tensor | None = None,
 ) -> float:
     """GSAM of the correlation matrix: -(r/2)(1 + log 2π) - (1/2) log pdet R + log n,
     scale-invariant (dimensions without variance left out).
 
     ``evals``: ``cov``'s eigenvalues, when at hand. Where they prove R = D⁻¹CD⁻¹ of full
     rank, log det R = log det C - Σ log C_ii (a determinant is multiplicative) and no second
-    eigendecomposition is needed."""
+    eigendecomposition is needed. ``null``: an orthonormal basis N of C's null directions
+    (fp64 products), when at hand: where the eigenvalues prove R's rank d - k, log pdet R =
+    log pdet C + log det(NᵀDN) - Σ log C_ii (``_deficient_correlation``)."""
     var = torch.diagonal(cov)
     # Dimensions with no variance have no distribution to standardise; leave them out. With
     # fp32 products a variance is zero when it is below its own rounding error, c·eps32·scale.
@@ -176,7 +179,10 @@ def correlation_score(
     # The error model carries over: R = D⁻¹ C D⁻¹ scales entry (i, j)'s error by 1/(sd_i sd_j).
     r_scale = None if scale is None else scale[live] / torch.diagonal(c)
     if evals is not None and everywhere:
-        fast = _full_rank_correlation(evals, var, n, product_dtype, r_scale)
+        if null is None:
+            fast = _full_rank_correlation(evals, var, n, product_dtype, r_scale)
+        else:
+            fast = _deficient_correlation(evals, var, n, null)
         if fast is not None:
             return fast
     sd = torch.sqrt(torch.diagonal(c))
@@ -212,6 +218,27 @@ def _full_rank_correlation(
         return None
     logdet = float(torch.log(evals).sum()) - float(torch.log(var).sum())
     return math.log(n) - 0.5 * d * (1.0 + _LOG_2PI) - 0.5 * logdet
+
+
+def _deficient_correlation(evals: torch.Tensor, var: torch.Tensor, n: float, null: torch.Tensor) -> float | None:
+    """The correlation GSAM of a covariance C with k null directions (orthonormal N, fp64
+    products), from C's eigenvalues; ``None`` when they do not prove R's rank d - k.
+
+    null(R) = D^½ null(C), and in a basis split into C's support and N the congruence gives
+    pdet R = pdet C · det(NᵀDN) / det D. Rank (Ostrowski: λ_j(R) = θ_j λ_j(C) with θ_j
+    between 1/max C_ii and 1/min C_ii): R's k smallest eigenvalues are at most max μ / min C_ii,
+    held under half of R's least tolerance (scipy's rule at λmax(R) >= 1); the others at least
+    the smallest kept λ / max C_ii, held over twice its largest (at min(d, λmax(C) / min C_ii)).
+    """
+    d, k = var.numel(), null.shape[1]
+    kept, tiny = evals[:-k], float(evals[-k:].abs().max())
+    r_max = min(float(d), float(evals.max()) / float(var.min()))
+    if float(kept.min()) / float(var.max()) <= 2.0 * rank_tolerance(torch.tensor([r_max]), torch.float64):
+        return None
+    if tiny / float(var.min()) >= 0.5 * rank_tolerance(torch.tensor([1.0]), torch.float64):
+        return None
+    logpdet = float(torch.log(kept).sum()) + float(torch.logdet((null.T * var) @ null)) - float(torch.log(var).sum())
+    return math.log(n) - 0.5 * (d - k) * (1.0 + _LOG_2PI) - 0.5 * logpdet
 
 
 def heldout_loglik(
