@@ -1,4 +1,4 @@
-"""Which covariance eigenvalues are numerically null: the rank tolerances and the eigensolve.
+"""Which covariance eigenvalues are numerically null: the rank tolerances, the eigensolve and the null space.
 
 A leaf module (torch only): the metrics, Mardia's second pass and the LDA of
 ``gsam_monitor.analysis`` all decide the support of a covariance here, so that they agree.
