@@ -1,9 +1,11 @@
 """The update kernel: one chunk of rows added to the sums, on the device, without host syncs.
 
 Rows to drop (masked or non-finite) are zeroed and weighted 0 instead of being indexed away,
-so a CUDA update never waits. Every n x d temporary lives in a reused per-thread workspace;
-``LayerStats.update`` feeds rows in chunks of ``chunk_rows(d)`` = ``2**22 // d`` (at least
-256), so the workspace stays bounded whatever the batch.
+so a CUDA update never waits. (A CPU chunk reads its total once, with no device to wait for:
+when it is finite and no row is masked, the masking is skipped.) Every n x d temporary lives
+in a reused per-thread workspace; ``LayerStats.update`` feeds rows in chunks of
+``chunk_rows(d)`` = ``2**22 // d`` (at least 256), so the workspace stays bounded whatever
+the batch.
 """
 
 from __future__ import annotations
