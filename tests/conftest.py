@@ -27,3 +27,18 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def eig_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of torch.linalg.eigvalsh / eigh calls made while the test runs."""
+    calls = {"eigvalsh": 0, "eigh": 0}
+    for name in calls:
+        real = getattr(torch.linalg, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counted)
+    return calls

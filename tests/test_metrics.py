@@ -312,21 +312,6 @@ def test_compute_returns_the_spectrum_it_used_on_request() -> None:
 
 
 # ---------------------------------------------------------------- cost: eigendecompositions per call
-@pytest.fixture
-def eig_calls(monkeypatch) -> dict[str, int]:
-    """Counts of torch.linalg.eigvalsh / eigh calls made while the test runs."""
-    calls = {"eigvalsh": 0, "eigh": 0}
-    for name in calls:
-        real = getattr(torch.linalg, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(torch.linalg, name, counted)
-    return calls
-
-
 def test_metrics_without_a_spectrum_run_no_eigendecomposition(rng: np.random.Generator, eig_calls) -> None:
     x = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))
     stats = LayerStats(16, higher_moments=True)

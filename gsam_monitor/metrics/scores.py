@@ -163,7 +163,7 @@ def correlation_score(
     rank, log det R = log det C - Σ log C_ii (a determinant is multiplicative) and no second
     eigendecomposition is needed. ``null``: an orthonormal basis N of C's null directions
     (fp64 products), when at hand: where the eigenvalues prove R's rank d - k, log pdet R =
-    log pdet C + log det(NᵀDN) - Σ log C_ii (``_deficient_correlation``)."""
+    log pdet C + log det(NᵀDN) - Σ log C_ii (``_correlation_from_spectrum``)."""
     var = torch.diagonal(cov)
     # Dimensions with no variance have no distribution to standardise; leave them out. With
     # fp32 products a variance is zero when it is below its own rounding error, c·eps32·scale.
@@ -179,10 +179,7 @@ def correlation_score(
     # The error model carries over: R = D⁻¹ C D⁻¹ scales entry (i, j)'s error by 1/(sd_i sd_j).
     r_scale = None if scale is None else scale[live] / torch.diagonal(c)
     if evals is not None and everywhere:
-        if null is None:
-            fast = _full_rank_correlation(evals, var, n, product_dtype, r_scale)
-        else:
-            fast = _deficient_correlation(evals, var, n, null)
+        fast = _correlation_from_spectrum(evals, var, n, product_dtype, r_scale, null)
         if fast is not None:
             return fast
     sd = torch.sqrt(torch.diagonal(c))
@@ -191,18 +188,31 @@ def correlation_score(
     return gaussian_score(ev, n, tol)[0]
 
 
-def _full_rank_correlation(
-    evals: torch.Tensor, var: torch.Tensor, n: float, product_dtype: torch.dtype | None, r_scale: torch.Tensor | None
+def _correlation_from_spectrum(
+    evals: torch.Tensor,
+    var: torch.Tensor,
+    n: float,
+    product_dtype: torch.dtype | None,
+    r_scale: torch.Tensor | None,
+    null: torch.Tensor | None = None,
 ) -> float | None:
-    """The correlation GSAM from C's eigenvalues when they prove that every eigenvalue of R
-    clears the tolerance ``spectrum`` would give R's; ``None`` when they do not.
+    """The correlation GSAM from C's eigenvalues when they prove R's rank, d at full rank or
+    d - k with ``null`` (an orthonormal basis N of C's k null directions, fp64 products);
+    ``None`` when they do not.
 
-    Bounds (Rayleigh quotients with y = D⁻¹x): λmin(R) >= λmin(C) / max C_ii and
-    λmax(R) <= min(d, λmax(C) / min C_ii); R's tolerance is at most its relative rule at
-    that λmax, or c · eps32 · Σ r_scale_i (the per-eigenvector bound of
-    ``eigenvalue_tolerance`` under Cauchy-Schwarz, Σ v_i² = 1) with fp32 products."""
+    null(R) = D^½ null(C), and in a basis split into C's support and N the congruence gives
+    pdet R = pdet C · det(NᵀDN) / det D (det R = det C / det D at full rank: a determinant is
+    multiplicative). Rank (Ostrowski: λ_j(R) = θ_j λ_j(C) with θ_j between 1/max C_ii and
+    1/min C_ii, i.e. Rayleigh quotients with y = D⁻¹x): R's kept eigenvalues are at least the
+    smallest kept λ(C) / max C_ii, held over twice R's largest tolerance, its relative rule at
+    λmax(R) <= min(d, λmax(C) / min C_ii), or c · eps32 · Σ r_scale_i (the per-eigenvector
+    bound of ``eigenvalue_tolerance`` under Cauchy-Schwarz, Σ v_i² = 1) with fp32 products;
+    R's k null ones are at most max |λ| of C's null ones / min C_ii, held under half of R's
+    least tolerance (scipy's rule at λmax(R) >= 1)."""
     d = var.numel()
-    lam_min, lam_max = float(evals.min()), float(evals.max())
+    k = 0 if null is None else null.shape[1]
+    kept = evals if k == 0 else evals[:-k]
+    lam_min, lam_max = float(kept.min()), float(evals.max())
     if lam_min <= 0:
         return None
     r_max = min(float(d), lam_max / float(var.min()))
@@ -216,29 +226,13 @@ def _full_rank_correlation(
     # A factor 2 of margin for the rounding of the computed eigenvalues themselves.
     if lam_min / float(var.max()) <= 2.0 * bound:
         return None
-    logdet = float(torch.log(evals).sum()) - float(torch.log(var).sum())
-    return math.log(n) - 0.5 * d * (1.0 + _LOG_2PI) - 0.5 * logdet
-
-
-def _deficient_correlation(evals: torch.Tensor, var: torch.Tensor, n: float, null: torch.Tensor) -> float | None:
-    """The correlation GSAM of a covariance C with k null directions (orthonormal N, fp64
-    products), from C's eigenvalues; ``None`` when they do not prove R's rank d - k.
-
-    null(R) = D^½ null(C), and in a basis split into C's support and N the congruence gives
-    pdet R = pdet C · det(NᵀDN) / det D. Rank (Ostrowski: λ_j(R) = θ_j λ_j(C) with θ_j
-    between 1/max C_ii and 1/min C_ii): R's k smallest eigenvalues are at most max μ / min C_ii,
-    held under half of R's least tolerance (scipy's rule at λmax(R) >= 1); the others at least
-    the smallest kept λ / max C_ii, held over twice its largest (at min(d, λmax(C) / min C_ii)).
-    """
-    d, k = var.numel(), null.shape[1]
-    kept, tiny = evals[:-k], float(evals[-k:].abs().max())
-    r_max = min(float(d), float(evals.max()) / float(var.min()))
-    if float(kept.min()) / float(var.max()) <= 2.0 * rank_tolerance(torch.tensor([r_max]), torch.float64):
-        return None
-    if tiny / float(var.min()) >= 0.5 * rank_tolerance(torch.tensor([1.0]), torch.float64):
-        return None
-    logpdet = float(torch.log(kept).sum()) + float(torch.logdet((null.T * var) @ null)) - float(torch.log(var).sum())
-    return math.log(n) - 0.5 * (d - k) * (1.0 + _LOG_2PI) - 0.5 * logpdet
+    logdet = float(torch.log(kept).sum()) - float(torch.log(var).sum())
+    if k:
+        tiny = float(evals[-k:].abs().max())
+        if tiny / float(var.min()) >= 0.5 * rank_tolerance(torch.tensor([1.0]), torch.float64):
+            return None
+        logdet += float(torch.logdet((null.T * var) @ null))
+    return math.log(n) - 0.5 * (d - k) * (1.0 + _LOG_2PI) - 0.5 * logdet
 
 
 def heldout_loglik(
