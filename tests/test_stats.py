@@ -408,6 +408,9 @@ def test_small_cpu_updates_are_held_and_added_together_exactly(
     for i in range(0, 96, 4):  # 24 updates of 4 rows
         s.update(torch.from_numpy(x[i : i + 4]))
     assert calls == [32, 32]  # two full holds added; 32 rows still held
+    # A size query writes nothing: the monitor asks every window's size, under another
+    # window's lock, while threads may be updating this one.
+    assert s.nbytes == LayerStats(d).nbytes and calls == [32, 32]
     kept = np.delete(x[:96], 13, axis=0)
     assert float(s.count) == 95 and int(s.nonfinite) == 1  # a read adds the held rows
     assert calls == [32, 32, 32]

@@ -168,8 +168,10 @@ class LayerStats(Moments, RowFeed):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the state tensors."""
-        return sum(t.numel() * t.element_size() for t in self._state.values())
+        """Bytes held by the state tensors. A size query: it adds no held rows, so it may be
+        asked of a window while another thread, holding that window's lock, updates it (the
+        monitor's memory budget asks every window when one is created)."""
+        return sum(t.numel() * t.element_size() for t in self._sums.values())
 
     @staticmethod
     def state_bytes(dim: int, state_dtype: torch.dtype = torch.float64) -> int:
