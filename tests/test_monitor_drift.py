@@ -92,9 +92,13 @@ def test_pinned_reference_from_an_evaluation_pass(monkeypatch: pytest.MonkeyPatc
     monitor = _monitor(model, every_n_steps=3, reference="pinned")
     base = _batches(3, seed=2)
     later = _batches(9, seed=3)
-    fits = []
+    fits, factors = [], []
     real = metrics.GaussianFit.from_stats
     monkeypatch.setattr(metrics.GaussianFit, "from_stats", lambda *a, **k: fits.append(1) or real(*a, **k))
+    real_spectrum = metrics.GaussianFit.from_spectrum
+    monkeypatch.setattr(
+        metrics.GaussianFit, "from_spectrum", lambda *a, **k: factors.append(1) or real_spectrum(*a, **k)
+    )
     with monitor:
         with pytest.raises(ValueError, match="no window of phase"):
             monitor.pin_reference()
@@ -113,6 +117,7 @@ def test_pinned_reference_from_an_evaluation_pass(monkeypatch: pytest.MonkeyPatc
         for layer in ("blocks.0", "blocks.1"):
             _assert_drift(out, rows, base_rows, layer)
     assert len(fits) == 2  # one factorisation per pinned (layer, phase), not one per log
+    assert len(factors) == 2  # those two only: no log fits its own window, which no later log compares with
 
 
 def test_no_reference_until_pinned_and_pin_errors() -> None:

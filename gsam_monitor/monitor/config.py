@@ -127,6 +127,12 @@ class MonitorConfig:
         return bool(REFERENCE_METRICS & set(self.metric_names))
 
     @property
+    def fits_windows(self) -> bool:
+        """Whether a log fits each window it logs: only under ``reference="previous"``, where
+        that window is the next log's reference (a fixed reference is factorised once)."""
+        return self.heldout and self.reference == "previous"
+
+    @property
     def higher_moments(self) -> bool:
         """Whether the statistics keep the 3rd/4th moments (a selected metric needs them)."""
         return bool(HIGHER_MOMENT_METRICS & set(self.metric_names))

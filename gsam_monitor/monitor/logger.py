@@ -182,7 +182,7 @@ class WindowLogger:
             step=step,
             want_spectrum=every is not None and n_logs % every == 0,
             attention=attention,
-            want_fits=self.config.heldout,
+            want_fits=self.config.fits_windows,
             owned=owned,
         )
 
