@@ -124,6 +124,7 @@ def test_trainer_tensorboard_and_wandb_get_train_and_eval_curves(tmp_path: Path,
     monkeypatch.setenv("WANDB_PROJECT", "gsam-test")
     import wandb
 
+    wandb.teardown()  # W&B reads WANDB_DIR when its process-wide setup starts: restart it after earlier runs
     model = tiny_bert()
     callback = GSAMTrainerCallback(max_tokens_per_layer=None)
     args = training_args(tmp_path / "out", report_to=["tensorboard", "wandb"], eval_strategy="steps", eval_steps=3)
