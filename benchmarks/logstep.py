@@ -10,7 +10,11 @@ times, as the median of ``--reps`` runs (one run from d = 2048 up):
   (``return_fit=True``) for the next log;
 * ``default+ref (refactorised)`` (``--refactorised``): the reference passed as a window,
   factorised again at every log (the cost before fits were kept);
-* one row per metric: ``compute(stats, fit, names=[metric])`` (``--per-metric``);
+* ``first-ref default+drift`` (``--fixed``): what a log does under ``reference="first"``:
+  the default metrics and the drift metrics against a fixed reference's fit, whose
+  eigenvectors were made once (at its first use, outside the timing); no fit of this window;
+* one row per metric: ``compute(stats, fit, names=[metric])`` (``--per-metric``; with
+  ``--fixed`` the drift metrics too, each alone against the fixed fit);
 * the pieces (``--components``): ``cholesky``, a dense ``solve_triangular`` with d right-hand
   sides, the held-out score's solve of a triangular right-hand side by column blocks,
   ``cholesky_inverse`` and ``eigh`` of the same covariance.
@@ -22,6 +26,7 @@ Usage::
     python benchmarks/logstep.py                               # d = 384, 1024, 2048, 4096
     python benchmarks/logstep.py --dims 384 1024 --per-metric --json results/logstep.json
     python benchmarks/logstep.py --components --refactorised
+    python benchmarks/logstep.py --dims 4096 --fixed --per-metric
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ def _window(d: int, seed: int) -> LayerStats:
     return stats
 
 
-def measure(d: int, reps: int, per_metric: bool, refactorised: bool, components: bool = False) -> dict:
+def measure(
+    d: int, reps: int, per_metric: bool, refactorised: bool, components: bool = False, fixed: bool = False
+) -> dict:
     """Seconds of each variant at ``d`` (see the module docstring)."""
     reps = reps if d < 2048 else 1
     warm = 1 if d < 2048 else 0
@@ -58,6 +65,13 @@ def measure(d: int, reps: int, per_metric: bool, refactorised: bool, components:
     row["eigvalsh"] = median_seconds(lambda: torch.linalg.eigvalsh(cov), CPU, reps, warm)
     row["default"] = median_seconds(lambda: metrics.compute(stats), CPU, reps, warm)
     row["default+ref"] = median_seconds(lambda: metrics.compute(stats, fit, return_fit=True), CPU, reps, warm)
+    if fixed:
+        first = metrics.GaussianFit.from_stats(previous)
+        first.eigenvectors()  # made once per run, at the reference's first use
+        names = [*metrics.DEFAULT_METRICS, *metrics.DRIFT_METRICS]
+        row["first-ref default+drift"] = median_seconds(
+            lambda: metrics.compute(stats, first, names=names), CPU, reps, warm
+        )
     if refactorised:
         row["default+ref (refactorised)"] = median_seconds(lambda: metrics.compute(stats, previous), CPU, reps, warm)
     if components:
@@ -74,6 +88,11 @@ def measure(d: int, reps: int, per_metric: bool, refactorised: bool, components:
         row["per_metric"] = {
             m: median_seconds(lambda m=m: metrics.compute(stats, fit, names=[m]), CPU, reps, warm) for m in names
         }
+        if fixed:
+            for m in metrics.DRIFT_METRICS:
+                row["per_metric"][m] = median_seconds(
+                    lambda m=m: metrics.compute(stats, first, names=[m]), CPU, reps, warm
+                )
     return row
 
 
@@ -84,6 +103,7 @@ def main() -> None:
     parser.add_argument("--per-metric", action="store_true", help="also time each metric asked for alone")
     parser.add_argument("--refactorised", action="store_true", help="also time the reference refactorised per log")
     parser.add_argument("--components", action="store_true", help="also time the factorisations themselves")
+    parser.add_argument("--fixed", action="store_true", help="also time a log against a fixed reference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -93,7 +113,7 @@ def main() -> None:
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, load {load:.2f}")
     rows = []
     for d in args.dims:
-        row = measure(d, args.reps, args.per_metric, args.refactorised, args.components)
+        row = measure(d, args.reps, args.per_metric, args.refactorised, args.components, args.fixed)
         rows.append(row)
         unit = row["eigvalsh"]
         timed = [k for k in row if k not in ("d", "rows", "reps", "per_metric")]

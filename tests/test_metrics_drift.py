@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from gsam_monitor import LayerStats, metrics
@@ -115,6 +116,34 @@ def test_the_reference_as_a_fit_or_a_window_gives_the_same_numbers(rng: np.rando
     one_row = LayerStats(16)
     one_row.update(torch.from_numpy(a[:1]))
     assert all(math.isnan(v) for k, v in metrics.compute(_stats(a), one_row, names=names).items() if k in names)
+
+
+@pytest.mark.parametrize("kind", ["full", "layernorm", "low_rank", "few_rows"])
+def test_heldout_loglik_beside_the_drift_metrics_uses_their_product_and_no_factor(
+    kind: str, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = _pair(rng, kind)
+    fit = metrics.GaussianFit.from_stats(_stats(b))
+    alone = metrics.compute(_stats(a), fit, names=["heldout_loglik"])["heldout_loglik"]
+    factors = []
+    for name in ("cholesky_ex", "solve_triangular"):
+        real = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name, lambda *x, _real=real, **k: factors.append(1) or _real(*x, **k))
+    both = metrics.compute(_stats(a), fit, names=[*DRIFT, "heldout_loglik"])["heldout_loglik"]
+    assert not factors  # Σ⁺ = U Λ⁻¹ Uᵀ on S U, the drift metrics' product: no factor of S, no solve
+    # The Gaussian on R's support (numpy's eigh, scipy's rank rule): its pseudo-determinant
+    # and pseudo-inverse; rows off the support are scored by their projection on it.
+    lam, vecs = np.linalg.eigh(mle_cov(b))
+    keep = lam > scipy_rank_tol(lam)
+    lam, vecs = lam[keep], vecs[:, keep]
+    assert fit.rank == keep.sum()
+    z = (a - b.mean(0)) @ vecs / np.sqrt(lam)
+    expected = -0.5 * (np.log(2 * np.pi) * len(lam) + np.log(lam).sum() + (z * z).sum(1).mean()) / len(lam)
+    if kind == "full":
+        gauss = scipy.stats.multivariate_normal(b.mean(0), mle_cov(b))
+        assert expected == pytest.approx(float(gauss.logpdf(a).mean()) / 16, rel=1e-12)
+    assert both == pytest.approx(expected, rel=1e-9)
+    assert alone == pytest.approx(expected, rel=1e-9)
 
 
 def test_drift_is_opt_in_and_needs_a_reference(rng: np.random.Generator) -> None:

@@ -190,7 +190,7 @@ def _fill(
     each ``None`` when nothing asked for it."""
     n = float(stats.count)
     evals = fit = None
-    needs_spectrum = wanted & (_COVARIANCE_SPECTRUM | {"rankme", *DRIFT_METRICS}) or want_spectrum or want_fit
+    needs_spectrum = wanted & (_COVARIANCE_SPECTRUM | {"rankme", "drift_kl_oas"}) or want_spectrum or want_fit
     if needs_spectrum or wanted & ({"gsam_correlation"} | REFERENCE_METRICS):
         cov = stats.covariance(ddof=0).to("cpu", torch.float64)
         scale = stats.product_scale().to("cpu", torch.float64)
@@ -219,11 +219,14 @@ def _fill(
     if ref is None:
         out.update(dict.fromkeys(wanted & REFERENCE_METRICS, math.nan))
     else:
+        cov_u = None  # S U, U the reference's eigenvectors: the drift metrics' product, shared
+        if wanted.intersection(DRIFT_METRICS):
+            if ref.dim == stats.dim and ref.rank > 0:
+                cov_u = cov @ ref.eigenvectors()
+            out.update(drift_metrics(stats.mean.to("cpu", torch.float64), cov, evals, n, ref, wanted, cov_u=cov_u))
         if "heldout_loglik" in wanted:
             chol = None if fit is None else fit.chol  # this window's own factor, shared
-            out["heldout_loglik"] = heldout_loglik(stats, ref, cov=cov, chol=chol)
-        if wanted.intersection(DRIFT_METRICS):
-            out.update(drift_metrics(stats.mean.to("cpu", torch.float64), cov, evals, n, ref, wanted))
+            out["heldout_loglik"] = heldout_loglik(stats, ref, cov=cov, chol=chol, cov_u=cov_u)
     if mardia is not None:
         out["mardia_kurtosis"] = mardia.value()
     return evals, fit

@@ -26,10 +26,12 @@ every distance here is finite for singular covariances:
   Uᵀ S U (one d × d × r product) and the current window's eigenvalues (which ``compute``
   already has): no further eigendecomposition.
 
-Cost per layer and log, beyond ``compute``'s own eigendecomposition: ``drift_kl_oas`` one
-d × d × r product; ``drift_w2`` and ``drift_w2_relative`` (computed together) one more
-product and one ``eigvalsh`` of size r, about the cost of the log's own eigendecomposition
-again. The reference's factorisation is made once per reference (``GaussianFit``).
+Cost per layer and log: the d × d × r product S U, shared by the three and by
+``heldout_loglik`` when it is computed beside them (Σ⁺ = U Λ⁻¹ Uᵀ, then no factor of S);
+``drift_kl_oas`` the window's own eigenvalues (``compute``'s eigendecomposition, shared with
+the spectral metrics); ``drift_w2`` and ``drift_w2_relative`` (computed together) one more
+product, Uᵀ(SU), and one ``eigvalsh`` of size r, but no spectrum of the window itself. The
+reference's eigenvectors are made once per reference (``GaussianFit.eigenvectors``).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def bures_wasserstein(
     u, lam = reference.eigenvectors(), reference.evals
     su = cov @ u if cov_u is None else cov_u
     half = lam.clamp_min(0.0).sqrt()
-    inner = (u.T @ su) * torch.outer(half, half)
-    nu = torch.linalg.eigvalsh(0.5 * (inner + inner.T)) if inner.numel() else inner.new_zeros(0)
+    # Λ^{1/2} Uᵀ S U Λ^{1/2} as one product of scaled columns; eigvalsh reads its lower triangle.
+    inner = (u * half).T @ (su * half)
+    nu = torch.linalg.eigvalsh(inner) if inner.numel() else inner.new_zeros(0)
     nu = torch.where(nu > rank_tolerance(nu, torch.float64), nu, 0.0)
     fidelity = float(nu.sqrt().sum())
     diff = mean - reference.mean
@@ -127,24 +130,31 @@ def kl_oas(
 def drift_metrics(
     mean: torch.Tensor,
     cov: torch.Tensor,
-    evals: torch.Tensor,
+    evals: torch.Tensor | None,
     n: float,
     reference: GaussianFit,
     names: Collection[str] = DRIFT_METRICS,
+    *,
+    cov_u: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The ``DRIFT_METRICS`` in ``names`` of the current window against ``reference``
-    (see the module docstring); NaN for a reference of another dimension or an empty support."""
+    (see the module docstring); NaN for a reference of another dimension or an empty support.
+    ``evals``: ``cov``'s eigenvalues, which only ``drift_kl_oas`` reads (``None`` without it).
+    ``cov_u``: ``cov @ reference.eigenvectors()`` when the caller has it already."""
     wanted = [m for m in DRIFT_METRICS if m in names]
     if not wanted:
         return {}
     if reference.dim != mean.numel() or reference.rank == 0:
         return dict.fromkeys(wanted, math.nan)
-    cov_u = cov @ reference.eigenvectors()
+    if cov_u is None:
+        cov_u = cov @ reference.eigenvectors()
     out: dict[str, float] = {}
     if "drift_w2" in wanted or "drift_w2_relative" in wanted:
         w2sq, total = bures_wasserstein(mean, cov, reference, cov_u=cov_u)
         out["drift_w2"] = math.sqrt(w2sq)
         out["drift_w2_relative"] = w2sq / total if total > 0 else math.nan
     if "drift_kl_oas" in wanted:
+        if evals is None:
+            raise ValueError("drift_metrics: drift_kl_oas needs the current window's eigenvalues (evals).")
         out["drift_kl_oas"] = kl_oas(mean, cov, evals, n, reference, cov_u=cov_u)
     return {k: out[k] for k in wanted}

@@ -242,6 +242,7 @@ def heldout_loglik(
     rtol: float | None = None,
     cov: torch.Tensor | None = None,
     chol: torch.Tensor | None = None,
+    cov_u: torch.Tensor | None = None,
 ) -> float:
     """Mean log-likelihood per dimension of ``stats``' rows under ``reference``'s MLE Gaussian.
 
@@ -260,6 +261,10 @@ def heldout_loglik(
         rtol: Override the relative eigenvalue tolerance (only when ``reference`` is a window).
         cov: ``stats``' MLE covariance (fp64, CPU), when the caller has it already.
         chol: Its lower Cholesky factor, when the caller has it already (its own fit's).
+        cov_u: ``cov @ U`` with U the reference fit's support eigenvectors
+            (``reference.eigenvectors()``), when the caller has it already (the drift
+            metrics): then Σ⁺ = U Λ⁻¹ Uᵀ gives both terms in O(d²), with no factor of
+            ``cov`` and no solve.
     """
     if isinstance(reference, GaussianFit):
         fit = reference
@@ -272,7 +277,12 @@ def heldout_loglik(
     r = fit.rank
     cur_cov = stats.covariance().to("cpu", torch.float64) if cov is None else cov
     dm = stats.mean.cpu().double() - fit.mean
-    if fit.chol is None:
+    if cov_u is not None and fit.evecs is not None:
+        # tr(Σ⁺S) = Σ_j (UᵀSU)_jj / λ_j and (μ - m)ᵀΣ⁺(μ - m) = Σ_j (u_jᵀ(μ - m))² / λ_j.
+        trace_term = float(((cov_u * fit.evecs).sum(0) / fit.evals).sum())
+        c = fit.evecs.T @ dm
+        mean_term = float((c * c / fit.evals).sum())
+    elif fit.chol is None:
         # tr(Σ⁺S) as an elementwise sum (both symmetric): O(d²) against the kept pseudo-inverse.
         trace_term = float((fit.pinv * cur_cov).sum())
         mean_term = float(dm @ fit.pinv @ dm)
