@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gsam_monitor._validate import with_suggestion
-from gsam_monitor.metrics.drift import DRIFT_METRICS, drift_metrics
+from gsam_monitor.metrics.drift import DRIFT_METRICS, drift_metrics, support_product
 from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.metrics.linalg import null_space, spectrum
 from gsam_monitor.metrics.rankme import rankme
@@ -219,10 +219,9 @@ def _fill(
     if ref is None:
         out.update(dict.fromkeys(wanted & REFERENCE_METRICS, math.nan))
     else:
-        cov_u = None  # S U, U the reference's eigenvectors: the drift metrics' product, shared
+        cov_u = None  # the drift metrics' product S U, shared with the held-out score
         if wanted.intersection(DRIFT_METRICS):
-            if ref.dim == stats.dim and ref.rank > 0:
-                cov_u = cov @ ref.eigenvectors()
+            cov_u = support_product(cov, ref)
             out.update(drift_metrics(stats.mean.to("cpu", torch.float64), cov, evals, n, ref, wanted, cov_u=cov_u))
         if "heldout_loglik" in wanted:
             chol = None if fit is None else fit.chol  # this window's own factor, shared

@@ -45,7 +45,7 @@ from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.metrics.linalg import rank_tolerance
 from gsam_monitor.metrics.scores import oas_shrinkage
 
-__all__ = ["DRIFT_METRICS", "bures_wasserstein", "drift_metrics", "kl_oas"]
+__all__ = ["DRIFT_METRICS", "bures_wasserstein", "drift_metrics", "kl_oas", "support_product"]
 
 DRIFT_METRICS: tuple[str, ...] = ("drift_w2", "drift_w2_relative", "drift_kl_oas")
 """The distances to the reference window that ``compute`` can return."""
@@ -127,6 +127,15 @@ def kl_oas(
     return max(0.5 * (trace + maha - d + logdet_ref - logdet_cur), 0.0)
 
 
+def support_product(cov: torch.Tensor, reference: GaussianFit) -> torch.Tensor | None:
+    """S U, U the reference's support eigenvectors: the product the drift metrics share (and
+    ``heldout_loglik`` beside them); ``None`` for a reference of another dimension or an
+    empty support, against which every drift metric is NaN."""
+    if reference.dim != cov.shape[0] or reference.rank == 0:
+        return None
+    return cov @ reference.eigenvectors()
+
+
 def drift_metrics(
     mean: torch.Tensor,
     cov: torch.Tensor,
@@ -144,10 +153,10 @@ def drift_metrics(
     wanted = [m for m in DRIFT_METRICS if m in names]
     if not wanted:
         return {}
-    if reference.dim != mean.numel() or reference.rank == 0:
-        return dict.fromkeys(wanted, math.nan)
     if cov_u is None:
-        cov_u = cov @ reference.eigenvectors()
+        cov_u = support_product(cov, reference)
+    if cov_u is None:
+        return dict.fromkeys(wanted, math.nan)
     out: dict[str, float] = {}
     if "drift_w2" in wanted or "drift_w2_relative" in wanted:
         w2sq, total = bures_wasserstein(mean, cov, reference, cov_u=cov_u)

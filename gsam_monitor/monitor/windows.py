@@ -236,7 +236,7 @@ class WindowStore:
         windows are the references now (a fit that arrives after a ``reset`` or a newer
         reference is dropped). A fixed reference is factorised by ``fixed_fits`` instead: a
         later window of the same row count must never stand in for it."""
-        if self.config.reference != "previous":
+        if not self.config.fits_windows:
             return
         for key, fit in fits.items():
             ref = self.reference.get(key)
