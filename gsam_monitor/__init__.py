@@ -5,7 +5,7 @@ intervals ``metrics.compute`` turns them into the Gaussian Semantic Alignment Me
 its scale-invariant and shrinkage variants, spectral metrics and Gaussianity checks, logged
 to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
 
-The public API is what ``__all__`` lists: ``GSAMMonitor``, the accumulators ``LayerStats``
+The public API is what ``__all__`` lists: ``GSAMMonitor`` and its ``AlertRule``, the accumulators ``LayerStats``
 and ``ReservoirSample``, the ``metrics`` module, and the sinks with their ``Sink`` protocol.
 The framework callbacks live in ``gsam_monitor.callbacks``, the analyses in
 ``gsam_monitor.analysis``, the benchmark in ``gsam_monitor.eval``.
@@ -13,6 +13,7 @@ The framework callbacks live in ``gsam_monitor.callbacks``, the analyses in
 
 from gsam_monitor import metrics
 from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor.monitor.alerts import AlertRule
 from gsam_monitor.sinks import JsonlSink, LoggingSink, Sink, TensorBoardSink, WandbSink
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 """The package version: the one source (``pyproject.toml`` reads it)."""
 
 __all__ = [
+    "AlertRule",
     "GSAMMonitor",
     "JsonlSink",
     "LayerStats",

@@ -161,18 +161,93 @@ def test_collect_steps_keeps_hooks_off_between_windows() -> None:
     baseline = len(model.blocks[0]._forward_hooks)
     registered = []
     x = _batches(1)[0]
-    with monitor, torch.no_grad():
+    with monitor:
         for _ in range(10):
             registered.append(len(model.blocks[0]._forward_hooks) - baseline)
-            model(x)
+            model(x)  # training forwards: the schedule governs them
             out = monitor.step()
             if out is not None:
-                assert out["n/blocks.0/eval"] == 2 * len(x)  # steps 4 and 5 only
-        with monitor.collect():  # e.g. an evaluation loop between logs
+                assert out["n/blocks.0"] == 2 * len(x)  # steps 4 and 5 only
+        with monitor.collect():  # e.g. a training-mode probe between logs
             assert len(model.blocks[0]._forward_hooks) - baseline == 1
         assert len(model.blocks[0]._forward_hooks) == baseline
     assert registered == [0, 0, 0, 1, 1] * 2
     assert len(model.blocks[0]._forward_hooks) == baseline
+
+
+def test_evaluation_forwards_between_windows_are_collected_with_the_default_schedule() -> None:
+    """Defaults (every 100 steps, the last 10 collected): evaluation forwards at steps 50 and
+    70, in ``no_grad``, ``inference_mode`` and eval mode, all reach the eval window, while the
+    training window holds steps 91..100 (and the first forward) only, and the layer hooks are
+    parked again after each evaluation forward."""
+    model = Stack(dim=D, depth=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no setup warning but the missing sink's
+        warnings.filterwarnings("ignore", "GSAMMonitor: no sink", UserWarning)
+        monitor = GSAMMonitor(model, max_tokens_per_layer=None)
+    assert (monitor.every_n_steps, monitor.collect_steps) == (100, 10)
+    train = _batches(100, seed=1)
+    evals = _batches(3, seed=2, rows=5)
+    logs = []
+    with monitor:
+        for step, x in enumerate(train, start=1):
+            model.train()
+            model(x)
+            if step == 50:
+                assert not monitor.hooks_registered
+                with torch.no_grad():
+                    model(evals[0])
+                with torch.inference_mode():
+                    model(evals[1])
+                now = monitor.compute("eval")["blocks.1"]
+                assert now["n"] == len(evals[0]) + len(evals[1])
+                assert not monitor.hooks_registered
+            if step == 70:
+                model.eval()  # eval mode with gradients on is the eval phase too
+                model(evals[2])
+                assert not monitor.hooks_registered
+            out = monitor.step()
+            if out:
+                logs.append(out)
+    assert len(logs) == 1
+    want_eval = np.concatenate([x.numpy() for x in evals])
+    # The forward before the first step() is collected too (the "auto" rule for inference scripts).
+    want_train = np.concatenate([x.numpy() for x in [train[0], *train[90:]]])
+    for layer in ("blocks.0", "blocks.1"):
+        assert logs[0][f"n/{layer}/eval"] == len(want_eval)
+        assert logs[0][f"gsam/{layer}/eval"] == pytest.approx(gsam_pdet(want_eval)[0], rel=1e-9)
+        assert logs[0][f"n/{layer}"] == len(want_train)
+        assert logs[0][f"gsam/{layer}"] == pytest.approx(gsam_pdet(want_train)[0], rel=1e-9)
+
+
+def test_an_evaluation_forward_that_raises_parks_the_hooks_again() -> None:
+    class Failing(Stack):
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            x = self.blocks[0](x)
+            raise RuntimeError("evaluation failed")
+
+    model = Failing(dim=D, depth=2)
+    monitor = _monitor(model, every_n_steps=10, collect_steps=2)
+    with monitor:
+        monitor.step()
+        with torch.no_grad(), pytest.raises(RuntimeError, match="evaluation failed"):
+            model(_batches(1)[0])
+        assert not monitor.hooks_registered
+        assert float(monitor.stats("blocks.0", "eval").count) == len(_batches(1)[0])
+        assert monitor.stats("blocks.1", "eval") is None
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_eval_forwards_are_not_collected_when_only_training_is_monitored() -> None:
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(model, every_n_steps=10, collect_steps=2, phases="train")
+    with monitor:
+        monitor.step()
+        with torch.no_grad():
+            model(_batches(1)[0])
+        model(_batches(1)[0])  # a training forward outside the window
+        assert monitor.stats("blocks.0", "train") is None
+        assert not model._forward_pre_hooks  # nothing on the model between windows
 
 
 def test_a_collect_handle_keeps_the_hooks_until_it_is_closed_once() -> None:
@@ -180,10 +255,10 @@ def test_a_collect_handle_keeps_the_hooks_until_it_is_closed_once() -> None:
     monitor = _monitor(model, every_n_steps=5, collect_steps=2)
     baseline = len(model.blocks[0]._forward_hooks)
     x = _batches(1)[0]
-    with monitor, torch.no_grad():
+    with monitor:  # training forwards: the schedule (and collect()) governs them
         monitor.step()  # step 1: parked until the last 2 steps of the interval
         assert len(model.blocks[0]._forward_hooks) == baseline
-        first, second = monitor.collect(), monitor.collect()  # e.g. a callback's evaluation
+        first, second = monitor.collect(), monitor.collect()  # e.g. two probes between logs
         model(x)
         first.close()
         first.close()  # idempotent: the second handle still holds the hooks
@@ -192,7 +267,7 @@ def test_a_collect_handle_keeps_the_hooks_until_it_is_closed_once() -> None:
         second.close()
         assert len(model.blocks[0]._forward_hooks) == baseline
         model(x)  # parked again: not counted
-    assert float(monitor.stats("blocks.0", "eval").count) == 2 * len(x)
+    assert float(monitor.stats("blocks.0", "train").count) == 2 * len(x)
 
 
 def test_the_report_is_pure_and_its_warnings_are_issued_once_when_published() -> None:
@@ -548,13 +623,13 @@ def test_default_collect_steps_is_the_last_tenth_but_at_least_ten_steps(every: i
     x = _batches(1)[0]
     on = []
     logged = []
-    with monitor, torch.no_grad():
+    with monitor:
         for _ in range(every):
             on.append(monitor.hooks_registered)
-            model(x)
+            model(x)  # training forwards: the schedule governs them
             out = monitor.step()
             if out:
-                logged.append(out["n/blocks.0/eval"])
+                logged.append(out["n/blocks.0"])
     # Before the first step() every forward counts (inference scripts never step); then the
     # hooks are on for the last `expected` steps of each interval only.
     first = min(expected + 1, every)

@@ -3,8 +3,8 @@
 ``MonitorCallback`` is the framework-independent half of ``GSAMTrainerCallback`` and
 ``GSAMCallback``: it checks the monitor's keyword arguments when the callback is built,
 builds the monitor with the framework's sinks and the user's, steps it and records what it
-logs, keeps the hooks on through an evaluation (``collect_steps`` may have parked them) and
-logs the evaluation window when it ends, restores a checkpoint (without the window in
+logs, logs the evaluation window when an evaluation ends (the monitor collects every
+evaluation forward, whatever ``collect_steps`` says), restores a checkpoint (without the window in
 progress on a rank other than zero: the sum over ranks would count it once per rank), decides
 whether a new geometry alert asks for an action (``on_alert``: the same answer on every rank),
 and closes the monitor without letting a failure there mask the exception being handled.
@@ -21,7 +21,6 @@ from torch import nn
 
 from gsam_monitor._validate import with_suggestion
 from gsam_monitor.monitor import GSAMMonitor, ranks
-from gsam_monitor.monitor.schedule import CollectHandle
 from gsam_monitor.sinks import sink_list
 
 __all__ = ["MONITOR_ARGS", "ON_ALERT", "MonitorCallback", "check_monitor_kwargs", "close_quietly"]
@@ -95,7 +94,6 @@ class MonitorCallback:
         self.monitor: GSAMMonitor | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.last_steps: dict[str, int] = {}
-        self._eval_collect: CollectHandle | None = None
 
     def _build_monitor(self, model: nn.Module, every_n_steps: int, sinks: Iterable[Any]) -> GSAMMonitor:
         """A monitor of ``model`` writing to the framework's ``sinks`` and the user's ``sinks=``."""
@@ -114,20 +112,8 @@ class MonitorCallback:
         if result:
             self._record("train", result, step)
 
-    def _start_eval_collect(self) -> None:
-        """Keep the hooks on for the evaluation forwards that follow."""
-        monitor = self.monitor
-        if monitor is not None and "eval" in monitor.phases and self._eval_collect is None:
-            self._eval_collect = monitor.collect()
-
-    def _end_eval_collect(self) -> None:
-        if self._eval_collect is not None:
-            handle, self._eval_collect = self._eval_collect, None
-            handle.close()
-
     def _log_eval(self, step: int) -> None:
         """Log the evaluation window at ``step`` and start the next one."""
-        self._end_eval_collect()
         monitor = self.monitor
         if monitor is None or not monitor.attached or "eval" not in monitor.phases:
             return
@@ -138,7 +124,7 @@ class MonitorCallback:
     def _mark_alerts_seen(self) -> None:
         """Alerts restored from a checkpoint are old news: act only on later ones."""
         if self.monitor is not None:
-            self._alerts_seen = len(self.monitor.alerts)
+            self._alerts_seen = len(self.monitor.fired_alerts)
             self._logs_checked = self.monitor.n_logs
 
     def _alert_due(self, sync: Callable[[bool], bool] | None = None) -> bool:
@@ -156,10 +142,10 @@ class MonitorCallback:
         if distributed and monitor.n_logs == self._logs_checked:
             return False
         self._logs_checked = monitor.n_logs
-        new = len(monitor.alerts) > self._alerts_seen
-        self._alerts_seen = len(monitor.alerts)
+        new = len(monitor.fired_alerts) > self._alerts_seen
+        self._alerts_seen = len(monitor.fired_alerts)
         if new:
-            last = monitor.alerts[-1]
+            last = monitor.fired_alerts[-1]
             log.warning(
                 "%s: geometry alert %s in %s at step %d; on_alert=%r.",
                 type(self).__name__, last["kind"], last["layer"], last["step"], self.on_alert,
@@ -193,7 +179,6 @@ class MonitorCallback:
         self.monitor.load_state_dict({**state, "stats": {}} if drop_window else state)
 
     def _close_monitor(self) -> None:
-        """Release the evaluation hooks and close the monitor (idempotent, never raises)."""
-        self._end_eval_collect()
+        """Close the monitor (idempotent, never raises)."""
         if self.monitor is not None:
             close_quietly(self.monitor, type(self).__name__)

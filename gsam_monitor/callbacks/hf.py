@@ -285,11 +285,6 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
             return
         self._train_step(state.global_step)
         self._act_on_alert(control)
-        # DefaultFlowCallback (always before user callbacks) has just decided whether an
-        # evaluation follows this step; with collect_steps the hooks may be parked, so keep
-        # them on for the evaluation forwards.
-        if control.should_evaluate:
-            self._start_eval_collect()
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any

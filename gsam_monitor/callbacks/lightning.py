@@ -230,16 +230,9 @@ class GSAMCallback(MonitorCallback, Callback):
             self.monitor.attach()
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        monitor = self.monitor
-        if trainer.sanity_checking or monitor is None or not monitor.attached:
-            return
-        self._start_eval_collect()  # collect_steps may have parked the hooks
-
-    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The validation forwards were collected whatever collect_steps says (the eval phase's rule).
         if trainer.sanity_checking or not self.log_validation:
-            self._end_eval_collect()
             return
         self._log_eval(trainer.global_step)
         self._act_on_alert(trainer, trainer.global_step)

@@ -3,10 +3,13 @@
 It registers the root's context hooks (mask and phase of the forward in flight) and one hook
 per monitored layer, switches them on and off as the schedule says, and turns each
 activation into rows (padding dropped, tokens sampled: ``gsam_monitor.capture.rows``) that
-it hands to the windows. Eager forwards run the hooks directly; under ``torch.compile`` the
-hooks are traced into the graph as ``observe`` calls (``gsam_monitor.capture.compiled``),
-and hooks the graph has traced stay registered, switched by a flag that the compiled graph
-is specialised on (two variants, no recompilation per window).
+it hands to the windows. The schedule governs training forwards only: every evaluation
+forward is collected when the eval phase is monitored. Between windows the root's context
+hooks stay on, and an evaluation forward opens the layer hooks for its own duration
+(one root hook per forward is all that training forwards pay there). Eager forwards run the
+hooks directly; under ``torch.compile`` the hooks are traced into the graph as ``observe``
+calls (``gsam_monitor.capture.compiled``), and hooks the graph has traced stay registered,
+switched by a flag that the compiled graph is specialised on (two variants, no recompilation per window).
 
 A problem inside a hook never stops the model: it is handed to ``on_error`` and skipped.
 """
@@ -14,6 +17,7 @@ A problem inside a hook never stops the model: it is handed to ``on_error`` and 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -96,6 +100,8 @@ class ActivationCapture:
         # Read by the layer hooks, also while torch.compile traces: the compiled graph is
         # specialised on it (a guard), so a switched-off hook costs the graph nothing.
         self.collecting = False
+        # Evaluation forwards are collected whatever the schedule says (the eval phase's rule).
+        self.eval_always = "eval" in self.phases
         self.compiled = False  # a compiled graph has traced the hooks: they stay registered
         self.attach_pending = False  # the next registration is the first since attach()
         self.unreadable: set[str] = set()  # layers whose traced output held no hidden state
@@ -103,9 +109,12 @@ class ActivationCapture:
         self._on_error = on_error
         self._warn_once = warn_once
         self._mask_position = attention_mask_position(unwrap_model(model))
-        self._handles = HookHandles()
+        self._handles = HookHandles()  # the layer (and attention) hooks
+        self._context_handles = HookHandles()  # the root's context hooks
+        self._eval_lock = threading.Lock()  # nn.DataParallel replicas start forwards in parallel threads
+        self._eval_forwards = 0  # evaluation forwards in flight that opened the layer hooks
         self._attention = None if attention is None else build_attention_hooks(
-            model, self.targets, self.context, self.phases, attention, collecting=lambda: self.collecting,
+            model, self.targets, self.context, attention, collecting=self.wants,
             on_error=on_error, warn_once=warn_once,
         )
         self._observer_key = add_observer(self._observe_traced)
@@ -113,31 +122,50 @@ class ActivationCapture:
 
     @property
     def registered(self) -> bool:
-        """Whether hooks are on the model now."""
+        """Whether the layer hooks are on the model now."""
         return len(self._handles) > 0
 
+    def wants(self, phase: str) -> bool:
+        """Whether a forward of ``phase`` is collected now: an evaluation forward whenever the
+        eval phase is monitored, a training forward while the schedule collects."""
+        return phase in self.phases and (self.collecting or (phase == "eval" and self.eval_always))
+
     def switch(self, want: bool, attached: bool) -> None:
-        """Collect the next forwards or not (``want``); register or remove the hooks to match.
+        """Collect the next training forwards or not (``want``); register or remove the hooks to match.
 
         Hooks that compiled graphs have traced stay registered while attached, switched by
         ``collecting``: removing them would recompile the graphs, and a graph compiled
         without them would never notice them coming back (Dynamo guards on no empty hook dict).
+        While attached with the eval phase monitored, the root's context hooks stay on, so that
+        an evaluation forward can open the layer hooks (``_eval_forward_started``).
         """
         self.collecting = want
         keep = want or (self.compiled and attached)
-        if keep and not self.registered:
-            self._register()
-        elif not keep and self.registered:
-            self.remove()
+        if keep or (attached and self.eval_always):
+            if not len(self._context_handles):
+                self._register_context()
+        elif len(self._context_handles):
+            self._context_handles.remove()
+        with self._eval_lock:
+            if self._eval_forwards:  # an evaluation forward in flight closes them as it ends
+                return
+            if keep and not self.registered:
+                self._register()
+            elif not keep and self.registered:
+                self._remove_layer_hooks()
 
     def remove(self) -> None:
         """Remove every hook (idempotent) and forget the forward in flight."""
-        self._handles.remove()
-        if self._attention is not None:
-            self._attention.remove()
+        self._context_handles.remove()
+        self._remove_layer_hooks()
         self.collecting = False
         self.context.clear()
         self.traced_context.clear()
+
+    def _remove_layer_hooks(self) -> None:
+        self._handles.remove()
+        if self._attention is not None:
+            self._attention.remove()
 
     def report_unreadable(self) -> None:
         """Warn about the layers whose traced output held no hidden state (a compiled graph
@@ -153,12 +181,35 @@ class ActivationCapture:
         )
 
     # ------------------------------------------------------------------ registration
-    def _register(self) -> None:
-        root = context_root(self.model)
+    def _register_context(self) -> None:
         for handle in register_context_hooks(
-            root, self.context, self._mask_position, self._on_error, self.traced_context
-        ):
-            self._handles.add(handle)
+            context_root(self.model), self.context, self._mask_position, self._on_error, self.traced_context,
+            on_start=self._eval_forward_started, on_end=self._eval_forward_ended,
+        ):  # fmt: skip
+            self._context_handles.add(handle)
+
+    def _eval_forward_started(self, phase: str) -> bool:
+        """An eager root forward begins: open the layer hooks for it when it is an evaluation
+        forward that the schedule's parked hooks would miss. Returns whether it opened them."""
+        if phase != "eval" or not self.eval_always:
+            return False
+        with self._eval_lock:
+            if self.registered and not self._eval_forwards:
+                return False  # on already (a collection window, or compiled graphs)
+            if not self.registered:
+                self._register()
+            self._eval_forwards += 1
+            return True
+
+    def _eval_forward_ended(self) -> None:
+        """The evaluation forward that opened the layer hooks ended: park them again unless the
+        schedule wants them now."""
+        with self._eval_lock:
+            self._eval_forwards -= 1
+            if not self._eval_forwards and not (self.collecting or self.compiled):
+                self._remove_layer_hooks()
+
+    def _register(self) -> None:
         for index, target in enumerate(self.targets):
             self._handles.add(register_layer_hook(target.module, target.kind, self._make_callback(index, target)))
         if self._attention is not None:
@@ -188,7 +239,7 @@ class ActivationCapture:
 
     def _make_callback(self, index: int, target: LayerTarget) -> Callable[[nn.Module, Any], None]:
         def callback(module: nn.Module, value: Any) -> None:
-            if not self.collecting:
+            if not (self.collecting or self.eval_always):
                 return
             if torch.compiler.is_compiling():
                 self._trace_activation(index, target, module, value)
@@ -212,7 +263,7 @@ class ActivationCapture:
         # before it (torch.compile(model): OptimizedModule calls them outside the graph).
         context = self.traced_context if self.traced_context.active else self.context
         phase = context.phase if context.active and context.phase else infer_phase(module)
-        if phase not in self.phases:
+        if not self.wants(phase):
             return
         observe(hidden, context.mask if context.active else None, self._observer_key, index, phase)
 
@@ -231,7 +282,7 @@ class ActivationCapture:
                 return  # a gradient-checkpointing recomputation: these tokens were counted
             context = self.context
             phase = context.phase if context.active and context.phase else infer_phase(module)
-            if phase not in self.phases:
+            if not self.wants(phase):
                 return
             hidden = extract_hidden(value)
             if hidden is None:

@@ -177,14 +177,13 @@ class AttentionHooks:
     """Forward hooks on the attention modules of the monitored blocks.
 
     They read the forward's mask and phase from the monitor's ``ForwardContext`` (filled by
-    the activation hooks' root pre-hook) and run only while ``collecting()`` says so.
+    the activation hooks' root pre-hook) and count a forward only when ``collecting(phase)`` says so.
 
     Args:
         sites: The attention modules (``attention_sites``).
         context: The monitor's forward context.
-        phases: The monitored phases.
         feed: Where the sums go.
-        collecting: Whether the monitor collects now.
+        collecting: Whether the monitor collects a forward of this phase now.
         on_error: Called with an exception caught in a hook and where it happened.
         warn_once: Called with a key and a message for a degradation worth one warning.
     """
@@ -193,16 +192,14 @@ class AttentionHooks:
         self,
         sites: Sequence[AttentionSite],
         context: ForwardContext,
-        phases: Sequence[str],
         feed: AttentionFeed,
         *,
-        collecting: Callable[[], bool],
+        collecting: Callable[[str], bool],
         on_error: Callable[..., None],
         warn_once: Callable[[str, str], None],
     ) -> None:
         self.sites = list(sites)
         self._context = context
-        self._phases = tuple(phases)
         self._feed = feed
         self._collecting = collecting
         self._on_error = on_error
@@ -219,7 +216,7 @@ class AttentionHooks:
 
     def _make_hook(self, site: AttentionSite) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._collecting() or torch.compiler.is_compiling() or in_backward():
+            if torch.compiler.is_compiling() or in_backward():
                 return None
             try:
                 self._on_output(site, module, output)
@@ -232,7 +229,7 @@ class AttentionHooks:
     def _on_output(self, site: AttentionSite, module: nn.Module, output: Any) -> None:
         context = self._context
         phase = context.phase if context.active and context.phase else infer_phase(module)
-        if phase not in self._phases:
+        if not self._collecting(phase):
             return
         probs = output[site.index] if isinstance(output, (tuple, list)) and len(output) > site.index else None
         if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
@@ -268,10 +265,9 @@ def build_attention_hooks(
     model: nn.Module,
     targets: Sequence[LayerTarget],
     context: ForwardContext,
-    phases: Sequence[str],
     feed: AttentionFeed,
     *,
-    collecting: Callable[[], bool],
+    collecting: Callable[[str], bool],
     on_error: Callable[..., None],
     warn_once: Callable[[str, str], None],
 ) -> AttentionHooks:
@@ -298,6 +294,4 @@ def build_attention_hooks(
             UserWarning,
             stacklevel=4,
         )
-    return AttentionHooks(
-        sites, context, phases, feed, collecting=collecting, on_error=on_error, warn_once=warn_once
-    )
+    return AttentionHooks(sites, context, feed, collecting=collecting, on_error=on_error, warn_once=warn_once)

@@ -83,11 +83,13 @@ class ForwardContext:
     mask: torch.Tensor | None = None
     phase: Phase | None = None
     active: bool = False
+    opened: bool = False  # this forward opened the layer hooks (an evaluation forward between windows)
 
     def clear(self) -> None:
         self.mask = None
         self.phase = None
         self.active = False
+        self.opened = False
 
 
 class ThreadForwardContext(threading.local, ForwardContext):
@@ -130,9 +132,16 @@ def register_context_hooks(
     mask_position: int | None,
     on_error: Callable[[BaseException], None],
     traced: ForwardContext | None = None,
+    on_start: Callable[[Phase], bool] | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> list[RemovableHandle]:
     """Hooks on the root model that fill ``context`` for the duration of each forward
-    (``traced`` instead while torch.compile traces them, when given)."""
+    (``traced`` instead while torch.compile traces them, when given).
+
+    Eagerly (never while torch.compile traces), ``on_start(phase)`` is called as each forward
+    begins; when it returns True, ``on_end()`` is called as that forward ends, also when it
+    raises (the monitor opens the layer hooks for one evaluation forward this way).
+    """
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
@@ -147,13 +156,23 @@ def register_context_hooks(
             ctx.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             ctx.phase = infer_phase(module)
             ctx.active = True
+            if on_start is not None and not torch.compiler.is_compiling():
+                ctx.opened = on_start(ctx.phase)
         except Exception as err:  # a monitor bug must never stop the model
             on_error(err)
         return None
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not in_backward():
-            (traced if traced is not None and torch.compiler.is_compiling() else context).clear()
+        if in_backward():
+            return None
+        ctx = traced if traced is not None and torch.compiler.is_compiling() else context
+        opened = ctx.opened
+        ctx.clear()
+        if opened and on_end is not None:
+            try:
+                on_end()
+            except Exception as err:  # a monitor bug must never stop the model
+                on_error(err)
         return None
 
     return [

@@ -31,13 +31,14 @@ Analyses that need more than moments hook into the token protocol's second pass 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +49,8 @@ import torch
 from gsam_monitor import metrics
 from gsam_monitor._jsonable import plain
 from gsam_monitor._validate import is_positive_int
+from gsam_monitor.capture.hooks import extract_hidden, register_layer_hook
+from gsam_monitor.capture.layers import AUTO, EMBEDDINGS, FINAL_NORM, LayerTarget, find_final_norm, resolve_layers
 from gsam_monitor.eval.cache import DEFAULT_MAX_MEMORY, HiddenStateStore, StoredBatch, default_spill_dir
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.models import LoadedModel
@@ -249,6 +252,51 @@ def _layer_name(index: int) -> str:
     return "embeddings" if index == 0 else f"layer_{index}"
 
 
+def _monitor_targets(model: Any) -> list[LayerTarget]:
+    """What ``GSAMMonitor`` would call the model's hidden states: the embedding output, every
+    block of the stack (``layers="auto"``) and the final norm where there is one."""
+    targets = [*resolve_layers(model, EMBEDDINGS), *resolve_layers(model, AUTO)]
+    if find_final_norm(model) is not None:
+        targets += resolve_layers(model, FINAL_NORM)
+    return targets
+
+
+@contextlib.contextmanager
+def _module_names(model: Any, names: list[str | None]) -> Iterator[Callable[[Sequence[torch.Tensor]], None]]:
+    """Name each hidden state as the monitor names the same output (``names``, filled in place).
+
+    Inside the block, every forward's output of the monitor's targets is kept (a reference, no
+    copy); the yielded function then matches ``hidden_states`` against them exactly (the same
+    values: models return those very tensors, or the same computation), earlier targets first.
+    A hidden state no target produced (a model that reshapes its states) is named ``None``.
+    """
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    try:
+        targets = _monitor_targets(model)
+    except ValueError:  # no block stack the monitor can find: leave the names unknown
+        targets = []
+    for target in targets:
+        def keep(module: Any, value: Any, name: str = target.name) -> None:
+            hidden = extract_hidden(value)
+            if hidden is not None:
+                seen.append((name, hidden.detach()))
+
+        handles.append(register_layer_hook(target.module, target.kind, keep))
+
+    def match(hidden_states: Sequence[torch.Tensor]) -> None:
+        names[:] = [
+            next((name for name, t in seen if t.shape == h.shape and torch.equal(t, h)), None) for h in hidden_states
+        ]
+        seen.clear()
+
+    try:
+        yield match
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _json_metrics(metrics_dict: dict[str, Any]) -> dict[str, Any]:
     """Python numbers (JSON-ready); the row count, fp64 in the statistics, as an int."""
     out = plain(metrics_dict)
@@ -326,11 +374,12 @@ def run_token_protocol(
     n_batches = math.ceil(len(corpus) / batch_size)
     stats: list[LayerStats] = []
     accumulators: list[MardiaAccumulator | None] = []
+    modules: list[str | None] = []  # the monitor's name of each hidden state
     info: dict[str, Any] = {}
     # no_grad, not inference_mode: LayerStats reuses workspace buffers across calls, and an
     # inference tensor cached here could not be updated in place by a later call outside it.
     with store, torch.no_grad():
-        for batch in _progress(_forward(loaded, corpus, batch_size, max_length), total=n_batches,
+        for batch in _progress(_forward(loaded, corpus, batch_size, max_length, modules=modules), total=n_batches,
                                desc=f"{loaded.name} pass 1", enabled=progress):
             if not stats:
                 stats = [LayerStats(r.shape[-1], device=loaded.device) for r in batch.rows]
@@ -358,7 +407,8 @@ def run_token_protocol(
     for index, layer_stats in enumerate(stats):
         acc = accumulators[index] if accumulators else None
         values, spectrum = _layer_metrics(layer_stats, acc, names)
-        layers.append({"index": index, "name": _layer_name(index), **values})
+        module = modules[index] if index < len(modules) else None
+        layers.append({"index": index, "name": _layer_name(index), "module": module, **values})
         spectra.append(spectrum)
     for observer in observers:
         for index, extra in observer.results(stats).items():
@@ -389,12 +439,23 @@ def _release_heap(store: HiddenStateStore) -> None:
 
 
 def _forward(
-    loaded: LoadedModel, corpus: Corpus, batch_size: int, max_length: int | None, first: int = 0
+    loaded: LoadedModel,
+    corpus: Corpus,
+    batch_size: int,
+    max_length: int | None,
+    first: int = 0,
+    modules: list[str | None] | None = None,
 ) -> Iterator[StoredBatch]:
     """Run the model over the batches from index ``first`` on; yield each batch's non-padding
-    rows per hidden state (the layout the store keeps, so both passes see the same rows)."""
+    rows per hidden state (the layout the store keeps, so both passes see the same rows).
+    ``modules``: filled, on the first batch, with the monitor's name of each hidden state."""
     for inputs, labels in _batches(loaded, corpus, batch_size, max_length, first):
-        hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
+        if modules is not None and not modules:
+            with _module_names(loaded.model, modules) as match:
+                hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
+                match(hidden_states)
+        else:
+            hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
         mask = inputs["attention_mask"].bool()
         # Packed rows: half of a padded SST-2 batch is padding, which the updates would
         # multiply as zero rows.

@@ -17,6 +17,7 @@ __all__ = ["analysis_value", "cell", "format_analyses_table", "format_concepts_t
 _COLUMNS: dict[str, tuple[str, str]] = {
     "index": ("layer", "d"),
     "name": ("name", "s"),
+    "module": ("module", "s"),
     "n": ("n", "d"),
     "rank": ("rank", "d"),
     "gsam": ("gsam", ".2f"),
@@ -31,7 +32,7 @@ _COLUMNS: dict[str, tuple[str, str]] = {
     "paper_retries": ("retries", "d"),
     "paper_ridge": ("ridge", ".0e"),
 }
-_TOKEN_COLUMNS = ("index", "name", "n", "rank", "gsam", "gsam_correlation", "gsam_oas", "effective_rank",
+_TOKEN_COLUMNS = ("index", "name", "module", "n", "rank", "gsam", "gsam_correlation", "gsam_oas", "effective_rank",
                   "powerlaw_alpha", "anisotropy", "mean_kurtosis", "mardia_kurtosis")
 _PAPER_COLUMNS = ("paper_score", "paper_retries", "paper_ridge", "n", "rank", "gsam", "gsam_correlation",
                   "effective_rank", "anisotropy", "mean_kurtosis")

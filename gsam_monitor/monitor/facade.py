@@ -28,6 +28,8 @@ sink are counted (``errors``), warned about once, and skipped; a failing sink is
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -44,7 +46,7 @@ from gsam_monitor.monitor.logger import WindowLogger
 from gsam_monitor.monitor.report import current_metrics
 from gsam_monitor.monitor.schedule import CollectHandle, Schedule
 from gsam_monitor.monitor.windows import WindowStore
-from gsam_monitor.sinks import SinkFanout
+from gsam_monitor.sinks import SinkFanout, TensorBoardSink, sink_list
 from gsam_monitor.sinks.keys import layer_key
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
@@ -54,6 +56,25 @@ __all__ = ["GSAMMonitor"]
 def _view(part: str, name: str, doc: str) -> property:
     """A read-only attribute of the monitor: ``name`` of its part ``part``."""
     return property(lambda self: getattr(getattr(self, part), name), doc=doc)
+
+
+def _sink_entries(sinks: Iterable[Any] | Any | None, log_dir: str | os.PathLike[str] | None, writer: bool) -> list[Any]:
+    """The ``sinks=`` entries with ``log_dir``'s TensorBoard sink; a warning when there are
+    none and none were asked for (``sinks=None``), on the writing rank (``writer``) only."""
+    entries = [] if sinks is None else sink_list(sinks)
+    if log_dir is not None:
+        if not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a directory path (str or os.PathLike); got {type(log_dir).__name__}.")
+        entries.append(TensorBoardSink(log_dir))
+    elif sinks is None and writer:
+        warnings.warn(
+            "GSAMMonitor: no sink, so the metrics it computes are written nowhere. Pass log_dir='runs/gsam' "
+            "(TensorBoard), or sinks=['wandb'] / sinks=[JsonlSink('gsam.jsonl')] / a callable (metrics, step); "
+            "pass sinks=[] if you read step(), log() or compute() yourself.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return entries
 
 
 def _setting(name: str) -> property:
@@ -87,7 +108,12 @@ class GSAMMonitor:
             uniformly without replacement among the non-padding ones; ``None``: every token.
         metrics: ``"default"``, ``"all"`` or a list of ``metrics.METRIC_NAMES``.
         sinks: Sink objects, callables ``(metrics, step)`` or names (``"tensorboard"``,
-            ``"wandb"``, ``"jsonl"``, ``"logging"``).
+            ``"wandb"``, ``"jsonl"``, ``"logging"``). ``None`` (default) with no ``log_dir``:
+            no sink, and a warning at construction on the writing rank (the metrics would be
+            computed and written nowhere); ``[]``: no sink on purpose (you read ``step()``,
+            ``log()`` or ``compute()`` yourself), silently.
+        log_dir: A TensorBoard run directory: short for ``sinks=[TensorBoardSink(log_dir)]``
+            (added to ``sinks``).
         state_dtype: Dtype of the accumulated moments (fp64; fp32 halves the memory).
         product_dtype: Dtype of the per-batch Gram products (see ``LayerStats``).
         phases: Which phases to monitor: ``"train"`` (grad enabled and ``model.training``)
@@ -120,8 +146,8 @@ class GSAMMonitor:
             blocks, ``attn_entropy/{layer}/h{i}`` (eager attention only; see
             ``gsam_monitor.capture.attention``).
         alerts: ``"default"`` (rank collapse, anisotropy jump, ...: ``monitor.alerts.DEFAULT_RULES``),
-            ``None`` or a list of rules (metric names, ``AlertRule`` objects, dicts). Each log's
-            alerts are in ``alerts``; the sinks get ``alert/{metric}/{layer}`` = 1.
+            ``None`` or a list of rules (metric names, ``gsam_monitor.AlertRule`` objects, dicts). The
+            alerts fired are in ``fired_alerts``; the sinks get ``alert/{metric}/{layer}`` = 1.
 
     Raises:
         ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
@@ -151,7 +177,8 @@ class GSAMMonitor:
         collect_steps: int | Literal["auto"] | None = "auto",
         max_tokens_per_layer: int | None = 2048,
         metrics: str | Iterable[str] = "default",
-        sinks: Iterable[Any] | Any = (),
+        sinks: Iterable[Any] | Any | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
         state_dtype: torch.dtype = torch.float64,
         product_dtype: torch.dtype | str | None = None,
         phases: str | Sequence[str] = PHASES,
@@ -179,7 +206,11 @@ class GSAMMonitor:
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
         config.check_budget(self.targets)
         self._faults = Faults()
-        self._fanout = SinkFanout(sinks, lambda: ranks.is_writer(config.process_group), self._faults.fail)
+        self._fanout = SinkFanout(
+            _sink_entries(sinks, log_dir, ranks.is_writer(config.process_group)),
+            lambda: ranks.is_writer(config.process_group),
+            self._faults.fail,
+        )
         warn_if_frequent(config.every_n_steps, stacklevel=2)
         self.schedule = Schedule(config.every_n_steps, config.collect_steps, config.auto_collect)
         self._windows = WindowStore(config, self.targets, self._faults.warn_once)
@@ -216,7 +247,11 @@ class GSAMMonitor:
     n_logs = _view("_logs", "n_logs", "Logs made so far.")
     last_metrics = _view("_logs", "last_metrics", "What the last log wrote (kept after ``close()``).")
     missing_layers = _view("_logs", "missing_layers", "The layers the last log found without activations.")
-    alerts = property(lambda self: self._logs.diagnostics.alerts, doc="Every alert so far (dicts, in step order).")
+    fired_alerts = property(
+        lambda self: self._logs.diagnostics.alerts,
+        doc="Every alert fired so far (dicts, in step order); ``alerts=`` sets the rules that fire them.",
+    )
+    alerts = property(lambda self: self.fired_alerts, doc="``fired_alerts`` (an alias kept for existing code).")
     sinks = _view("_fanout", "sinks", "The sinks, built from ``sinks=``.")
     hooks_registered = _view(
         "_capture", "registered", "Whether hooks are on the model right now (once a compiled graph has traced them, "
