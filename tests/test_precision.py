@@ -273,6 +273,27 @@ def test_eigenvalue_tolerance_is_the_per_eigenvector_bound() -> None:
     np.testing.assert_allclose(tol64.numpy(), scipy_rank_tol(lam.numpy()))
 
 
+def test_fp32_products_keep_a_direction_above_the_error_bound_and_drop_one_below() -> None:
+    """Two pairs of large, almost equal dimensions (a = 100) that differ by a small independent
+    part: along (e_i - e_j)/sqrt(2) the eigenvalue is 2.6 times the fp32 product bound
+    eps32 · (Σ |v_i| sqrt(scale_i))² = eps32 · 2a² (c = 1, as documented) for the first pair,
+    0.3 times it for the second. The first direction is kept, the second dropped: rank 3 of 4."""
+    rng = np.random.default_rng(11)
+    n, a, eps32 = 4096, 100.0, float(np.finfo(np.float32).eps)
+    base = np.linalg.qr(rng.standard_normal((n, 4)))[0] * math.sqrt(n)  # orthogonal columns
+    base -= base.mean(0)
+    z1, w1, z2, w2 = (base[:, k] / base[:, k].std() for k in range(4))
+    small = [math.sqrt(ratio * eps32) * a for ratio in (2.6, 0.3)]  # lambda = 2 e² = ratio · eps32 · 2a²
+    x = np.stack([a * z1 + small[0] * w1, a * z1 - small[0] * w1, a * z2 + small[1] * w2, a * z2 - small[1] * w2], 1)
+    x = x.astype(np.float32).astype(np.float64)  # what the fp32 update sees
+    lam, vec = np.linalg.eigh(mle_cov(x))
+    bound = eps32 * (np.abs(vec) * np.sqrt(x.var(0))[:, None]).sum(0) ** 2
+    ratios = np.sort(lam / bound)[:2]
+    np.testing.assert_allclose(ratios, [0.3, 2.6], rtol=0.02)  # the construction
+    got = metrics.compute(_feed(x.astype(np.float32), product_dtype=torch.float32), names=["rank"])
+    assert got["rank"] == 3
+
+
 # --------------------------------------------------------------------------- MiniLM layers
 @pytest.fixture(scope="module")
 def minilm_layers() -> list[np.ndarray]:

@@ -95,7 +95,8 @@ def test_tensorboard_sink_reuses_a_writer_without_closing_it(tmp_path, monkeypat
 
 def test_wandb_offline_run_keeps_every_point(tmp_path, monkeypatch) -> None:
     """A loop that logs with step= and two monitor writes between its steps: nothing is
-    dropped and every monitor point sits on the gsam_step axis."""
+    dropped and every monitor point sits on the gsam_step axis, also two writes of disjoint
+    keys with no commit between them."""
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -110,9 +111,16 @@ def test_wandb_offline_run_keeps_every_point(tmp_path, monkeypatch) -> None:
         sink.write({"gsam/a": 3.0, "rank/a": 3.0}, 30)
         sink.write_spectrum({"a": torch.tensor([1.0, 0.1, 0.01])}, 30)
         run.log({"loss": 0.3}, step=8)
+        # Two logs with disjoint keys at close steps, nothing committed between them: two rows.
+        sink.write({"gsam/b": 4.0}, 10)
+        sink.write({"rank/b": 5.0}, 12)
     finally:
         run.finish()
     rows, metrics = read_run(tmp_path)
+    assert [(r["gsam_step"], r.get("gsam/b"), r.get("rank/b")) for r in rows if "gsam/b" in r or "rank/b" in r] == [
+        (10, 4.0, None),
+        (12, None, 5.0),
+    ]
     assert ("gsam_step", "") in metrics, (metrics, rows)
     assert {("gsam/*", "gsam_step"), ("rank/*", "gsam_step"), ("spectrum/*", "gsam_step")} <= set(metrics)
     points = [(r["gsam_step"], r["gsam/a"]) for r in rows if "gsam/a" in r]

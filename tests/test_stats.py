@@ -317,16 +317,17 @@ def test_merge_is_exact_for_states_with_different_shifts(cuts, hows, order) -> N
     np.testing.assert_allclose(total.excess_kurtosis().numpy(), scipy.stats.kurtosis(x, axis=0, bias=True), rtol=1e-8)
 
 
-def _threaded_all_reduce(states: list[LayerStats]) -> None:
-    """Run ``all_reduce_`` of every "rank" in its own thread, with an injected collective that
-    sums the matching tensors of all ranks (what torch.distributed's SUM does)."""
+def _threaded_all_reduce(states: list[LayerStats], dst: int | None = None) -> None:
+    """Run ``all_reduce_`` (or, with ``dst``, ``reduce_`` onto ``dst``) of every "rank" in its
+    own thread, with injected collectives that combine the matching tensors of all ranks as
+    torch.distributed's do: SUM or MAX into every rank's tensor, or SUM into ``dst``'s only."""
     import threading
 
     barrier = threading.Barrier(len(states))
     pending: dict[int, torch.Tensor] = {}
 
-    def collective(rank: int):
-        def all_reduce(t, op=None, group=None):
+    def collective(rank: int, only: int | None = None):
+        def combine(t, op=None, group=None, group_dst=None):
             pending[rank] = t
             barrier.wait()
             if rank == 0:
@@ -335,17 +336,20 @@ def _threaded_all_reduce(states: list[LayerStats]) -> None:
                     total = torch.stack(parts).amax(0)
                 else:
                     total = sum(parts)
-                for k in range(len(states)):
+                for k in range(len(states)) if only is None else [group_dst]:
                     pending[k].copy_(total)
             barrier.wait()
 
-        return all_reduce
+        return combine
 
     errors: list[BaseException] = []
 
     def run(rank: int, s: LayerStats) -> None:
         try:
-            s.all_reduce_(all_reduce=collective(rank))
+            if dst is None:
+                s.all_reduce_(all_reduce=collective(rank))
+            else:
+                s.reduce_(dst, all_reduce=collective(rank), reduce=collective(rank, only=dst))
         except BaseException as err:  # surfaced below: a thread's exception is otherwise lost
             errors.append(err)
             barrier.abort()
@@ -356,6 +360,24 @@ def _threaded_all_reduce(states: list[LayerStats]) -> None:
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_reduce_sums_onto_the_owner_and_takes_the_abs_max_of_every_shard(rng: np.random.Generator) -> None:
+    """Two shards whose per-dimension abs-max lies in different shards: ``reduce_`` onto rank 1
+    gives the union's moments there and the union's abs-max on both ranks."""
+    x = rng.standard_normal((200, 4))
+    x[17, 0], x[150, 1] = -40.0, 35.0  # dimension 0's extreme in shard 0, dimension 1's in shard 1
+    r = np.random.default_rng(5)
+    states = [_state_with_its_own_shift(x[:100], 1, r), _state_with_its_own_shift(x[100:], 2, r)]
+    _threaded_all_reduce(states, dst=1)
+    want_absmax = np.abs(x).max(0)
+    assert want_absmax[0] == 40.0 and want_absmax[1] == 35.0
+    for s in states:
+        assert float(s.count) == 200
+        np.testing.assert_array_equal(s.absmax.numpy(), want_absmax)
+    cov = np.cov(x.T, ddof=0)
+    np.testing.assert_allclose(states[1].covariance().numpy(), cov, rtol=1e-9, atol=1e-12 * np.abs(cov).max())
+    np.testing.assert_allclose(states[1].mean.numpy(), x.mean(0), rtol=1e-12, atol=1e-14)
 
 
 def test_all_reduce_is_exact_over_ranks_with_different_shifts_and_an_empty_rank(rng: np.random.Generator) -> None:
