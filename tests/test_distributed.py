@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.gloo_worker import run_gloo_worker
+
 D = 3
 DEPTH = 3  # 3 train + 3 eval windows: owners round robin over 2 or 4 ranks
 STEPS = 4
@@ -47,38 +49,38 @@ def _monitors(model, sinks_for_first=()):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
+    run_gloo_worker(rank, world, init_file, _train, out_dir)
+
+
+def _train(rank: int, world: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from gsam_monitor.sinks import JsonlSink
     from tests.tiny_models import Stack
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        ddp = DistributedDataParallel(Stack(dim=D, depth=DEPTH))
-        monitors = _monitors(ddp, [JsonlSink(os.path.join(out_dir, f"rank{rank}.jsonl"))])
-        assert monitors[0].layer_names == [f"blocks.{i}" for i in range(DEPTH)]  # no "module." prefix
-        outs = {w: [] for w in WINDOWS}
-        for m in monitors:
-            m.attach()
-        for step in range(1, STEPS + 1):
-            ddp(_batch(rank, step)).sum().backward()
-            if rank == 0 and step == 3:  # only rank 0 evaluates: rank 1 has no eval window
-                with torch.no_grad():
-                    ddp(_eval_batch())
-            for window, m in zip(WINDOWS, monitors, strict=True):
-                out = m.step()
-                if out is not None:
-                    outs[window].append(out)
-        # The held-out references each rank keeps: those of the windows it owns.
-        outs["references"] = {
-            w: sorted("/".join(k) for k in m._windows.reference) for w, m in zip(WINDOWS, monitors, strict=True)
-        }
-        with open(os.path.join(out_dir, f"out{rank}.json"), "w") as f:
-            json.dump(outs, f)
-    finally:
-        dist.destroy_process_group()
+    ddp = DistributedDataParallel(Stack(dim=D, depth=DEPTH))
+    monitors = _monitors(ddp, [JsonlSink(os.path.join(out_dir, f"rank{rank}.jsonl"))])
+    assert monitors[0].layer_names == [f"blocks.{i}" for i in range(DEPTH)]  # no "module." prefix
+    outs = {w: [] for w in WINDOWS}
+    for m in monitors:
+        m.attach()
+    for step in range(1, STEPS + 1):
+        ddp(_batch(rank, step)).sum().backward()
+        if rank == 0 and step == 3:  # only rank 0 evaluates: rank 1 has no eval window
+            with torch.no_grad():
+                ddp(_eval_batch())
+        for window, m in zip(WINDOWS, monitors, strict=True):
+            out = m.step()
+            if out is not None:
+                outs[window].append(out)
+    # The held-out references each rank keeps: those of the windows it owns.
+    outs["references"] = {
+        w: sorted("/".join(k) for k in m._windows.reference) for w, m in zip(WINDOWS, monitors, strict=True)
+    }
+    for m in monitors:
+        m.close()
+    with open(os.path.join(out_dir, f"out{rank}.json"), "w") as f:
+        json.dump(outs, f)
 
 
 @pytest.mark.distributed
@@ -133,3 +135,47 @@ def test_owner_computed_logs_equal_one_process_on_the_union(tmp_path, world: int
     assert not any((tmp_path / f"rank{r}.jsonl").exists() for r in range(1, world))
     lines = (tmp_path / "rank0.jsonl").read_text().splitlines()
     assert len([line for line in lines if '"quantization"' not in line and '"outliers"' not in line]) == 2
+
+
+def _close_mid_log(rank: int, world: int, out_dir: str) -> None:
+    """A background log is submitted at step 2 and the run ends at once: close() waits for it,
+    writes it and stops the worker thread."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gsam_monitor import GSAMMonitor
+    from gsam_monitor.sinks import JsonlSink
+    from tests.tiny_models import Stack
+
+    ddp = DistributedDataParallel(Stack(dim=D, depth=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        monitor = GSAMMonitor(
+            ddp, every_n_steps=2, background=True, max_tokens_per_layer=None, metrics=["n", "gsam"], phases="train",
+            sinks=[JsonlSink(os.path.join(out_dir, f"close{rank}.jsonl"))],
+        )  # fmt: skip
+    with monitor:
+        for step in (1, 2):
+            ddp(_batch(rank, step)).sum().backward()
+            assert monitor.step() in (None, {})  # step 2 hands the log to the background thread
+    assert monitor._logs._background._executor is None  # the worker thread is stopped
+
+
+def _close_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_gloo_worker(rank, world, init_file, _close_mid_log, out_dir)
+
+
+@pytest.mark.distributed
+def test_closing_right_after_a_background_log_writes_it_and_exits_cleanly(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    from tests.reference import gsam_pdet
+
+    mp.start_processes(
+        _close_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    (record,) = [json.loads(line) for line in (tmp_path / "close0.jsonl").read_text().splitlines()
+                 if '"gsam/blocks.0"' in line]
+    union = np.concatenate([_batch(r, s).numpy() for r in range(2) for s in (1, 2)])
+    assert record["step"] == 2 and record["n/blocks.0"] == len(union)
+    assert record["gsam/blocks.0"] == pytest.approx(gsam_pdet(union)[0], rel=1e-9)
+    assert not (tmp_path / "close1.jsonl").exists()

@@ -8,6 +8,8 @@ import pytest
 import scipy.stats
 import torch
 
+from tests.gloo_worker import run_gloo_worker
+
 D = 5
 
 
@@ -18,27 +20,26 @@ def _rows(rank: int) -> np.ndarray:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_gloo_worker(rank, world, init_file, _reduce, out_dir)
+
+
+def _reduce(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from gsam_monitor import LayerStats
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        group = dist.new_group([1, 2])  # every rank takes part in creating it
-        s = LayerStats(D)
-        x = _rows(rank)
-        s.update(torch.from_numpy(x[:10]))
-        s.reset()  # the shift of each rank comes from different rows
-        s.update(torch.from_numpy(x))
-        owned = s.clone()
-        if rank in (1, 2):
-            s.all_reduce_(group)
-            owned.reduce_(1, group)  # group rank 1 = global rank 2
-        torch.save(s.state_dict(), f"{out_dir}/rank{rank}.pt")
-        torch.save(owned.state_dict(), f"{out_dir}/owned{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    group = dist.new_group([1, 2])  # every rank takes part in creating it
+    s = LayerStats(D)
+    x = _rows(rank)
+    s.update(torch.from_numpy(x[:10]))
+    s.reset()  # the shift of each rank comes from different rows
+    s.update(torch.from_numpy(x))
+    owned = s.clone()
+    if rank in (1, 2):
+        s.all_reduce_(group)
+        owned.reduce_(1, group)  # group rank 1 = global rank 2
+    torch.save(s.state_dict(), f"{out_dir}/rank{rank}.pt")
+    torch.save(owned.state_dict(), f"{out_dir}/owned{rank}.pt")
 
 
 @pytest.mark.distributed

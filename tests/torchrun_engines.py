@@ -19,6 +19,7 @@ writes, into ``OUT_DIR/ENGINE``:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -139,7 +140,13 @@ def main(engines: str, out: Path) -> None:
     torch.set_num_threads(1)
     if engines == "hf_ddp":  # the Trainer initialises the process group itself
         (out / engines).mkdir(exist_ok=True)
-        run_hf_ddp(out / engines, int(os.environ["RANK"]))
+        try:
+            run_hf_ddp(out / engines, int(os.environ["RANK"]))
+            dist.barrier()
+        finally:  # nothing else destroys it: a backend left to interpreter exit aborts now and then
+            gc.collect()  # the Trainer's DDP model holds the backend too
+            if dist.is_initialized():
+                dist.destroy_process_group()
         return
     dist.init_process_group("gloo")
     try:
@@ -148,6 +155,7 @@ def main(engines: str, out: Path) -> None:
             run_fsdp({"fsdp2": 2, "fsdp1": 1}[engine], out / engine, dist.get_rank())
             dist.barrier()
     finally:
+        gc.collect()  # the FSDP models hold the backend too (tests/gloo_worker.py)
         dist.destroy_process_group()
 
 
