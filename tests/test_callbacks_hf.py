@@ -238,6 +238,34 @@ def test_collect_steps_still_sees_evaluation(tmp_path: Path) -> None:
     assert logged == [(3, None, 16 * SEQ), (4, BATCH * SEQ, None), (4, None, 16 * SEQ)]  # train: only step 4
 
 
+def test_default_schedule_collects_evaluations_between_the_training_windows(tmp_path: Path) -> None:
+    """Default collect_steps (every_n_steps=20: the last 10 steps collected): the evaluations
+    at steps 5 and 10, where the training hooks are parked, are collected in full, as the
+    independent hooks record them, while the training window at 20 holds steps 11-20 (and the
+    first forward) only."""
+    logged: dict[int, dict[str, float]] = {}
+    callback = GSAMTrainerCallback(
+        every_n_steps=20, max_tokens_per_layer=None, sinks=[lambda m, step: logged.setdefault(step, {}).update(m)],
+    )
+    args = training_args(tmp_path / "out", max_steps=20, eval_strategy="steps", eval_steps=5)
+    model = tiny_bert()
+    trainer = tr.Trainer(model=model, args=args, train_dataset=dataset(128), eval_dataset=dataset(12, seed=1),
+                         callbacks=[callback])
+    recorder = Recorder(model, lambda: trainer.state)
+    train(trainer)
+    recorder.remove()
+    assert callback.monitor.collect_steps == 10
+    per_eval = len(recorder.eval_rows[LAYERS[0]]) // 4  # four evaluations: steps 5, 10, 15, 20
+    for i, step in enumerate((5, 10)):
+        rows = np.concatenate(recorder.eval_rows[LAYERS[0]][i * per_eval : (i + 1) * per_eval])
+        assert logged[step][f"n/{LAYERS[0]}/eval"] == len(rows)
+        assert logged[step][f"gsam/{LAYERS[0]}/eval"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-6)
+    # Training: steps 11-20, and the forward before the first step() ("auto" collects it).
+    train_rows = np.concatenate([recorder.window(LAYERS[0], 1, 1), recorder.window(LAYERS[0], 11, 20)])
+    assert logged[20][f"n/{LAYERS[0]}"] == len(train_rows)
+    assert logged[20][f"gsam/{LAYERS[0]}"] == pytest.approx(gsam_pdet(train_rows)[0], rel=1e-6)
+
+
 class Boom(tr.TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:

@@ -130,6 +130,32 @@ def test_validation_is_logged_as_eval_phase(tmp_path: Path) -> None:
     assert steps == [1, 3]  # after optimizer steps 2 and 4, beside Lightning's val_loss
 
 
+def test_default_schedule_collects_validation_between_the_training_windows(tmp_path: Path) -> None:
+    """Default collect_steps (every_n_steps=20: the last 10 steps collected): the validations
+    after steps 5 and 10, where the training hooks are parked, are collected in full."""
+    lit = TinyLM()
+    logged: dict[int, dict[str, float]] = {}
+    callback = GSAMCallback(every_n_steps=20, module="model", max_tokens_per_layer=None,
+                            sinks=[lambda m, step: logged.setdefault(step, {}).update(m)])
+    evaluated: list[np.ndarray] = []
+
+    def keep(module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+        if not torch.is_grad_enabled():
+            evaluated.append(hidden.detach().double().reshape(-1, hidden.shape[-1]).numpy().copy())
+
+    handle = dict(lit.model.named_modules())[LAYERS[0]].register_forward_hook(keep)
+    trainer = _trainer(tmp_path, callback, max_steps=20, val_check_interval=5, limit_val_batches=3)
+    _quiet_fit(trainer, lit, token_loader(n=160), token_loader(seed=1, n=12))
+    handle.remove()
+    assert callback.monitor.collect_steps == 10
+    assert len(evaluated) == 4 * 3  # four validations of three batches
+    for i, step in enumerate((5, 10)):
+        rows = np.concatenate(evaluated[3 * i : 3 * i + 3])
+        assert logged[step][f"n/{LAYERS[0]}/eval"] == len(rows) == 3 * BATCH * SEQ
+        assert logged[step][f"gsam/{LAYERS[0]}/eval"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-6)
+
+
 def test_resume_from_checkpoint_continues_windows_and_steps(tmp_path: Path) -> None:
     """A checkpoint at step 3 falls inside the window 3..4; the resumed run's logs at steps 4
     and 6 hold the restored step's tokens and equal, metric by metric, those of one

@@ -60,7 +60,7 @@ def _collected(data, warmup: int) -> list[np.ndarray]:
 def _monitor(run: torch.nn.Module) -> GSAMMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all: not the empty-window one either
-        return GSAMMonitor(run, "auto", every_n_steps=EVERY, phases="train", metrics=["gsam", "n", "rank"])
+        return GSAMMonitor(run, "auto", every_n_steps=EVERY, phases="train", metrics=["gsam", "n", "rank"], sinks=[])
 
 
 @pytest.mark.parametrize(
@@ -167,3 +167,29 @@ def test_a_layer_without_hidden_states_warns_from_step_and_never_breaks_a_fullgr
     rows = torch.cat([model.blocks[0](x) for x in xs]).detach().numpy()
     assert out["n/blocks.0"] == 10
     assert out["gsam/blocks.0"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_evaluation_forwards_between_windows_are_collected(backend: str) -> None:
+    """A compiled model with the hooks traced in a window, then an evaluation forward (its own
+    graph) where the schedule has parked the training hooks: it reaches the eval window, and a
+    training forward there does not reach the training window."""
+    torch._dynamo.reset()
+    model = Stack(dim=D, depth=2)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        monitor = GSAMMonitor(model, every_n_steps=EVERY, max_tokens_per_layer=None, sinks=[])
+    rng = np.random.default_rng(5)
+    first, parked, evaluated = (rng.standard_normal((6, D)) for _ in range(3))
+    with monitor:
+        compiled(torch.from_numpy(first).requires_grad_()).sum().backward()  # before step(): collected
+        monitor.step()
+        compiled(torch.from_numpy(parked).requires_grad_()).sum().backward()  # step 2: parked
+        with torch.no_grad():
+            compiled(torch.from_numpy(evaluated))
+        now = monitor.compute()
+    assert monitor.errors == 0
+    assert now["blocks.1"]["n"] == len(first)
+    assert now["blocks.1/eval"]["n"] == len(evaluated)
+    assert now["blocks.1/eval"]["gsam"] == pytest.approx(gsam_pdet(evaluated)[0], rel=1e-9)

@@ -96,12 +96,13 @@ class MonitorCallback:
         self.last_steps: dict[str, int] = {}
 
     def _build_monitor(self, model: nn.Module, every_n_steps: int, sinks: Iterable[Any]) -> GSAMMonitor:
-        """A monitor of ``model`` writing to the framework's ``sinks`` and the user's ``sinks=``."""
+        """A monitor of ``model`` writing to the framework's ``sinks`` and the user's ``sinks=``
+        (when there are none, the monitor warns that its metrics go nowhere)."""
         return GSAMMonitor(
             model,
             self.layers,
             every_n_steps=every_n_steps,
-            sinks=[*sinks, *sink_list(self.extra_sinks)],
+            sinks=[*sinks, *sink_list(self.extra_sinks)] or None,
             **self.monitor_kwargs,
         )
 

@@ -31,14 +31,13 @@ Analyses that need more than moments hook into the token protocol's second pass 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import itertools
 import logging
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,11 +48,10 @@ import torch
 from gsam_monitor import metrics
 from gsam_monitor._jsonable import plain
 from gsam_monitor._validate import is_positive_int
-from gsam_monitor.capture.hooks import extract_hidden, register_layer_hook
-from gsam_monitor.capture.layers import AUTO, EMBEDDINGS, FINAL_NORM, LayerTarget, find_final_norm, resolve_layers
 from gsam_monitor.eval.cache import DEFAULT_MAX_MEMORY, HiddenStateStore, StoredBatch, default_spill_dir
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.models import LoadedModel
+from gsam_monitor.eval.names import monitor_names
 from gsam_monitor.metrics import MardiaAccumulator
 from gsam_monitor.stats import LayerStats
 
@@ -252,51 +250,6 @@ def _layer_name(index: int) -> str:
     return "embeddings" if index == 0 else f"layer_{index}"
 
 
-def _monitor_targets(model: Any) -> list[LayerTarget]:
-    """What ``GSAMMonitor`` would call the model's hidden states: the embedding output, every
-    block of the stack (``layers="auto"``) and the final norm where there is one."""
-    targets = [*resolve_layers(model, EMBEDDINGS), *resolve_layers(model, AUTO)]
-    if find_final_norm(model) is not None:
-        targets += resolve_layers(model, FINAL_NORM)
-    return targets
-
-
-@contextlib.contextmanager
-def _module_names(model: Any, names: list[str | None]) -> Iterator[Callable[[Sequence[torch.Tensor]], None]]:
-    """Name each hidden state as the monitor names the same output (``names``, filled in place).
-
-    Inside the block, every forward's output of the monitor's targets is kept (a reference, no
-    copy); the yielded function then matches ``hidden_states`` against them exactly (the same
-    values: models return those very tensors, or the same computation), earlier targets first.
-    A hidden state no target produced (a model that reshapes its states) is named ``None``.
-    """
-    seen: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    try:
-        targets = _monitor_targets(model)
-    except ValueError:  # no block stack the monitor can find: leave the names unknown
-        targets = []
-    for target in targets:
-        def keep(module: Any, value: Any, name: str = target.name) -> None:
-            hidden = extract_hidden(value)
-            if hidden is not None:
-                seen.append((name, hidden.detach()))
-
-        handles.append(register_layer_hook(target.module, target.kind, keep))
-
-    def match(hidden_states: Sequence[torch.Tensor]) -> None:
-        names[:] = [
-            next((name for name, t in seen if t.shape == h.shape and torch.equal(t, h)), None) for h in hidden_states
-        ]
-        seen.clear()
-
-    try:
-        yield match
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _json_metrics(metrics_dict: dict[str, Any]) -> dict[str, Any]:
     """Python numbers (JSON-ready); the row count, fp64 in the statistics, as an int."""
     out = plain(metrics_dict)
@@ -438,24 +391,15 @@ def _release_heap(store: HiddenStateStore) -> None:
         _MALLOC_TRIM(0)
 
 
-def _forward(
-    loaded: LoadedModel,
-    corpus: Corpus,
-    batch_size: int,
-    max_length: int | None,
-    first: int = 0,
-    modules: list[str | None] | None = None,
-) -> Iterator[StoredBatch]:
+def _forward(loaded: LoadedModel, corpus: Corpus, batch_size: int, max_length: int | None, first: int = 0,
+             modules: list[str | None] | None = None) -> Iterator[StoredBatch]:
     """Run the model over the batches from index ``first`` on; yield each batch's non-padding
     rows per hidden state (the layout the store keeps, so both passes see the same rows).
     ``modules``: filled, on the first batch, with the monitor's name of each hidden state."""
     for inputs, labels in _batches(loaded, corpus, batch_size, max_length, first):
-        if modules is not None and not modules:
-            with _module_names(loaded.model, modules) as match:
-                hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
-                match(hidden_states)
-        else:
+        with monitor_names(loaded.model, modules) as match:
             hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
+            match(hidden_states)
         mask = inputs["attention_mask"].bool()
         # Packed rows: half of a padded SST-2 batch is padding, which the updates would
         # multiply as zero rows.

@@ -28,6 +28,7 @@ sink are counted (``errors``), warned about once, and skipped; a failing sink is
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,7 +45,7 @@ from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, PHASES, Monitor
 from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.logger import WindowLogger
 from gsam_monitor.monitor.report import current_metrics
-from gsam_monitor.monitor.schedule import CollectHandle, Schedule
+from gsam_monitor.monitor.schedule import CollectHandle, HookSwitch, Schedule
 from gsam_monitor.monitor.windows import WindowStore
 from gsam_monitor.sinks import SinkFanout, TensorBoardSink, sink_list
 from gsam_monitor.sinks.keys import layer_key
@@ -54,8 +55,8 @@ __all__ = ["GSAMMonitor"]
 
 
 def _view(part: str, name: str, doc: str) -> property:
-    """A read-only attribute of the monitor: ``name`` of its part ``part``."""
-    return property(lambda self: getattr(getattr(self, part), name), doc=doc)
+    """A read-only attribute of the monitor: ``name`` of its part ``part`` (a dotted path)."""
+    return property(operator.attrgetter(f"{part}.{name}"), doc=doc)
 
 
 def _sink_entries(sinks: Iterable[Any] | Any | None, log_dir: str | os.PathLike[str] | None, writer: bool) -> list[Any]:
@@ -108,12 +109,9 @@ class GSAMMonitor:
             uniformly without replacement among the non-padding ones; ``None``: every token.
         metrics: ``"default"``, ``"all"`` or a list of ``metrics.METRIC_NAMES``.
         sinks: Sink objects, callables ``(metrics, step)`` or names (``"tensorboard"``,
-            ``"wandb"``, ``"jsonl"``, ``"logging"``). ``None`` (default) with no ``log_dir``:
-            no sink, and a warning at construction on the writing rank (the metrics would be
-            computed and written nowhere); ``[]``: no sink on purpose (you read ``step()``,
-            ``log()`` or ``compute()`` yourself), silently.
-        log_dir: A TensorBoard run directory: short for ``sinks=[TensorBoardSink(log_dir)]``
-            (added to ``sinks``).
+            ``"wandb"``, ``"jsonl"``, ``"logging"``). None of them and no ``log_dir`` warns on
+            the writing rank, unless ``sinks=[]`` says you read ``step()``/``compute()`` yourself.
+        log_dir: A TensorBoard run directory: adds ``TensorBoardSink(log_dir)`` to ``sinks``.
         state_dtype: Dtype of the accumulated moments (fp64; fp32 halves the memory).
         product_dtype: Dtype of the per-batch Gram products (see ``LayerStats``).
         phases: Which phases to monitor: ``"train"`` (grad enabled and ``model.training``)
@@ -220,10 +218,8 @@ class GSAMMonitor:
             warn_once=self._faults.warn_once, attention=self._windows.attention,
         )
         self._logs = WindowLogger(config, self.layer_names, self._windows, self._fanout, self._faults)
-        self._attached = False
-        self._forced = 0  # open collect() handles
+        self._hooks = HookSwitch(self.schedule, self._capture.switch)
         self.step_count = 0
-        self._stepped = False
 
     every_n_steps = _setting("every_n_steps")
     window = _setting("window")
@@ -247,11 +243,8 @@ class GSAMMonitor:
     n_logs = _view("_logs", "n_logs", "Logs made so far.")
     last_metrics = _view("_logs", "last_metrics", "What the last log wrote (kept after ``close()``).")
     missing_layers = _view("_logs", "missing_layers", "The layers the last log found without activations.")
-    fired_alerts = property(
-        lambda self: self._logs.diagnostics.alerts,
-        doc="Every alert fired so far (dicts, in step order); ``alerts=`` sets the rules that fire them.",
-    )
-    alerts = property(lambda self: self.fired_alerts, doc="``fired_alerts`` (an alias kept for existing code).")
+    fired_alerts = _view("_logs.diagnostics", "alerts", "Every alert fired so far (dicts, in step order).")
+    alerts = _view("_logs.diagnostics", "alerts", "``fired_alerts`` (an alias kept for existing code).")
     sinks = _view("_fanout", "sinks", "The sinks, built from ``sinks=``.")
     hooks_registered = _view(
         "_capture", "registered", "Whether hooks are on the model right now (once a compiled graph has traced them, "
@@ -266,7 +259,7 @@ class GSAMMonitor:
     @property
     def attached(self) -> bool:
         """Whether the monitor is attached (its hooks may still be parked by ``collect_steps``)."""
-        return self._attached
+        return self._hooks.attached
 
     def attach(self) -> GSAMMonitor:
         """Start monitoring: register the hooks (now, or when ``collect_steps`` says so).
@@ -276,16 +269,16 @@ class GSAMMonitor:
         code that does not call hooks added later: Dynamo's compiled code is then dropped once,
         so that the next call recompiles with the hooks.
         """
-        if not self._attached:
+        if not self._hooks.attached:
             self._capture.attach_pending = True
-        self._attached = True
-        self._sync_hooks()
+        self._hooks.attached = True
+        self._hooks.update(self.step_count)
         return self
 
     def detach(self) -> None:
         """Stop monitoring and remove every hook (idempotent). The statistics are kept, so
         that a later ``attach()`` continues the windows; ``close()`` frees them."""
-        self._attached = False
+        self._hooks.attached = False
         self._capture.remove()
 
     def close(self, *, free: bool = True) -> None:
@@ -313,21 +306,10 @@ class GSAMMonitor:
         self.close(free=False)
 
     def collect(self) -> CollectHandle:
-        """Keep the hooks registered, whatever ``collect_steps`` says (e.g. for an evaluation
-        loop between two logs), until the returned handle is closed: ``with monitor.collect():``
-        or ``handle = monitor.collect()`` ... ``handle.close()``."""
-        self._forced += 1
-        self._sync_hooks()
-        return CollectHandle(self, self._release_collect)
-
-    def _release_collect(self) -> None:
-        self._forced -= 1
-        self._sync_hooks()
-
-    def _sync_hooks(self) -> None:
-        started = self._stepped or self.step_count > 0
-        want = self._forced > 0 or (self._attached and self.schedule.want_hooks(self.step_count, started=started))
-        self._capture.switch(want, self._attached)
+        """Keep the hooks collecting training forwards too, whatever ``collect_steps`` says (e.g.
+        a probe between two logs; evaluation forwards are always collected), until the returned
+        handle is closed: ``with monitor.collect():`` or ``handle = monitor.collect()`` ... ``handle.close()``."""
+        return CollectHandle(self, self._hooks.hold(lambda: self.step_count))
 
     # ------------------------------------------------------------------ logs
     @torch.inference_mode(False)  # windows cloned or created here must stay ordinary tensors
@@ -348,7 +330,7 @@ class GSAMMonitor:
         Raises:
             ValueError: if ``global_step`` is not a non-negative int.
         """
-        self._stepped = True
+        self._hooks.started = True
         self._capture.report_unreadable()  # seen by compiled graphs, which cannot warn
         if global_step is None:
             self.step_count += 1
@@ -359,7 +341,7 @@ class GSAMMonitor:
         result = self._logs.on_step(self.step_count, self.schedule)
         if self.window == "ema":  # after the log: the newest step's data enters the next log with weight 1
             self._windows.decay(self.config.ema_factor)
-        self._sync_hooks()
+        self._hooks.update(self.step_count)
         return result
 
     @torch.inference_mode(False)
@@ -488,10 +470,10 @@ class GSAMMonitor:
         self._faults.errors = int(state_dict["errors"])
         self._capture.sampler.load_state_dict(state_dict["sampler"])
         self._windows.load_samples(state_dict.get("samples", {}))
-        self._sync_hooks()
+        self._hooks.update(self.step_count)
 
     def __repr__(self) -> str:
         return (
             f"GSAMMonitor(layers={len(self.targets)}, every_n_steps={self.every_n_steps}, window={self.window!r}, "
-            f"phases={self.phases}, step={self.step_count}, attached={self._attached})"
+            f"phases={self.phases}, step={self.step_count}, attached={self.attached})"
         )

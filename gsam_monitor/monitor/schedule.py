@@ -3,8 +3,11 @@
 A value object, checked once (by ``MonitorConfig``): logs fall every ``every_n_steps``
 optimizer steps; with ``collect_steps = k`` the hooks are on only for the last ``k`` steps
 before each log, so the other steps cost nothing and each window describes the model as it
-is at its log. ``CollectHandle`` is what ``GSAMMonitor.collect()`` returns: the hooks stay on
-until it is closed, whatever the schedule says.
+is at its log. The schedule governs training forwards: evaluation forwards are collected
+whenever they happen (``gsam_monitor.capture.activations``). ``HookSwitch`` applies the
+schedule, the open ``collect()`` handles and the monitor's attachment to the hooks;
+``CollectHandle`` is what ``GSAMMonitor.collect()`` returns: the hooks stay on until it is
+closed, whatever the schedule says.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CollectHandle", "Schedule"]
+__all__ = ["CollectHandle", "HookSwitch", "Schedule"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,43 @@ class Schedule:
         """Whether reaching ``step`` crosses a log boundary since step ``last_logged`` (a jump of
         the trainer's global step over a boundary logs too)."""
         return step // self.every_n_steps > last_logged // self.every_n_steps
+
+
+class HookSwitch:
+    """Whether the hooks collect training forwards now, told to the capture at each change.
+
+    Args:
+        schedule: The collection schedule.
+        switch: Called with ``(want, attached)`` (``ActivationCapture.switch``).
+
+    Attributes:
+        attached: Whether the monitor is attached.
+        started: Whether a training step was counted (``step()``); a restored count counts too.
+    """
+
+    def __init__(self, schedule: Schedule, switch: Callable[[bool, bool], None]) -> None:
+        self.schedule = schedule
+        self.attached = False
+        self.started = False
+        self._switch = switch
+        self._forced = 0  # open collect() handles
+
+    def update(self, step: int) -> None:
+        """Apply the state at step count ``step``."""
+        started = self.started or step > 0
+        want = self._forced > 0 or (self.attached and self.schedule.want_hooks(step, started=started))
+        self._switch(want, self.attached)
+
+    def hold(self, step: Callable[[], int]) -> Callable[[], None]:
+        """Keep the hooks on until the returned release is called (``step``: the step count)."""
+        self._forced += 1
+        self.update(step())
+
+        def release() -> None:
+            self._forced -= 1
+            self.update(step())
+
+        return release
 
 
 class CollectHandle:
