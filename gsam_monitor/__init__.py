@@ -5,15 +5,17 @@ intervals ``metrics.compute`` turns them into the Gaussian Semantic Alignment Me
 its scale-invariant and shrinkage variants, spectral metrics and Gaussianity checks, logged
 to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
 
-The public API is what ``__all__`` lists: ``GSAMMonitor`` and its ``AlertRule``, the accumulators ``LayerStats``
-and ``ReservoirSample``, the ``metrics`` module, and the sinks with their ``Sink`` protocol.
-The framework callbacks live in ``gsam_monitor.callbacks``, the analyses in
-``gsam_monitor.analysis``, the benchmark in ``gsam_monitor.eval``.
+The public API is what ``__all__`` lists: ``GSAMMonitor`` with its ``AlertRule`` and
+``MonitorError``, the accumulators ``LayerStats`` and ``ReservoirSample``, the ``metrics``
+module, and the sinks with their ``Sink`` protocol. The framework callbacks live in
+``gsam_monitor.callbacks``, the analyses in ``gsam_monitor.analysis``, the benchmark in
+``gsam_monitor.eval``.
 """
 
 from gsam_monitor import metrics
 from gsam_monitor.monitor import GSAMMonitor
 from gsam_monitor.monitor.alerts import AlertRule
+from gsam_monitor.monitor.faults import MonitorError
 from gsam_monitor.sinks import JsonlSink, LoggingSink, Sink, TensorBoardSink, WandbSink
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
@@ -26,6 +28,7 @@ __all__ = [
     "JsonlSink",
     "LayerStats",
     "LoggingSink",
+    "MonitorError",
     "ReservoirSample",
     "Sink",
     "TensorBoardSink",

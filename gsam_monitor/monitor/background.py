@@ -62,7 +62,7 @@ class BackgroundLogger:
                 stream.synchronize()
                 return result
             except Exception as err:
-                return LogResult(step, errors=[(err, "log")])
+                return LogResult(step, errors=[(err, "log", f"step {step}")])
 
         self._pending = self._executor.submit(job)
 

@@ -23,7 +23,8 @@ operator, without graph breaks, and stay registered once traced, switched by a f
 (``gsam_monitor.capture.activations``).
 
 A monitor problem never stops training: exceptions inside hooks, metric computation or a
-sink are counted (``errors``), warned about once, and skipped; a failing sink is disabled.
+sink are counted (``errors``), warned about once per kind and place, and skipped; a failing
+sink is disabled. ``strict=True`` raises them instead (``gsam_monitor.monitor.faults``).
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class GSAMMonitor:
         alerts: ``"default"`` (rank collapse, anisotropy jump, ...: ``monitor.alerts.DEFAULT_RULES``),
             ``None`` or a list of rules (metric names, ``gsam_monitor.AlertRule`` objects, dicts). The
             alerts fired are in ``fired_alerts``; the sinks get ``alert/{metric}/{layer}`` = 1.
+        strict: Raise ``gsam_monitor.MonitorError`` at a monitor error (a hook, metric, log or
+            sink that raised) instead of counting it and going on: for tests and CI runs.
 
     Raises:
         ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
@@ -189,6 +192,7 @@ class GSAMMonitor:
         reference: Literal["previous", "first", "pinned"] = "previous",
         attention_entropy: bool = False,
         alerts: str | Iterable[Any] | None = "default",
+        strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -203,11 +207,11 @@ class GSAMMonitor:
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
         config.check_budget(self.targets)
-        self._faults = Faults()
+        self._faults = Faults(strict)
         self._fanout = SinkFanout(
             _sink_entries(sinks, log_dir, ranks.is_writer(config.process_group)),
             lambda: ranks.is_writer(config.process_group),
-            self._faults.fail,
+            lambda sink, err: self._faults.error("sink", sink, err, outcome="it is disabled"),
         )
         warn_if_frequent(config.every_n_steps, stacklevel=2)
         self.schedule = Schedule(config.every_n_steps, config.collect_steps, config.auto_collect)

@@ -90,7 +90,7 @@ class WindowLogger:
             )  # fmt: skip
             self._windows.advance(windows, owned=owned)
         except Exception as err:
-            result = LogResult(step, errors=[(err, "log")])
+            result = LogResult(step, errors=[(err, "log", f"step {step}")])
         self._count(step_count)
         return self._publish(self._gather(result))
 
@@ -111,7 +111,7 @@ class WindowLogger:
             else:  # the metrics are computed where they are written
                 self._windows.advance(windows, owned=owned)
         except Exception as err:
-            self._faults.hook_error(err, "log")
+            self._faults.error("log", f"step {step}", err)
             snapshot = None
         self._count(step)
         if snapshot is not None:
@@ -152,7 +152,7 @@ class WindowLogger:
         try:
             summary = self.diagnostics.quantization_summary(self.config.phases)
         except Exception as err:
-            self._faults.hook_error(err, "quantization summary")
+            self._faults.error("int8 summary", "every layer", err)
             return
         if summary:
             self._fanout.write_quantization(summary, max(int(e["step"]) for e in summary.values()))
@@ -194,7 +194,7 @@ class WindowLogger:
         fits, result.fits = result.fits, {}
         if not self._is_writer():  # what reaches the writer must pickle: errors as their text
             rank = ranks.global_rank()
-            result.errors = [(RuntimeError(f"rank {rank}: {err!r}"), where) for err, where in result.errors]
+            result.errors = [(RuntimeError(f"rank {rank}: {err!r}"), kind, where) for err, kind, where in result.errors]
         shares = ranks.gather_to_writer(result, self.config.process_group)
         if shares is None or not self._is_writer():
             return LogResult(result.step, fits=fits)
@@ -215,13 +215,13 @@ class WindowLogger:
         """Warn about and count what the log reports, and write its metrics to the sinks."""
         for key, message in result.warnings:
             self._faults.warn_once(key, message)
-        for err, where in result.errors:
-            self._faults.hook_error(err, where)
+        for err, kind, where in result.errors:
+            self._faults.error(kind, where, err)
         flat = result.flat
         try:
             diagnosis = self.diagnostics.observe(result)
         except Exception as err:  # a diagnostics failure never costs the log its metrics
-            self._faults.hook_error(err, "alerts")
+            self._faults.error("alerts", f"step {result.step}", err)
             diagnosis = Diagnosis()
         if flat:
             flat.update(diagnosis.flags)

@@ -51,7 +51,8 @@ class LogResult:
         flat: ``{"gsam/encoder.layer.0": value, ...}``: finite values only.
         spectra: Covariance eigenvalues per layer key, when the log sends a spectrum.
         missing: Layer keys that saw no activation in the window.
-        errors: ``(exception, where)`` of what failed (a layer's metrics, the whole log).
+        errors: ``(exception, kind, where)`` of what failed (``faults.KINDS``: a layer's
+            ``"metrics"``, the whole ``"log"``).
         warnings: ``(warn-once key, message)`` pairs to warn about.
         fits: Each window's own ``GaussianFit`` (when the log asks for them): the next log's
             held-out reference, made from the spectrum this log computed.
@@ -63,7 +64,7 @@ class LogResult:
     flat: dict[str, float] = field(default_factory=dict)
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
-    errors: list[tuple[BaseException, str]] = field(default_factory=list)
+    errors: list[tuple[BaseException, str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
     fits: dict[Key, metrics.GaussianFit] = field(default_factory=dict)
     values: dict[Key, dict[str, float]] = field(default_factory=dict)
@@ -178,7 +179,7 @@ def _add_layer(
             stats, _resolve(ref), names=metric_names, return_spectrum=True, return_fit=want_fit
         )
     except Exception as err:
-        result.errors.append((err, f"metrics of {layer}"))
+        result.errors.append((err, "metrics", repr(layer_key(layer, phase))))
         return
     for metric, value in values.items():
         value = float(value)

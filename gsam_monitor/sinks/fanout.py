@@ -72,15 +72,15 @@ class SinkFanout:
     Args:
         sinks: ``sinks=`` entries (see ``make_sink``), built here.
         is_writer: Whether this process writes (checked at each write).
-        on_failure: Called with a warn-once key and a message when a sink raises; the sink
-            is then disabled for good.
+        on_failure: Called with the sink's description and the exception when a sink raises;
+            the sink is then disabled for good.
 
     Raises:
         ValueError, TypeError: from ``make_sink``.
     """
 
     def __init__(
-        self, sinks: Any, is_writer: Callable[[], bool], on_failure: Callable[[str, str], None]
+        self, sinks: Any, is_writer: Callable[[], bool], on_failure: Callable[[str, BaseException], None]
     ) -> None:
         self.sinks: list[Sink] = [make_sink(s) for s in sink_list(sinks)]
         self.disabled: set[int] = set()
@@ -141,7 +141,4 @@ class SinkFanout:
 
     def _failed(self, index: int, sink: Any, err: BaseException) -> None:
         self.disabled.add(index)
-        self._on_failure(
-            f"sink:{index}",
-            f"GSAMMonitor: sink {sink!r} raised {type(err).__name__}: {err}; it is disabled and training goes on.",
-        )
+        self._on_failure(f"{sink!r} (sinks[{index}])", err)
