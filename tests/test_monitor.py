@@ -635,3 +635,46 @@ def test_default_collect_steps_is_the_last_tenth_but_at_least_ten_steps(every: i
     first = min(expected + 1, every)
     assert on == [True] + [False] * (every - 1 - (first - 1)) + [True] * (first - 1)
     assert logged == [first * len(x)]
+
+
+@pytest.mark.parametrize("window", ["interval", "ema"])
+def test_rows_the_hooks_hold_back_reach_every_read_of_the_monitor(window: str) -> None:
+    """d = 64 with forwards of 4 rows: the hooks hold them (``RowBuffer``) and every read
+    (``stats()``, ``compute()``, ``state_dict()``, the log, the EMA decay) sees all of them."""
+    d = 64
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((4, d)) + 3 for _ in range(10)]
+    model = Stack(dim=d, depth=1)
+    kwargs = {"ema_half_life": 2.0} if window == "ema" else {}
+    monitor = _monitor(model, every_n_steps=5, collect_steps=None, window=window, phases="eval",
+                       metrics=["n", "gsam"], sinks=[], **kwargs)
+    with monitor, torch.no_grad():
+        for x in xs[:3]:
+            model(torch.from_numpy(x))
+        assert monitor._windows._held[("blocks.0", "eval")].n_rows == 12  # held, not in the sums yet
+        seen = np.concatenate(xs[:3])
+        assert float(monitor.stats("blocks.0", "eval").count) == 12
+        assert monitor.compute("eval")["blocks.0"]["gsam"] == pytest.approx(gsam_pdet(seen)[0], rel=1e-9)
+        model(torch.from_numpy(xs[3]))
+        saved = monitor.state_dict()
+        assert float(LayerStats.from_state_dict(saved["stats"]["eval"]["blocks.0"]).count) == 16
+        logs = []
+        for step, x in enumerate(xs[4:], start=1):
+            model(torch.from_numpy(x))
+            out = monitor.step()
+            if out:
+                logs.append((step, out))
+    ((step, out),) = [(s, o) for s, o in logs if s == 5]
+    rows = np.concatenate(xs[:9])
+    if window == "interval":
+        assert out["n/blocks.0/eval"] == len(rows)
+        assert out["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(rows)[0], rel=1e-9)
+    else:  # each step() decays what came before it, held rows included: x0..x4 by f^4, ..., x8 by 1
+        f = 0.5 ** (1 / 2.0)
+        weights = [f**4] * 5 + [f**3, f**2, f, 1.0]
+        n, _, cov = _weighted_moments(xs[:9], weights)
+        assert out["n/blocks.0/eval"] == pytest.approx(n, rel=1e-12)
+        lam = np.linalg.eigvalsh(cov)  # 36 rows in d = 64: scored on the support
+        lam = lam[lam > 1e6 * np.finfo(np.float64).eps * lam.max()]
+        want = math.log(n) - len(lam) / 2 * (1 + math.log(2 * math.pi)) - np.log(lam).sum() / 2
+        assert out["gsam/blocks.0/eval"] == pytest.approx(want, rel=1e-9)

@@ -93,10 +93,12 @@ def test_fp32_products_ignore_reduced_float32_matmul_precision(rng: np.random.Ge
 def test_update_runs_with_autocast_off_and_ieee_fp32_and_restores_the_callers_settings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    seen: list[tuple[bool, str, str]] = []
-    original = LayerStats._update_rows
+    import gsam_monitor.stats.feed as feed
 
-    def spy(self, rows, keep_in):
+    seen: list[tuple[bool, str, str]] = []
+    original = feed.update_chunk
+
+    def spy(sums, rows, keep_in, product_dtype, *, set_shift):
         seen.append(
             (
                 torch.is_autocast_enabled("cpu"),
@@ -104,9 +106,9 @@ def test_update_runs_with_autocast_off_and_ieee_fp32_and_restores_the_callers_se
                 torch.backends.cuda.matmul.fp32_precision,
             )
         )
-        return original(self, rows, keep_in)
+        return original(sums, rows, keep_in, product_dtype, set_shift=set_shift)
 
-    monkeypatch.setattr(LayerStats, "_update_rows", spy)
+    monkeypatch.setattr(feed, "update_chunk", spy)  # the kernel, called once per chunk of rows
     saved = torch.get_float32_matmul_precision()
     try:
         for precision in ("high", "medium"):
@@ -137,10 +139,12 @@ def test_exact_numerics_restores_the_callers_settings_when_the_body_raises() -> 
 
 
 def test_update_error_restores_the_callers_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(self, rows, keep_in):
+    import gsam_monitor.stats.feed as feed
+
+    def fail(sums, rows, keep_in, product_dtype, *, set_shift):
         raise RuntimeError("kernel failed")
 
-    monkeypatch.setattr(LayerStats, "_update_rows", fail)
+    monkeypatch.setattr(feed, "update_chunk", fail)
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:

@@ -405,80 +405,82 @@ def test_all_reduce_is_exact_over_ranks_with_different_shifts_and_an_empty_rank(
 
 
 def _kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows per call of the update kernel, recorded."""
+    """Rows per call of the update path (``feed.add_rows``), recorded."""
+    import gsam_monitor.stats.layer_stats as layer_stats_module
+
     calls: list[int] = []
-    original = LayerStats._update_rows
+    original = layer_stats_module.add_rows
 
-    def spy(self, rows, keep_in):
+    def spy(sums, rows, keep_in, product_dtype, *, set_shift):
         calls.append(rows.shape[0])
-        return original(self, rows, keep_in)
+        return original(sums, rows, keep_in, product_dtype, set_shift=set_shift)
 
-    monkeypatch.setattr(LayerStats, "_update_rows", spy)
+    monkeypatch.setattr(layer_stats_module, "add_rows", spy)
     return calls
 
 
-def test_small_cpu_updates_are_held_and_added_together_exactly(
+def test_a_row_buffer_adds_small_cpu_updates_together_and_reads_add_nothing(
     monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
 ) -> None:
-    # d = 64: updates under min(2**16, d²/2) = 2048 elements (32 rows) wait; the kernel runs
-    # once per 32 held rows or at the first read, and every read sees every row.
+    # d = 64: updates under min(2**16, d²/2) = 2048 elements (32 rows) wait in the buffer; the
+    # kernel runs once per 32 held rows or at flush(). Reading the statistics adds nothing.
+    from gsam_monitor.stats.feed import RowBuffer
+
     calls = _kernel_calls(monkeypatch)
     d = 64
     x = rng.standard_normal((200, d)) * np.linspace(0.5, 3, d) + 5
-    x[13, 7] = np.nan  # a non-finite row among the held ones: dropped and counted at the add
+    x[13, 7] = np.nan  # a non-finite row among the held ones: dropped and counted when added
     s = LayerStats(d)
+    buffer = RowBuffer(s)
     for i in range(0, 96, 4):  # 24 updates of 4 rows
-        s.update(torch.from_numpy(x[i : i + 4]))
-    assert calls == [32, 32]  # two full holds added; 32 rows still held
-    # A size query writes nothing: the monitor asks every window's size, under another
-    # window's lock, while threads may be updating this one.
-    assert s.nbytes == LayerStats(d).nbytes and calls == [32, 32]
+        buffer.add(torch.from_numpy(x[i : i + 4]))
+    assert calls == [32, 32] and buffer.n_rows == 32  # two full holds added; 32 rows still held
+    assert float(s.count) == 63 and int(s.nonfinite) == 1  # a read: the held rows stay held
+    np.testing.assert_allclose(s.covariance().numpy(), np.cov(np.delete(x[:64], 13, 0).T, ddof=0), rtol=1e-10)
+    assert calls == [32, 32] and buffer.n_rows == 32
+    assert buffer.flush() is s and calls == [32, 32, 32] and buffer.n_rows == 0
     kept = np.delete(x[:96], 13, axis=0)
-    assert float(s.count) == 95 and int(s.nonfinite) == 1  # a read adds the held rows
-    assert calls == [32, 32, 32]
+    assert float(s.count) == 95
     np.testing.assert_allclose(s.covariance().numpy(), np.cov(kept.T, ddof=0), rtol=1e-10, atol=1e-13)
-    # A large update adds what is held first, then itself.
-    s.update(torch.from_numpy(x[96:100]))
-    s.update(torch.from_numpy(x[100:200]))
+    # A large update adds what is held first, then itself; padding is dropped before holding.
+    buffer.add(torch.from_numpy(x[96:100]))
+    buffer.add(torch.from_numpy(x[100:200]))
     assert calls[-2:] == [4, 100]
-    kept = np.delete(x, 13, axis=0)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[0, :2] = True
+    buffer.add(torch.from_numpy(np.stack([x[:3], x[3:6]])), mask=mask)
+    buffer.flush()
+    kept = np.vstack([np.delete(x, 13, axis=0), x[:2]])
     np.testing.assert_allclose(s.covariance().numpy(), np.cov(kept.T, ddof=0), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(s.mean.numpy(), kept.mean(0), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 64\)"):
+        buffer.add(torch.zeros(2, 5))  # checked by update at once, not at the flush
 
 
-def test_held_rows_reach_every_reader_and_reset_drops_them(rng: np.random.Generator) -> None:
+def test_a_row_buffer_keeps_dtypes_apart_and_its_copies_outlive_inference_mode(rng: np.random.Generator) -> None:
+    from gsam_monitor.stats.feed import RowBuffer
+
     d = 48
     x = rng.standard_normal((30, d)) + 2
-    y = rng.standard_normal((20, d)).astype(np.float32)  # another dtype: added before it is held
-    s = LayerStats(d)
-    s.update(torch.from_numpy(x[:10]))
-    # clone: a copy with the held rows, and no held list shared with the original
-    c = s.clone()
-    s.update(torch.from_numpy(x[10:30]))
-    assert float(c.count) == 10 and float(s.count) == 30
-    # merge: a state holding rows only (no shift set yet) merges them
-    m = LayerStats(d)
-    m.update(torch.from_numpy(x[:5]))
-    t = LayerStats(d)
-    t.update(torch.from_numpy(x[5:10]))
-    m.merge(t)
-    np.testing.assert_allclose(m.covariance().numpy(), np.cov(x[:10].T, ddof=0), rtol=1e-10, atol=1e-13)
-    # state_dict and mixed dtypes
+    y = rng.standard_normal((20, d)).astype(np.float32)  # another dtype: what is held is added first
     u = LayerStats(d)
-    u.update(torch.from_numpy(x[:8]))
-    u.update(torch.from_numpy(y))
+    buffer = RowBuffer(u)
+    buffer.add(torch.from_numpy(x[:8]))
+    buffer.add(torch.from_numpy(y))
+    buffer.flush()
     both = np.vstack([x[:8], y.astype(np.float64)])
-    back = LayerStats.from_state_dict(u.state_dict())
-    np.testing.assert_allclose(back.covariance().numpy(), np.cov(both.T, ddof=0), rtol=1e-10, atol=1e-13)
-    # reset drops held rows with the window
-    u.update(torch.from_numpy(x[:4]))
+    np.testing.assert_allclose(u.covariance().numpy(), np.cov(both.T, ddof=0), rtol=1e-10, atol=1e-13)
+    buffer.add(torch.from_numpy(x[:4]))
+    buffer.clear()  # the rows' window is reset
     u.reset()
-    assert float(u.count) == 0
-    u.update(torch.from_numpy(x[4:12]))
+    buffer.add(torch.from_numpy(x[4:12]))
+    buffer.flush()
     np.testing.assert_allclose(u.covariance().numpy(), np.cov(x[4:12].T, ddof=0), rtol=1e-10, atol=1e-13)
-    # held under inference_mode, read outside it
+    # held under inference_mode, added outside it
+    v = LayerStats(d)
+    held = RowBuffer(v)
     with torch.inference_mode():
-        v = LayerStats(d)
-        v.update(torch.from_numpy(x[:6]))
-    v.update(torch.from_numpy(x[6:12]))
+        held.add(torch.from_numpy(x[:6]))
+    held.add(torch.from_numpy(x[6:12]))
+    held.flush()
     np.testing.assert_allclose(v.covariance().numpy(), np.cov(x[:12].T, ddof=0), rtol=1e-10, atol=1e-13)

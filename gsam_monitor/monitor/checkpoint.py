@@ -7,10 +7,17 @@ held-out fits, reservoir samples; on the CPU) and the token sampler's generator 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["STATE_FORMAT", "check_state"]
+import torch
+
+from gsam_monitor.stats import LayerStats, ReservoirSample
+
+__all__ = ["STATE_FORMAT", "check_state", "pack", "unpack_samples", "unpack_stats"]
+
+Key = tuple[str, str]  # (layer name, phase)
+Table = Mapping[str, Mapping[str, Any]]  # {phase: {layer: state}}
 
 STATE_FORMAT = "gsam_monitor.GSAMMonitor"
 """The ``"format"`` entry of ``GSAMMonitor.state_dict()``."""
@@ -33,3 +40,49 @@ def check_state(state: Mapping[str, Any], layers: Sequence[str]) -> None:
             f"load_state_dict: the state is for layers {saved}, this monitor watches {list(layers)}; construct "
             f"the monitor with the same layers= and ignore= as the run that saved it."
         )
+
+
+def pack(table: Mapping[Key, Any]) -> dict[str, dict[str, Any]]:
+    """``{(layer, phase): stats or sample}`` as ``{phase: {layer: state_dict on the CPU}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for (name, phase), stats in table.items():
+        # To the host layer by layer: a device copy of every window at once would need as
+        # much free accelerator memory again as the statistics themselves.
+        state = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in stats.state_dict().items()}
+        out.setdefault(phase, {})[name] = state
+    return out
+
+
+def unpack_stats(
+    table: Table, device_of: Callable[[str], torch.device], product_dtype: torch.dtype | str | None
+) -> dict[Key, LayerStats]:
+    """``pack``'s statistics back, each on its layer's device (``device_of``)."""
+    return {
+        (name, phase): LayerStats.from_state_dict(sd, device=device_of(name), product_dtype=product_dtype)
+        for phase, layers in table.items()
+        for name, sd in layers.items()
+    }
+
+
+def unpack_samples(
+    table: Table, size: int | None, device_of: Callable[[str], torch.device]
+) -> dict[Key, ReservoirSample]:
+    """``pack``'s reservoir samples back (none when the monitor keeps none: ``size`` is ``None``).
+
+    Raises:
+        ValueError: if a saved sample has another capacity than ``size``.
+    """
+    samples: dict[Key, ReservoirSample] = {}
+    if size is None:
+        return samples
+    for phase, layers in table.items():
+        for name, sd in layers.items():
+            if int(sd["capacity"]) != size:
+                raise ValueError(
+                    f"load_state_dict: the state's reservoir samples hold {int(sd['capacity'])} values, "
+                    f"this monitor has reservoir_size={size}; construct it with reservoir_size={int(sd['capacity'])}."
+                )
+            sample = ReservoirSample(size)  # CPU: the saved generator state is a CPU one
+            sample.load_state_dict(sd)
+            samples[(name, phase)] = sample.to(device_of(name))
+    return samples

@@ -420,7 +420,7 @@ class GSAMMonitor:
     # ------------------------------------------------------------------ state
     def stats(self, layer: str, phase: str = "train") -> LayerStats | None:
         """The live statistics of ``layer`` in ``phase`` (``None`` before its first activation)."""
-        return self._windows.live.get((layer, phase))
+        return self._windows.window((layer, phase))
 
     def sample(self, layer: str, phase: str = "train") -> ReservoirSample | None:
         """The ``ReservoirSample`` of ``layer`` in ``phase`` (``reservoir_size=`` must be set);

@@ -1,5 +1,9 @@
 """The window store: one ``LayerStats`` per monitored (layer, phase), and what happens to them.
 
+The hooks' rows reach a window through a ``RowBuffer`` (small CPU updates are held and added
+together); every read of the windows (a log, ``compute``, a checkpoint) runs ``flush()``
+first, under each window's lock.
+
 Windows are created at their layer's first activation (where the activations are, within
 the memory budget: a layer that would exceed it is left out, with one warning), follow the
 model when it moves, are summed over the ranks for a log (``synced``), and then advance:
@@ -26,9 +30,11 @@ from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics import GaussianFit
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.attention import AttentionWindows
+from gsam_monitor.monitor.checkpoint import pack, unpack_samples, unpack_stats
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
 from gsam_monitor.monitor.reference import ReferenceFits, check_reference_mode, takes_reference
 from gsam_monitor.stats import LayerStats, ReservoirSample
+from gsam_monitor.stats.feed import RowBuffer
 
 __all__ = ["Key", "WindowStore"]
 
@@ -54,6 +60,7 @@ class WindowStore:
         self.reference: dict[Key, LayerStats] = {}
         self.fits: dict[Key, GaussianFit] = {}  # the factorised references, made by their logs
         self.samples: dict[Key, ReservoirSample] = {}
+        self._held: dict[Key, RowBuffer] = {}  # the hooks' small CPU updates, not in ``live`` yet
         self.fixed_fits = ReferenceFits()  # fixed references ("first", pinned), factorised once
         self.attention = AttentionWindows(config.window, config.process_group) if config.attention_entropy else None
         self.disabled: set[str] = set()  # layers left out over the memory budget
@@ -72,10 +79,14 @@ class WindowStore:
         self, target: LayerTarget, module: nn.Module, phase: str, rows: torch.Tensor, keep: torch.Tensor | None
     ) -> None:
         """Add rows ``(N, d)`` of ``target`` (seen on ``module``, a replica under DataParallel)."""
-        with self._locks[(target.name, phase)]:
+        key = (target.name, phase)
+        with self._locks[key]:
             stats = self._stats_for(target, module, phase, rows.shape[-1], rows.device)
             if stats is not None:
-                stats.update(rows, mask=keep)
+                held = self._held.get(key)
+                if held is None or held.stats is not stats:
+                    held = self._held[key] = RowBuffer(stats)
+                held.add(rows, mask=keep)
             size = self.config.reservoir_size
             if size is not None:
                 self._sample_for(target.name, phase, rows.device, size).update(rows, mask=keep)
@@ -150,6 +161,19 @@ class WindowStore:
                 higher_moments=self.config.higher_moments,
             )
 
+    def flush(self) -> None:
+        """Add the rows the hooks hold back to their windows, each under its window's lock: every
+        read of the windows comes after this (a read itself never adds them)."""
+        for key, held in list(self._held.items()):
+            with self._locks[key]:
+                if held.stats is self.live.get(key):  # else its window was dropped, rows and all
+                    held.flush()
+
+    def window(self, key: Key) -> LayerStats | None:
+        """The live statistics of ``key`` with every held row added (``None`` before its first rows)."""
+        self.flush()
+        return self.live.get(key)
+
     # ------------------------------------------------------------------ logs
     def synced(self, phases: Sequence[str], *, in_place: bool) -> dict[Key, LayerStats]:
         """Each (layer, phase) window of ``phases``, summed over ranks under torch.distributed.
@@ -157,6 +181,7 @@ class WindowStore:
         ``in_place`` reduces the live statistics (they are reset right after, interval windows);
         otherwise clones are reduced so that the local state stays local.
         """
+        self.flush()
         keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
         dist = ranks.active_dist()
         group = self.config.process_group
@@ -190,6 +215,7 @@ class WindowStore:
         ``count`` and ``nonfinite``. Outside
         torch.distributed this is ``synced``, every window owned.
         """
+        self.flush()
         keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
         dist = ranks.active_dist()
         group = self.config.process_group
@@ -329,6 +355,7 @@ class WindowStore:
 
     def decay(self, factor: float) -> None:
         """Multiply every live window's sums by ``factor`` (EMA windows, once per step)."""
+        self.flush()  # this step's rows decay with the window
         for stats in self.live.values():
             stats.decay_(factor)
         if self.attention is not None:
@@ -341,6 +368,7 @@ class WindowStore:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Empty every window and sample and drop the held-out fits."""
+        self._held.clear()
         for stats in self.live.values():
             stats.reset()
         self.reference.clear()
@@ -353,6 +381,7 @@ class WindowStore:
 
     def clear(self) -> None:
         """Free the statistics, held-out fits and samples."""
+        self._held.clear()
         self.live.clear()
         self.reference.clear()
         self.fits.clear()
@@ -364,11 +393,12 @@ class WindowStore:
     def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{"stats", "reference", "samples"}``, each ``{phase: {layer: state}}`` on the CPU, and
         ``"reference_mode"``."""
+        self.flush()
         return {
-            "stats": _pack(self.live),
-            "reference": _pack(self.reference),
+            "stats": pack(self.live),
+            "reference": pack(self.reference),
             "reference_mode": self.config.reference,
-            "samples": _pack(self.samples),
+            "samples": pack(self.samples),
             "attention": {} if self.attention is None else self.attention.state_dict(),
         }
 
@@ -379,8 +409,9 @@ class WindowStore:
             ValueError: if the reference windows were kept under another ``reference=``.
         """
         check_reference_mode(state, self.config.reference)
-        self.live = self._unpack(state["stats"])
-        self.reference = self._unpack(state["reference"])
+        self._held.clear()
+        self.live = unpack_stats(state["stats"], self.device_of, self.config.product_dtype)
+        self.reference = unpack_stats(state["reference"], self.device_of, self.config.product_dtype)
         self.fits.clear()
         self.fixed_fits.clear()
         if self.attention is not None:
@@ -392,30 +423,7 @@ class WindowStore:
         Raises:
             ValueError: if the saved samples have another capacity than ``reservoir_size``.
         """
-        self.samples = {}
-        size = self.config.reservoir_size
-        if size is None:
-            return
-        for phase, layers in samples.items():
-            for name, sd in layers.items():
-                if int(sd["capacity"]) != size:
-                    raise ValueError(
-                        f"load_state_dict: the state's reservoir samples hold {int(sd['capacity'])} values, "
-                        f"this monitor has reservoir_size={size}; construct it with "
-                        f"reservoir_size={int(sd['capacity'])}."
-                    )
-                sample = ReservoirSample(size)  # CPU: the saved generator state is a CPU one
-                sample.load_state_dict(sd)
-                self.samples[(name, phase)] = sample.to(self.device_of(name))
-
-    def _unpack(self, table: Mapping[str, Mapping[str, Any]]) -> dict[Key, LayerStats]:
-        out: dict[Key, LayerStats] = {}
-        for phase, layers in table.items():
-            for name, sd in layers.items():
-                out[(name, phase)] = LayerStats.from_state_dict(
-                    sd, device=self.device_of(name), product_dtype=self.config.product_dtype
-                )
-        return out
+        self.samples = unpack_samples(samples, self.config.reservoir_size, self.device_of)
 
     def device_of(self, layer: str) -> torch.device:
         """The device of ``layer``'s first parameter (the CPU when it has none)."""
@@ -425,16 +433,6 @@ class WindowStore:
                 if param is not None:
                     return param.device
         return torch.device("cpu")
-
-
-def _pack(table: Mapping[Key, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for (name, phase), stats in table.items():
-        # To the host layer by layer: a device copy of every window at once would need as
-        # much free accelerator memory again as the statistics themselves.
-        state = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in stats.state_dict().items()}
-        out.setdefault(phase, {})[name] = state
-    return out
 
 
 def _home_device(module: nn.Module, fallback: torch.device) -> torch.device:

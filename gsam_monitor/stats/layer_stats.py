@@ -46,7 +46,7 @@ import torch
 
 from gsam_monitor._validate import positive_int
 from gsam_monitor.stats.distributed import AllReduce, agree_on_shift, max_over_ranks, sum_over_ranks, sum_to_rank
-from gsam_monitor.stats.feed import RowFeed
+from gsam_monitor.stats.feed import add_rows
 from gsam_monitor.stats.moments import Moments
 from gsam_monitor.stats.precision import resolve_product_dtype, resolve_state_dtype, shift_dtype
 from gsam_monitor.stats.shift import shifted_sums
@@ -57,7 +57,7 @@ _SUM_FIELDS = ("count", "sum", "gram", "power3", "power4", "unit_sum", "product_
 _MAX_FIELDS = ("absmax",)
 
 
-class LayerStats(Moments, RowFeed):
+class LayerStats(Moments):
     """Streaming first to fourth moments of row vectors, sum-reducible and exact.
 
     Args:
@@ -106,10 +106,8 @@ class LayerStats(Moments, RowFeed):
         self.higher_moments = bool(higher_moments)
         self._product_dtype_arg = product_dtype
         self.product_dtype = resolve_product_dtype(product_dtype, dev, state_dtype)
-        self._pending: list[torch.Tensor] = []
-        self._pending_rows = 0
-        self._shift_known = False
-        self._state = OrderedDict()
+        self._shift_set = False  # the shift was set by data (or moved explicitly)
+        self._state: OrderedDict[str, torch.Tensor] = OrderedDict()
         d, f = dim, state_dtype
         # fp64 counts where the device has fp64; MPS counts in fp32 (exact to 2**24 rows).
         cf = torch.float64 if dev.type != "mps" else torch.float32
@@ -138,7 +136,7 @@ class LayerStats(Moments, RowFeed):
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
-        return self._sums["gram"].device
+        return self._state["gram"].device
 
     @property
     def count(self) -> torch.Tensor:
@@ -168,10 +166,8 @@ class LayerStats(Moments, RowFeed):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the state tensors. A size query: it adds no held rows, so it may be
-        asked of a window while another thread, holding that window's lock, updates it (the
-        monitor's memory budget asks every window when one is created)."""
-        return sum(t.numel() * t.element_size() for t in self._sums.values())
+        """Bytes held by the state tensors."""
+        return sum(t.numel() * t.element_size() for t in self._state.values())
 
     @staticmethod
     def state_bytes(dim: int, state_dtype: torch.dtype = torch.float64) -> int:
@@ -202,9 +198,9 @@ class LayerStats(Moments, RowFeed):
         caller's context (``exact_numerics``); rows are processed in chunks of
         ``2**22 // dim`` rows (at least 256) so that the workspace stays bounded.
 
-        On the CPU, an update under ``min(2**16, dim²/2)`` elements is copied and held, and
-        held rows are added together when they fill that size or at the first read of the
-        state (``stats.feed``): at most a quarter of an fp64 Gram matrix's bytes.
+        Many small CPU updates (a few dozen rows each) are faster held and added together:
+        ``gsam_monitor.stats.feed.RowBuffer`` does that in front of a state, with an explicit
+        ``flush()`` before the state is read.
 
         Raises:
             ValueError: if the last dimension is not ``dim`` or the mask shape does not match.
@@ -234,7 +230,8 @@ class LayerStats(Moments, RowFeed):
                 # No device to wait for on CPU: drop padding before the products instead of
                 # multiplying zeros (padded batches are often half padding).
                 rows, keep_in = rows[keep_in], None
-        self._feed(rows, keep_in)
+        add_rows(self._state, rows, keep_in, self.product_dtype, set_shift=not self._shift_set)
+        self._shift_set = True
 
     # ------------------------------------------------------------------ shift algebra
     def _representable_shift(self, shift: torch.Tensor) -> torch.Tensor:
@@ -312,7 +309,6 @@ class LayerStats(Moments, RowFeed):
     def reset(self) -> None:
         """Zero the sums and release the shift: the next window's first rows set it, so a
         window whose mean moved far from the last one's keeps every digit."""
-        self._pending, self._pending_rows = [], 0  # held rows belong to the window being reset
         for t in (*self.state_tensors().values(), *self.max_tensors().values()):
             t.zero_()
         self._state["shift"].zero_()
@@ -331,12 +327,10 @@ class LayerStats(Moments, RowFeed):
 
     def clone(self) -> LayerStats:
         """An independent copy (ordinary tensors, also when called under inference mode)."""
-        sums = self._state  # held rows added first: the copy shares no buffer
         new = LayerStats.__new__(LayerStats)
         new.__dict__.update(self.__dict__)
-        new._pending = []
         with torch.inference_mode(False):
-            new._state = OrderedDict((k, v.clone()) for k, v in sums.items())
+            new._state = OrderedDict((k, v.clone()) for k, v in self._state.items())
         return new
 
     def to(self, device: torch.device | str) -> LayerStats:
