@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from gsam_monitor._compat import find_caller_self, trainer_default_logdir
 from gsam_monitor._validate import positive_int
 from gsam_monitor.callbacks.core import MonitorCallback, close_quietly
 from gsam_monitor.sinks import TensorBoardSink, WandbSink
@@ -75,23 +76,8 @@ def _find_trainer(max_depth: int = _STACK_DEPTH) -> tuple[Any | None, str | None
     """
     from transformers import Trainer
 
-    frame = sys._getframe(1)
-    trainer = None
-    resume: str | None = None
-    found_resume = False
-    for _ in range(max_depth):
-        if frame is None:
-            break
-        local_self = frame.f_locals.get("self")
-        if isinstance(local_self, Trainer):
-            trainer = local_self
-            if "resume_from_checkpoint" in frame.f_code.co_varnames:
-                resume = frame.f_locals.get("resume_from_checkpoint")
-                found_resume = True
-            break
-        frame = frame.f_back
-    del frame
-    return trainer, resume if isinstance(resume, (str, os.PathLike)) else None, found_resume
+    trainer, resume, found = find_caller_self(Trainer, max_depth, "resume_from_checkpoint")
+    return trainer, resume if isinstance(resume, (str, os.PathLike)) else None, found
 
 
 class _TrainerTensorBoardSink:
@@ -393,9 +379,7 @@ def _default_tb_dir(args: TrainingArguments) -> str:
     env = os.getenv("TENSORBOARD_LOGGING_DIR")
     if env:
         return os.path.expanduser(env)
-    from transformers.integrations.integration_utils import default_logdir
-
-    return os.path.join(args.output_dir, default_logdir())
+    return os.path.join(args.output_dir, trainer_default_logdir())
 
 
 def _state_file(rank: int) -> str:

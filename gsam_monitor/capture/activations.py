@@ -25,8 +25,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from gsam_monitor._compat import drop_compiled_code, has_compiled_code
 from gsam_monitor.capture.attention import AttentionFeed, build_attention_hooks
-from gsam_monitor.capture.compiled import add_observer, drop_compiled_code, has_compiled_code, observe, remove_observer
+from gsam_monitor.capture.compiled import add_observer, observe, remove_observer
 from gsam_monitor.capture.hooks import (
     ForwardContext,
     HookHandles,
@@ -215,7 +216,7 @@ class ActivationCapture:
         if self._attention is not None:
             self._attention.register()
         first, self.attach_pending = self.attach_pending, False
-        if first or self.compiled or has_compiled_code(unwrap_model(self.model)):
+        if first or self.compiled or has_compiled_code(type(unwrap_model(self.model)).forward):
             self._drop_compiled_code()
 
     def _drop_compiled_code(self) -> None:

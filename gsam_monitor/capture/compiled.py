@@ -8,7 +8,7 @@ registered under its key (``add_observer``). No graph break, so ``fullgraph=True
 
 Compiled code never re-checks module hooks added after it was compiled (Dynamo guards on no
 empty hook dict), so hooks attached after a compiled warm-up need the compiled code dropped
-once (``drop_compiled_code``), so that the next call traces them.
+once (``gsam_monitor._compat.drop_compiled_code``), so that the next call traces them.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
-__all__ = ["add_observer", "drop_compiled_code", "has_compiled_code", "observe", "remove_observer"]
+__all__ = ["add_observer", "observe", "remove_observer"]
 
 
 _observers: dict[int, Callable[[int, torch.Tensor, torch.Tensor | None, str], None]] = {}
@@ -64,34 +63,3 @@ def _observe_fake(hidden: torch.Tensor, mask: torch.Tensor | None, key: int, lay
 # Without a registered effect a call whose result nobody uses is dead code to the compiler:
 # Inductor dropped it from no-grad graphs.
 observe.register_effect(torch.library.EffectType.ORDERED)
-
-
-def drop_compiled_code() -> int:
-    """Drop the code torch.compile has compiled so far, so that its next call traces hooks
-    registered since (compiled code never re-checks an empty hook dict).
-
-    Returns:
-        How many functions' compiled code was dropped.
-
-    Raises:
-        Exception: whatever Dynamo's internals raise if they moved (the caller warns).
-    """
-    from torch._dynamo import convert_frame
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list, remove_from_cache
-
-    seen = [*convert_frame.input_codes.seen, *convert_frame.output_codes.seen]
-    codes = {id(c): c for c in (ref() for ref in seen) if c is not None and _debug_get_cache_entry_list(c)}
-    for code in codes.values():
-        remove_from_cache(code)
-    return len(codes)
-
-
-def has_compiled_code(model: nn.Module) -> bool:
-    """Whether torch.compile holds compiled code for ``model``'s forward (``torch.compile(model)``
-    and ``model.compile()`` compile it; a compiled training-step function is not seen here)."""
-    try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        return bool(_debug_get_cache_entry_list(type(model).forward.__code__))
-    except Exception:
-        return False

@@ -14,7 +14,7 @@ synchronises with the host: the mask is applied as a weight inside ``LayerStats.
 and token subsampling draws random keys on the device.
 
 Gradient checkpointing re-runs forwards during the backward pass; a hook that fires while
-the autograd engine is executing (``torch._C._current_graph_task_id() != -1``) is such a
+the autograd engine is executing (``gsam_monitor._compat.autograd_running``) is such a
 recomputation and is skipped, so tokens are counted once. The phase is decided once per root
 forward because reentrant checkpointing runs the first forward of a block under
 ``torch.no_grad()`` even in training.
@@ -41,6 +41,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from gsam_monitor._compat import autograd_running
 
 __all__ = [
     "ForwardContext",
@@ -105,7 +107,7 @@ def in_backward() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    return torch._C._current_graph_task_id() != -1
+    return autograd_running()
 
 
 def infer_phase(module: nn.Module) -> Phase:
