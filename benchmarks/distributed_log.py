@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
         s = LayerStats(args.dim)
         s.update(torch.randn(2 * args.dim // world + 8, args.dim, dtype=torch.float64, generator=gen))
         windows.append(s)
-    fits = [metrics.compute(s, names=["n"], return_fit=True)[1] for s in windows]  # references kept
+    fits = [metrics.compute(s, names=["n"], with_fit=True).fit for s in windows]  # references kept
     rows: dict[str, list[tuple[float, float]]] = {"all_reduce": [], "owner": []}
     for _ in range(args.reps):
         for kind in rows:
@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
                 t1 = time.perf_counter()
                 if rank == 0:
                     for s, fit in zip(synced, fits, strict=True):
-                        metrics.compute(s, fit, return_fit=True)
+                        metrics.compute(s, fit, with_fit=True)
                 t2 = time.perf_counter()
             else:
                 owned = []
@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out
                     if ranks.owner(i) == rank:
                         owned.append((s, fits[i]))
                 t1 = time.perf_counter()
-                shares = [metrics.compute(s, fit, return_fit=True)[0] for s, fit in owned]
+                shares = [metrics.compute(s, fit, with_fit=True) for s, fit in owned]
                 t2 = time.perf_counter()
                 ranks.gather_to_writer(shares)
             t3 = time.perf_counter()

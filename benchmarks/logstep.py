@@ -7,7 +7,7 @@ times, as the median of ``--reps`` runs (one run from d = 2048 up):
 * ``default``: ``compute(stats)``, the default metrics without a reference;
 * ``default+ref``: what a monitor's log does with ``heldout_loglik``: the default metrics
   against the previous window's cached ``GaussianFit``, making this window's fit
-  (``return_fit=True``) for the next log;
+  (``with_fit=True``) for the next log;
 * ``default+ref (refactorised)`` (``--refactorised``): the reference passed as a window,
   factorised again at every log (the cost before fits were kept);
 * ``first-ref default+drift`` (``--fixed``): what a log does under ``reference="first"``:
@@ -59,12 +59,12 @@ def measure(
     reps = reps if d < 2048 else 1
     warm = 1 if d < 2048 else 0
     stats, previous = _window(d, 0), _window(d, 1)
-    _, fit = metrics.compute(previous, names=["n"], return_fit=True)
+    fit = metrics.compute(previous, names=["n"], with_fit=True).fit
     cov = stats.covariance().to(torch.float64)
     row: dict = {"d": d, "rows": 2 * d, "reps": reps}
     row["eigvalsh"] = median_seconds(lambda: torch.linalg.eigvalsh(cov), CPU, reps, warm)
     row["default"] = median_seconds(lambda: metrics.compute(stats), CPU, reps, warm)
-    row["default+ref"] = median_seconds(lambda: metrics.compute(stats, fit, return_fit=True), CPU, reps, warm)
+    row["default+ref"] = median_seconds(lambda: metrics.compute(stats, fit, with_fit=True), CPU, reps, warm)
     if fixed:
         first = metrics.GaussianFit.from_stats(previous)
         first.eigenvectors()  # made once per run, at the reference's first use

@@ -123,7 +123,7 @@ def neox_workload(device: torch.device, batch_size: int, seed: int) -> tuple[tor
 
 def log_step_costs(dims: list[int], device: torch.device, reps: int = 3) -> list[dict]:
     """Seconds of one layer's logging-step work at width d: the fp64 eigendecomposition behind
-    every metric (``metrics.compute(..., return_spectrum=True)`` on default metrics) and the snapshot copy
+    every metric (``metrics.compute(..., with_spectrum=True)`` on default metrics) and the snapshot copy
     that ``background=True`` takes on the training thread instead; and the same with a fixed
     reference (``reference="first"``/``"pinned"``: ``metrics="default"`` adds the drift metrics),
     its ``GaussianFit`` made once beforehand as the monitor does."""
@@ -139,9 +139,9 @@ def log_step_costs(dims: list[int], device: torch.device, reps: int = 3) -> list
         ref.update(torch.randn(2 * d, d, device=device) @ mix)
         fit = GaussianFit.from_stats(ref)
         # One warm-up each (LAPACK/cuSOLVER workspaces): at d = 4096 a run takes seconds.
-        compute = median_seconds(lambda s=stats: metrics.compute(s, return_spectrum=True), device, reps, warmup=1)
+        compute = median_seconds(lambda s=stats: metrics.compute(s, with_spectrum=True), device, reps, warmup=1)
         drift = median_seconds(
-            lambda s=stats, f=fit: metrics.compute(s, f, names=with_drift, return_spectrum=True), device, reps, warmup=1
+            lambda s=stats, f=fit: metrics.compute(s, f, names=with_drift, with_spectrum=True), device, reps, warmup=1
         )
         snapshot = median_seconds(stats.clone, device, reps, warmup=1)
         out.append({"d": d, "compute_s": compute, "with_drift_s": drift, "snapshot_s": snapshot})

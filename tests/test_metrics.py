@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -189,9 +191,10 @@ def test_heldout_loglik_from_two_cholesky_factors_matches_scipy_at_blocked_sizes
     mix = np.eye(d) + 0.3 * rng.standard_normal((d, d)) / math.sqrt(d)  # well conditioned, correlated
     a = rng.standard_normal((2 * d, d)) @ mix
     b = rng.standard_normal((3 * d, d)) * np.linspace(0.5, 2.0, d) + 0.1
-    _, fit = metrics.compute(_stats(a), names=["n"], return_fit=True)
+    fit = metrics.compute(_stats(a), names=["n"], with_fit=True).fit
     assert fit.chol is not None  # the path under test: both windows at full rank
-    m, own = metrics.compute(_stats(b), fit, names=["heldout_loglik"], return_fit=True)
+    m = metrics.compute(_stats(b), fit, names=["heldout_loglik"], with_fit=True)
+    own = m.fit
     assert own.chol is not None
     expected = float(scipy.stats.multivariate_normal(a.mean(0), mle_cov(a)).logpdf(b).mean()) / d
     assert _relerr(m["heldout_loglik"], expected) < 1e-9
@@ -233,7 +236,7 @@ def test_rank_deficient_fits_find_the_null_space_without_an_eigh(rng: np.random.
     a = _layernorm(rng.standard_normal((900, d)) @ rng.standard_normal((d, d))) * gain + 0.1
     b = _layernorm(rng.standard_normal((500, d)) * np.linspace(0.5, 2, d)) * gain + 0.1
     eig_calls.update(eigvalsh=0, eigh=0)
-    _, fit = metrics.compute(_stats(a), names=["gsam"], return_fit=True)
+    fit = metrics.compute(_stats(a), names=["gsam"], with_fit=True).fit
     assert eig_calls == {"eigvalsh": 1, "eigh": 0} and fit.rank == d - 1 and fit.chol is None
     lam, vecs = np.linalg.eigh(mle_cov(a))
     support = lam > scipy_rank_tol(lam)
@@ -250,7 +253,8 @@ def test_rank_deficient_fits_find_the_null_space_without_an_eigh(rng: np.random.
     # A log of the default metrics on the next post-LayerNorm window: one eigvalsh in all (R's
     # pseudo-determinant from C's spectrum and null basis, the window's fit from its null space).
     eig_calls.update(eigvalsh=0, eigh=0)
-    m, fit_b = metrics.compute(_stats(b), fit, return_fit=True)
+    m = metrics.compute(_stats(b), fit, with_fit=True)
+    fit_b = m.fit
     assert eig_calls == {"eigvalsh": 1, "eigh": 0} and fit_b.null is not None
     z = (b - b.mean(0)) / b.std(0)
     assert _relerr(m["gsam_correlation"], gsam_pdet(z)[0]) < 1e-9
@@ -260,7 +264,7 @@ def test_rank_deficient_fits_find_the_null_space_without_an_eigh(rng: np.random.
     w = rng.standard_normal((20, d))
     low = rng.standard_normal((400, 20)) @ w
     eig_calls.update(eigvalsh=0, eigh=0)
-    _, fit_low = metrics.compute(_stats(low), names=["gsam"], return_fit=True)
+    fit_low = metrics.compute(_stats(low), names=["gsam"], with_fit=True).fit
     assert eig_calls == {"eigvalsh": 1, "eigh": 1} and fit_low.rank == 20
     ref_low = scipy.stats.multivariate_normal(low.mean(0), mle_cov(low), allow_singular=True)
     more = rng.standard_normal((100, 20)) @ w
@@ -301,13 +305,18 @@ def test_compute_returns_the_spectrum_it_used_on_request() -> None:
     x = rng.standard_normal((60, 6)) @ rng.standard_normal((6, 6))
     s = LayerStats(6)
     s.update(torch.from_numpy(x))
-    values, evals = metrics.compute(s, return_spectrum=True)
-    assert values == metrics.compute(s)
+    values = metrics.compute(s, with_spectrum=True)
+    evals = values.spectrum
+    plain = metrics.compute(s)
+    assert values == plain and isinstance(plain, dict) and plain.spectrum is None and plain.fit is None
+    assert json.loads(json.dumps(plain, allow_nan=True)) == pytest.approx(dict(plain), nan_ok=True)
+    again = pickle.loads(pickle.dumps(values))  # gathered to the writer under torch.distributed
+    assert dict(again) == pytest.approx(dict(values), nan_ok=True) and torch.equal(again.spectrum, evals)
     expected = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False, ddof=0)))[::-1]
     np.testing.assert_allclose(evals.numpy(), expected, rtol=1e-10, atol=1e-12 * expected[0])
     one = LayerStats(6)
     one.update(torch.from_numpy(x[:1]))
-    assert metrics.compute(one, return_spectrum=True)[1] is None  # fewer than 2 rows: no spectrum
+    assert metrics.compute(one, with_spectrum=True).spectrum is None  # fewer than 2 rows: no spectrum
 
 
 
@@ -316,7 +325,7 @@ def test_metrics_without_a_spectrum_run_no_eigendecomposition(rng: np.random.Gen
     x = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16))
     stats = LayerStats(16, higher_moments=True)
     stats.update(torch.from_numpy(x))
-    fit = metrics.compute(_stats(x + 0.1), names=["n"], return_fit=True)[1]
+    fit = metrics.compute(_stats(x + 0.1), names=["n"], with_fit=True).fit
     eig_calls.update(eigvalsh=0, eigh=0)
     m = metrics.compute(stats, fit, names=["mean_kurtosis", "anisotropy", "outlier_dims", "heldout_loglik"])
     assert eig_calls == {"eigvalsh": 0, "eigh": 0}
@@ -334,9 +343,10 @@ def test_default_metrics_with_a_cached_reference_cost_one_eigvalsh(rng: np.rando
     # log det S - sum log S_ii) and the window's own fit (a Cholesky factorisation).
     a = rng.standard_normal((600, 24)) @ rng.standard_normal((24, 24)) + 1.0
     b = rng.standard_normal((400, 24)) @ rng.standard_normal((24, 24)) - 0.5
-    _, fit_a = metrics.compute(_stats(a), return_fit=True)
+    fit_a = metrics.compute(_stats(a), with_fit=True).fit
     eig_calls.update(eigvalsh=0, eigh=0)
-    m, fit_b = metrics.compute(_stats(b), fit_a, return_fit=True)
+    m = metrics.compute(_stats(b), fit_a, with_fit=True)
+    fit_b = m.fit
     assert eig_calls == {"eigvalsh": 1, "eigh": 0}
     assert _relerr(m["gsam"], gsam_scipy(b)[0]) < 1e-9
     z = (b - b.mean(0)) / b.std(0)
@@ -363,7 +373,7 @@ def test_a_rank_deficient_fit_and_correlation_still_match_scipy(rng: np.random.G
     # Post-LayerNorm rank d - 1: neither shortcut applies (the fit needs the support's
     # eigenvectors, R its own spectrum), and both fall back to the exact decompositions.
     a, b = _layernorm(rng.standard_normal((500, 20)) * 3), _layernorm(rng.standard_normal((300, 20)) + 0.2)
-    _, fit_a = metrics.compute(_stats(a), return_fit=True)
+    fit_a = metrics.compute(_stats(a), with_fit=True).fit
     assert fit_a.rank == 19
     m = metrics.compute(_stats(b), fit_a)
     ref = scipy.stats.multivariate_normal(a.mean(0), mle_cov(a), allow_singular=True)
@@ -375,3 +385,34 @@ def test_a_rank_deficient_fit_and_correlation_still_match_scipy(rng: np.random.G
     alone = metrics.compute(_stats(b), names=["gsam_correlation"])["gsam_correlation"]
     assert eig_calls == {"eigvalsh": 1, "eigh": 0}
     assert _relerr(alone, m["gsam_correlation"]) < 1e-12
+
+
+def test_the_registry_says_which_metrics_need_the_spectrum_and_a_reference(
+    eig_calls: dict[str, int], rng: np.random.Generator
+) -> None:
+    """Each metric alone on a full-rank window: one eigendecomposition exactly when the registry
+    says it needs the spectrum (gsam_correlation and drift_w2 decompose matrices of their own:
+    the correlation matrix; the reference's support, once, and the product's), and a value
+    only with a reference when it needs one."""
+    x = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 12))
+    ref = metrics.compute(_stats(x[:150] + 0.1), names=["n"], with_fit=True).fit
+    stats = _stats(x)
+    assert set(metrics.METRICS) == set(metrics.METRIC_NAMES)
+    for name, spec in metrics.METRICS.items():
+        if spec.second_pass:
+            continue
+        eig_calls.update(eigvalsh=0, eigh=0)
+        values = metrics.compute(stats, ref, names=[name])
+        calls = eig_calls["eigvalsh"] + eig_calls["eigh"]
+        if name in ("drift_w2", "drift_w2_relative", "gsam_correlation"):
+            assert calls <= 2, name
+        else:
+            assert calls == (1 if spec.spectrum else 0), name
+        assert math.isfinite(float(values[name])), name
+        if spec.reference:
+            assert name not in metrics.compute(stats, names=[name]), name
+    lean = LayerStats(12, higher_moments=False)  # no 3rd/4th powers, unit sums or abs-max
+    lean.update(torch.from_numpy(x))
+    for name, spec in metrics.METRICS.items():
+        if not spec.second_pass:
+            assert (name in metrics.compute(lean, ref, names=[name])) != spec.higher_moments, name

@@ -430,7 +430,8 @@ def _layer_results(layer: int, name: str, sae: TopKSAE, trainer: SAETrainer, sta
     crystals_entry = _crystals(words, layer, config, plot)
     features_alpha = point_cloud_powerlaw(directions, POWERLAW_RANGE)
     plot.feature_spectrum = point_cloud_spectrum(directions)
-    values, evals = metrics.compute(state.stats, names=["powerlaw_alpha", "rank"], return_spectrum=True)
+    values = metrics.compute(state.stats, names=["powerlaw_alpha", "rank"], with_spectrum=True)
+    evals = values.spectrum
     rank = int(values.get("rank", 0))
     spectrum = evals.numpy()[:rank] if evals is not None else np.zeros(0)
     plot.activation_spectrum = spectrum

@@ -260,11 +260,10 @@ def _json_metrics(metrics_dict: dict[str, Any]) -> dict[str, Any]:
 def _layer_metrics(
     stats: LayerStats, mardia: MardiaAccumulator | None, names: str | Sequence[str] = "all"
 ) -> tuple[dict, np.ndarray]:
-    values, evals = metrics.compute(stats, names=names, mardia=mardia, return_spectrum=True)
+    values = metrics.compute(stats, names=names, mardia=mardia, with_spectrum=True)
     if "mardia_kurtosis" in metrics.validate_names(names):
         values.setdefault("mardia_kurtosis", math.nan)
-    spectrum = evals.numpy() if evals is not None else np.zeros(0)
-    return _json_metrics(values), spectrum
+    return _json_metrics(values), values.spectrum.numpy() if values.spectrum is not None else np.zeros(0)
 
 
 def _mardia(stats: LayerStats) -> MardiaAccumulator | None:

@@ -3,7 +3,8 @@
 Every function here is pure: it reads a ``LayerStats`` (or eigenvalues) and returns numbers.
 ``compute`` is the one entry point: it runs one eigendecomposition of the MLE covariance and
 derives every spectral metric from it (the correlation-matrix variant of GSAM needs a second
-one); ``compute(..., return_spectrum=True)`` also returns the eigenvalues it used.
+one); ``compute`` returns a ``MetricValues`` dict, with the eigenvalues it used (``spectrum``)
+and the window's fit (``fit``) when asked (``with_spectrum=True``, ``with_fit=True``).
 
 GSAM (the benchmark report's metric) is log N + mean_i log p(x_i | mu, Sigma) for the Gaussian
 fitted to the rows. With the maximum-likelihood fit (mu = mean, Sigma = S) the mean
@@ -48,7 +49,10 @@ from gsam_monitor.metrics.compute import (
     DRIFT_METRICS,
     HIGHER_MOMENT_METRICS,
     METRIC_NAMES,
+    METRICS,
     REFERENCE_METRICS,
+    MetricSpec,
+    MetricValues,
     compute,
     validate_names,
 )
@@ -73,6 +77,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "DRIFT_METRICS",
     "HIGHER_MOMENT_METRICS",
+    "METRICS",
     "METRIC_NAMES",
     "POWERLAW_RANGE",
     "PRODUCT_ERROR_FACTOR",
@@ -80,6 +85,8 @@ __all__ = [
     "REFERENCE_METRICS",
     "GaussianFit",
     "MardiaAccumulator",
+    "MetricSpec",
+    "MetricValues",
     "anisotropy",
     "bures_wasserstein",
     "compute",

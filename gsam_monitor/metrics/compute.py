@@ -5,7 +5,7 @@ every spectral metric from it; metrics that need no spectrum (``mean_kurtosis``,
 ``anisotropy``, ``outlier_dims``, ``heldout_loglik`` against a ``GaussianFit``) run none. The
 correlation-matrix variant of GSAM reuses it too when the correlation matrix has full rank
 (log det R = log det S - Σ log S_ii); only a rank-deficient one needs a second. The window's
-own ``GaussianFit`` (``return_fit=True``), the next log's reference, is made from the same
+own ``GaussianFit`` (``with_fit=True``), the next log's reference, is made from the same
 spectrum: at full rank one Cholesky factorisation more, which the held-out score against
 the previous fit shares (one triangular solve).
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,49 +44,93 @@ __all__ = [
     "DEFAULT_METRICS",
     "DRIFT_METRICS",
     "HIGHER_MOMENT_METRICS",
+    "METRICS",
     "METRIC_NAMES",
     "REFERENCE_METRICS",
+    "MetricSpec",
+    "MetricValues",
     "compute",
     "validate_names",
 ]
 
-METRIC_NAMES: tuple[str, ...] = (
-    "n",
-    "d",
-    "rank",
-    "nonfinite",
-    "gsam",
-    "gsam_correlation",
-    "gsam_oas",
-    "mean_kurtosis",
-    *SPECTRAL_METRICS,
-    "rankme",
-    "anisotropy",
-    "outlier_dims",
-    "heldout_loglik",
-    *DRIFT_METRICS,
-    "mardia_kurtosis",
-)
+@dataclass(frozen=True)
+class MetricSpec:
+    """What one metric needs, besides the window's moments.
+
+    Attributes:
+        spectrum: The covariance eigenvalues (one eigendecomposition per window, shared).
+        reference: A reference window or its fit (computed only when one is given).
+        higher_moments: ``LayerStats(higher_moments=True)``.
+        second_pass: A second pass over the rows (a finished ``MardiaAccumulator``).
+        default: Returned by default.
+    """
+
+    spectrum: bool = False
+    reference: bool = False
+    higher_moments: bool = False
+    second_pass: bool = False
+    default: bool = True
+
+
+METRICS: dict[str, MetricSpec] = {
+    "n": MetricSpec(),
+    "d": MetricSpec(),
+    "rank": MetricSpec(spectrum=True),
+    "nonfinite": MetricSpec(),
+    "gsam": MetricSpec(spectrum=True),
+    # Reuses the covariance spectrum when there is one; else decomposes the correlation matrix alone.
+    "gsam_correlation": MetricSpec(),
+    "gsam_oas": MetricSpec(spectrum=True),
+    "mean_kurtosis": MetricSpec(higher_moments=True),
+    **dict.fromkeys(SPECTRAL_METRICS, MetricSpec(spectrum=True)),
+    "rankme": MetricSpec(spectrum=True),
+    "anisotropy": MetricSpec(higher_moments=True),
+    "outlier_dims": MetricSpec(),
+    "heldout_loglik": MetricSpec(reference=True),
+    # drift_w2 costs a second eigendecomposition per layer, and against the previous window the
+    # drift metrics mostly measure sampling noise: GSAMMonitor(reference="first") selects them.
+    **{m: MetricSpec(spectrum=m == "drift_kl_oas", reference=True, default=False) for m in DRIFT_METRICS},
+    "mardia_kurtosis": MetricSpec(second_pass=True, default=False),
+}
+"""Every metric ``compute`` can return, and what it needs: the one registry the name sets
+below are read from."""
+
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 """Every key ``compute`` can return."""
 
-DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRIC_NAMES if m not in ("mardia_kurtosis", *DRIFT_METRICS))
+DEFAULT_METRICS: tuple[str, ...] = tuple(m for m, spec in METRICS.items() if spec.default)
 """What ``compute`` returns by default (``heldout_loglik`` only when given a reference;
-``mardia_kurtosis`` needs a second pass over the rows and is returned when one is given).
-The ``DRIFT_METRICS`` are not: ``drift_w2`` costs a second eigendecomposition per layer, and
-against the previous window they mostly measure sampling noise (``GSAMMonitor(reference=
-"first")`` selects them)."""
+``mardia_kurtosis`` needs a second pass over the rows and is returned when one is given)."""
 
-REFERENCE_METRICS = frozenset({"heldout_loglik", *DRIFT_METRICS})
+REFERENCE_METRICS = frozenset(m for m, spec in METRICS.items() if spec.reference)
 """The metrics that compare a window with a reference window (computed when one is given)."""
 
-HIGHER_MOMENT_METRICS = frozenset({"mean_kurtosis", "anisotropy"})
+HIGHER_MOMENT_METRICS = frozenset(m for m, spec in METRICS.items() if spec.higher_moments)
 """The metrics that need ``LayerStats(higher_moments=True)``."""
 
 _ALWAYS = ("n", "d", "nonfinite")
 
-_COVARIANCE_SPECTRUM = frozenset({"gsam", "rank", "gsam_oas", *SPECTRAL_METRICS})
-"""The metrics read from the covariance eigenvalues (``gsam_correlation`` reuses them when
-they are computed anyway, and otherwise decomposes the correlation matrix alone)."""
+_NEEDS_SPECTRUM = frozenset(m for m, spec in METRICS.items() if spec.spectrum)
+"""The metrics read from the covariance eigenvalues."""
+
+
+class MetricValues(dict):
+    """What ``compute`` returns: the metric values as a dict (``{"n": ..., "gsam": ...}``), and
+    what was asked for beside them.
+
+    Attributes:
+        spectrum: The covariance eigenvalues the metrics were computed from (fp64, CPU,
+            descending), with ``with_spectrum=True``; else, or with fewer than 2 rows, ``None``.
+        fit: The window's own ``GaussianFit``, with ``with_fit=True``; else, or with fewer than
+            2 rows, ``None``.
+    """
+
+    def __init__(
+        self, values: dict[str, float], spectrum: torch.Tensor | None = None, fit: GaussianFit | None = None
+    ) -> None:
+        super().__init__(values)
+        self.spectrum = spectrum
+        self.fit = fit
 
 
 def validate_names(names: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -121,9 +166,9 @@ def compute(
     powerlaw_range: tuple[int, int] = POWERLAW_RANGE,
     outlier_factor: float = 10.0,
     rank_rtol: float | None = None,
-    return_spectrum: bool = False,
-    return_fit: bool = False,
-) -> dict[str, float] | tuple[dict[str, float], torch.Tensor | None] | tuple[Any, ...]:
+    with_spectrum: bool = False,
+    with_fit: bool = False,
+) -> MetricValues:
     """Every metric of ``stats`` as a dict of floats (ints for ``n``-like counts).
 
     Args:
@@ -135,16 +180,15 @@ def compute(
         powerlaw_range: Ranks (1-based, inclusive) for ``powerlaw_alpha``.
         outlier_factor: Multiple of the median for ``outlier_dims``.
         rank_rtol: Override the relative eigenvalue tolerance of ``rank_tolerance``.
-        return_spectrum: Also return the covariance eigenvalues the metrics were computed
-            from (fp64, CPU, descending; ``None`` with fewer than 2 rows), e.g. for a
-            spectrum histogram, without a second eigendecomposition.
-        return_fit: Also return the window's own ``GaussianFit`` (``None`` with fewer than 2
-            rows), made from the same spectrum: keep it as the next log's ``reference``.
+        with_spectrum: Keep the covariance eigenvalues the metrics were computed from in the
+            result's ``spectrum`` (e.g. for a spectrum histogram, without a second
+            eigendecomposition).
+        with_fit: Make the window's own ``GaussianFit`` from the same spectrum, in the result's
+            ``fit``: keep it as the next log's ``reference``.
 
     Returns:
-        ``{"n", "d", "nonfinite", ...}``; with fewer than 2 rows every other metric is NaN.
-        With ``return_spectrum=True``, ``(metrics, eigenvalues)``; with ``return_fit=True``,
-        ``(metrics, fit)``; with both, ``(metrics, eigenvalues, fit)``.
+        A ``MetricValues``: ``{"n", "d", "nonfinite", ...}`` (with fewer than 2 rows every other
+        metric is NaN), with ``spectrum`` and ``fit`` when asked.
 
     Raises:
         ValueError: for an unknown metric name.
@@ -166,11 +210,10 @@ def compute(
     else:
         evals, fit = _fill(
             out, wanted, stats, reference, mardia, powerlaw_range, outlier_factor, rank_rtol,
-            want_spectrum=return_spectrum, want_fit=return_fit,
+            want_spectrum=with_spectrum, want_fit=with_fit,
         )  # fmt: skip
     values = {k: v for k, v in out.items() if k in wanted or k in _ALWAYS}
-    extras = ((evals,) if return_spectrum else ()) + ((fit,) if return_fit else ())
-    return (values, *extras) if extras else values
+    return MetricValues(values, evals if with_spectrum else None, fit if with_fit else None)
 
 
 def _fill(
@@ -190,7 +233,7 @@ def _fill(
     each ``None`` when nothing asked for it."""
     n = float(stats.count)
     evals = fit = None
-    needs_spectrum = wanted & (_COVARIANCE_SPECTRUM | {"rankme", "drift_kl_oas"}) or want_spectrum or want_fit
+    needs_spectrum = wanted & _NEEDS_SPECTRUM or want_spectrum or want_fit
     if needs_spectrum or wanted & ({"gsam_correlation"} | REFERENCE_METRICS):
         cov = stats.covariance(ddof=0).to("cpu", torch.float64)
         scale = stats.product_scale().to("cpu", torch.float64)

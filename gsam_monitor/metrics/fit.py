@@ -2,7 +2,7 @@
 
 Scores that compare a window with an earlier one (``heldout_loglik``; distances between
 two windows' Gaussians) need the earlier covariance's pseudo-inverse and pseudo-determinant.
-A fit is made once, when a window is logged (``compute(..., return_fit=True)``, from the
+A fit is made once, when a window is logged (``compute(..., with_fit=True).fit``, from the
 spectrum that log computes anyway), and reused by the next log that compares against it:
 at full rank a Cholesky factor (scoring against it: a Cholesky factor of the new window,
 which its own fit reuses, and one triangular solve), else the pseudo-inverse on the support
@@ -83,7 +83,7 @@ class GaussianFit:
     def from_stats(cls, stats: LayerStats, *, rtol: float | None = None) -> GaussianFit:
         """Factorise ``stats``' MLE covariance and keep its support.
 
-        Prefer ``compute(..., return_fit=True)`` when the window's metrics are computed too:
+        Prefer ``compute(..., with_fit=True).fit`` when the window's metrics are computed too:
         it reuses their spectrum instead of a second eigendecomposition.
 
         Raises:

@@ -175,9 +175,7 @@ def _add_layer(
 ) -> None:
     """One layer's metrics into ``result`` (its error instead, when they fail)."""
     try:
-        values, evals, *fit = metrics.compute(
-            stats, _resolve(ref), names=metric_names, return_spectrum=True, return_fit=want_fit
-        )
+        values = metrics.compute(stats, _resolve(ref), names=metric_names, with_spectrum=True, with_fit=want_fit)
     except Exception as err:
         result.errors.append((err, "metrics", repr(layer_key(layer, phase))))
         return
@@ -186,10 +184,10 @@ def _add_layer(
         if math.isfinite(value):  # NaN/inf never reach a sink
             result.flat[metric_key(metric, layer, phase)] = value
     result.values[(layer, phase)] = {k: float(v) for k, v in values.items()}
-    if want_spectrum and evals is not None:
-        result.spectra[layer_key(layer, phase)] = evals
-    if fit and fit[0] is not None:
-        result.fits[(layer, phase)] = fit[0]
+    if want_spectrum and values.spectrum is not None:
+        result.spectra[layer_key(layer, phase)] = values.spectrum
+    if values.fit is not None:
+        result.fits[(layer, phase)] = values.fit
     if float(stats.count) >= 2:
         cpu = torch.device("cpu")
         result.dims[(layer, phase)] = DimStats(
