@@ -238,6 +238,29 @@ def test_an_evaluation_forward_that_raises_parks_the_hooks_again() -> None:
     assert not model._forward_pre_hooks and not model._forward_hooks
 
 
+def test_an_evaluation_forward_interrupted_by_ctrl_c_does_not_park_a_reattached_monitor() -> None:
+    """KeyboardInterrupt skips the model's always-call hooks, so the interrupted evaluation
+    forward never closes the layer hooks it opened; closing and attaching again starts clean."""
+    class Interrupted(Stack):
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            self.blocks[0](x)
+            raise KeyboardInterrupt
+
+    model = Interrupted(dim=D, depth=2)
+    monitor = _monitor(model, every_n_steps=10, collect_steps=2)
+    x = _batches(1)[0]
+    with pytest.raises(KeyboardInterrupt), monitor:
+        monitor.step()
+        with torch.no_grad():
+            model(x)
+    assert not model._forward_pre_hooks and all(not b._forward_hooks for b in model.blocks)
+    model.forward = Stack.forward.__get__(model)  # the next run's forwards complete
+    with monitor, torch.no_grad():
+        model(x)
+        assert not monitor.hooks_registered  # parked again after the evaluation forward
+        assert float(monitor.stats("blocks.1", "eval").count) == len(x)
+
+
 def test_eval_forwards_are_not_collected_when_only_training_is_monitored() -> None:
     model = Stack(dim=D, depth=1)
     monitor = _monitor(model, every_n_steps=10, collect_steps=2, phases="train")

@@ -9,7 +9,8 @@ hooks stay on, and an evaluation forward opens the layer hooks for its own durat
 (one root hook per forward is all that training forwards pay there). Eager forwards run the
 hooks directly; under ``torch.compile`` the hooks are traced into the graph as ``observe``
 calls (``gsam_monitor.capture.compiled``), and hooks the graph has traced stay registered,
-switched by a flag that the compiled graph is specialised on (two variants, no recompilation per window).
+switched by a flag that the compiled graph is specialised on (two variants, no recompilation
+per window).
 
 A problem inside a hook never stops the model: it is handed to ``on_error`` and skipped.
 """
@@ -158,7 +159,9 @@ class ActivationCapture:
     def remove(self) -> None:
         """Remove every hook (idempotent) and forget the forward in flight."""
         self._context_handles.remove()
-        self._remove_layer_hooks()
+        with self._eval_lock:  # a forward interrupted mid-way (Ctrl-C) never closed its hooks
+            self._eval_forwards = 0
+            self._remove_layer_hooks()
         self.collecting = False
         self.context.clear()
         self.traced_context.clear()
