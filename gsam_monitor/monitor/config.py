@@ -162,12 +162,12 @@ class MonitorConfig:
         process_group: Any,
         background: bool | None,
         reservoir_size: int | None,
-        reference: str = "previous",
-        attention_entropy: bool = False,
-        alerts: str | Iterable[Any] | None = None,
+        reference: str,
+        attention_entropy: bool,
+        alerts: str | Iterable[Any] | None,
     ) -> MonitorConfig:
         """Check every argument (in the order of ``GSAMMonitor``'s signature) and resolve the
-        automatic ones.
+        automatic ones. No defaults here: ``GSAMMonitor``'s signature states each one once.
 
         Raises:
             ValueError: a non-positive interval or size, an unknown window, metric or phase, a
