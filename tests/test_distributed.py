@@ -75,7 +75,7 @@ def _train(rank: int, world: int, out_dir: str) -> None:
                 outs[window].append(out)
     # The held-out references each rank keeps: those of the windows it owns.
     outs["references"] = {
-        w: sorted("/".join(k) for k in m._windows.reference) for w, m in zip(WINDOWS, monitors, strict=True)
+        w: sorted("/".join(k) for k in m._windows.references) for w, m in zip(WINDOWS, monitors, strict=True)
     }
     for m in monitors:
         m.close()

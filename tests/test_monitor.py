@@ -108,7 +108,10 @@ def test_a_log_scores_against_the_fit_its_previous_log_kept(eig_calls: dict[str,
             model(x)
             outs.append(monitor.step())
     assert eig_calls == {"eigvalsh": 3 * 2, "eigh": 0}
-    assert set(monitor._windows.fits) == {("blocks.0", "eval"), ("blocks.1", "eval")}
+    assert {k for k, w in monitor._windows.windows.items() if w.fit is not None} == {
+        ("blocks.0", "eval"),
+        ("blocks.1", "eval"),
+    }
     first, second = batches[1].numpy(), batches[2].numpy()
     expected = float(scipy.stats.multivariate_normal(first.mean(0), mle_cov(first)).logpdf(second).mean()) / D
     assert outs[2]["heldout_loglik/blocks.0/eval"] == pytest.approx(expected, rel=1e-9)
@@ -674,7 +677,7 @@ def test_rows_the_hooks_hold_back_reach_every_read_of_the_monitor(window: str) -
     with monitor, torch.no_grad():
         for x in xs[:3]:
             model(torch.from_numpy(x))
-        assert monitor._windows._held[("blocks.0", "eval")].n_rows == 12  # held, not in the sums yet
+        assert monitor._windows.windows[("blocks.0", "eval")].held_rows == 12  # held, not in the sums yet
         seen = np.concatenate(xs[:3])
         assert float(monitor.stats("blocks.0", "eval").count) == 12
         assert monitor.compute("eval")["blocks.0"]["gsam"] == pytest.approx(gsam_pdet(seen)[0], rel=1e-9)

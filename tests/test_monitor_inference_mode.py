@@ -89,5 +89,5 @@ def test_inference_mode_no_grad_and_eval_forwards_leave_every_log_exact(window: 
     sample = monitor.sample("blocks.0", "train").values()
     fed = np.concatenate([xs[i] for i in (1, 3, 5, 6, 9, 10)]).ravel()
     assert len(sample) == 40 and np.isin(sample, fed.astype(np.float32)).all()  # the sample keeps fp32
-    for stats in [*monitor._windows.live.values(), *monitor._windows.reference.values()]:
+    for stats in [*monitor._windows.live.values(), *monitor._windows.references.values()]:
         assert not any(t.is_inference() for t in stats._state.values())

@@ -387,7 +387,7 @@ class GSAMMonitor:
         """
         phases = self.config.check_phases(None if phase is None else [phase])
         windows = self._windows.synced(phases, in_place=False)
-        refs = self._windows.references(windows)
+        refs = self._windows.references_for(windows)
         return current_metrics(windows, refs, self.metric_names, plain=phase is not None)
 
     @torch.inference_mode(False)
@@ -434,7 +434,7 @@ class GSAMMonitor:
                 "sample: this monitor collects no reservoir sample; construct it with "
                 "GSAMMonitor(..., reservoir_size=200_000)."
             )
-        return self._windows.samples.get((layer, phase))
+        return self._windows.sample((layer, phase))
 
     @torch.inference_mode(False)
     def reset(self) -> None:

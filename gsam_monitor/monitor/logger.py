@@ -83,7 +83,7 @@ class WindowLogger:
             # Each window summed onto the rank that owns it (round robin), which computes it.
             windows, owned = self._windows.reduced(phases, in_place=self.config.window == "interval", spread=True)
             attention = self._windows.close_attention(phases)  # summed over ranks: the writer reports it
-            refs = self._windows.references(owned)
+            refs = self._windows.references_for(owned)
             result = self._metrics_of(
                 windows, refs, step, self.n_logs, frozenset(self._windows.disabled),
                 owned=owned, attention=attention if self._is_writer() else None,
@@ -106,7 +106,7 @@ class WindowLogger:
             )
             attention = self._windows.close_attention(self.config.phases)
             if self._is_writer():
-                refs = self._windows.references(windows)
+                refs = self._windows.references_for(windows)
                 snapshot = self._windows.hand_off(windows)
             else:  # the metrics are computed where they are written
                 self._windows.advance(windows, owned=owned)

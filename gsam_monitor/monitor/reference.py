@@ -15,63 +15,76 @@
 the reference and restarts it empty, as a log would, without writing anything: the pinned
 rows are not counted again in the next log. A fixed reference is kept as statistics (so
 ``state_dict`` carries it and a resumed run compares with the same window) and factorised
-once (``ReferenceFits``), at the first log that uses it, on the thread that computes the log.
+once (``ReferencePolicy``), at the first log that uses it, on the thread that computes the log.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from gsam_monitor.metrics.fit import GaussianFit
+from gsam_monitor.monitor.window import Window
 from gsam_monitor.stats import LayerStats
 
-__all__ = ["ReferenceFits", "check_reference_mode", "takes_reference"]
+__all__ = ["ReferencePolicy", "check_reference_mode"]
 
 Key = tuple[str, str]
+Reference = LayerStats | GaussianFit | Callable[[], GaussianFit | None] | None
+"""What a log compares a window with: the previous window's statistics or the fit its log
+made, or a callable that factorises a fixed reference once."""
 
 
-def takes_reference(mode: str, key: Key, window: LayerStats, references: Mapping[Key, LayerStats]) -> bool:
-    """Whether a logged ``window`` becomes ``key``'s reference: always under ``"previous"``
-    (when it holds data), the first window of at least 2 rows under ``"first"``, never under
-    ``"pinned"`` (only ``pin_reference()`` sets it)."""
-    if mode == "previous":
-        return float(window.count) > 0
-    return mode == "first" and key not in references and float(window.count) >= 2
+class ReferencePolicy:
+    """Which window becomes a window's reference, and what a log compares it with.
 
-
-class ReferenceFits:
-    """The ``GaussianFit`` of each fixed reference, made at its first use and kept.
-
-    A fixed reference (``"first"``, ``"pinned"``) is never modified, only replaced (a new pin,
-    a reset, a loaded state), so its fit is keyed on the statistics object itself. The fit is
-    made by whichever thread computes the log (the background worker, or the training thread
-    inline); two threads asking at once may both factorise, and either result is kept.
+    Args:
+        mode: ``"previous"``, ``"first"`` or ``"pinned"`` (see the module docstring).
     """
 
-    def __init__(self) -> None:
-        self._fits: dict[Key, tuple[LayerStats, GaussianFit | None]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.fixed = mode != "previous"
 
-    def lazy(self, key: Key, stats: LayerStats) -> Callable[[], GaussianFit | None]:
-        """A callable returning ``stats``' fit (``None`` under 2 rows), factorised once."""
-        return functools.partial(self.fit, key, stats)
+    def takes(self, window: Window, logged: LayerStats) -> bool:
+        """Whether the ``logged`` statistics become ``window``'s reference: always under
+        ``"previous"`` (when they hold data), the first of at least 2 rows under ``"first"``,
+        never under ``"pinned"`` (only ``pin_reference()`` sets it)."""
+        if self.mode == "previous":
+            return float(logged.count) > 0
+        return self.mode == "first" and window.reference is None and float(logged.count) >= 2
 
-    def fit(self, key: Key, stats: LayerStats) -> GaussianFit | None:
-        with self._lock:
-            hit = self._fits.get(key)
-        if hit is not None and hit[0] is stats:
-            return hit[1]
+    def for_log(self, window: Window) -> Reference:
+        """What a log compares ``window`` with (``None`` without a reference). Under
+        ``"previous"``: the fit the previous log made of its window, else that window's
+        statistics; a fixed reference: a callable giving its fit, factorised once."""
+        if window.reference is None:
+            return None
+        if not self.fixed:
+            return window.fit or window.reference
+        return functools.partial(self._fixed_fit, window, window.reference)
+
+    def keep_fit(self, window: Window, fit: GaussianFit) -> None:
+        """Under ``"previous"``, keep the fit a log made of the window that is ``window``'s
+        reference now (a fit that arrives after a ``reset`` or a newer reference is dropped). A
+        fixed reference is factorised from itself: a later window of the same row count must
+        never stand in for it."""
+        if not self.fixed and window.reference is not None and float(window.reference.count) == fit.n:
+            window.fit = fit
+
+    @staticmethod
+    def _fixed_fit(window: Window, stats: LayerStats) -> GaussianFit | None:
+        """``stats``' fit (``None`` under 2 rows), made at its first use by whichever thread
+        computes the log and kept on the window while ``stats`` is its reference (a fixed
+        reference is replaced, never modified). Two threads asking at once may both
+        factorise; either result is kept."""
+        made = window.fit
+        if made is not None and window.fit_of is stats:
+            return made
         fit = GaussianFit.from_stats(stats) if float(stats.count) >= 2 else None
-        with self._lock:
-            self._fits[key] = (stats, fit)
+        window.fit, window.fit_of = fit, stats
         return fit
-
-    def clear(self) -> None:
-        with self._lock:
-            self._fits.clear()
 
 
 def check_reference_mode(state: Mapping[str, Any], mode: str) -> None:

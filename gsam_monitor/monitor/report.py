@@ -27,7 +27,7 @@ Key = tuple[str, str]
 Reference = Any
 """A window's reference: the previous window's ``GaussianFit`` (kept from its log) or its
 ``LayerStats``, a callable giving a fixed reference's ``GaussianFit``
-(``monitor.reference.ReferenceFits``), or ``None``."""
+(``monitor.reference.ReferencePolicy.for_log``), or ``None``."""
 
 
 @dataclass(frozen=True)
@@ -218,5 +218,5 @@ def current_metrics(
 
 def _resolve(ref: Reference) -> LayerStats | metrics.GaussianFit | None:
     """A window's reference as ``metrics.compute`` takes it: a fixed reference comes as a
-    callable that factorises it once (``monitor.reference.ReferenceFits``)."""
+    callable that factorises it once (``monitor.reference.ReferencePolicy``)."""
     return ref() if callable(ref) else ref

@@ -1,8 +1,9 @@
-"""The window store: one ``LayerStats`` per monitored (layer, phase), and what happens to them.
+"""The window store: one ``Window`` per monitored (layer, phase), and what happens to them.
 
-The hooks' rows reach a window through a ``RowBuffer`` (small CPU updates are held and added
-together); every read of the windows (a log, ``compute``, a checkpoint) runs ``flush()``
-first, under each window's lock.
+Each ``Window`` (``gsam_monitor.monitor.window``) owns its statistics, the rows its hooks
+hold back, its reference and that reference's fit, and its sample; the store creates,
+syncs and advances them, and ``ReferencePolicy`` says which window becomes a reference.
+Every read of the windows (a log, ``compute``, a checkpoint) runs ``flush()`` first.
 
 Windows are created at their layer's first activation (where the activations are, within
 the memory budget: a layer that would exceed it is left out, with one warning), follow the
@@ -19,7 +20,6 @@ samples of the values live beside the statistics (``reservoir_size=``).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,9 +32,9 @@ from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.checkpoint import pack, unpack_samples, unpack_stats
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
-from gsam_monitor.monitor.reference import ReferenceFits, check_reference_mode, takes_reference
+from gsam_monitor.monitor.reference import Reference, ReferencePolicy, check_reference_mode
+from gsam_monitor.monitor.window import Window
 from gsam_monitor.stats import LayerStats, ReservoirSample
-from gsam_monitor.stats.feed import RowBuffer
 
 __all__ = ["Key", "WindowStore"]
 
@@ -43,7 +43,7 @@ Key = tuple[str, str]
 
 
 class WindowStore:
-    """The statistics (``live``), held-out fits (``reference``) and samples of every window.
+    """The ``Window`` of every monitored (layer, phase), created within the memory budget.
 
     Args:
         config: The monitor's settings (dtypes, window kind, budget, group, reservoir size).
@@ -56,19 +56,26 @@ class WindowStore:
     ) -> None:
         self.config = config
         self.targets = list(targets)
-        self.live: dict[Key, LayerStats] = {}
-        self.reference: dict[Key, LayerStats] = {}
-        self.fits: dict[Key, GaussianFit] = {}  # the factorised references, made by their logs
-        self.samples: dict[Key, ReservoirSample] = {}
-        self._held: dict[Key, RowBuffer] = {}  # the hooks' small CPU updates, not in ``live`` yet
-        self.fixed_fits = ReferenceFits()  # fixed references ("first", pinned), factorised once
+        self.windows: dict[Key, Window] = {(t.name, p): Window() for t in self.targets for p in PHASES}
+        self.policy = ReferencePolicy(config.reference)
         self.attention = AttentionWindows(config.window, config.process_group) if config.attention_entropy else None
         self.disabled: set[str] = set()  # layers left out over the memory budget
         self._warn_once = warn_once
-        # nn.DataParallel runs each layer's hook from several threads at once: one lock per
-        # window serialises its updates (uncontended, it costs a few hundred nanoseconds).
-        self._locks = {(t.name, p): threading.Lock() for t in self.targets for p in PHASES}
         self._index = {t.name: i for i, t in enumerate(self.targets)}
+
+    @property
+    def live(self) -> dict[Key, LayerStats]:
+        """Every window's statistics, by key (those that exist)."""
+        return {k: w.stats for k, w in self.windows.items() if w.stats is not None}
+
+    @property
+    def references(self) -> dict[Key, LayerStats]:
+        """Every window's reference, by key (those that exist)."""
+        return {k: w.reference for k, w in self.windows.items() if w.reference is not None}
+
+    def sample(self, key: Key) -> ReservoirSample | None:
+        """The reservoir sample of ``key`` (``None`` before its first rows)."""
+        return self.windows[key].sample
 
     # ------------------------------------------------------------------ feeding
     def accepts(self, layer: str) -> bool:
@@ -79,38 +86,32 @@ class WindowStore:
         self, target: LayerTarget, module: nn.Module, phase: str, rows: torch.Tensor, keep: torch.Tensor | None
     ) -> None:
         """Add rows ``(N, d)`` of ``target`` (seen on ``module``, a replica under DataParallel)."""
-        key = (target.name, phase)
-        with self._locks[key]:
-            stats = self._stats_for(target, module, phase, rows.shape[-1], rows.device)
-            if stats is not None:
-                held = self._held.get(key)
-                if held is None or held.stats is not stats:
-                    held = self._held[key] = RowBuffer(stats)
-                held.add(rows, mask=keep)
+        window = self.windows[(target.name, phase)]
+        with window.lock:
+            if self._stats_for(target, module, window, rows.shape[-1], rows.device) is not None:
+                window.add(rows, keep)
             size = self.config.reservoir_size
             if size is not None:
-                self._sample_for(target.name, phase, rows.device, size).update(rows, mask=keep)
+                self._sample_for(target.name, phase, window, rows.device, size).update(rows, mask=keep)
 
     def _stats_for(
-        self, target: LayerTarget, module: nn.Module, phase: str, dim: int, device: torch.device
+        self, target: LayerTarget, module: nn.Module, window: Window, dim: int, device: torch.device
     ) -> LayerStats | None:
-        key = (target.name, phase)
-        stats = self.live.get(key)
+        stats = window.stats
         # An nn.DataParallel replica (another module object, on another device) feeds the
         # statistics where the model lives; the statistics follow only the model itself.
         replica = module is not target.module
         if replica:
             device = _home_device(target.module, device)
         if stats is None:
-            if not self._fits(target.name, key, dim):
+            if not self._fits(target.name, window, dim):
                 return None
-            stats = self.live[key] = self._new_stats(dim, device)
+            stats = window.stats = self._new_stats(dim, device)
         elif stats.device != device and not replica:  # the model moved after attach: follow it
             with torch.inference_mode(False):  # moved copies must stay ordinary tensors
                 stats.to(device)
-                ref = self.reference.get(key)
-                if ref is not None:
-                    ref.to(device)
+                if window.reference is not None:
+                    window.reference.to(device)
         if stats.dim != dim:
             raise ValueError(
                 f"layer {target.name!r} changed its feature size from {stats.dim} to {dim}; its statistics cannot "
@@ -118,15 +119,15 @@ class WindowStore:
             )
         return stats
 
-    def _fits(self, layer: str, key: Key, dim: int) -> bool:
+    def _fits(self, layer: str, window: Window, dim: int) -> bool:
         """Whether a new window of ``dim`` stays within the budget; else the layer is left out."""
         budget = self.config.max_state_bytes
         if budget is None:
             return True
         live = [s.nbytes for s in self.live.values()]
-        held = sum(live) + sum(s.nbytes for s in self.reference.values()) + self.config.log_copies * sum(live)
+        held = sum(live) + sum(s.nbytes for s in self.references.values()) + self.config.log_copies * sum(live)
         # This window, the fit to be kept from it, and what a log copies of it.
-        copies = 1 + (1 if self.config.heldout and key not in self.reference else 0) + self.config.log_copies
+        copies = 1 + (1 if self.config.heldout and window.reference is None else 0) + self.config.log_copies
         need = self.config.window_bytes(dim, copies)
         if held + need <= budget:
             return True
@@ -139,15 +140,14 @@ class WindowStore:
         )
         return False
 
-    def _sample_for(self, layer: str, phase: str, device: torch.device, size: int) -> ReservoirSample:
-        sample = self.samples.get((layer, phase))
-        if sample is None:
+    def _sample_for(self, layer: str, phase: str, window: Window, device: torch.device, size: int) -> ReservoirSample:
+        if window.sample is None:
             # A distinct, deterministic stream per (layer, phase) and rank.
             offset = self._index[layer] * len(PHASES) + PHASES.index(phase)
             seed = self.config.seed + ranks.global_rank() + 7919 * offset
             with torch.inference_mode(False):  # an ordinary tensor, also under an inference-mode forward
-                sample = self.samples[(layer, phase)] = ReservoirSample(size, seed=seed, device=device)
-        return sample
+                window.sample = ReservoirSample(size, seed=seed, device=device)
+        return window.sample
 
     def _new_stats(self, dim: int, device: torch.device | str) -> LayerStats:
         # Ordinary tensors even when the first activation comes from an inference-mode forward:
@@ -164,15 +164,13 @@ class WindowStore:
     def flush(self) -> None:
         """Add the rows the hooks hold back to their windows, each under its window's lock: every
         read of the windows comes after this (a read itself never adds them)."""
-        for key, held in list(self._held.items()):
-            with self._locks[key]:
-                if held.stats is self.live.get(key):  # else its window was dropped, rows and all
-                    held.flush()
+        for window in self.windows.values():
+            window.flush()
 
     def window(self, key: Key) -> LayerStats | None:
         """The live statistics of ``key`` with every held row added (``None`` before its first rows)."""
         self.flush()
-        return self.live.get(key)
+        return self.windows[key].stats
 
     # ------------------------------------------------------------------ logs
     def synced(self, phases: Sequence[str], *, in_place: bool) -> dict[Key, LayerStats]:
@@ -186,19 +184,15 @@ class WindowStore:
         dist = ranks.active_dist()
         group = self.config.process_group
         if dist is None or dist.get_world_size(group) == 1:
-            return {k: self.live[k] for k in keys if k in self.live}
+            return {k: self.windows[k].stats for k in keys if self.windows[k].stats is not None}
         # Ranks must reduce the same tensors in the same order: agree first on which windows
         # exist anywhere (and their sizes), creating empty ones where a rank saw no data.
-        device = self._comm_device(dist)
-        dims = torch.tensor([self.live[k].dim if k in self.live else 0 for k in keys], dtype=torch.int64, device=device)
-        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        dims = self._agreed_dims(dist, keys)
         out: dict[Key, LayerStats] = {}
-        for key, dim in zip(keys, dims.tolist(), strict=True):
+        for key, dim in zip(keys, dims, strict=True):
             if dim == 0:
                 continue
-            stats = self.live.get(key)
-            if stats is None:
-                stats = self.live[key] = self._new_stats(int(dim), device)
+            stats = self._stats_or_empty(key, dim)
             synced = stats if in_place else stats.clone()
             synced.all_reduce_(group)
             out[key] = synced
@@ -220,20 +214,16 @@ class WindowStore:
         dist = ranks.active_dist()
         group = self.config.process_group
         if dist is None or dist.get_world_size(group) == 1:
-            windows = {k: self.live[k] for k in keys if k in self.live}
+            windows = {k: self.windows[k].stats for k in keys if self.windows[k].stats is not None}
             return windows, set(windows)
-        device = self._comm_device(dist)
-        dims = torch.tensor([self.live[k].dim if k in self.live else 0 for k in keys], dtype=torch.int64, device=device)
-        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        dims = self._agreed_dims(dist, keys)
         me = dist.get_rank(group)
         out: dict[Key, LayerStats] = {}
         owned: set[Key] = set()
-        for index, (key, dim) in enumerate(zip(keys, dims.tolist(), strict=True)):
+        for index, (key, dim) in enumerate(zip(keys, dims, strict=True)):
             if dim == 0:
                 continue
-            stats = self.live.get(key)
-            if stats is None:
-                stats = self.live[key] = self._new_stats(int(dim), device)
+            stats = self._stats_or_empty(key, dim)
             # By the window's place among the monitored ones: the same owner at every log, so
             # that it holds the window's previous reference.
             dst = ranks.owner(index, group) if spread else 0
@@ -242,6 +232,22 @@ class WindowStore:
                 owned.add(key)
         return out, owned
 
+    def _agreed_dims(self, dist: Any, keys: Sequence[Key]) -> list[int]:
+        """Each window's width, agreed over the ranks (0 where no rank has one): ranks must
+        reduce the same tensors in the same order, and a rank that saw no data for a window
+        takes part with an empty one."""
+        widths = [0 if self.windows[k].stats is None else self.windows[k].stats.dim for k in keys]
+        dims = torch.tensor(widths, dtype=torch.int64, device=self._comm_device(dist))
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=self.config.process_group)
+        return dims.tolist()
+
+    def _stats_or_empty(self, key: Key, dim: int) -> LayerStats:
+        """``key``'s statistics, created empty where this rank saw no data."""
+        window = self.windows[key]
+        if window.stats is None:
+            window.stats = self._new_stats(dim, self._comm_device(ranks.active_dist()))
+        return window.stats
+
     def _comm_device(self, dist: Any) -> torch.device:
         for stats in self.live.values():
             return stats.device
@@ -249,25 +255,18 @@ class WindowStore:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def references(self, keys: Iterable[Key]) -> dict[Key, LayerStats | GaussianFit | Callable[[], Any] | None]:
-        """The reference of each window (``None`` where there is none yet). Under ``"previous"``:
-        the ``GaussianFit`` the previous log made of its window (``keep_fits``), else that
-        window's statistics; under a fixed reference, a callable giving its fit, made once."""
-        if self.config.reference == "previous":
-            return {key: self.fits.get(key) or self.reference.get(key) for key in keys}
-        return {key: self.fixed_fits.lazy(key, self.reference[key]) if key in self.reference else None for key in keys}
+    def references_for(self, keys: Iterable[Key]) -> dict[Key, Reference]:
+        """What a log compares each window with (``ReferencePolicy.for_log``; ``None`` where
+        there is no reference yet)."""
+        return {key: self.policy.for_log(self.windows[key]) for key in keys}
 
     def keep_fits(self, fits: Mapping[Key, GaussianFit]) -> None:
-        """Under ``reference="previous"``, keep the fits a log made of its windows, where those
-        windows are the references now (a fit that arrives after a ``reset`` or a newer
-        reference is dropped). A fixed reference is factorised by ``fixed_fits`` instead: a
-        later window of the same row count must never stand in for it."""
+        """Keep the fits a log made of its windows where those windows are the references now
+        (``ReferencePolicy.keep_fit``)."""
         if not self.config.fits_windows:
             return
         for key, fit in fits.items():
-            ref = self.reference.get(key)
-            if ref is not None and float(ref.count) == fit.n:
-                self.fits[key] = fit
+            self.policy.keep_fit(self.windows[key], fit)
 
     def pin(self, phases: Sequence[str]) -> list[Key]:
         """Make each window of ``phases`` with at least 2 rows (summed over ranks) the fixed
@@ -282,14 +281,15 @@ class WindowStore:
                 "GSAMMonitor(..., reference='pinned') (or 'first') to pin a reference."
             )
         pinned = []
-        for key, window in self.synced(phases, in_place=False).items():
-            if float(window.count) < 2:
+        for key, synced in self.synced(phases, in_place=False).items():
+            if float(synced.count) < 2:
                 continue
-            self.reference[key] = window
-            if window is self.live.get(key):
-                del self.live[key]  # the reference now; a fresh window starts at the next activation
+            window = self.windows[key]
+            window.set_reference(synced)
+            if synced is window.stats:
+                window.stats = None  # the reference now; a fresh window starts at the next activation
             else:
-                self.live[key].reset()  # a copy summed over ranks: the local window restarts
+                window.stats.reset()  # a copy summed over ranks: the local window restarts
             pinned.append(key)
         if not pinned:
             raise ValueError(
@@ -309,7 +309,7 @@ class WindowStore:
         if self.config.window == "interval":
             snapshot = dict(windows)
         else:
-            snapshot = {k: w.clone() if w is self.live.get(k) else w for k, w in windows.items()}
+            snapshot = {k: w.clone() if w is self.windows[k].stats else w for k, w in windows.items()}
         self.advance(snapshot, handed_off=True)
         return snapshot
 
@@ -326,32 +326,30 @@ class WindowStore:
         """
         interval = self.config.window == "interval"
         for key, synced in windows.items():
+            window = self.windows[key]
             mine = owned is None or key in owned
             if not mine:  # another rank scores this window next
-                self.reference.pop(key, None)
-                self.fits.pop(key, None)
-            keep = self.config.heldout and mine and takes_reference(self.config.reference, key, synced, self.reference)
-            if keep:
-                self.fits.pop(key, None)  # made from the reference replaced below
+                window.set_reference(None)
+            keep = self.config.heldout and mine and self.policy.takes(window, synced)
             if interval and handed_off:
-                self.live.pop(key, None)  # the worker's now; a fresh window starts at the next activation
+                window.stats = None  # the worker's now; a fresh window starts at the next activation
                 if keep:
-                    self.reference[key] = synced
+                    window.set_reference(synced)
             elif interval:
                 if keep:
-                    old = self.reference.get(key)
-                    self.reference[key] = synced  # the synced live state, summed over ranks
-                    if old is not None and self.config.reference == "previous":  # reused as the next window
+                    old = window.reference
+                    window.set_reference(synced)  # the synced live state, summed over ranks
+                    if old is not None and not self.policy.fixed:  # reused as the next window
                         old.reset()
-                        self.live[key] = old
+                        window.stats = old
                     else:
-                        del self.live[key]  # re-created at the next activation
+                        window.stats = None  # re-created at the next activation
                 else:
-                    self.live[key].reset()
+                    window.stats.reset()
             elif keep:
-                self.reference[key] = synced if synced is not self.live.get(key) else synced.clone()
-            if not interval and key in self.live:  # never reset: re-centre (exact)
-                self.live[key].reshift_()
+                window.set_reference(synced if synced is not window.stats else synced.clone())
+            if not interval and window.stats is not None:  # never reset: re-centre (exact)
+                window.stats.reshift_()
 
     def decay(self, factor: float) -> None:
         """Multiply every live window's sums by ``factor`` (EMA windows, once per step)."""
@@ -367,26 +365,23 @@ class WindowStore:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Empty every window and sample and drop the held-out fits."""
-        self._held.clear()
-        for stats in self.live.values():
-            stats.reset()
-        self.reference.clear()
-        self.fits.clear()
-        self.fixed_fits.clear()
-        for sample in self.samples.values():
-            sample.reset()
+        """Empty every window and sample and drop the references and their fits."""
+        for window in self.windows.values():
+            window.drop_rows()
+            if window.stats is not None:
+                window.stats.reset()
+            window.set_reference(None)
+            if window.sample is not None:
+                window.sample.reset()
         if self.attention is not None:
             self.attention.reset()
 
     def clear(self) -> None:
-        """Free the statistics, held-out fits and samples."""
-        self._held.clear()
-        self.live.clear()
-        self.reference.clear()
-        self.fits.clear()
-        self.fixed_fits.clear()
-        self.samples.clear()
+        """Free the statistics, references, fits and samples."""
+        for window in self.windows.values():
+            window.drop_rows()
+            window.stats = window.sample = None
+            window.set_reference(None)
         if self.attention is not None:
             self.attention.reset()
 
@@ -396,9 +391,9 @@ class WindowStore:
         self.flush()
         return {
             "stats": pack(self.live),
-            "reference": pack(self.reference),
+            "reference": pack(self.references),
             "reference_mode": self.config.reference,
-            "samples": pack(self.samples),
+            "samples": pack({k: w.sample for k, w in self.windows.items() if w.sample is not None}),
             "attention": {} if self.attention is None else self.attention.state_dict(),
         }
 
@@ -409,11 +404,12 @@ class WindowStore:
             ValueError: if the reference windows were kept under another ``reference=``.
         """
         check_reference_mode(state, self.config.reference)
-        self._held.clear()
-        self.live = unpack_stats(state["stats"], self.device_of, self.config.product_dtype)
-        self.reference = unpack_stats(state["reference"], self.device_of, self.config.product_dtype)
-        self.fits.clear()
-        self.fixed_fits.clear()
+        live = unpack_stats(state["stats"], self.device_of, self.config.product_dtype)
+        references = unpack_stats(state["reference"], self.device_of, self.config.product_dtype)
+        for key, window in self.windows.items():
+            window.drop_rows()
+            window.stats = live.get(key)
+            window.set_reference(references.get(key))
         if self.attention is not None:
             self.attention.load_state_dict(state.get("attention", {}))
 
@@ -423,7 +419,9 @@ class WindowStore:
         Raises:
             ValueError: if the saved samples have another capacity than ``reservoir_size``.
         """
-        self.samples = unpack_samples(samples, self.config.reservoir_size, self.device_of)
+        loaded = unpack_samples(samples, self.config.reservoir_size, self.device_of)
+        for key, window in self.windows.items():
+            window.sample = loaded.get(key)
 
     def device_of(self, layer: str) -> torch.device:
         """The device of ``layer``'s first parameter (the CPU when it has none)."""
