@@ -6,7 +6,7 @@ activation into rows (padding dropped, tokens sampled: ``gsam_monitor.capture.ro
 it hands to the windows. The schedule governs training forwards only: every evaluation
 forward is collected when the eval phase is monitored. Between windows the root's context
 hooks stay on, and an evaluation forward opens the layer hooks for its own duration
-(one root hook per forward is all that training forwards pay there). Eager forwards run the
+(the two root hooks are all that training forwards pay there). Eager forwards run the
 hooks directly; under ``torch.compile`` the hooks are traced into the graph as ``observe``
 calls (``gsam_monitor.capture.compiled``), and hooks the graph has traced stay registered,
 switched by a flag that the compiled graph is specialised on (two variants, no recompilation
