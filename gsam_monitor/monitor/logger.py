@@ -20,6 +20,7 @@ from gsam_monitor.monitor.background import BackgroundLogger
 from gsam_monitor.monitor.config import MonitorConfig
 from gsam_monitor.monitor.diagnostics import Diagnosis, Diagnostics
 from gsam_monitor.monitor.faults import Faults
+from gsam_monitor.monitor.reference import Reference
 from gsam_monitor.monitor.report import LogResult
 from gsam_monitor.monitor.schedule import Schedule
 from gsam_monitor.monitor.windows import Key, WindowStore
@@ -160,7 +161,7 @@ class WindowLogger:
     def _metrics_of(
         self,
         windows: Mapping[Key, LayerStats],
-        refs: Mapping[Key, report.Reference],
+        refs: Mapping[Key, Reference],
         step: int,
         n_logs: int,
         disabled: frozenset[str],

@@ -31,9 +31,9 @@ from gsam_monitor.stats import LayerStats
 __all__ = ["ReferencePolicy", "check_reference_mode"]
 
 Key = tuple[str, str]
-Reference = LayerStats | GaussianFit | Callable[[], GaussianFit | None] | None
-"""What a log compares a window with: the previous window's statistics or the fit its log
-made, or a callable that factorises a fixed reference once."""
+Reference = Callable[[], LayerStats | GaussianFit | None]
+"""What a log compares a window with, given when called: the previous window's statistics or
+the fit its log made, a fixed reference's fit (factorised at the first call), or ``None``."""
 
 
 class ReferencePolicy:
@@ -56,14 +56,13 @@ class ReferencePolicy:
         return self.mode == "first" and window.reference is None and float(logged.count) >= 2
 
     def for_log(self, window: Window) -> Reference:
-        """What a log compares ``window`` with (``None`` without a reference). Under
-        ``"previous"``: the fit the previous log made of its window, else that window's
-        statistics; a fixed reference: a callable giving its fit, factorised once."""
-        if window.reference is None:
-            return None
-        if not self.fixed:
-            return window.fit or window.reference
-        return functools.partial(self._fixed_fit, window, window.reference)
+        """What a log compares ``window`` with, as a callable (the log calls it on the thread
+        that computes it): under ``"previous"`` the fit the previous log made of its window,
+        else that window's statistics; a fixed reference's fit, factorised at the first call;
+        ``None`` without a reference."""
+        if self.fixed and window.reference is not None:
+            return functools.partial(self._fixed_fit, window, window.reference)
+        return functools.partial(_as_given, window.fit or window.reference)
 
     def keep_fit(self, window: Window, fit: GaussianFit) -> None:
         """Under ``"previous"``, keep the fit a log made of the window that is ``window``'s
@@ -85,6 +84,10 @@ class ReferencePolicy:
         fit = GaussianFit.from_stats(stats) if float(stats.count) >= 2 else None
         window.fit, window.fit_of = fit, stats
         return fit
+
+
+def _as_given(reference: LayerStats | GaussianFit | None) -> LayerStats | GaussianFit | None:
+    return reference
 
 
 def check_reference_mode(state: Mapping[str, Any], mode: str) -> None:

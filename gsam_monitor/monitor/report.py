@@ -12,22 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from gsam_monitor import metrics
 from gsam_monitor.monitor.attention import attention_report
+from gsam_monitor.monitor.reference import Reference
 from gsam_monitor.sinks.keys import META_PREFIX, layer_key, metric_key
 from gsam_monitor.stats import LayerStats
 
 __all__ = ["DimStats", "LogResult", "build_report", "current_metrics"]
 
 Key = tuple[str, str]
-Reference = Any
-"""A window's reference: the previous window's ``GaussianFit`` (kept from its log) or its
-``LayerStats``, a callable giving a fixed reference's ``GaussianFit``
-(``monitor.reference.ReferencePolicy.for_log``), or ``None``."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +136,7 @@ def build_report(
                 result.missing.append(layer_key(layer, phase))
                 continue
             if owned is None or key in owned:
-                _add_layer(result, windows[key], refs.get(key), layer, phase, metric_names, want_spectrum, want_fits)
+                _add_layer(result, windows[key], refs[key], layer, phase, metric_names, want_spectrum, want_fits)
         result.flat[metric_key(META_PREFIX, "missing_layers", phase)] = float(n_missing)
     if result.missing:
         result.warnings.append(
@@ -175,7 +171,7 @@ def _add_layer(
 ) -> None:
     """One layer's metrics into ``result`` (its error instead, when they fail)."""
     try:
-        values = metrics.compute(stats, _resolve(ref), names=metric_names, with_spectrum=True, with_fit=want_fit)
+        values = metrics.compute(stats, ref(), names=metric_names, with_spectrum=True, with_fit=want_fit)
     except Exception as err:
         result.errors.append((err, "metrics", repr(layer_key(layer, phase))))
         return
@@ -209,14 +205,9 @@ def current_metrics(
     layers keyed ``"{layer}/eval"`` unless ``plain`` (one phase: the plain layer names)."""
     return {
         name if plain else layer_key(name, ph): metrics.compute(
-            stats, _resolve(refs.get((name, ph))), names=metric_names
+            stats, refs[(name, ph)](), names=metric_names
         )
         for (name, ph), stats in windows.items()
         if float(stats.count) > 0
     }
 
-
-def _resolve(ref: Reference) -> LayerStats | metrics.GaussianFit | None:
-    """A window's reference as ``metrics.compute`` takes it: a fixed reference comes as a
-    callable that factorises it once (``monitor.reference.ReferencePolicy``)."""
-    return ref() if callable(ref) else ref
