@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import GSAMMonitor, metrics
+from gsam_monitor import GSAMMonitor, LayerStats, metrics
 from tests.reference import gsam_pdet, mle_cov
 from tests.reference_drift import drift_reference
 from tests.tiny_models import Stack
@@ -190,3 +190,33 @@ def test_a_resumed_run_compares_with_the_same_reference(reference: str, tmp_path
     match = f"kept with reference='{reference}'.*construct it with reference='{reference}'"
     with pytest.raises(ValueError, match=match):
         _monitor(model, **{**kwargs, "reference": other}).load_state_dict(state)
+
+
+def test_a_log_fit_is_kept_only_for_the_window_it_was_made_from() -> None:
+    """``ReferencePolicy.keep_fit``: a background log's fit reaches the window after the log;
+    it is kept only while the reference is still the window the log fitted (same row count),
+    not after a reset, a newer reference or a loaded state; fixed references fit themselves."""
+    from gsam_monitor.monitor.reference import ReferencePolicy
+    from gsam_monitor.monitor.window import Window
+
+    rng = np.random.default_rng(4)
+    logged, other = LayerStats(3), LayerStats(3)
+    logged.update(torch.from_numpy(rng.standard_normal((10, 3))))
+    other.update(torch.from_numpy(rng.standard_normal((12, 3))))
+    fit = metrics.compute(logged, names=["n"], with_fit=True).fit
+    previous, first = ReferencePolicy("previous"), ReferencePolicy("first")
+    window = Window()
+    window.set_reference(logged)
+    previous.keep_fit(window, fit)
+    assert window.fit is fit and previous.for_log(window)() is fit
+    window.set_reference(other)  # a newer reference (or a loaded one) before the fit arrived
+    previous.keep_fit(window, fit)
+    assert window.fit is None and previous.for_log(window)() is other
+    window.set_reference(None)  # reset
+    previous.keep_fit(window, fit)
+    assert window.fit is None and previous.for_log(window)() is None
+    window.set_reference(logged)
+    first.keep_fit(window, fit)
+    assert window.fit is None  # a fixed reference is factorised from itself, at its first use
+    made = first.for_log(window)()
+    assert made is not fit and made.n == 10 and first.for_log(window)() is made  # once
