@@ -169,8 +169,9 @@ class WindowStore:
 
     def window(self, key: Key) -> LayerStats | None:
         """The live statistics of ``key`` with every held row added (``None`` before its first rows)."""
-        self.flush()
-        return self.windows[key].stats
+        window = self.windows[key]
+        window.flush()  # this window's rows only: the others are not read
+        return window.stats
 
     # ------------------------------------------------------------------ logs
     def synced(self, phases: Sequence[str], *, in_place: bool) -> dict[Key, LayerStats]:
