@@ -52,7 +52,7 @@ import torch
 from _common import sync, write_json
 from overhead import run_block
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import ComputeOptions, GSAMMonitor
 from gsam_monitor.monitor import state_bytes_per_layer
 
 WIDE = "gpt_neox.layers.11.mlp.dense_h_to_4h"
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     # Log time on the training thread: background=True vs inline, one interval each.
     log_ms = {}
     for background in (True, False):
-        monitor = monitor_for(model, args.steps, background=background)
+        monitor = monitor_for(model, args.steps, compute=ComputeOptions(background=background))
         block = run_interval(step, monitor, args.steps, device)
         monitor.close()
         log_ms[background] = statistics.median(block["log_times"]) * 1e3

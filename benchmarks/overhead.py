@@ -45,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from _common import median_seconds, sync, write_json
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 
 SETTINGS = ("baseline", "defaults", "full")
 
@@ -157,8 +157,7 @@ def make_monitor(setting: str, model: torch.nn.Module, interval: int) -> GSAMMon
         model,
         ["embeddings", "auto"],
         every_n_steps=interval,
-        max_tokens_per_layer=None,
-        collect_steps=None,
+        collection=CollectOptions(max_tokens_per_layer=None, steps=None),
     )
 
 

@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 
 D, DEPTH, ROWS = 64, 6, 32
 
@@ -57,10 +57,10 @@ def _per_forward_us(model: nn.Module, x: torch.Tensor, n: int, *, grad: bool) ->
         return (time.perf_counter() - t0) / n * 1e6
 
 
-def _monitor(model: nn.Module, **kwargs) -> GSAMMonitor:
+def _monitor(model: nn.Module, phases: tuple[str, ...] = ("train", "eval")) -> GSAMMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return GSAMMonitor(model, every_n_steps=100, collect_steps=10, sinks=[], **kwargs)
+        return GSAMMonitor(model, every_n_steps=100, collection=CollectOptions(steps=10, phases=phases), sinks=[])
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Net()
     x = torch.randn(ROWS, D)
-    train_only, default = _monitor(model, phases="train"), _monitor(model)
+    train_only, default = _monitor(model, ("train",)), _monitor(model)
     settings = {"bare": None, "train only, parked": train_only, "default, parked": default, "collecting": default}
     times: dict[str, list[float]] = {name: [] for name in settings}
     eval_times: list[float] = []

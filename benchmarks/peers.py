@@ -71,7 +71,7 @@ import torch
 from _common import write_json
 from overhead import minilm_workload
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 
 SETTINGS = ("baseline", "gsam_defaults", "gsam_full", "gsam_capped", "delve", "wandb")
 LAYERS = tuple(f"bert.encoder.layer.{i}.output.dense" for i in range(6))
@@ -146,9 +146,17 @@ def measure_accuracy(args: argparse.Namespace, layers: Sequence[str]) -> dict[st
     from delve.metrics import compute_saturation
 
     model, step = build(args)
-    full = GSAMMonitor(model, layers=list(layers), every_n_steps=10**9, collect_steps=None, max_tokens_per_layer=None)
+    full = GSAMMonitor(
+        model,
+        layers=list(layers),
+        every_n_steps=10**9,
+        collection=CollectOptions(steps=None, max_tokens_per_layer=None),
+    )
     capped = GSAMMonitor(
-        model, layers=list(layers), every_n_steps=10**9, collect_steps=None, max_tokens_per_layer=args.batch_size
+        model,
+        layers=list(layers),
+        every_n_steps=10**9,
+        collection=CollectOptions(steps=None, max_tokens_per_layer=args.batch_size),
     )
     with tempfile.TemporaryDirectory() as savedir:
         tracker = make_delve(model, layers, savedir)
@@ -282,8 +290,8 @@ def _make_runner(setting: str, args: argparse.Namespace, layers: Sequence[str], 
     if setting.startswith("gsam"):
         options = {
             "gsam_defaults": {},
-            "gsam_full": {"collect_steps": None, "max_tokens_per_layer": None},
-            "gsam_capped": {"collect_steps": None, "max_tokens_per_layer": args.batch_size},
+            "gsam_full": {"collection": CollectOptions(steps=None, max_tokens_per_layer=None)},
+            "gsam_capped": {"collection": CollectOptions(steps=None, max_tokens_per_layer=args.batch_size)},
         }[setting]
         monitor = GSAMMonitor(model, layers=list(layers), every_n_steps=interval, **options).attach()
         return Runner(model, step, lambda _: monitor.step(), monitor.close)

@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from gsam_monitor import CollectOptions, WindowOptions
 from gsam_monitor.eval.corpus import load_corpus
 from gsam_monitor.sinks import format_metrics_table
 
@@ -165,9 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     history: dict[int, dict[str, float]] = {}
     callback = GSAMTrainerCallback(
         layers="auto",
-        max_tokens_per_layer=None,
-        reference="first",
-        attention_entropy=args.attention_entropy,
+        collection=CollectOptions(max_tokens_per_layer=None, attention_entropy=args.attention_entropy),
+        windows=WindowOptions(reference="first"),
         sinks=[lambda metrics, step: history.setdefault(step, {}).update(metrics)],
     )
     trainer = Trainer(

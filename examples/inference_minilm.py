@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from gsam_monitor import GSAMMonitor, TensorBoardSink
+from gsam_monitor import CollectOptions, GSAMMonitor, TensorBoardSink, WindowOptions
 
 
 def load_sentences(corpus: str | None, n: int) -> tuple[list[str], str]:
@@ -88,11 +88,10 @@ def main() -> None:
         model,
         ["embeddings", "auto"],  # hidden_states[0] and the six blocks
         every_n_steps=args.log_every,
-        window="cumulative",
-        max_tokens_per_layer=None,  # every token
+        windows=WindowOptions(kind="cumulative"),
+        collection=CollectOptions(max_tokens_per_layer=None, phases="eval"),  # every token
         metrics="default",
         sinks=[TensorBoardSink(args.logdir)],
-        phases="eval",
     )
     hidden: list[list[np.ndarray]] = []
     start = time.perf_counter()

@@ -64,7 +64,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lightning_pretrain_tiny_gpt import build_vocab, load_text, make_module, pack
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 from gsam_monitor.monitor.alerts import DEFAULT_RULES, MAD_TO_SD, AlertEngine, AlertRule
 
 CONDITIONS = ("stable", "jump", "ramp", "high")
@@ -126,8 +126,12 @@ def train_run(condition: str, seed: int, ids: torch.Tensor, vocab_size: int, arg
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10, NaN rows: recorded instead
         monitor = GSAMMonitor(
-            model, ["embeddings", "auto", "final_norm"], every_n_steps=args.every, collect_steps=None,
-            max_tokens_per_layer=args.tokens, sinks=[recorder], alerts="default", seed=seed,
+            model,
+            ["embeddings", "auto", "final_norm"],
+            every_n_steps=args.every,
+            collection=CollectOptions(steps=None, max_tokens_per_layer=args.tokens, seed=seed),
+            sinks=[recorder],
+            alerts="default",
         )
         gen = torch.Generator().manual_seed(seed)
         losses: list[float] = []

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from gsam_monitor import CollectOptions
 from gsam_monitor.eval.corpus import load_corpus
 from gsam_monitor.sinks import format_metrics_table
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["embeddings", "auto", "final_norm"],
         module="model",
         every_n_steps=args.every_n_steps,
-        max_tokens_per_layer=1024,
+        collection=CollectOptions(max_tokens_per_layer=1024),
     )
     logger = TensorBoardLogger(args.logdir, name="", version="", default_hp_metric=False)
     trainer = pl.Trainer(

@@ -5,7 +5,8 @@ intervals ``metrics.compute`` turns them into the Gaussian Semantic Alignment Me
 its scale-invariant and shrinkage variants, spectral metrics and Gaussianity checks, logged
 to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
 
-The public API is what ``__all__`` lists: ``GSAMMonitor`` with its ``AlertRule`` and
+The public API is what ``__all__`` lists: ``GSAMMonitor`` with its option groups
+(``CollectOptions``, ``WindowOptions``, ``ComputeOptions``), ``AlertRule`` and
 ``MonitorError``, the accumulators ``LayerStats`` and ``ReservoirSample``, the ``metrics``
 module, and the sinks with their ``Sink`` protocol. The framework callbacks live in
 ``gsam_monitor.callbacks``, the analyses in ``gsam_monitor.analysis``, the benchmark in
@@ -16,6 +17,7 @@ from gsam_monitor import metrics
 from gsam_monitor.monitor import GSAMMonitor
 from gsam_monitor.monitor.alerts import AlertRule
 from gsam_monitor.monitor.faults import MonitorError
+from gsam_monitor.monitor.options import CollectOptions, ComputeOptions, WindowOptions
 from gsam_monitor.sinks import JsonlSink, LoggingSink, Sink, TensorBoardSink, WandbSink
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
@@ -24,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlertRule",
+    "CollectOptions",
+    "ComputeOptions",
     "GSAMMonitor",
     "JsonlSink",
     "LayerStats",
@@ -33,5 +37,6 @@ __all__ = [
     "Sink",
     "TensorBoardSink",
     "WandbSink",
+    "WindowOptions",
     "metrics",
 ]

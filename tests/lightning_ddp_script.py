@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
+from gsam_monitor import CollectOptions
 from gsam_monitor.callbacks import GSAMCallback
 from tests.lightning_tiny import LAYERS, Recorder, TinyLM, token_loader
 
@@ -31,7 +32,9 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     lit = TinyLM()
     recorder = Recorder(lit)
-    callback = GSAMCallback(every_n_steps=EVERY, module="model", max_tokens_per_layer=None, phases="train")
+    callback = GSAMCallback(
+        every_n_steps=EVERY, module="model", collection=CollectOptions(max_tokens_per_layer=None, phases="train")
+    )
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",

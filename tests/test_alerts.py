@@ -17,6 +17,7 @@ import torch
 
 from gsam_monitor import GSAMMonitor, JsonlSink, LoggingSink, TensorBoardSink, WandbSink
 from gsam_monitor.monitor.alerts import DEFAULT_RULES, AlertEngine, AlertRule, parse_alert_rules
+from tests.options import with_defaults
 from tests.tiny_models import Stack
 
 D = 16
@@ -25,7 +26,8 @@ D = 16
 def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
-        return GSAMMonitor(model, "auto", collect_steps=None, max_tokens_per_layer=None, **kwargs)
+        kwargs = with_defaults(kwargs, collection={"steps": None, "max_tokens_per_layer": None})
+        return GSAMMonitor(model, "auto", **kwargs)
 
 
 def _effective_rank(x: np.ndarray) -> float:

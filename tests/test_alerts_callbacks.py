@@ -15,6 +15,7 @@ import torch
 tr = pytest.importorskip("transformers")
 pl = pytest.importorskip("pytorch_lightning")
 
+from gsam_monitor import CollectOptions  # noqa: E402
 from gsam_monitor.callbacks import GSAMCallback, GSAMTrainerCallback  # noqa: E402
 from gsam_monitor.callbacks.hf import STATE_FILE  # noqa: E402
 from tests.lightning_tiny import LAYERS as LIGHTNING_LAYERS  # noqa: E402
@@ -49,7 +50,9 @@ def _poison(module: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
 def _hf_run(tmp_path: Path, on_alert):
     model = tiny_bert()
     _poison(dict(model.named_modules())[HF_LAYERS[0]])
-    callback = GSAMTrainerCallback(phases="train", on_alert=on_alert, max_tokens_per_layer=None)
+    callback = GSAMTrainerCallback(
+        collection=CollectOptions(phases="train", max_tokens_per_layer=None), on_alert=on_alert
+    )
     trainer = tr.Trainer(model=model, args=training_args(tmp_path / "out", max_steps=8), train_dataset=dataset(),
                          callbacks=[callback])
     train(trainer)
@@ -81,7 +84,9 @@ def test_trainer_callback_resumed_does_not_act_on_restored_alerts(tmp_path: Path
     _hf_run(tmp_path, "save")
     model = tiny_bert()
     _poison(dict(model.named_modules())[HF_LAYERS[0]])
-    callback = GSAMTrainerCallback(phases="train", on_alert="stop", max_tokens_per_layer=None)
+    callback = GSAMTrainerCallback(
+        collection=CollectOptions(phases="train", max_tokens_per_layer=None), on_alert="stop"
+    )
     trainer = tr.Trainer(model=model, args=training_args(tmp_path / "out", max_steps=8), train_dataset=dataset(),
                          callbacks=[callback])
     train(trainer, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
@@ -101,8 +106,12 @@ def test_on_alert_errors() -> None:
 def test_lightning_callback_acts_on_an_alert(tmp_path: Path, on_alert) -> None:
     lit = TinyLM()
     _poison(dict(lit.model.named_modules())[LIGHTNING_LAYERS[0]])
-    callback = GSAMCallback(every_n_steps=2, module="model", phases="train", on_alert=on_alert,
-                            max_tokens_per_layer=None)
+    callback = GSAMCallback(
+        every_n_steps=2,
+        module="model",
+        collection=CollectOptions(phases="train", max_tokens_per_layer=None),
+        on_alert=on_alert,
+    )
     trainer = _trainer(tmp_path, callback, max_steps=8, limit_val_batches=0)
     _quiet_fit(trainer, lit, token_loader())
     first = callback.monitor.alerts[0]

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 from gsam_monitor.capture.attention import entropy_sums
+from tests.options import with_defaults
 from tests.tiny_models import Stack, tiny_config
 
 
@@ -34,8 +35,8 @@ def _model(arch: str, impl: str = "eager", **overrides) -> torch.nn.Module:
 def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
-        return GSAMMonitor(model, every_n_steps=1000, max_tokens_per_layer=None, attention_entropy=True,
-                           metrics=["n"], **kwargs)
+        kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None, "attention_entropy": True})
+        return GSAMMonitor(model, every_n_steps=1000, metrics=["n"], **kwargs)
 
 
 def _numpy_entropy(attentions: list[list[torch.Tensor]], masks: list[torch.Tensor]) -> list[np.ndarray]:
@@ -127,7 +128,7 @@ def test_training_forwards_count_without_attention_dropout_and_are_skipped_with_
     ids, mask = _batches()[0]
     for dropout in (0.0, 0.1):
         model = _model("bert", attention_probs_dropout_prob=dropout).train()
-        monitor = _monitor(model, phases="train")
+        monitor = _monitor(model, collection=CollectOptions(phases="train"))
         with monitor, warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
@@ -144,11 +145,11 @@ def test_training_forwards_count_without_attention_dropout_and_are_skipped_with_
 
 def test_fused_kernels_warn_at_setup_and_other_models_are_refused() -> None:
     with pytest.warns(UserWarning, match=r"attn_implementation='sdpa'.*attn_implementation='eager'"):
-        GSAMMonitor(_model("bert", impl="sdpa"), attention_entropy=True)
+        GSAMMonitor(_model("bert", impl="sdpa"), collection=CollectOptions(attention_entropy=True))
     with pytest.raises(ValueError, match="none of the monitored layers holds an attention module"):
-        GSAMMonitor(Stack(), attention_entropy=True)
-    with pytest.raises(TypeError, match="attention_entropy must be True or False"):
-        GSAMMonitor(Stack(), attention_entropy="yes")
+        GSAMMonitor(Stack(), collection=CollectOptions(attention_entropy=True))
+    with pytest.raises(TypeError, match=r"CollectOptions\(attention_entropy=\) must be True or False"):
+        GSAMMonitor(Stack(), collection=CollectOptions(attention_entropy="yes"))
     # A forward that returns no probabilities (the kernel switched after setup): one warning, nothing logged.
     model = _model("bert")
     monitor = _monitor(model)

@@ -17,6 +17,7 @@ tr = pytest.importorskip("transformers")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 import gsam_monitor.callbacks  # noqa: E402
+from gsam_monitor import CollectOptions  # noqa: E402
 from gsam_monitor.callbacks import GSAMTrainerCallback  # noqa: E402
 from gsam_monitor.callbacks.hf import STATE_FILE  # noqa: E402
 from tests.reference import gsam_pdet  # noqa: E402
@@ -126,7 +127,7 @@ def test_trainer_tensorboard_and_wandb_get_train_and_eval_curves(tmp_path: Path,
 
     wandb.teardown()  # W&B reads WANDB_DIR when its process-wide setup starts: restart it after earlier runs
     model = tiny_bert()
-    callback = GSAMTrainerCallback(max_tokens_per_layer=None)
+    callback = GSAMTrainerCallback(collection=CollectOptions(max_tokens_per_layer=None))
     args = training_args(tmp_path / "out", report_to=["tensorboard", "wandb"], eval_strategy="steps", eval_steps=3)
     trainer = tr.Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(16, seed=1),
                          callbacks=[callback])
@@ -173,7 +174,7 @@ def test_trainer_tensorboard_and_wandb_get_train_and_eval_curves(tmp_path: Path,
 def test_gradient_accumulation_windows_count_optimizer_steps(tmp_path: Path) -> None:
     seen: list[tuple[int, float]] = []
     callback = GSAMTrainerCallback(
-        every_n_steps=2, max_tokens_per_layer=None, phases="train",
+        every_n_steps=2, collection=CollectOptions(max_tokens_per_layer=None, phases="train"),
         sinks=[lambda metrics, step: seen.append((step, metrics[f"n/{LAYERS[0]}"]))],
     )
     args = training_args(tmp_path / "out", max_steps=4, gradient_accumulation_steps=3, logging_steps=1)
@@ -192,7 +193,9 @@ def test_resume_from_checkpoint_continues_windows_and_steps(tmp_path: Path) -> N
     def sink(into):
         return lambda m, step: into.append((step, m[f"n/{LAYERS[0]}"], m[f"gsam/{LAYERS[0]}"]))
 
-    first = GSAMTrainerCallback(max_tokens_per_layer=None, phases="train", sinks=[sink(full)])
+    first = GSAMTrainerCallback(
+        collection=CollectOptions(max_tokens_per_layer=None, phases="train"), sinks=[sink(full)]
+    )
     args = training_args(out, save_strategy="steps", save_steps=3)
     train(tr.Trainer(model=tiny_bert(), args=args, train_dataset=dataset(), callbacks=[first]))
     assert [s for s, _, _ in full] == [2, 4, 6]
@@ -200,7 +203,9 @@ def test_resume_from_checkpoint_continues_windows_and_steps(tmp_path: Path) -> N
     assert state["step_count"] == 3
 
     resumed: list[tuple[int, float, float]] = []
-    second = GSAMTrainerCallback(max_tokens_per_layer=None, phases="train", sinks=[sink(resumed)])
+    second = GSAMTrainerCallback(
+        collection=CollectOptions(max_tokens_per_layer=None, phases="train"), sinks=[sink(resumed)]
+    )
     trainer = tr.Trainer(model=tiny_bert(), args=args, train_dataset=dataset(), callbacks=[second])
     train(trainer, resume_from_checkpoint=str(out / "checkpoint-3"))
     assert second.monitor.step_count == 6
@@ -213,7 +218,7 @@ def test_resume_from_a_checkpoint_without_monitor_state_warns(tmp_path: Path) ->
     out = tmp_path / "out"
     args = training_args(out, save_strategy="steps", save_steps=3, max_steps=3)
     train(tr.Trainer(model=tiny_bert(), args=args, train_dataset=dataset()))  # no callback: no state file
-    callback = GSAMTrainerCallback(every_n_steps=10, phases="train")
+    callback = GSAMTrainerCallback(every_n_steps=10, collection=CollectOptions(phases="train"))
     trainer = tr.Trainer(model=tiny_bert(), args=training_args(out, max_steps=4), train_dataset=dataset(),
                          callbacks=[callback])
     message = r"holds no gsam_monitor_state.pt; the monitor's windows restart at global step 3"
@@ -227,7 +232,7 @@ def test_collect_steps_still_sees_evaluation(tmp_path: Path) -> None:
     (and the Trainer's final evaluation after step 4 too)."""
     logged: list[tuple[int, float | None, float | None]] = []
     callback = GSAMTrainerCallback(
-        every_n_steps=4, collect_steps=1, max_tokens_per_layer=None,
+        every_n_steps=4, collection=CollectOptions(steps=1, max_tokens_per_layer=None),
         sinks=[lambda m, step: logged.append((step, m.get(f"n/{LAYERS[0]}"), m.get(f"n/{LAYERS[0]}/eval")))],
     )
     args = training_args(tmp_path / "out", max_steps=4, eval_strategy="steps", eval_steps=3)
@@ -245,7 +250,9 @@ def test_default_schedule_collects_evaluations_between_the_training_windows(tmp_
     first forward) only."""
     logged: dict[int, dict[str, float]] = {}
     callback = GSAMTrainerCallback(
-        every_n_steps=20, max_tokens_per_layer=None, sinks=[lambda m, step: logged.setdefault(step, {}).update(m)],
+        every_n_steps=20,
+        collection=CollectOptions(max_tokens_per_layer=None),
+        sinks=[lambda m, step: logged.setdefault(step, {}).update(m)],
     )
     args = training_args(tmp_path / "out", max_steps=20, eval_strategy="steps", eval_steps=5)
     model = tiny_bert()
@@ -274,7 +281,7 @@ class Boom(tr.TrainerCallback):
 
 def test_detaches_when_training_raises(tmp_path: Path) -> None:
     model = tiny_bert()
-    callback = GSAMTrainerCallback(phases="train")
+    callback = GSAMTrainerCallback(collection=CollectOptions(phases="train"))
     trainer = tr.Trainer(model=model, args=training_args(tmp_path / "out"), train_dataset=dataset(),
                          callbacks=[callback, Boom()])
     with pytest.raises(RuntimeError, match="boom at global step 3"):
@@ -290,7 +297,7 @@ def test_added_callback_detaches_in_its_context(tmp_path: Path) -> None:
     model = tiny_bert()
     trainer = tr.Trainer(model=model, args=training_args(tmp_path / "out"), train_dataset=dataset(),
                          callbacks=[Boom()])
-    with GSAMTrainerCallback(phases="train") as callback:
+    with GSAMTrainerCallback(collection=CollectOptions(phases="train")) as callback:
         trainer.add_callback(callback)
         with pytest.raises(RuntimeError, match="boom at global step 3"):
             train(trainer)
@@ -300,7 +307,7 @@ def test_added_callback_detaches_in_its_context(tmp_path: Path) -> None:
 
 def test_tensorboard_true_opens_the_trainer_default_folder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    callback = GSAMTrainerCallback(tensorboard=True, wandb=False, phases="train")
+    callback = GSAMTrainerCallback(tensorboard=True, wandb=False, collection=CollectOptions(phases="train"))
     trainer = tr.Trainer(model=tiny_bert(), args=training_args(tmp_path / "out", max_steps=2),
                          train_dataset=dataset(), callbacks=[callback])
     train(trainer)
@@ -311,7 +318,7 @@ def test_tensorboard_true_opens_the_trainer_default_folder(tmp_path: Path, monke
 
 
 def test_argument_errors(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) 'windw' \(did you mean 'window'\?\)"):
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) 'windw' \(did you mean 'windows'\?\)"):
         GSAMTrainerCallback(windw="ema")
     with pytest.raises(TypeError, match=r"tensorboard=\) must be None, True or False; got 'yes'"):
         GSAMTrainerCallback(tensorboard="yes")

@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from gsam_monitor import CollectOptions  # noqa: E402
 from gsam_monitor.callbacks import GSAMCallback  # noqa: E402
 from gsam_monitor.callbacks.lightning import LoggersSink  # noqa: E402
 from tests.lightning_tiny import BATCH, LAYERS, SEQ, Recorder, TinyLM, hook_count, token_loader  # noqa: E402
@@ -64,7 +65,9 @@ def test_logs_reach_tensorboard_csv_and_wandb_with_accumulation(tmp_path: Path, 
 
     lit = TinyLM()
     recorder = Recorder(lit)
-    callback = GSAMCallback(every_n_steps=2, module="model", max_tokens_per_layer=None, phases="train")
+    callback = GSAMCallback(
+        every_n_steps=2, module="model", collection=CollectOptions(max_tokens_per_layer=None, phases="train")
+    )
     loggers = [
         TensorBoardLogger(tmp_path, name="tb"),
         CSVLogger(tmp_path, name="csv"),
@@ -115,7 +118,7 @@ def test_logs_reach_tensorboard_csv_and_wandb_with_accumulation(tmp_path: Path, 
 
 def test_validation_is_logged_as_eval_phase(tmp_path: Path) -> None:
     lit = TinyLM()
-    callback = GSAMCallback(every_n_steps=2, module="model", max_tokens_per_layer=None)
+    callback = GSAMCallback(every_n_steps=2, module="model", collection=CollectOptions(max_tokens_per_layer=None))
     logger = CSVLogger(tmp_path, name="csv")
     trainer = _trainer(tmp_path, callback, loggers=[logger], max_steps=4, val_check_interval=2, limit_val_batches=3,
                        num_sanity_val_steps=2)
@@ -135,7 +138,7 @@ def test_default_schedule_collects_validation_between_the_training_windows(tmp_p
     after steps 5 and 10, where the training hooks are parked, are collected in full."""
     lit = TinyLM()
     logged: dict[int, dict[str, float]] = {}
-    callback = GSAMCallback(every_n_steps=20, module="model", max_tokens_per_layer=None,
+    callback = GSAMCallback(every_n_steps=20, module="model", collection=CollectOptions(max_tokens_per_layer=None),
                             sinks=[lambda m, step: logged.setdefault(step, {}).update(m)])
     evaluated: list[np.ndarray] = []
 
@@ -163,7 +166,9 @@ def test_resume_from_checkpoint_continues_windows_and_steps(tmp_path: Path) -> N
     sees the same batches as the uninterrupted one; Lightning does not skip into an epoch.)"""
 
     def callback(into: list[tuple[int, dict[str, float]]]) -> GSAMCallback:
-        cb = GSAMCallback(every_n_steps=2, module="model", max_tokens_per_layer=None, phases="train")
+        cb = GSAMCallback(
+            every_n_steps=2, module="model", collection=CollectOptions(max_tokens_per_layer=None, phases="train")
+        )
         cb.extra_sinks = [lambda metrics, step: into.append((step, dict(metrics)))]
         return cb
 
@@ -212,7 +217,10 @@ def test_detaches_when_training_raises(tmp_path: Path) -> None:
 
 
 def test_argument_errors(tmp_path: Path) -> None:
-    typo = r"unknown keyword argument\(s\) 'max_token_per_layer' \(did you mean 'max_tokens_per_layer'\?\)"
+    typo = (
+        r"unknown keyword argument\(s\) 'max_token_per_layer' "
+        r"\(did you mean collection=CollectOptions\(max_tokens_per_layer=\.\.\.\)\?\)"
+    )
     with pytest.raises(TypeError, match=typo):
         GSAMCallback(max_token_per_layer=5)
     with pytest.raises(ValueError, match=r"every_n_steps=\) must be a positive int; got 0"):
@@ -231,10 +239,10 @@ def test_argument_errors(tmp_path: Path) -> None:
 
 
 def test_state_dict_before_setup_is_applied_at_setup(tmp_path: Path) -> None:
-    run = GSAMCallback(every_n_steps=2, module="model", phases="train")
+    run = GSAMCallback(every_n_steps=2, module="model", collection=CollectOptions(phases="train"))
     _quiet_fit(_trainer(tmp_path, run, max_steps=3, limit_val_batches=0), TinyLM(), token_loader())
     state = run.state_dict()
-    fresh = GSAMCallback(every_n_steps=2, module="model", phases="train")
+    fresh = GSAMCallback(every_n_steps=2, module="model", collection=CollectOptions(phases="train"))
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state  # held until setup
     with pytest.warns(UserWarning, match="logging more often than every 10 steps"):

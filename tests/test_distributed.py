@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from gsam_monitor import CollectOptions, ComputeOptions, WindowOptions
 from tests.gloo_worker import run_gloo_worker
 
 D = 3
@@ -39,9 +40,8 @@ def _monitors(model, sinks_for_first=()):
                 model,
                 "auto",
                 every_n_steps=2,
-                window=window,
+                windows=WindowOptions(kind=window), collection=CollectOptions(max_tokens_per_layer=None),
                 metrics=METRICS,
-                max_tokens_per_layer=None,
                 sinks=sinks_for_first if i == 0 else (),
             )
             for i, window in enumerate(WINDOWS)
@@ -150,7 +150,8 @@ def _close_mid_log(rank: int, world: int, out_dir: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         monitor = GSAMMonitor(
-            ddp, every_n_steps=2, background=True, max_tokens_per_layer=None, metrics=["n", "gsam"], phases="train",
+            ddp, every_n_steps=2, compute=ComputeOptions(background=True),
+            collection=CollectOptions(max_tokens_per_layer=None, phases="train"), metrics=["n", "gsam"],
             sinks=[JsonlSink(os.path.join(out_dir, f"close{rank}.jsonl"))],
         )  # fmt: skip
     with monitor:

@@ -12,6 +12,7 @@ import torch
 
 import gsam_monitor.metrics as metrics_module
 from gsam_monitor import GSAMMonitor, LayerStats, MonitorError
+from tests.options import with_defaults
 from tests.tiny_models import Stack
 
 D = 3
@@ -20,7 +21,8 @@ D = 3
 def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10
-        return GSAMMonitor(model, every_n_steps=1, max_tokens_per_layer=None, phases="eval", **kwargs)
+        kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None, "phases": "eval"})
+        return GSAMMonitor(model, every_n_steps=1, **kwargs)
 
 
 def _x(seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gsam_monitor.capture.activations as capture_module
-from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor import CollectOptions, GSAMMonitor, LayerStats
 from gsam_monitor.capture.hooks import HookHandles, extract_hidden
 from gsam_monitor.capture.rows import TokenSampler, to_rows
 from tests.reference import mle_cov
@@ -55,7 +55,7 @@ def test_conv_outputs_count_channels_as_features() -> None:
 
     net = Net()
     x = torch.randn(4, 2, 6, 7, dtype=torch.float64)
-    monitor = GSAMMonitor(net, ["conv", "conv1"], max_tokens_per_layer=None)
+    monitor = GSAMMonitor(net, ["conv", "conv1"], collection=CollectOptions(max_tokens_per_layer=None))
     with torch.no_grad():
         y = net.conv(x)
     with monitor, torch.no_grad():
@@ -91,7 +91,7 @@ def test_mask_is_taken_from_kwargs_or_position_and_cleared_after_a_failed_forwar
     model = Stack(dim=3, depth=1)
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
-    monitor = GSAMMonitor(model, "blocks.0", max_tokens_per_layer=None)
+    monitor = GSAMMonitor(model, "blocks.0", collection=CollectOptions(max_tokens_per_layer=None))
     with monitor, torch.no_grad():
         model(x, attention_mask=mask)
         model(x, mask)
@@ -117,12 +117,12 @@ def test_padded_and_unpadded_batches_give_identical_statistics(bert64) -> None:
     model, tokenizer = bert64
     sentences = SENTENCES[:4]
     layers = ["embeddings", "encoder.layer.2", "encoder.layer.5"]
-    padded = GSAMMonitor(model, layers, max_tokens_per_layer=None)
+    padded = GSAMMonitor(model, layers, collection=CollectOptions(max_tokens_per_layer=None))
     enc = tokenizer(sentences, padding=True, return_tensors="pt")
     assert (enc["attention_mask"] == 0).sum() > 10
     with padded, torch.no_grad():
         out = model(**enc, output_hidden_states=True)
-    one_by_one = GSAMMonitor(model, layers, max_tokens_per_layer=None)
+    one_by_one = GSAMMonitor(model, layers, collection=CollectOptions(max_tokens_per_layer=None))
     with one_by_one, torch.no_grad():
         for sentence in sentences:
             model(**tokenizer([sentence], return_tensors="pt"))
@@ -164,7 +164,7 @@ def test_token_sampler_is_uniform_without_replacement_over_valid_rows() -> None:
 
 def test_max_tokens_per_layer_caps_each_update() -> None:
     model = Stack(dim=3, depth=1)
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=4)
+    monitor = GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=4))
     x = torch.randn(3, 5, 3, dtype=torch.float64)
     with monitor, torch.no_grad():
         model(x, attention_mask=torch.ones(3, 5))
@@ -187,7 +187,7 @@ def test_gradient_checkpointing_counts_tokens_once(reentrant: bool, monkeypatch)
     for skip_recompute in (True, False):
         if not skip_recompute:  # show that the backward pass really re-runs the hooks
             monkeypatch.setattr(capture_module, "in_backward", lambda: False)
-        monitor = _quiet_monitor(model, layers, max_tokens_per_layer=None, phases="train")
+        monitor = _quiet_monitor(model, layers, collection=CollectOptions(max_tokens_per_layer=None, phases="train"))
         with monitor, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model(input_ids=ids, attention_mask=mask).last_hidden_state.pow(2).sum().backward()
@@ -209,7 +209,7 @@ def test_torch_checkpoint_in_a_custom_model_counts_once() -> None:
             return x
 
     net = Net()
-    monitor = GSAMMonitor(net, ["blocks.0", "blocks.1.0"], max_tokens_per_layer=None)
+    monitor = GSAMMonitor(net, ["blocks.0", "blocks.1.0"], collection=CollectOptions(max_tokens_per_layer=None))
     with monitor:
         net(torch.randn(6, 4, requires_grad=True)).sum().backward()
     # Reentrant checkpointing runs the first forward under no_grad: still the train phase.
@@ -222,7 +222,7 @@ def test_phases_have_separate_statistics_and_keys() -> None:
     model = Stack(dim=3, depth=1)
     x_train = torch.randn(8, 3, dtype=torch.float64)
     x_eval = torch.randn(5, 3, dtype=torch.float64) + 10
-    monitor = _quiet_monitor(model, "auto", max_tokens_per_layer=None, every_n_steps=1)
+    monitor = _quiet_monitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=None), every_n_steps=1)
     with monitor:
         model.train()
         model(x_train)  # grad on, training mode
@@ -235,7 +235,7 @@ def test_phases_have_separate_statistics_and_keys() -> None:
         np.testing.assert_allclose(monitor.stats("blocks.0", "eval").mean.numpy(), x_eval.mean(0).numpy())
         flat = monitor.step()
     assert flat["n/blocks.0"] == 8 and flat["n/blocks.0/eval"] == 5
-    only_train = GSAMMonitor(model, "auto", phases="train")
+    only_train = GSAMMonitor(model, "auto", collection=CollectOptions(phases="train"))
     with only_train, torch.no_grad():
         model(x_eval)
     assert only_train.stats("blocks.0", "eval") is None and only_train.stats("blocks.0", "train") is None
@@ -269,7 +269,7 @@ def test_mask_shape_mismatch_warns_once_and_counts_every_position() -> None:
             return x
 
     model = Prefix()
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=None)
+    monitor = GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=None))
     with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="padding cannot be dropped"):
         model(torch.randn(2, 4, 3), attention_mask=torch.ones(2, 4))
     assert float(monitor.stats("blocks.0", "eval").count) == 10

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 from gsam_monitor.capture.layers import (
     canonical_named_modules,
     estimate_dim,
@@ -53,7 +53,7 @@ def test_auto_embeddings_and_final_norm_on_every_architecture(arch: str) -> None
     mask[1, :2] = 0  # left padding
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        monitor = GSAMMonitor(model, extras, max_tokens_per_layer=None)
+        monitor = GSAMMonitor(model, extras, collection=CollectOptions(max_tokens_per_layer=None))
     with monitor, torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     keep = mask.bool().numpy()
@@ -210,7 +210,7 @@ def test_wrapped_model_is_monitored_with_the_mask() -> None:
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     for wrapped in (DataParallel(model), torch.compile(model, backend="eager"), _FakeFSDP(model)):
-        monitor = GSAMMonitor(wrapped, "auto", max_tokens_per_layer=None)
+        monitor = GSAMMonitor(wrapped, "auto", collection=CollectOptions(max_tokens_per_layer=None))
         with monitor, torch.no_grad():
             wrapped(x, mask)  # positional attention_mask
         stats = monitor.stats("blocks.1", "eval")

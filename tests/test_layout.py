@@ -25,8 +25,10 @@ MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 400
 # What users import from the top level (README "Layout"): the monitor, the accumulators, the
 # metrics module, the sinks and their protocol; not internals such as MardiaAccumulator.
-PUBLIC_API = set("GSAMMonitor AlertRule MonitorError LayerStats ReservoirSample metrics Sink TensorBoardSink "
-                 "WandbSink JsonlSink LoggingSink".split())
+PUBLIC_API = set(
+    "GSAMMonitor CollectOptions WindowOptions ComputeOptions AlertRule MonitorError LayerStats ReservoirSample "
+    "metrics Sink TensorBoardSink WandbSink JsonlSink LoggingSink".split()
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from gsam_monitor import CollectOptions, ComputeOptions
 from tests.bf16_probe import (
     BATCH,
     EVERY,
@@ -36,7 +37,7 @@ def run_trainer(tmp_path: Path, **monitor_kwargs) -> tuple[Records, Recorder]:
     model = ProbedLM()
     records: Records = []
     callback = GSAMTrainerCallback(
-        list(LAYERS), every_n_steps=EVERY, max_tokens_per_layer=None, phases="train",
+        list(LAYERS), every_n_steps=EVERY, collection=CollectOptions(max_tokens_per_layer=None, phases="train"),
         sinks=[lambda metrics, step: records.append((step, dict(metrics)))], **monitor_kwargs,
     )
     args = tr.TrainingArguments(
@@ -72,8 +73,12 @@ def run_lightning(tmp_path: Path, **monitor_kwargs) -> tuple[Records, Recorder]:
     lit = ProbedLit()
     records: Records = []
     callback = GSAMCallback(
-        list(LAYERS), module="model", every_n_steps=EVERY, max_tokens_per_layer=None, phases="train",
-        sinks=[lambda metrics, step: records.append((step, dict(metrics)))], **monitor_kwargs,
+        list(LAYERS),
+        module="model",
+        every_n_steps=EVERY,
+        collection=CollectOptions(max_tokens_per_layer=None, phases="train"),
+        sinks=[lambda metrics, step: records.append((step, dict(metrics)))],
+        **monitor_kwargs,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=STEPS, logger=False, callbacks=[callback],
@@ -99,5 +104,5 @@ def test_bf16_logs_equal_fp64_numpy_on_the_bf16_activations(framework: str, tmp_
 
 @pytest.mark.parametrize("framework", list(RUNS))
 def test_bf16_with_fp32_products_stays_within_the_error_model(framework: str, tmp_path: Path) -> None:
-    records, recorder = RUNS[framework](tmp_path, product_dtype=torch.float32)
+    records, recorder = RUNS[framework](tmp_path, compute=ComputeOptions(product_dtype=torch.float32))
     check_bf16_run(records, recorder, fp32_products=True)

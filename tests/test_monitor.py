@@ -12,8 +12,9 @@ import scipy.stats
 import torch
 from torch import nn
 
-from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, LayerStats, WindowOptions
 from gsam_monitor.monitor import DEFAULT_MAX_STATE_BYTES, state_bytes_per_layer
+from tests.options import with_defaults
 from tests.reference import gsam_pdet, mle_cov
 from tests.reference_metrics import assert_logged_equal
 from tests.tiny_models import Stack
@@ -23,7 +24,7 @@ D = 3
 
 def _monitor(model: nn.Module, **kwargs) -> GSAMMonitor:
     kwargs.setdefault("layers", "auto")
-    kwargs.setdefault("max_tokens_per_layer", None)
+    kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
         return GSAMMonitor(model, **kwargs)
@@ -48,8 +49,8 @@ def _weighted_moments(parts: list[np.ndarray], weights: list[float]) -> tuple[fl
 def test_windows_match_numpy_weighted_moments(window: str) -> None:
     model = Stack(dim=D, depth=1)
     half_life = 2.0
-    kwargs = {"ema_half_life": half_life} if window == "ema" else {}
-    monitor = _monitor(model, every_n_steps=3, window=window, **kwargs)
+    windows = WindowOptions(kind=window, ema_half_life=half_life if window == "ema" else None)
+    monitor = _monitor(model, every_n_steps=3, windows=windows)
     batches = _batches(9)
     logs = {}
     with monitor, torch.no_grad():
@@ -160,7 +161,7 @@ def test_compute_and_log_per_phase() -> None:
 
 def test_collect_steps_keeps_hooks_off_between_windows() -> None:
     model = Stack(dim=D, depth=1)
-    monitor = _monitor(model, every_n_steps=5, collect_steps=2)
+    monitor = _monitor(model, every_n_steps=5, collection=CollectOptions(steps=2))
     baseline = len(model.blocks[0]._forward_hooks)
     registered = []
     x = _batches(1)[0]
@@ -187,7 +188,7 @@ def test_evaluation_forwards_between_windows_are_collected_with_the_default_sche
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no setup warning but the missing sink's
         warnings.filterwarnings("ignore", "GSAMMonitor: no sink", UserWarning)
-        monitor = GSAMMonitor(model, max_tokens_per_layer=None)
+        monitor = GSAMMonitor(model, collection=CollectOptions(max_tokens_per_layer=None))
     assert (monitor.every_n_steps, monitor.collect_steps) == (100, 10)
     train = _batches(100, seed=1)
     evals = _batches(3, seed=2, rows=5)
@@ -230,7 +231,7 @@ def test_an_evaluation_forward_that_raises_parks_the_hooks_again() -> None:
             raise RuntimeError("evaluation failed")
 
     model = Failing(dim=D, depth=2)
-    monitor = _monitor(model, every_n_steps=10, collect_steps=2)
+    monitor = _monitor(model, every_n_steps=10, collection=CollectOptions(steps=2))
     with monitor:
         monitor.step()
         with torch.no_grad(), pytest.raises(RuntimeError, match="evaluation failed"):
@@ -250,7 +251,7 @@ def test_an_evaluation_forward_interrupted_by_ctrl_c_does_not_park_a_reattached_
             raise KeyboardInterrupt
 
     model = Interrupted(dim=D, depth=2)
-    monitor = _monitor(model, every_n_steps=10, collect_steps=2)
+    monitor = _monitor(model, every_n_steps=10, collection=CollectOptions(steps=2))
     x = _batches(1)[0]
     with pytest.raises(KeyboardInterrupt), monitor:
         monitor.step()
@@ -266,7 +267,7 @@ def test_an_evaluation_forward_interrupted_by_ctrl_c_does_not_park_a_reattached_
 
 def test_eval_forwards_are_not_collected_when_only_training_is_monitored() -> None:
     model = Stack(dim=D, depth=1)
-    monitor = _monitor(model, every_n_steps=10, collect_steps=2, phases="train")
+    monitor = _monitor(model, every_n_steps=10, collection=CollectOptions(steps=2, phases="train"))
     with monitor:
         monitor.step()
         with torch.no_grad():
@@ -278,7 +279,7 @@ def test_eval_forwards_are_not_collected_when_only_training_is_monitored() -> No
 
 def test_a_collect_handle_keeps_the_hooks_until_it_is_closed_once() -> None:
     model = Stack(dim=D, depth=1)
-    monitor = _monitor(model, every_n_steps=5, collect_steps=2)
+    monitor = _monitor(model, every_n_steps=5, collection=CollectOptions(steps=2))
     baseline = len(model.blocks[0]._forward_hooks)
     x = _batches(1)[0]
     with monitor:  # training forwards: the schedule (and collect()) governs them
@@ -405,7 +406,11 @@ def test_state_dict_round_trip_resumes_mid_window(tmp_path) -> None:
     """Save at step 7 (mid-window, with token subsampling), load with weights_only=True into a
     fresh monitor: the next logs equal those of the uninterrupted run."""
     batches = _batches(15, seed=3, rows=9)
-    kwargs = {"every_n_steps": 5, "max_tokens_per_layer": 4, "metrics": ["gsam", "heldout_loglik", "n", "rank"]}
+    kwargs = {
+        "every_n_steps": 5,
+        "collection": CollectOptions(max_tokens_per_layer=4),
+        "metrics": ["gsam", "heldout_loglik", "n", "rank"],
+    }
 
     def run(monitor, model, steps):
         outs = []
@@ -463,24 +468,24 @@ def test_configuration_errors_name_the_argument() -> None:
         GSAMMonitor(model, every_n_steps=0)
     with pytest.raises(ValueError, match=r"every_n_steps must be a positive int .* got 2.5"):
         GSAMMonitor(model, every_n_steps=2.5)
-    with pytest.raises(ValueError, match=r"window must be one of .* got 'sliding'"):
-        GSAMMonitor(model, window="sliding")
-    with pytest.raises(ValueError, match="ema_half_life only applies to window='ema'"):
-        GSAMMonitor(model, ema_half_life=3)
-    with pytest.raises(ValueError, match="ema_half_life must be a positive number"):
-        GSAMMonitor(model, window="ema", ema_half_life=-1)
+    with pytest.raises(ValueError, match=r"WindowOptions\(kind=\) must be one of .* got 'sliding'"):
+        GSAMMonitor(model, windows=WindowOptions(kind="sliding"))
+    with pytest.raises(ValueError, match=r"WindowOptions\(ema_half_life=\) only applies to kind='ema'"):
+        GSAMMonitor(model, windows=WindowOptions(ema_half_life=3))
+    with pytest.raises(ValueError, match=r"WindowOptions\(ema_half_life=\) must be a positive number"):
+        GSAMMonitor(model, windows=WindowOptions(kind="ema", ema_half_life=-1))
     with pytest.raises(ValueError, match="collect_steps=20 exceeds every_n_steps=10"):
-        GSAMMonitor(model, every_n_steps=10, collect_steps=20)
+        GSAMMonitor(model, every_n_steps=10, collection=CollectOptions(steps=20))
     with pytest.raises(ValueError, match="max_tokens_per_layer must be a positive int"):
-        GSAMMonitor(model, max_tokens_per_layer=0)
+        GSAMMonitor(model, collection=CollectOptions(max_tokens_per_layer=0))
     with pytest.raises(ValueError, match=r"metrics: unknown metric name\(s\) 'gsm' \(did you mean 'gsam'\?\)"):
         GSAMMonitor(model, metrics=["gsm"])
     with pytest.raises(ValueError, match=r"phases must be a non-empty selection .* got \('train', 'test'\)"):
-        GSAMMonitor(model, phases=("train", "test"))
+        GSAMMonitor(model, collection=CollectOptions(phases=("train", "test")))
     with pytest.raises(TypeError, match="state_dtype must be a floating torch dtype"):
-        GSAMMonitor(model, state_dtype=torch.int32)
+        GSAMMonitor(model, compute=ComputeOptions(state_dtype=torch.int32))
     with pytest.raises(TypeError, match="seed must be an int"):
-        GSAMMonitor(model, seed="0")
+        GSAMMonitor(model, collection=CollectOptions(seed="0"))
     with pytest.raises(ValueError, match=r"sinks=: unknown sink name 'tensorbord'\. Did you mean 'tensorboard'"):
         GSAMMonitor(model, sinks=["tensorbord"])
     with pytest.raises(TypeError, match="sinks= entries must be Sink objects"):
@@ -488,7 +493,7 @@ def test_configuration_errors_name_the_argument() -> None:
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         GSAMMonitor("bert")
     with pytest.raises(ValueError, match="spectrum_every_n_logs must be a positive int"):
-        GSAMMonitor(model, spectrum_every_n_logs=-2)
+        GSAMMonitor(model, compute=ComputeOptions(spectrum_every_n_logs=-2))
     with pytest.warns(UserWarning, match=r"every_n_steps=5\): each log runs one eigendecomposition"):
         GSAMMonitor(model, every_n_steps=5)
 
@@ -510,15 +515,16 @@ def test_state_budget() -> None:
     assert 3 * state_bytes_per_layer(8192) <= DEFAULT_MAX_STATE_BYTES
     with pytest.raises(
         ValueError,
-        match=r"max_state_bytes: .* need 8.006 GiB .* over max_state_bytes = 8.000 GiB\. Fix: monitor fewer "
+        match=r"ComputeOptions\(max_state_bytes=\): .* need 8.006 GiB .* over max_state_bytes = 8.000 GiB\. "
+        r"Fix: monitor fewer "
         r"layers.*float32",
     ):
         GSAMMonitor(_Wide(4))
-    GSAMMonitor(_Wide(4), state_dtype=torch.float32)
-    GSAMMonitor(_Wide(8), metrics=["gsam", "rank"], phases="train")
-    GSAMMonitor(_Wide(4), max_state_bytes=None)
-    with pytest.raises(ValueError, match="max_state_bytes must be a positive int"):
-        GSAMMonitor(_Wide(1), max_state_bytes=0)
+    GSAMMonitor(_Wide(4), compute=ComputeOptions(state_dtype=torch.float32))
+    GSAMMonitor(_Wide(8), metrics=["gsam", "rank"], collection=CollectOptions(phases="train"))
+    GSAMMonitor(_Wide(4), compute=ComputeOptions(max_state_bytes=None))
+    with pytest.raises(ValueError, match=r"ComputeOptions\(max_state_bytes=\) must be a positive int"):
+        GSAMMonitor(_Wide(1), compute=ComputeOptions(max_state_bytes=0))
 
 
 def test_runtime_budget_skips_layers_whose_size_was_unknown() -> None:
@@ -537,7 +543,7 @@ def test_runtime_budget_skips_layers_whose_size_was_unknown() -> None:
 
     net = Net()
     budget = LayerStats.state_bytes(D) * 2 + 100  # room for one layer with its held-out fit
-    monitor = _monitor(net, layers=["a", "b"], max_state_bytes=budget)
+    monitor = _monitor(net, layers=["a", "b"], compute=ComputeOptions(max_state_bytes=budget))
     with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="layer 'b' .* over max_state_bytes"):
         net(torch.randn(4, D))
     assert monitor.stats("a", "eval") is not None and monitor.stats("b", "eval") is None
@@ -571,9 +577,8 @@ def test_background_logs_equal_inline_logs_at_the_same_steps(window: str) -> Non
         monitor = _monitor(
             model,
             every_n_steps=3,
-            window=window,
+            windows=WindowOptions(kind=window), compute=ComputeOptions(background=background),
             metrics="all",
-            background=background,
             sinks=[lambda m, s, r=records: r.append((s, dict(m)))],
         )
         assert monitor.background is background
@@ -621,7 +626,12 @@ def test_background_errors_are_counted_and_training_goes_on(monkeypatch) -> None
     monkeypatch.setattr(metrics_module, "compute", flaky)
     model = Stack(dim=D, depth=1)
     records: list[tuple[int, dict[str, float]]] = []
-    monitor = _monitor(model, every_n_steps=2, background=True, sinks=[lambda m, s: records.append((s, dict(m)))])
+    monitor = _monitor(
+        model,
+        every_n_steps=2,
+        compute=ComputeOptions(background=True),
+        sinks=[lambda m, s: records.append((s, dict(m)))],
+    )
     with pytest.warns(RuntimeWarning, match="FloatingPointError: injected"):
         with monitor, torch.no_grad():
             for x in _batches(6):
@@ -636,8 +646,8 @@ def test_background_errors_are_counted_and_training_goes_on(monkeypatch) -> None
 
 
 def test_background_argument_is_checked() -> None:
-    with pytest.raises(TypeError, match="background must be True, False or None"):
-        GSAMMonitor(Stack(dim=D, depth=1), background="yes")
+    with pytest.raises(TypeError, match=r"ComputeOptions\(background=\) must be True, False or None"):
+        GSAMMonitor(Stack(dim=D, depth=1), compute=ComputeOptions(background="yes"))
     assert GSAMMonitor(Stack(dim=D, depth=1)).background is False  # CPU model: inline by default
 
 
@@ -671,9 +681,14 @@ def test_rows_the_hooks_hold_back_reach_every_read_of_the_monitor(window: str) -
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((4, d)) + 3 for _ in range(10)]
     model = Stack(dim=d, depth=1)
-    kwargs = {"ema_half_life": 2.0} if window == "ema" else {}
-    monitor = _monitor(model, every_n_steps=5, collect_steps=None, window=window, phases="eval",
-                       metrics=["n", "gsam"], sinks=[], **kwargs)
+    monitor = _monitor(
+        model,
+        every_n_steps=5,
+        collection=CollectOptions(steps=None, phases="eval"),
+        windows=WindowOptions(kind=window, ema_half_life=2.0 if window == "ema" else None),
+        metrics=["n", "gsam"],
+        sinks=[],
+    )
     with monitor, torch.no_grad():
         for x in xs[:3]:
             model(torch.from_numpy(x))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 from tests.reference import gsam_pdet
 from tests.tiny_models import Stack
 
@@ -60,7 +60,14 @@ def _collected(data, warmup: int) -> list[np.ndarray]:
 def _monitor(run: torch.nn.Module) -> GSAMMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all: not the empty-window one either
-        return GSAMMonitor(run, "auto", every_n_steps=EVERY, phases="train", metrics=["gsam", "n", "rank"], sinks=[])
+        return GSAMMonitor(
+            run,
+            "auto",
+            every_n_steps=EVERY,
+            collection=CollectOptions(phases="train"),
+            metrics=["gsam", "n", "rank"],
+            sinks=[],
+        )
 
 
 @pytest.mark.parametrize(
@@ -153,7 +160,9 @@ def test_a_layer_without_hidden_states_warns_from_step_and_never_breaks_a_fullgr
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break would raise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        monitor = GSAMMonitor(model, ["blocks.0", "blocks.1"], every_n_steps=2, max_tokens_per_layer=None)
+        monitor = GSAMMonitor(
+            model, ["blocks.0", "blocks.1"], every_n_steps=2, collection=CollectOptions(max_tokens_per_layer=None)
+        )
     xs = [torch.randn(5, D, dtype=torch.float64) for _ in range(2)]
     with monitor, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -179,7 +188,9 @@ def test_compiled_evaluation_forwards_between_windows_are_collected(backend: str
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        monitor = GSAMMonitor(model, every_n_steps=EVERY, max_tokens_per_layer=None, sinks=[])
+        monitor = GSAMMonitor(
+            model, every_n_steps=EVERY, collection=CollectOptions(max_tokens_per_layer=None), sinks=[]
+        )
     rng = np.random.default_rng(5)
     first, parked, evaluated = (rng.standard_normal((6, D)) for _ in range(3))
     with monitor:

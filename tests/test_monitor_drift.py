@@ -10,7 +10,8 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import GSAMMonitor, LayerStats, metrics
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, LayerStats, WindowOptions, metrics
+from tests.options import with_defaults
 from tests.reference import gsam_pdet, mle_cov
 from tests.reference_drift import drift_reference
 from tests.tiny_models import Stack
@@ -21,7 +22,7 @@ DRIFT = list(metrics.DRIFT_METRICS)
 
 def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
     kwargs.setdefault("layers", "auto")
-    kwargs.setdefault("max_tokens_per_layer", None)
+    kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
         return GSAMMonitor(model, **kwargs)
@@ -58,7 +59,12 @@ def _assert_drift(out: dict[str, float], rows: np.ndarray, ref_rows: np.ndarray,
 @pytest.mark.parametrize(("window", "background"), [("interval", False), ("interval", True), ("cumulative", False)])
 def test_first_reference_compares_every_log_with_the_first_window(window: str, background: bool) -> None:
     model = Stack(dim=D, depth=1)
-    monitor = _monitor(model, every_n_steps=2, window=window, background=background, reference="first")
+    monitor = _monitor(
+        model,
+        every_n_steps=2,
+        windows=WindowOptions(kind=window, reference="first"),
+        compute=ComputeOptions(background=background),
+    )
     assert set(DRIFT) <= set(monitor.metric_names)  # the default selection gains the drift metrics
     batches = _batches(8)
     with monitor:
@@ -89,7 +95,7 @@ def test_previous_reference_compares_consecutive_windows() -> None:
 
 def test_pinned_reference_from_an_evaluation_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     model = Stack(dim=D, depth=2)
-    monitor = _monitor(model, every_n_steps=3, reference="pinned")
+    monitor = _monitor(model, every_n_steps=3, windows=WindowOptions(reference="pinned"))
     base = _batches(3, seed=2)
     later = _batches(9, seed=3)
     fits, factors = [], []
@@ -122,25 +128,28 @@ def test_pinned_reference_from_an_evaluation_pass(monkeypatch: pytest.MonkeyPatc
 
 def test_no_reference_until_pinned_and_pin_errors() -> None:
     model = Stack(dim=D, depth=1)
-    monitor = _monitor(model, every_n_steps=2, reference="pinned")
+    monitor = _monitor(model, every_n_steps=2, windows=WindowOptions(reference="pinned"))
     with monitor:
         outs = _run(monitor, model, _batches(4))
     assert outs and not any(k.startswith(("drift", "heldout")) for out in outs for k in out)
-    with pytest.raises(ValueError, match=r"construct it with GSAMMonitor\(\.\.\., reference='pinned'\)"):
+    fix = r"construct it with GSAMMonitor\(\.\.\., windows=WindowOptions\(reference='pinned'\)\)"
+    with pytest.raises(ValueError, match=fix):
         _monitor(model).pin_reference()
     with pytest.raises(ValueError, match="phase must be one of the monitored phases"):
-        _monitor(model, reference="first", phases="eval").pin_reference("train")
-    with pytest.raises(ValueError, match="reference must be one of"):
-        _monitor(model, reference="base")
+        _monitor(
+            model, windows=WindowOptions(reference="first"), collection=CollectOptions(phases="eval")
+        ).pin_reference("train")
+    with pytest.raises(ValueError, match=r"WindowOptions\(reference=\) must be one of"):
+        _monitor(model, windows=WindowOptions(reference="base"))
     with pytest.raises(ValueError, match="no selected metric compares with it"):
-        _monitor(model, reference="first", metrics=["gsam", "rank"])
-    explicit = _monitor(model, reference="first", metrics=["gsam", "drift_w2"])
+        _monitor(model, windows=WindowOptions(reference="first"), metrics=["gsam", "rank"])
+    explicit = _monitor(model, windows=WindowOptions(reference="first"), metrics=["gsam", "drift_w2"])
     assert explicit.metric_names == ("gsam", "drift_w2")  # an explicit selection is kept as it is
 
 
 def test_pinning_under_first_replaces_the_first_window() -> None:
     model = Stack(dim=D, depth=1)
-    monitor = _monitor(model, every_n_steps=2, reference="first")
+    monitor = _monitor(model, every_n_steps=2, windows=WindowOptions(reference="first"))
     batches = _batches(7, seed=4)
     with monitor:
         first = _run(monitor, model, batches[:4])
@@ -156,7 +165,11 @@ def test_pinning_under_first_replaces_the_first_window() -> None:
 @pytest.mark.parametrize("reference", ["first", "pinned"])
 def test_a_resumed_run_compares_with_the_same_reference(reference: str, tmp_path) -> None:
     batches = _batches(10, seed=5)
-    kwargs = {"every_n_steps": 2, "reference": reference, "max_tokens_per_layer": 7}
+    kwargs = {
+        "every_n_steps": 2,
+        "windows": WindowOptions(reference=reference),
+        "collection": CollectOptions(max_tokens_per_layer=7),
+    }
 
     def start(model):
         monitor = _monitor(model, **kwargs).attach()
@@ -187,9 +200,9 @@ def test_a_resumed_run_compares_with_the_same_reference(reference: str, tmp_path
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-12), key
     other = "pinned" if reference == "first" else "first"
-    match = f"kept with reference='{reference}'.*construct it with reference='{reference}'"
+    match = f"kept with reference='{reference}'.*construct it with windows=WindowOptions\\(reference='{reference}'\\)"
     with pytest.raises(ValueError, match=match):
-        _monitor(model, **{**kwargs, "reference": other}).load_state_dict(state)
+        _monitor(model, **{**kwargs, "windows": WindowOptions(reference=other)}).load_state_dict(state)
 
 
 def test_a_log_fit_is_kept_only_for_the_window_it_was_made_from() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 from tests.reference import gsam_pdet
 from tests.tiny_models import tiny_config
 
@@ -28,7 +28,7 @@ def test_cached_decoding_of_a_left_padded_batch_counts_exactly_the_real_position
     prompt_mask[0, :2] = 0  # left padding
     prompt_mask[2, :4] = 0
     ids[prompt_mask == 0] = 0
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=None, metrics=["gsam", "n"])
+    monitor = GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=None), metrics=["gsam", "n"])
     # Independent record: every output of the monitored blocks, call by call.
     seen: dict[str, list[np.ndarray]] = {name: [] for name in monitor.layer_names}
     handles = [

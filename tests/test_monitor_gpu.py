@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor
 from tests.tiny_models import Stack
 
 pytestmark = [
@@ -26,7 +26,7 @@ def test_hook_path_never_synchronises_with_the_host() -> None:
     model = Stack(dim=64, depth=2).cuda()
     x = torch.randn(4, 50, 64, dtype=torch.float64, device="cuda")
     mask = (torch.rand(4, 50, device="cuda") > 0.3).long()
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=32, every_n_steps=100)
+    monitor = GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=32), every_n_steps=100)
     with monitor, torch.no_grad():
         model(x, attention_mask=mask)  # first call allocates the statistics and the generator
         torch.cuda.synchronize()
@@ -47,7 +47,7 @@ def test_cuda_statistics_match_numpy_on_the_valid_rows() -> None:
     x = torch.randn(3, 20, 16, dtype=torch.float64, device="cuda") * 3 + 1
     mask = torch.ones(3, 20, dtype=torch.long, device="cuda")
     mask[0, 12:] = 0
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=None)
+    monitor = GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=None))
     with monitor, torch.no_grad():
         model(x, attention_mask=mask)
     rows = x[mask.bool()].cpu().numpy()
@@ -66,8 +66,12 @@ def test_background_logs_on_cuda_equal_inline_logs() -> None:
         model = Stack(dim=16, depth=2).cuda()
         records = []
         monitor = GSAMMonitor(
-            model, "auto", every_n_steps=2, collect_steps=None, max_tokens_per_layer=None, background=background,
-            product_dtype=torch.float64, sinks=[lambda m, s, r=records: r.append((s, dict(m)))],
+            model,
+            "auto",
+            every_n_steps=2,
+            collection=CollectOptions(steps=None, max_tokens_per_layer=None),
+            compute=ComputeOptions(background=background, product_dtype=torch.float64),
+            sinks=[lambda m, s, r=records: r.append((s, dict(m)))],
         )
         assert monitor.background is (background is None)
         with monitor, torch.no_grad():
@@ -92,8 +96,12 @@ def test_background_logs_run_on_the_statistics_device_and_one_stream() -> None:
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     model = Stack(dim=16, depth=1).to(device)
     monitor = GSAMMonitor(
-        model, "auto", every_n_steps=2, collect_steps=None, max_tokens_per_layer=None, background=True,
-        product_dtype=torch.float64, metrics=["gsam", "n"],
+        model,
+        "auto",
+        every_n_steps=2,
+        collection=CollectOptions(steps=None, max_tokens_per_layer=None),
+        compute=ComputeOptions(background=True, product_dtype=torch.float64),
+        metrics=["gsam", "n"],
     )
     seen = []
     real = monitor._logs._metrics_of
@@ -135,7 +143,7 @@ def test_state_dict_of_cuda_statistics_is_on_the_host() -> None:
 def test_data_parallel_replicas_feed_one_window_exactly() -> None:
     model = Stack(dim=16, depth=2).cuda()
     dp = nn.DataParallel(model, device_ids=[0, 1])
-    monitor = GSAMMonitor(dp, "auto", max_tokens_per_layer=None, metrics=["gsam", "n"])
+    monitor = GSAMMonitor(dp, "auto", collection=CollectOptions(max_tokens_per_layer=None), metrics=["gsam", "n"])
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((4, 9, 16)) for _ in range(5)]
     mask = torch.ones(4, 9, dtype=torch.int64)

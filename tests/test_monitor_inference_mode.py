@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, WindowOptions
 from tests.reference import gsam_pdet, mle_cov
 from tests.tiny_models import Stack
 
@@ -31,12 +31,10 @@ def test_inference_mode_no_grad_and_eval_forwards_leave_every_log_exact(window: 
             model,
             "auto",
             every_n_steps=2,
-            collect_steps=None,
-            window=window,
-            max_tokens_per_layer=None,
+            collection=CollectOptions(steps=None, max_tokens_per_layer=None, reservoir_size=40),
+            windows=WindowOptions(kind=window),
+            compute=ComputeOptions(background=background),
             metrics=["gsam", "n", "heldout_loglik"],
-            reservoir_size=40,
-            background=background,
             sinks=[lambda m, s: records.append((s, dict(m)))],
         )
 

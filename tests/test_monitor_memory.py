@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gsam_monitor.metrics as metrics_module
-from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, LayerStats, WindowOptions
 from gsam_monitor.monitor import state_bytes_per_layer
 from tests.reference import gsam_pdet
 from tests.tiny_models import Stack
@@ -67,8 +67,13 @@ def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10
         monitor = GSAMMonitor(
-            model, "auto", every_n_steps=2, collect_steps=None, window=window, phases="eval", background=True,
-            metrics=["gsam", "n", "heldout_loglik"], max_tokens_per_layer=None,
+            model,
+            "auto",
+            every_n_steps=2,
+            collection=CollectOptions(steps=None, phases="eval", max_tokens_per_layer=None),
+            windows=WindowOptions(kind=window),
+            compute=ComputeOptions(background=True),
+            metrics=["gsam", "n", "heldout_loglik"],
             sinks=[lambda m, s: records.append(dict(m))],
         )
     per_window = LayerStats.state_bytes(D) - 4 * D * 8  # no higher moments: no power3/power4/unit_sum/absmax
@@ -104,7 +109,9 @@ def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatc
 
 def test_detach_keeps_the_statistics_and_close_frees_them(live_stats) -> None:
     model = Stack(dim=D, depth=2)
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=None, metrics=["gsam", "heldout_loglik"])
+    monitor = GSAMMonitor(
+        model, "auto", collection=CollectOptions(max_tokens_per_layer=None), metrics=["gsam", "heldout_loglik"]
+    )
     x = torch.randn(30, D, dtype=torch.float64)
     with torch.no_grad():
         monitor.attach()
@@ -127,7 +134,10 @@ def test_detach_keeps_the_statistics_and_close_frees_them(live_stats) -> None:
 def test_leaving_the_with_block_keeps_the_statistics_readable(live_stats) -> None:
     model = Stack(dim=D, depth=1)
     x = torch.randn(30, D, dtype=torch.float64)
-    with GSAMMonitor(model, "auto", max_tokens_per_layer=None, metrics=["n"]) as monitor, torch.no_grad():
+    with (
+        GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=None), metrics=["n"]) as monitor,
+        torch.no_grad(),
+    ):
         model(x)
     assert monitor.compute("eval")["blocks.0"]["n"] == 30
     monitor.close()
@@ -136,7 +146,7 @@ def test_leaving_the_with_block_keeps_the_statistics_readable(live_stats) -> Non
 
 def test_state_dict_holds_host_tensors_only() -> None:
     model = Stack(dim=D, depth=2)
-    monitor = GSAMMonitor(model, "auto", metrics="all", reservoir_size=16)
+    monitor = GSAMMonitor(model, "auto", metrics="all", collection=CollectOptions(reservoir_size=16))
     with monitor, torch.no_grad():
         model(torch.randn(30, D, dtype=torch.float64))
         monitor.log()

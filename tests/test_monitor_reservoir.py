@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
+from tests.options import with_defaults
 from tests.tiny_models import Stack
 
 D = 3
 
 
 def _monitor(model, **kwargs) -> GSAMMonitor:
-    kwargs.setdefault("max_tokens_per_layer", None)
+    kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
         return GSAMMonitor(model, layers="auto", every_n_steps=2, **kwargs)
@@ -43,7 +44,7 @@ def _run(monitor: GSAMMonitor, model, batches) -> None:
 
 def test_sample_holds_every_unmasked_value_when_it_fits():
     model = Stack(dim=D, depth=2)
-    monitor = _monitor(model, reservoir_size=1000)
+    monitor = _monitor(model, collection=CollectOptions(reservoir_size=1000))
     batches = _batches(4)
     _run(monitor, model, batches)
     expected = np.sort(np.concatenate([x[m.bool()].numpy().ravel() for x, m in batches]))
@@ -56,7 +57,7 @@ def test_sample_holds_every_unmasked_value_when_it_fits():
 
 def test_sample_is_bounded_subset_and_survives_state_dict():
     model = Stack(dim=D, depth=1)
-    monitor = _monitor(model, reservoir_size=10)
+    monitor = _monitor(model, collection=CollectOptions(reservoir_size=10))
     batches = _batches(6)
     _run(monitor, model, batches[:3])
     values = monitor.sample("blocks.0", "eval").values()
@@ -67,7 +68,7 @@ def test_sample_is_bounded_subset_and_survives_state_dict():
     torch.save(monitor.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    restored = _monitor(Stack(dim=D, depth=1), reservoir_size=10)
+    restored = _monitor(Stack(dim=D, depth=1), collection=CollectOptions(reservoir_size=10))
     restored.load_state_dict(state)
     np.testing.assert_array_equal(restored.sample("blocks.0", "eval").values(), values)
     # The random stream is restored too: the same further data gives the same sample.
@@ -87,10 +88,11 @@ def test_no_sample_by_default_and_errors():
     assert "samples" in plain.state_dict() and plain.state_dict()["samples"] == {}
     with pytest.raises(ValueError, match="collects no reservoir sample; construct it with"):
         plain.sample("blocks.0", "eval")
-    with pytest.raises(ValueError, match=r"reservoir_size must be a positive int \(or None for no sample\); got 0"):
-        _monitor(model, reservoir_size=0)
-    sampled = _monitor(model, reservoir_size=10)
+    message = r"CollectOptions\(reservoir_size=\) must be a positive int \(or None for no sample\); got 0"
+    with pytest.raises(ValueError, match=message):
+        _monitor(model, collection=CollectOptions(reservoir_size=0))
+    sampled = _monitor(model, collection=CollectOptions(reservoir_size=10))
     _run(sampled, model, _batches(1))
-    other = _monitor(model, reservoir_size=20)
+    other = _monitor(model, collection=CollectOptions(reservoir_size=20))
     with pytest.raises(ValueError, match="reservoir samples hold 10 values, this monitor has reservoir_size=20"):
         other.load_state_dict(sampled.state_dict())

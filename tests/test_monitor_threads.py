@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor import CollectOptions, GSAMMonitor, LayerStats
 from tests.tiny_models import Stack
 
 D = 48
@@ -64,7 +64,7 @@ def test_concurrent_hooks_on_one_layer_count_every_row_once(monkeypatch) -> None
     # rows sit elsewhere) and to add to it.
     xs = [[rng.standard_normal((300, D)) @ mix + 100.0 * i for _ in range(CALLS)] for i in range(THREADS)]
     model = Stack(dim=D, depth=1)
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=None)
+    monitor = GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=None))
     with monitor:
         _run_threads(lambda i, k: model.blocks[0](torch.from_numpy(xs[i][k])))
     assert monitor.errors == 0 and overlaps == []
@@ -85,7 +85,7 @@ def test_each_thread_forward_uses_its_own_attention_mask() -> None:
         m[:, lengths[i] :] = 0
         masks.append(m)
     model = Stack(dim=D, depth=2)
-    monitor = GSAMMonitor(model, "auto", max_tokens_per_layer=None)
+    monitor = GSAMMonitor(model, "auto", collection=CollectOptions(max_tokens_per_layer=None))
     with monitor:
         _run_threads(lambda i, k: model(torch.from_numpy(xs[i][k]), attention_mask=masks[i]))
     assert monitor.errors == 0

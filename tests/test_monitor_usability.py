@@ -14,7 +14,7 @@ import torch
 
 import gsam_monitor
 import gsam_monitor.monitor.ranks as ranks_module
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 from tests.reference import gsam_pdet
 from tests.tiny_models import Stack
 
@@ -63,7 +63,9 @@ def test_log_dir_writes_tensorboard_scalars(tmp_path) -> None:
     model = Stack(dim=D, depth=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monitor = GSAMMonitor(model, every_n_steps=10, max_tokens_per_layer=None, log_dir=tmp_path / "run")
+        monitor = GSAMMonitor(
+            model, every_n_steps=10, collection=CollectOptions(max_tokens_per_layer=None), log_dir=tmp_path / "run"
+        )
     assert [type(s).__name__ for s in monitor.sinks] == ["TensorBoardSink"]
     rows = np.random.default_rng(0).standard_normal((40, D))
     with monitor, torch.no_grad():
@@ -105,7 +107,9 @@ def test_eval_layers_carry_the_monitor_name_of_the_same_output() -> None:
     assert modules == ["embeddings", *(f"encoder.layer.{i}" for i in range(6))]
     assert "encoder.layer.5" in format_table("token", corpus, [result]).splitlines()[-1]
 
-    monitor = GSAMMonitor(loaded.model, ["embeddings", "auto"], sinks=[], max_tokens_per_layer=None)
+    monitor = GSAMMonitor(
+        loaded.model, ["embeddings", "auto"], sinks=[], collection=CollectOptions(max_tokens_per_layer=None)
+    )
     enc = loaded.tokenizer(list(corpus.sentences), return_tensors="pt", padding=True, truncation=True)
     with monitor, torch.no_grad():
         loaded.model(**enc)

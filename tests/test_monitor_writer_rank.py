@@ -14,7 +14,7 @@ import torch
 
 import gsam_monitor.metrics as metrics_module
 import gsam_monitor.monitor.ranks as ranks_module
-from gsam_monitor import GSAMMonitor, LayerStats
+from gsam_monitor import CollectOptions, GSAMMonitor, LayerStats
 from tests.reference import gsam_pdet
 from tests.tiny_models import Stack
 
@@ -76,8 +76,12 @@ def test_only_group_rank_zero_computes_and_writes(monkeypatch, global_rank: int,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10
         monitor = GSAMMonitor(
-            model, "auto", every_n_steps=2, process_group=group, max_tokens_per_layer=None, metrics=["gsam", "n"],
-            phases="eval",  # one window, owned by group rank 0
+            model,
+            "auto",
+            every_n_steps=2,
+            process_group=group,
+            collection=CollectOptions(max_tokens_per_layer=None, phases="eval"),
+            metrics=["gsam", "n"],  # one window, owned by group rank 0
             sinks=[lambda m, s: written.append(dict(m))],
         )
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from gsam_monitor import GSAMMonitor, JsonlSink
+from gsam_monitor import CollectOptions, GSAMMonitor, JsonlSink
 from gsam_monitor.metrics import int8_absmax_error
 from gsam_monitor.metrics.quantization import expected_roundoff
 from gsam_monitor.stats import LayerStats
@@ -28,8 +28,13 @@ FACTOR = 10.0
 def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
-        return GSAMMonitor(model, "auto", every_n_steps=EVERY, collect_steps=None, max_tokens_per_layer=None,
-                           phases="train", **kwargs)
+        return GSAMMonitor(
+            model,
+            "auto",
+            every_n_steps=EVERY,
+            collection=CollectOptions(steps=None, max_tokens_per_layer=None, phases="train"),
+            **kwargs,
+        )
 
 
 def _lower_median(v: np.ndarray) -> float:

@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import LayerStats, metrics
+from gsam_monitor import CollectOptions, ComputeOptions, LayerStats, WindowOptions, metrics
 from gsam_monitor.metrics import MardiaAccumulator
 from gsam_monitor.stats import exact_numerics, fast_fp64, resolve_product_dtype, resolve_state_dtype
 from tests.reference import gsam_pdet, mle_cov, scipy_rank_tol
@@ -399,8 +399,13 @@ def test_cumulative_monitor_recentres_its_windows_at_each_log(rng: np.random.Gen
     model = Stack(dim=6, depth=1)
     with pytest.warns(UserWarning, match=r"every_n_steps=1\)"):
         monitor = GSAMMonitor(
-            model, ["blocks.0"], every_n_steps=1, window="cumulative", metrics=["n", "gsam"],
-            max_tokens_per_layer=None, product_dtype=torch.float32, collect_steps=None,
+            model,
+            ["blocks.0"],
+            every_n_steps=1,
+            windows=WindowOptions(kind="cumulative"),
+            collection=CollectOptions(max_tokens_per_layer=None, steps=None),
+            compute=ComputeOptions(product_dtype=torch.float32),
+            metrics=["n", "gsam"],
         )
     seen = []
     with monitor:

@@ -20,7 +20,8 @@ import torch
 from sklearn.covariance import OAS
 from torch import nn
 
-from gsam_monitor import GSAMMonitor, JsonlSink, LayerStats, WandbSink, metrics
+from gsam_monitor import CollectOptions, GSAMMonitor, JsonlSink, LayerStats, WandbSink, WindowOptions, metrics
+from tests.options import with_defaults
 from tests.reference import gsam_pdet, mle_cov
 from tests.tiny_models import Stack, tiny_model
 
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _monitor(model: nn.Module, **kwargs) -> GSAMMonitor:
     kwargs.setdefault("layers", "auto")
-    kwargs.setdefault("max_tokens_per_layer", None)
+    kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
         return GSAMMonitor(model, **kwargs)
@@ -87,21 +88,45 @@ def _hooks_left(model: nn.Module) -> list[str]:
     [
         ({"every_n_steps": -1}, r"every_n_steps must be a positive int \(e\.g\. every_n_steps=100\); got -1"),
         ({"every_n_steps": True}, r"every_n_steps must be a positive int .* got True"),
-        ({"collect_steps": 0}, r"collect_steps must be a positive int .*; got 0"),
-        ({"window": "ema", "ema_half_life": 0}, r"ema_half_life must be a positive number of steps; got 0"),
-        ({"max_tokens_per_layer": -5}, r"max_tokens_per_layer must be a positive int .*; got -5"),
-        ({"spectrum_every_n_logs": -1}, r"spectrum_every_n_logs must be a positive int .*; got -1"),
-        ({"max_state_bytes": -1}, r"max_state_bytes must be a positive int .*; got -1"),
+        ({"collection": {"steps": 0}}, r"CollectOptions\(steps=\) must be a positive int .*; got 0"),
+        (
+            {"windows": {"kind": "ema", "ema_half_life": 0}},
+            r"WindowOptions\(ema_half_life=\) must be a positive number of steps; got 0",
+        ),
+        (
+            {"collection": {"max_tokens_per_layer": -5}},
+            r"CollectOptions\(max_tokens_per_layer=\) must be a positive int .*; got -5",
+        ),
+        (
+            {"compute": {"spectrum_every_n_logs": -1}},
+            r"ComputeOptions\(spectrum_every_n_logs=\) must be a positive int .*; got -1",
+        ),
+        ({"compute": {"max_state_bytes": -1}}, r"ComputeOptions\(max_state_bytes=\) must be a positive int .*; got -1"),
+        ({"every_n_steps": 10, "collection": {"steps": 20}}, r"CollectOptions\(steps=20\) exceeds every_n_steps=10"),
         ({"metrics": []}, r"metrics: the selection is empty; pass 'default' or a list of names"),
         ({"metrics": ["gsam", "rnak"]}, r"metrics: unknown metric name\(s\) 'rnak' \(did you mean 'rank'\?\)"),
         ({"sinks": "jsnl"}, r"sinks=: unknown sink name 'jsnl'\. Did you mean 'jsonl'"),
-        ({"phases": ()}, r"phases must be a non-empty selection"),
+        ({"collection": {"phases": ()}}, r"CollectOptions\(phases=\) must be a non-empty selection"),
         ({"layers": ["blocks.0", "blocks.0"]}, r"'blocks\.0' is selected twice"),
         ({"layers": "blocks.7"}, r"no module named 'blocks\.7'"),
     ],
 )
 def test_setup_errors_name_the_argument(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
+        GSAMMonitor(Stack(dim=D, depth=2), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"collection": {"step": 5}}, r"collection: CollectOptions has no field 'step' \(did you mean 'steps'\?\)"),
+        ({"windows": "ema"}, r"windows must be a WindowOptions \(or a dict of its fields, or None\); got str"),
+        ({"compute": {"state_dtype": torch.int32}}, r"ComputeOptions\(state_dtype=\) must be a floating torch dtype"),
+        ({"windw": {"kind": "ema"}}, r"unknown keyword argument\(s\) 'windw' \(did you mean 'windows'\?\)"),
+    ],
+)
+def test_setup_type_errors_name_the_argument(kwargs: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
         GSAMMonitor(Stack(dim=D, depth=2), **kwargs)
 
 
@@ -338,7 +363,11 @@ def test_d_8192_under_the_default_state_budget() -> None:
     d, n = 8192, 200
     model = _Wide()
     monitor = GSAMMonitor(
-        model, "blocks.0", every_n_steps=10, metrics=["gsam", "gsam_oas", "rank", "n"], phases="eval"
+        model,
+        "blocks.0",
+        every_n_steps=10,
+        metrics=["gsam", "gsam_oas", "rank", "n"],
+        collection=CollectOptions(phases="eval"),
     )
     assert monitor.max_state_bytes == 8 * 2**30 and monitor.targets[0].dim == d  # checked at setup
     x = np.random.default_rng(8192).standard_normal((n, d)) * np.linspace(0.5, 2.0, d) + 3.0
@@ -426,7 +455,9 @@ def test_hooks_are_removed_from_every_module_when_a_training_step_fails(fault: B
     ids = torch.randint(0, 64, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.int64)
     mask[1, 4:] = 0
-    monitor = _monitor(model, layers=["auto", "final_norm"], every_n_steps=10, phases="train")
+    monitor = _monitor(
+        model, layers=["auto", "final_norm"], every_n_steps=10, collection=CollectOptions(phases="train")
+    )
     block = model.h[1]
     real_forward = block.forward
 
@@ -464,8 +495,8 @@ def test_resume_mid_window_equals_the_uninterrupted_run(tmp_path: Path, window: 
     data = [rng.standard_normal((9, D)) + 0.2 * t for t in range(14)]
     kwargs = {
         "every_n_steps": 4,
-        "window": window,
-        "max_tokens_per_layer": 6,
+        "windows": WindowOptions(kind=window),
+        "collection": CollectOptions(max_tokens_per_layer=6),
         "metrics": ["gsam", "heldout_loglik", "n", "rank", "gsam_oas", "mean_kurtosis"],
     }
 
@@ -551,7 +582,9 @@ def test_compiled_model_training_steps_are_monitored_exactly(backend: str) -> No
     torch._dynamo.reset()
     model = Stack(dim=D, depth=2)
     compiled = torch.compile(model, backend=backend)
-    monitor = _monitor(compiled, every_n_steps=2, phases="train", metrics=["gsam", "n", "rank"])
+    monitor = _monitor(
+        compiled, every_n_steps=2, collection=CollectOptions(phases="train"), metrics=["gsam", "n", "rank"]
+    )
     rng = np.random.default_rng(3)
     data = [rng.standard_normal((2, 5, D)) for _ in range(4)]
     mask = torch.ones(2, 5, dtype=torch.int64)
@@ -595,7 +628,13 @@ def test_every_state_dict_is_plain_and_loads_with_weights_only(tmp_path: Path) -
     from gsam_monitor.stats import ReservoirSample
 
     model = Stack(dim=D, depth=2)
-    monitor = _monitor(model, every_n_steps=2, max_tokens_per_layer=4, window="ema", metrics="all")
+    monitor = _monitor(
+        model,
+        every_n_steps=2,
+        collection=CollectOptions(max_tokens_per_layer=4),
+        windows=WindowOptions(kind="ema"),
+        metrics="all",
+    )
     rng = np.random.default_rng(1)
     with monitor:
         for _ in range(5):  # both phases, a held-out fit, the sampler's generator state
@@ -622,7 +661,13 @@ def test_every_state_dict_is_plain_and_loads_with_weights_only(tmp_path: Path) -
         loaded = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert loaded.keys() == state.keys(), name
 
-    resumed = _monitor(Stack(dim=D, depth=2), every_n_steps=2, max_tokens_per_layer=4, window="ema", metrics="all")
+    resumed = _monitor(
+        Stack(dim=D, depth=2),
+        every_n_steps=2,
+        collection=CollectOptions(max_tokens_per_layer=4),
+        windows=WindowOptions(kind="ema"),
+        metrics="all",
+    )
     resumed.load_state_dict(torch.load(tmp_path / "monitor.pt", weights_only=True))
     assert _same_nested(resumed.compute(), monitor.compute())
     restored = LayerStats.from_state_dict(torch.load(tmp_path / "stats.pt", weights_only=True))

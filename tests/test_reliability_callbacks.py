@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gsam_monitor import CollectOptions
+
 tr = pytest.importorskip("transformers")
 
 
@@ -34,7 +36,7 @@ def test_hf_trainer_interrupted_by_ctrl_c_detaches(tmp_path: Path) -> None:
                 raise KeyboardInterrupt
 
     model = tiny_bert()
-    callback = GSAMTrainerCallback(phases="train", every_n_steps=2)
+    callback = GSAMTrainerCallback(collection=CollectOptions(phases="train"), every_n_steps=2)
     trainer = tr.Trainer(model=model, args=training_args(tmp_path / "out"), train_dataset=dataset(),
                          callbacks=[callback, CtrlC()])
     with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():

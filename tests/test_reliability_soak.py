@@ -23,7 +23,7 @@ import pytest
 import scipy.stats
 import torch
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor, WindowOptions
 from tests.reference import gsam_pdet, mle_cov, scipy_rank_tol
 from tests.tiny_models import Stack
 
@@ -88,16 +88,27 @@ def test_soak_constant_memory_and_exact_numbers() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         monitors = {
-            "interval": GSAMMonitor(model, every_n_steps=EVERY, collect_steps=None, max_tokens_per_layer=None,
-                sinks=[sinks["interval"]]),
+            "interval": GSAMMonitor(
+                model,
+                every_n_steps=EVERY,
+                collection=CollectOptions(steps=None, max_tokens_per_layer=None),
+                sinks=[sinks["interval"]],
+            ),
             "cumulative": GSAMMonitor(
-                model, every_n_steps=EVERY, window="cumulative", collect_steps=None, max_tokens_per_layer=None,
-                metrics=["gsam", "rank", "n", "nonfinite", "mean_kurtosis"], sinks=[sinks["cumulative"]],
+                model,
+                every_n_steps=EVERY,
+                windows=WindowOptions(kind="cumulative"),
+                collection=CollectOptions(steps=None, max_tokens_per_layer=None),
+                metrics=["gsam", "rank", "n", "nonfinite", "mean_kurtosis"],
+                sinks=[sinks["cumulative"]],
             ),
             "ema": GSAMMonitor(
-                model, every_n_steps=EVERY, window="ema", ema_half_life=HALF_LIFE, collect_steps=None,
-                max_tokens_per_layer=None,
-                metrics=["gsam", "rank", "n"], sinks=[sinks["ema"]],
+                model,
+                every_n_steps=EVERY,
+                windows=WindowOptions(kind="ema", ema_half_life=HALF_LIFE),
+                collection=CollectOptions(steps=None, max_tokens_per_layer=None),
+                metrics=["gsam", "rank", "n"],
+                sinks=[sinks["ema"]],
             ),
         }
     for monitor in monitors.values():

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import gsam_monitor.monitor.ranks as ranks_module
-from gsam_monitor import GSAMMonitor, JsonlSink, TensorBoardSink, WandbSink
+from gsam_monitor import ComputeOptions, GSAMMonitor, JsonlSink, TensorBoardSink, WandbSink
 from gsam_monitor.sinks import CallableSink, LoggingSink, make_sink, metric_key
+from tests.options import with_defaults
 from tests.reference import gsam_pdet
 from tests.tiny_models import Stack
 from tests.wandb_records import read_run
@@ -25,7 +26,8 @@ def _run_monitor(sinks, steps: int = 4, every: int = 2, **kwargs) -> tuple[GSAMM
     model = Stack(dim=D, depth=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        monitor = GSAMMonitor(model, every_n_steps=every, max_tokens_per_layer=None, sinks=sinks, **kwargs)
+        kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None})
+        monitor = GSAMMonitor(model, every_n_steps=every, sinks=sinks, **kwargs)
     rng = np.random.default_rng(0)
     data, outs = [], []
     with monitor:
@@ -50,7 +52,9 @@ def test_keys() -> None:
 def test_tensorboard_events_read_back(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, data, _ = _run_monitor([TensorBoardSink(tmp_path / "tb")], steps=6, spectrum_every_n_logs=2)
+    _, data, _ = _run_monitor(
+        [TensorBoardSink(tmp_path / "tb")], steps=6, compute=ComputeOptions(spectrum_every_n_logs=2)
+    )
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     scalars = acc.Tags()["scalars"]

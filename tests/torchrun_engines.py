@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gsam_monitor import GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor
 from gsam_monitor.sinks import JsonlSink
 from tests.activation_recorder import Recorder
 
@@ -93,7 +93,11 @@ def run_fsdp(version: int, out: Path, rank: int) -> None:
     step = 0
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = GSAMMonitor(
-        model, "auto", every_n_steps=EVERY, max_tokens_per_layer=None, sinks=[JsonlSink(out / f"gsam{rank}.jsonl")]
+        model,
+        "auto",
+        every_n_steps=EVERY,
+        collection=CollectOptions(max_tokens_per_layer=None),
+        sinks=[JsonlSink(out / f"gsam{rank}.jsonl")],
     )
     meta = {"layer_names": monitor.layer_names}
     (out / f"meta{rank}.json").write_text(json.dumps(meta))
@@ -123,7 +127,7 @@ def run_hf_ddp(out: Path, rank: int) -> None:
         dataloader_num_workers=0,
     )
     callback = GSAMTrainerCallback(
-        every_n_steps=EVERY, max_tokens_per_layer=None,
+        every_n_steps=EVERY, collection=CollectOptions(max_tokens_per_layer=None),
         sinks=[JsonlSink(out / f"gsam{rank}.jsonl")],
     )
     trainer = tr.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])

@@ -12,42 +12,43 @@ and closes the monitor without letting a failure there mask the exception being 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
-from gsam_monitor._validate import with_suggestion
 from gsam_monitor.monitor import GSAMMonitor, ranks
+from gsam_monitor.monitor.facade import MONITOR_KEYWORDS
+from gsam_monitor.monitor.options import GROUPS, as_options, group_legacy
 from gsam_monitor.sinks import sink_list
 
 __all__ = ["MONITOR_ARGS", "ON_ALERT", "MonitorCallback", "check_monitor_kwargs", "close_quietly"]
 
 log = logging.getLogger(__name__)
 
-MONITOR_ARGS = frozenset(inspect.signature(GSAMMonitor.__init__).parameters) - {"self", "model"}
-"""The keyword arguments a callback passes on to ``GSAMMonitor``."""
+MONITOR_ARGS = frozenset(MONITOR_KEYWORDS)
+"""The keyword arguments a callback passes on to ``GSAMMonitor`` (the previous release's flat
+names, ``monitor.options.LEGACY_NAMES``, are still taken with a ``DeprecationWarning``)."""
 
 ON_ALERT = (None, "save", "stop")
 """What a callback does when the monitor raises a geometry alert: nothing, save a checkpoint, stop."""
 
 
-def check_monitor_kwargs(kwargs: Mapping[str, Any], owner: str) -> None:
-    """Fail when the callback is built, not when training starts, on a keyword GSAMMonitor does not take.
+def check_monitor_kwargs(kwargs: Mapping[str, Any], owner: str, *, stacklevel: int = 1) -> dict[str, Any]:
+    """The keyword arguments for ``GSAMMonitor``, checked when the callback is built, not when
+    training starts: the previous release's flat names moved into their option groups with a
+    ``DeprecationWarning`` (``stacklevel`` as the caller's), each group checked now.
 
     Raises:
         TypeError: naming the unknown keywords, a close match when there is one, and the valid ones.
+        ValueError: an option group's bad field.
     """
-    unknown = sorted(set(kwargs) - MONITOR_ARGS)
-    if not unknown:
-        return
-    said = ", ".join(with_suggestion(name, MONITOR_ARGS) for name in unknown)
-    raise TypeError(
-        f"{owner}: unknown keyword argument(s) {said}. It passes these on to GSAMMonitor: "
-        f"{', '.join(sorted(MONITOR_ARGS))}."
-    )
+    out = group_legacy(kwargs, owner, valid=MONITOR_ARGS, stacklevel=stacklevel + 1)
+    for group, cls in GROUPS.items():
+        if group in out:
+            out[group] = as_options(out[group], cls, f"{owner}({group}=)")
+    return out
 
 
 def close_quietly(monitor: GSAMMonitor, owner: str) -> None:
@@ -76,7 +77,7 @@ class MonitorCallback:
             TypeError: a keyword argument that ``GSAMMonitor`` does not take.
             ValueError: an ``on_alert`` not in ``ON_ALERT``, or one given with ``alerts=None``.
         """
-        check_monitor_kwargs(monitor_kwargs, type(self).__name__)
+        monitor_kwargs = check_monitor_kwargs(monitor_kwargs, type(self).__name__, stacklevel=3)
         owner = type(self).__name__
         if on_alert not in ON_ALERT:
             raise ValueError(f"{owner}(on_alert=) must be None, 'save' or 'stop'; got {on_alert!r}.")

@@ -155,8 +155,8 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         on_alert: What a new geometry alert (``GSAMMonitor(alerts=)``) does: ``None`` (default)
             nothing beyond logging it, ``"save"`` a checkpoint at that step
             (``control.should_save``), ``"stop"`` end training (``control.should_training_stop``).
-        **monitor_kwargs: Every other ``GSAMMonitor`` argument (``max_tokens_per_layer``,
-            ``window``, ``collect_steps``, ``metrics``, ``phases``, ``state_dtype``, ...).
+        **monitor_kwargs: Every other ``GSAMMonitor`` argument (``metrics``, ``collection``,
+            ``windows``, ``compute``, ``alerts``, ``log_dir``, ``strict``, ...), checked now.
 
     Attributes:
         monitor: The ``GSAMMonitor`` (``None`` before train begins).

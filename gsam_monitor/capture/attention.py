@@ -235,7 +235,7 @@ class AttentionHooks:
         if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
             self._warn_once(
                 "attn-none",
-                f"GSAMMonitor(attention_entropy=True): {site.layer!r} returned no attention probabilities (its "
+                f"CollectOptions(attention_entropy=True): {site.layer!r} returned no attention probabilities (its "
                 f"kernel never formed them); no attention entropy is logged for it. Load the model with "
                 f"attn_implementation='eager'.",
             )
@@ -243,7 +243,7 @@ class AttentionHooks:
         if module.training and site.dropout > 0:
             self._warn_once(  # once per monitor, not per layer: every block of a model has the same dropout
                 "attn-dropout",
-                f"GSAMMonitor(attention_entropy=True): {site.layer!r} (and any other monitored block with attention "
+                f"CollectOptions(attention_entropy=True): {site.layer!r} (and any other monitored block with attention "
                 f"dropout) applies dropout (p = {site.dropout:g}) to its attention probabilities in training mode, "
                 f"and returns them after the dropout; those training forwards are not counted (evaluation forwards "
                 f"are). Set the model's attention dropout to 0 to count them.",
@@ -253,7 +253,7 @@ class AttentionHooks:
         if mask is not None and (mask.shape[0] != probs.shape[0] or mask.shape[-1] != probs.shape[-1]):
             self._warn_once(
                 "attn-mask-shape",
-                f"GSAMMonitor(attention_entropy=True): the attention_mask has shape {tuple(mask.shape)} but "
+                f"CollectOptions(attention_entropy=True): the attention_mask has shape {tuple(mask.shape)} but "
                 f"{site.layer!r} returned probabilities of shape {tuple(probs.shape)}; padding cannot be left "
                 f"out there, so every position counts.",
             )
@@ -271,7 +271,7 @@ def build_attention_hooks(
     on_error: Callable[..., None],
     warn_once: Callable[[str, str], None],
 ) -> AttentionHooks:
-    """The attention hooks of ``GSAMMonitor(attention_entropy=True)``, checked at setup.
+    """The attention hooks of ``CollectOptions(attention_entropy=True)``, checked at setup.
 
     Raises:
         ValueError: if no monitored block holds an attention module that returns its
@@ -287,7 +287,7 @@ def build_attention_hooks(
     impl = attention_implementation(model)
     if impl is not None and impl != "eager":
         warnings.warn(
-            f"GSAMMonitor(attention_entropy=True): the model runs attn_implementation={impl!r}, a fused kernel "
+            f"CollectOptions(attention_entropy=True): the model runs attn_implementation={impl!r}, a fused kernel "
             f"that never forms the attention probabilities, so no attention entropy can be logged. Load it with "
             f"from_pretrained(..., attn_implementation='eager') or call model.set_attn_implementation('eager') "
             f"(the eager kernel keeps a queries x keys matrix per head in memory).",

@@ -88,7 +88,7 @@ METRICS: dict[str, MetricSpec] = {
     "outlier_dims": MetricSpec(),
     "heldout_loglik": MetricSpec(reference=True),
     # drift_w2 costs a second eigendecomposition per layer, and against the previous window the
-    # drift metrics mostly measure sampling noise: GSAMMonitor(reference="first") selects them.
+    # drift metrics mostly measure sampling noise: WindowOptions(reference="first") selects them.
     **{m: MetricSpec(spectrum=m == "drift_kl_oas", reference=True, default=False) for m in DRIFT_METRICS},
     "mardia_kurtosis": MetricSpec(second_pass=True, default=False),
 }

@@ -147,7 +147,7 @@ def attention_report(windows: Mapping[Key, torch.Tensor]) -> tuple[dict[str, flo
     if dropped:
         warnings.append((
             "attn-dropped",
-            f"GSAMMonitor(attention_entropy=True): attention rows whose probabilities over the real tokens do not "
+            f"CollectOptions(attention_entropy=True): attention rows whose probabilities over the real tokens do not "
             f"sum to 1 were left out ({', '.join(dropped)} head-rows); the module puts probability on padding or "
             f"returns its weights after dropout or rescaling.",
         ))

@@ -80,7 +80,8 @@ def unpack_samples(
             if int(sd["capacity"]) != size:
                 raise ValueError(
                     f"load_state_dict: the state's reservoir samples hold {int(sd['capacity'])} values, "
-                    f"this monitor has reservoir_size={size}; construct it with reservoir_size={int(sd['capacity'])}."
+                    f"this monitor has reservoir_size={size}; construct it with "
+                    f"CollectOptions(reservoir_size={int(sd['capacity'])})."
                 )
             sample = ReservoirSample(size)  # CPU: the saved generator state is a CPU one
             sample.load_state_dict(sd)

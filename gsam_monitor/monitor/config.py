@@ -1,7 +1,8 @@
 """The monitor's settings, checked once at construction, and the memory budget they imply.
 
-``MonitorConfig.from_arguments`` turns ``GSAMMonitor``'s keyword arguments into a frozen,
-validated value (every bad argument fails here, naming the argument and the fix);
+``MonitorConfig.build`` turns ``GSAMMonitor``'s arguments and option groups
+(``gsam_monitor.monitor.options``, each checked where it is made) into one frozen, resolved
+value (what depends on several settings fails here, naming the argument and the fix);
 ``check_budget`` refuses a selection of layers whose statistics would exceed
 ``max_state_bytes``.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,15 @@ from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics.compute import DRIFT_METRICS, HIGHER_MOMENT_METRICS, REFERENCE_METRICS, validate_names
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.alerts import AlertRule, parse_alert_rules
+from gsam_monitor.monitor.options import (
+    DEFAULT_MAX_STATE_BYTES,
+    PHASES,
+    REFERENCES,
+    WINDOWS,
+    CollectOptions,
+    ComputeOptions,
+    WindowOptions,
+)
 from gsam_monitor.stats import LayerStats
 
 __all__ = [
@@ -41,15 +51,6 @@ __all__ = [
     "warn_if_frequent",
 ]
 
-DEFAULT_MAX_STATE_BYTES = 8 * 2**30
-"""8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits, logged
-inline (a background log's copy makes that two such layers)."""
-
-PHASES = ("train", "eval")
-WINDOWS = ("interval", "cumulative", "ema")
-REFERENCES = ("previous", "first", "pinned")
-"""What each window is compared with (``heldout_loglik``, the drift metrics): the previous
-logged window, the first one, or the one ``pin_reference()`` pinned."""
 
 
 def state_bytes_per_layer(
@@ -94,7 +95,7 @@ def gib(n: float) -> str:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """``GSAMMonitor``'s settings, checked and resolved (see ``GSAMMonitor`` for each).
+    """``GSAMMonitor``'s settings, checked and resolved, flat (see the option groups for each).
 
     ``collect_steps`` is resolved (``"auto"`` becomes its number, ``auto_collect`` remembers
     it); ``log_copies`` is the number of window copies a log holds (the budget counts them).
@@ -117,9 +118,9 @@ class MonitorConfig:
     background: bool
     reservoir_size: int | None
     log_copies: int
-    reference: str = "previous"
-    attention_entropy: bool = False
-    alert_rules: tuple[AlertRule, ...] = ()
+    reference: str
+    attention_entropy: bool
+    alert_rules: tuple[AlertRule, ...]
 
     @property
     def heldout(self) -> bool:
@@ -143,110 +144,65 @@ class MonitorConfig:
         return 0.5 ** (1.0 / self.ema_half_life)
 
     @classmethod
-    def from_arguments(
+    def build(
         cls,
         model: nn.Module,
         *,
         every_n_steps: int,
-        window: Literal["interval", "cumulative", "ema"],
-        ema_half_life: float | None,
-        collect_steps: int | Literal["auto"] | None,
-        max_tokens_per_layer: int | None,
         metrics: str | Iterable[str],
-        state_dtype: torch.dtype,
-        product_dtype: torch.dtype | str | None,
-        phases: str | Sequence[str],
-        seed: int,
-        max_state_bytes: int | None,
-        spectrum_every_n_logs: int | None,
-        process_group: Any,
-        background: bool | None,
-        reservoir_size: int | None,
-        reference: str,
-        attention_entropy: bool,
+        collection: CollectOptions,
+        windows: WindowOptions,
+        compute: ComputeOptions,
         alerts: str | Iterable[Any] | None,
+        process_group: Any,
     ) -> MonitorConfig:
-        """Check every argument (in the order of ``GSAMMonitor``'s signature) and resolve the
-        automatic ones. No defaults here: ``GSAMMonitor``'s signature states each one once.
+        """Check what the option groups cannot check alone and resolve the automatic settings:
+        ``collection.steps`` against ``every_n_steps``, the EMA half-life's default, the metrics
+        a reference needs, the alert rules against the metrics, ``background=None`` against the
+        model's device. No defaults here: ``GSAMMonitor`` and the option groups state them once.
 
         Raises:
-            ValueError: a non-positive interval or size, an unknown window, metric or phase, a
-                bad alert rule.
-            TypeError: an argument of the wrong type.
+            ValueError: a non-positive interval, a collection longer than the interval, an
+                unknown metric, a bad alert rule.
         """
         every = positive_int(every_n_steps, "every_n_steps", " (e.g. every_n_steps=100)")
-        if window not in WINDOWS:
-            raise ValueError(f"window must be one of {WINDOWS}; got {window!r}.")
-        if ema_half_life is not None and window != "ema":
-            raise ValueError(f"ema_half_life only applies to window='ema'; got window={window!r}. Drop ema_half_life.")
-        if ema_half_life is None:
-            ema_half_life = float(every)
-        if isinstance(ema_half_life, bool) or not isinstance(ema_half_life, (int, float)) or not ema_half_life > 0:
-            raise ValueError(f"ema_half_life must be a positive number of steps; got {ema_half_life!r}.")
         # "auto" parks the hooks only once training steps are counted: an inference script that
         # never calls step() sees every forward.
-        auto_collect = collect_steps == "auto"
-        if collect_steps == "auto":
-            collect_steps = min(every, max(10, every // 10))
-        if collect_steps is not None:
-            collect_steps = positive_int(collect_steps, "collect_steps", " (or None to collect on every step)")
-            if collect_steps > every:
-                raise ValueError(
-                    f"collect_steps={collect_steps} exceeds every_n_steps={every}; it must be at most "
-                    f"the interval (or None to collect on every step)."
-                )
-        if max_tokens_per_layer is not None:
-            max_tokens_per_layer = positive_int(
-                max_tokens_per_layer, "max_tokens_per_layer", " (or None for every token)"
+        auto_collect = collection.steps == "auto"
+        steps = min(every, max(10, every // 10)) if auto_collect else collection.steps
+        if steps is not None and steps > every:
+            raise ValueError(
+                f"CollectOptions(steps={steps}) exceeds every_n_steps={every}; it must be at most "
+                f"the interval (or None to collect on every step)."
             )
-        metric_names = _with_reference(validate_names(metrics), metrics, reference)
-        if not isinstance(attention_entropy, bool):
-            raise TypeError(f"attention_entropy must be True or False; got {attention_entropy!r}.")
-        phases = (phases,) if isinstance(phases, str) else tuple(phases)
-        if any(p not in PHASES for p in phases) or not phases or len(set(phases)) != len(phases):
-            raise ValueError(f"phases must be a non-empty selection of {PHASES} without repeats; got {phases!r}.")
-        if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point:
-            raise TypeError(
-                f"state_dtype must be a floating torch dtype (torch.float64 or float32); got {state_dtype!r}."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int; got {type(seed).__name__}.")
-        if max_state_bytes is not None:
-            max_state_bytes = positive_int(max_state_bytes, "max_state_bytes", " (or None for no limit)")
-        if spectrum_every_n_logs is not None and spectrum_every_n_logs != 0:
-            spectrum_every_n_logs = positive_int(
-                spectrum_every_n_logs, "spectrum_every_n_logs", " (or None to disable)"
-            )
-        if background is not None and not isinstance(background, bool):
-            raise TypeError(f"background must be True, False or None (automatic); got {background!r}.")
+        metric_names = _with_reference(validate_names(metrics), metrics, windows.reference)
+        background = compute.background
         if background is None:
             param = next(model.parameters(), None)
             background = param is not None and param.device.type != "cpu"
-        if reservoir_size is not None:
-            reservoir_size = positive_int(reservoir_size, "reservoir_size", " (or None for no sample)")
         heldout = bool(REFERENCE_METRICS & set(metric_names))
         alert_rules = _rules_for(parse_alert_rules(alerts), metric_names, explicit=alerts != "default")
         distributed = ranks.world_size(process_group) > 1
         return cls(
             every_n_steps=every,
-            window=window,
-            ema_half_life=float(ema_half_life),
-            collect_steps=collect_steps,
+            window=windows.kind,
+            ema_half_life=float(every) if windows.ema_half_life is None else windows.ema_half_life,
+            collect_steps=steps,
             auto_collect=auto_collect,
-            max_tokens_per_layer=max_tokens_per_layer,
+            max_tokens_per_layer=collection.max_tokens_per_layer,
             metric_names=metric_names,
-            phases=phases,
-            state_dtype=state_dtype,
-            product_dtype=product_dtype,
-            seed=seed,
-            max_state_bytes=max_state_bytes,
-            spectrum_every_n_logs=spectrum_every_n_logs or None,
+            phases=tuple(collection.phases),
+            state_dtype=compute.state_dtype,
+            product_dtype=compute.product_dtype,
+            seed=collection.seed,
+            max_state_bytes=compute.max_state_bytes,
+            spectrum_every_n_logs=compute.spectrum_every_n_logs,
             process_group=process_group,
             background=background,
-            reservoir_size=reservoir_size,
-            log_copies=1 if background or (window != "interval" and (heldout or distributed)) else 0,
-            reference=reference,
-            attention_entropy=attention_entropy,
+            reservoir_size=collection.reservoir_size,
+            log_copies=1 if background or (windows.kind != "interval" and (heldout or distributed)) else 0,
+            reference=windows.reference,
+            attention_entropy=collection.attention_entropy,
             alert_rules=alert_rules,
         )
 
@@ -296,12 +252,13 @@ class MonitorConfig:
         parts = ["1"] + (["1 held-out fit"] if self.heldout else []) + (["1 log copy"] if self.log_copies else [])
         copies = f"{len(parts)} ({' + '.join(parts)})" if len(parts) > 1 else "1"
         raise ValueError(
-            f"max_state_bytes: the monitor's statistics would need {gib(total)} ({len(per_layer)} layers of "
+            f"ComputeOptions(max_state_bytes=): the monitor's statistics would need {gib(total)} "
+            f"({len(per_layer)} layers of "
             f"d = {', '.join(map(str, dims))}; {len(self.phases)} phase(s) x {copies} "
             f"x {str(self.state_dtype).replace('torch.', '')} d^2 state each), over max_state_bytes = "
             f"{gib(self.max_state_bytes)}. Fix: monitor fewer layers (layers= / ignore=), use "
-            f"state_dtype=torch.float32 (halves it), drop 'heldout_loglik' and the drift metrics from metrics= or a "
-            f"phase from phases=, or raise max_state_bytes."
+            f"compute=ComputeOptions(state_dtype=torch.float32) (halves it), drop 'heldout_loglik' and the drift "
+            f"metrics from metrics= or a phase from CollectOptions(phases=), or raise ComputeOptions(max_state_bytes=)."
         )
 
 
@@ -312,15 +269,14 @@ def _with_reference(names: tuple[str, ...], metrics: str | Iterable[str], refere
     Raises:
         ValueError: an unknown reference, or a fixed reference without a metric that uses it.
     """
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {REFERENCES}; got {reference!r}.")
     if reference == "previous":
         return names
     if metrics is None or metrics == "default":
         names = (*names, *DRIFT_METRICS)
     if not REFERENCE_METRICS & set(names):
         raise ValueError(
-            f"reference={reference!r} keeps a reference window, but no selected metric compares with it; add "
+            f"WindowOptions(reference={reference!r}) keeps a reference window, but no selected metric compares "
+            f"with it; add "
             f"{', '.join(repr(m) for m in (*DRIFT_METRICS, 'heldout_loglik'))} to metrics= (or use metrics='default')."
         )
     return names
@@ -333,7 +289,7 @@ def warn_if_frequent(every_n_steps: int, *, stacklevel: int) -> None:
         warnings.warn(
             f"GSAMMonitor(every_n_steps={every_n_steps}): each log runs one eigendecomposition per "
             f"layer and reads the statistics back to the host; logging more often than every 10 steps slows "
-            f"training. Use every_n_steps >= 10 (or collect_steps=) outside of tests.",
+            f"training. Use every_n_steps >= 10 (or CollectOptions(steps=)) outside of tests.",
             UserWarning,
             stacklevel=stacklevel + 1,
         )

@@ -11,11 +11,14 @@ The monitor is a facade over one unit per concern, in the order the data flows:
   ``background`` thread;
 * write (``gsam_monitor.sinks``): the metrics go to the sinks, on the writing rank only.
 
-Windows: ``"interval"`` statistics restart after every log; ``"cumulative"`` ones never do;
-``"ema"`` ones decay by ``0.5 ** (1 / ema_half_life)`` at every ``step()``. Held-out scores
+Options come in three groups (``gsam_monitor.monitor.options``): ``CollectOptions`` (what the
+hooks collect), ``WindowOptions`` (how windows run) and ``ComputeOptions`` (precision, budget,
+thread). Windows: ``"interval"`` statistics restart after every log; ``"cumulative"`` ones never
+do; ``"ema"`` ones decay by ``0.5 ** (1 / ema_half_life)`` at every ``step()``. Held-out scores
 (``heldout_loglik``) and drift (``drift_*``) compare each window with a reference window: the
 previous logged one, the first, or a pinned one (``gsam_monitor.monitor.reference``). Memory: see
-``gsam_monitor.monitor.config`` (the budget ``max_state_bytes`` is checked at construction).
+``gsam_monitor.monitor.config`` (the budget ``ComputeOptions.max_state_bytes`` is checked at
+construction).
 ``close()`` frees the statistics; ``detach()`` keeps them for a later ``attach()``.
 
 torch.compile: the layer hooks are traced into the compiled graph as calls of an opaque
@@ -29,11 +32,12 @@ sink is disabled. ``strict=True`` raises them instead (``gsam_monitor.monitor.fa
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,9 +46,10 @@ from gsam_monitor.capture.activations import ActivationCapture
 from gsam_monitor.capture.layers import LayerSpec, LayerTarget, resolve_layers
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.checkpoint import STATE_FORMAT, check_state
-from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, PHASES, MonitorConfig, warn_if_frequent
+from gsam_monitor.monitor.config import MonitorConfig, warn_if_frequent
 from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.logger import WindowLogger
+from gsam_monitor.monitor.options import CollectOptions, ComputeOptions, WindowOptions, as_options, group_legacy
 from gsam_monitor.monitor.report import current_metrics
 from gsam_monitor.monitor.schedule import CollectHandle, HookSwitch, Schedule
 from gsam_monitor.monitor.windows import WindowStore
@@ -52,7 +57,7 @@ from gsam_monitor.sinks import SinkFanout, TensorBoardSink, sink_list
 from gsam_monitor.sinks.keys import layer_key
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
-__all__ = ["GSAMMonitor"]
+__all__ = ["MONITOR_KEYWORDS", "GSAMMonitor"]
 
 
 def _view(part: str, name: str, doc: str) -> property:
@@ -94,71 +99,40 @@ class GSAMMonitor:
             plus ``"embeddings"`` (embedding output) and ``"final_norm"``; one or a list.
         ignore: Specs of the same kinds to leave out.
         every_n_steps: Log every this many optimizer steps (``step()`` calls).
-        window: ``"interval"`` (reset after each log), ``"cumulative"`` (never reset) or
-            ``"ema"`` (moments decay with ``ema_half_life``).
-        ema_half_life: Half-life of the EMA window in ``step()`` calls; default ``every_n_steps``.
-        collect_steps: Collect only during the last ``k`` steps before each log; the hooks
-            are removed on the other steps, so they cost nothing (under ``torch.compile``,
-            once traced, they stay and a flag switches them, which the compiled graph is
-            specialised on). ``"auto"`` (default):
-            ``min(every_n_steps, max(10, every_n_steps // 10))``, i.e. the last 10 of every
-            100 steps (every step when ``every_n_steps <= 10``): a tenth of the collection
-            cost, and each logged window describes the model as it is at the log, not
-            averaged over an interval of training; before the first ``step()`` (inference,
-            or the first forward of training) every forward is collected. ``None``: every step.
-        max_tokens_per_layer: At most this many tokens per layer per forward call, sampled
-            uniformly without replacement among the non-padding ones; ``None``: every token.
         metrics: ``"default"``, ``"all"`` or a list of ``metrics.METRIC_NAMES``.
         sinks: Sink objects, callables ``(metrics, step)`` or names (``"tensorboard"``,
             ``"wandb"``, ``"jsonl"``, ``"logging"``). None of them and no ``log_dir`` warns on
             the writing rank, unless ``sinks=[]`` says you read ``step()``/``compute()`` yourself.
         log_dir: A TensorBoard run directory: adds ``TensorBoardSink(log_dir)`` to ``sinks``.
-        state_dtype: Dtype of the accumulated moments (fp64; fp32 halves the memory).
-        product_dtype: Dtype of the per-batch Gram products (see ``LayerStats``).
-        phases: Which phases to monitor: ``"train"`` (grad enabled and ``model.training``)
-            and/or ``"eval"`` (``torch.no_grad()`` or eval mode, e.g. plain inference).
-        seed: Seed of the token subsampling (offset by the distributed rank).
-        max_state_bytes: Refuse configurations whose statistics would exceed this many bytes
-            (see ``state_bytes_per_layer``); ``None`` for no limit.
-        spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
-            support it every this many logs; ``None`` or 0 never.
-        process_group: The ``torch.distributed`` group to sync over (default: the world). Its
-            ranks compute the metrics of the windows they own (round robin); its rank zero
-            writes them.
-        background: Compute the scheduled logs' metrics (the eigendecompositions) on a
-            background thread, so that the training step does not wait for them: the windows
-            are synced and snapshotted on schedule, and the metrics reach the sinks, at the
-            step they belong to, from a later ``step()`` (or ``flush()``/``close()``). At most
-            one log is in flight; a second waits for the first. ``None`` (default): in the
-            background when the model is on an accelerator, inline on CPU, where a thread
-            would only compete with training for the same cores. ``log()`` is always inline.
-        reservoir_size: Also keep a bounded uniform sample of this many activation values per
-            (layer, phase) (``gsam_monitor.ReservoirSample``, pooled coordinates of the same rows
-            the statistics see, over the whole run: log windows do not reset it, ``reset()``
-            does), for the distribution analyses; read it with ``sample(layer, phase)``.
-            ``None`` (default): no sample. Per-rank samples are not merged across processes.
-        reference: What ``heldout_loglik`` and the ``drift_*`` metrics compare each window with:
-            ``"previous"`` (the previous logged window), ``"first"`` (the first logged window:
-            drift from the model as it started) or ``"pinned"`` (``pin_reference()``). With
-            ``"first"``/``"pinned"``, ``metrics="default"`` adds the drift metrics.
-        attention_entropy: Also log the mean attention entropy per head of the monitored
-            blocks, ``attn_entropy/{layer}/h{i}`` (eager attention only; see
-            ``gsam_monitor.capture.attention``).
+        collection: What the hooks collect (``CollectOptions``: the steps collected before each
+            log, the token cap, the phases, the sampling seed, a reservoir sample, attention
+            entropy), or a dict of its fields; ``None``: its defaults.
+        windows: How the statistics are windowed (``WindowOptions``: interval, cumulative or
+            EMA, and the reference ``heldout_loglik`` and drift compare with), or a dict.
+        compute: How statistics are kept and metrics computed (``ComputeOptions``: background
+            thread, state and product dtypes, the memory budget, spectrum histograms), or a dict.
         alerts: ``"default"`` (rank collapse, anisotropy jump, ...: ``monitor.alerts.DEFAULT_RULES``),
             ``None`` or a list of rules (metric names, ``gsam_monitor.AlertRule`` objects, dicts). The
             alerts fired are in ``fired_alerts``; the sinks get ``alert/{metric}/{layer}`` = 1.
+        process_group: The ``torch.distributed`` group to sync over (default: the world). Its
+            ranks compute the metrics of the windows they own (round robin); its rank zero
+            writes them.
         strict: Raise ``gsam_monitor.MonitorError`` at a monitor error (a hook, metric, log or
             sink that raised) instead of counting it and going on: for tests and CI runs.
+        **deprecated: The previous release's flat names (``window=``, ``phases=``,
+            ``state_dtype=``, ...: ``monitor.options.LEGACY_NAMES``), moved into their group
+            with a ``DeprecationWarning``; removed in the next release.
 
     Raises:
         ValueError: an unknown layer or metric name, an empty/duplicate/nested selection, a
-            non-positive interval, an unknown window, phase or sink, or a configuration whose
-            state exceeds ``max_state_bytes``.
-        TypeError: an argument of the wrong type.
+            non-positive interval, an unknown sink, or a configuration whose state exceeds
+            ``ComputeOptions.max_state_bytes`` (the option groups check their own fields).
+        TypeError: an argument of the wrong type, or an unknown keyword.
 
     Example::
 
-        monitor = GSAMMonitor(model, every_n_steps=100, sinks=[TensorBoardSink("runs/gsam")])
+        monitor = GSAMMonitor(model, every_n_steps=100, log_dir="runs/gsam",
+                              collection=CollectOptions(phases="train"))
         with monitor:
             for batch in loader:
                 loss = model(**batch).loss
@@ -173,36 +147,31 @@ class GSAMMonitor:
         *,
         ignore: LayerSpec | Iterable[LayerSpec] | None = None,
         every_n_steps: int = 100,
-        window: Literal["interval", "cumulative", "ema"] = "interval",
-        ema_half_life: float | None = None,
-        collect_steps: int | Literal["auto"] | None = "auto",
-        max_tokens_per_layer: int | None = 2048,
         metrics: str | Iterable[str] = "default",
         sinks: Iterable[Any] | Any | None = None,
         log_dir: str | os.PathLike[str] | None = None,
-        state_dtype: torch.dtype = torch.float64,
-        product_dtype: torch.dtype | str | None = None,
-        phases: str | Sequence[str] = PHASES,
-        seed: int = 0,
-        max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES,
-        spectrum_every_n_logs: int | None = 10,
-        process_group: Any = None,
-        background: bool | None = None,
-        reservoir_size: int | None = None,
-        reference: Literal["previous", "first", "pinned"] = "previous",
-        attention_entropy: bool = False,
+        collection: CollectOptions | Mapping[str, Any] | None = None,
+        windows: WindowOptions | Mapping[str, Any] | None = None,
+        compute: ComputeOptions | Mapping[str, Any] | None = None,
         alerts: str | Iterable[Any] | None = "default",
+        process_group: Any = None,
         strict: bool = False,
+        **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        self.config = config = MonitorConfig.from_arguments(
-            model, every_n_steps=every_n_steps, window=window, ema_half_life=ema_half_life,
-            collect_steps=collect_steps, max_tokens_per_layer=max_tokens_per_layer, metrics=metrics,
-            state_dtype=state_dtype, product_dtype=product_dtype, phases=phases, seed=seed,
-            max_state_bytes=max_state_bytes, spectrum_every_n_logs=spectrum_every_n_logs,
-            process_group=process_group, background=background, reservoir_size=reservoir_size,
-            reference=reference, attention_entropy=attention_entropy, alerts=alerts,
+        if deprecated:
+            grouped = group_legacy(
+                {**deprecated, "collection": collection, "windows": windows, "compute": compute},
+                "GSAMMonitor", valid=MONITOR_KEYWORDS, stacklevel=2,
+            )
+            collection, windows, compute = grouped["collection"], grouped["windows"], grouped["compute"]
+        self.config = config = MonitorConfig.build(
+            model, every_n_steps=every_n_steps, metrics=metrics,
+            collection=as_options(collection, CollectOptions, "collection"),
+            windows=as_options(windows, WindowOptions, "windows"),
+            compute=as_options(compute, ComputeOptions, "compute"),
+            alerts=alerts, process_group=process_group,
         )
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
@@ -217,7 +186,7 @@ class GSAMMonitor:
         self.schedule = Schedule(config.every_n_steps, config.collect_steps, config.auto_collect)
         self._windows = WindowStore(config, self.targets, self._faults.warn_once)
         self._capture = ActivationCapture(
-            model, self.targets, config.phases, self._windows, seed=seed + ranks.global_rank(),
+            model, self.targets, config.phases, self._windows, seed=config.seed + ranks.global_rank(),
             max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
             warn_once=self._faults.warn_once, attention=self._windows.attention,
         )
@@ -432,7 +401,7 @@ class GSAMMonitor:
         if self.reservoir_size is None:
             raise ValueError(
                 "sample: this monitor collects no reservoir sample; construct it with "
-                "GSAMMonitor(..., reservoir_size=200_000)."
+                "GSAMMonitor(..., collection=CollectOptions(reservoir_size=200_000))."
             )
         return self._windows.sample((layer, phase))
 
@@ -481,3 +450,11 @@ class GSAMMonitor:
             f"GSAMMonitor(layers={len(self.targets)}, every_n_steps={self.every_n_steps}, window={self.window!r}, "
             f"phases={self.phases}, step={self.step_count}, attached={self.attached})"
         )
+
+
+MONITOR_KEYWORDS = tuple(
+    name
+    for name, p in inspect.signature(GSAMMonitor.__init__).parameters.items()
+    if name not in ("self", "model") and p.kind is not inspect.Parameter.VAR_KEYWORD
+)
+"""``GSAMMonitor``'s arguments after ``model`` by name (``layers`` and the keyword-only ones)."""

@@ -1,6 +1,6 @@
 """The reference windows that later windows are compared with, and their fits.
 
-``GSAMMonitor(reference=...)`` says which window a log compares each window with
+``WindowOptions(reference=...)`` says which window a log compares each window with
 (``heldout_loglik`` and the drift metrics ``drift_w2``, ``drift_w2_relative``,
 ``drift_kl_oas``), per (layer, phase):
 
@@ -100,5 +100,5 @@ def check_reference_mode(state: Mapping[str, Any], mode: str) -> None:
     if saved != mode and state.get("reference"):
         raise ValueError(
             f"load_state_dict: the state's reference windows were kept with reference={saved!r}, this monitor has "
-            f"reference={mode!r}; construct it with reference={saved!r}."
+            f"reference={mode!r}; construct it with windows=WindowOptions(reference={saved!r})."
         )

@@ -136,7 +136,8 @@ class WindowStore:
             f"budget:{layer}",
             f"GSAMMonitor: layer {layer!r} (d = {dim}) would take the statistics to "
             f"{gib(held + need)}, over max_state_bytes = {gib(budget)}; it is not "
-            f"monitored. Monitor fewer layers, use state_dtype=torch.float32, or raise max_state_bytes.",
+            f"monitored. Monitor fewer layers, use compute=ComputeOptions(state_dtype=torch.float32), or raise "
+            f"ComputeOptions(max_state_bytes=).",
         )
         return False
 
@@ -279,7 +280,7 @@ class WindowStore:
         if self.config.reference == "previous":
             raise ValueError(
                 "pin_reference: this monitor compares each window with the previous one; construct it with "
-                "GSAMMonitor(..., reference='pinned') (or 'first') to pin a reference."
+                "GSAMMonitor(..., windows=WindowOptions(reference='pinned')) (or 'first') to pin a reference."
             )
         pinned = []
         for key, synced in self.synced(phases, in_place=False).items():
