@@ -214,6 +214,56 @@ def test_resume_from_checkpoint_continues_windows_and_steps(tmp_path: Path) -> N
         assert g_resumed == pytest.approx(g_full, rel=1e-6)
 
 
+def _no_stack_walk(*args, **kwargs):
+    raise AssertionError("the call stack was read although the callback was attached explicitly")
+
+
+def test_attach_joins_the_trainer_and_resumes_from_train_arguments_without_the_stack(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``callback.attach(trainer)``: added to a Trainer built without it, restored from the
+    checkpoint ``train(resume_from_checkpoint=True)`` resolves (the last one in output_dir), the
+    same values as the uninterrupted run, and the call stack is never read."""
+    import shutil
+
+    out = tmp_path / "out"
+    full: list[tuple[int, float]] = []
+    resumed: list[tuple[int, float]] = []
+
+    def sink(into):
+        return lambda m, step: into.append((step, m[f"gsam/{LAYERS[0]}"]))
+
+    options = CollectOptions(max_tokens_per_layer=None, phases="train")
+    args = training_args(out, save_strategy="steps", save_steps=3)
+    train(tr.Trainer(model=tiny_bert(), args=args, train_dataset=dataset(),
+                     callbacks=[GSAMTrainerCallback(collection=options, sinks=[sink(full)])]))
+    shutil.rmtree(out / "checkpoint-6")  # True resumes from the last checkpoint left: checkpoint-3
+
+    monkeypatch.setattr("gsam_monitor.callbacks.hf.find_caller_self", _no_stack_walk)
+    trainer = tr.Trainer(model=tiny_bert(), args=args, train_dataset=dataset())
+    callback = GSAMTrainerCallback(collection=options, sinks=[sink(resumed)]).attach(trainer)
+    assert trainer.callback_handler.callbacks.count(callback) == 1
+    assert callback.attach(trainer) is callback and trainer.callback_handler.callbacks.count(callback) == 1
+    train(trainer, resume_from_checkpoint=True)
+    assert callback.monitor.step_count == 6
+    assert [s for s, _ in resumed] == [4, 6]
+    for (_, g_full), (_, g_resumed) in zip(full[1:], resumed, strict=True):
+        assert g_resumed == pytest.approx(g_full, rel=1e-6)
+    with pytest.raises(TypeError, match=r"expected a transformers\.Trainer; got Module"):
+        callback.attach(torch.nn.Module())
+
+
+def test_attached_callback_detaches_when_training_raises_without_the_stack(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("gsam_monitor.callbacks.hf.find_caller_self", _no_stack_walk)
+    model = tiny_bert()
+    trainer = tr.Trainer(model=model, args=training_args(tmp_path / "out"), train_dataset=dataset(),
+                         callbacks=[Boom()])
+    callback = GSAMTrainerCallback(collection=CollectOptions(phases="train")).attach(trainer)
+    with pytest.raises(RuntimeError, match="boom at global step 3"):
+        train(trainer)
+    assert not callback.monitor.attached and hook_count(model) == 0
+
+
 def test_resume_from_a_checkpoint_without_monitor_state_warns(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = training_args(out, save_strategy="steps", save_steps=3, max_steps=3)

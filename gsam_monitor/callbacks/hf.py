@@ -202,8 +202,35 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         self._guarded: weakref.WeakSet[Any] = weakref.WeakSet()
         self._finalizer: weakref.finalize | None = None
         self._pending_checkpoint: str | None = None
+        self._trainer: weakref.ref[Any] | None = None  # the Trainer attach() or the call stack gave
+        self._train_call: tuple[str | None] | None = None  # the resume folder of the guarded train() call
 
     # ------------------------------------------------------------------ public helpers
+    def attach(self, trainer: Any) -> GSAMTrainerCallback:
+        """Join ``trainer`` explicitly, without reading the call stack: add this callback to it
+        (``trainer.add_callback``) if it does not hold it yet, and watch its ``train()`` calls, so
+        that the checkpoint passed as ``resume_from_checkpoint`` (a folder, or ``True`` for the
+        last one in ``output_dir``) restores the monitor and an exception escaping ``train()``
+        detaches it. Returns the callback.
+
+        ``Trainer(callbacks=[GSAMTrainerCallback()])`` works without it: the callback then finds
+        the Trainer that builds it on the call stack (``gsam_monitor._compat.find_caller_self``),
+        a fallback for frameworks that pass callbacks no reference to their trainer.
+
+        Raises:
+            TypeError: ``trainer`` is not a ``transformers.Trainer``.
+        """
+        from transformers import Trainer
+
+        if not isinstance(trainer, Trainer):
+            raise TypeError(
+                f"GSAMTrainerCallback.attach: expected a transformers.Trainer; got {type(trainer).__name__}."
+            )
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._guard(trainer)
+        return self
+
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike[str]) -> None:
         """Restore the monitor from ``checkpoint_dir`` at the next train begin.
 
@@ -228,16 +255,22 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer hooks
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        trainer, _, _ = _find_trainer()
-        if trainer is not None:
-            self._guard(trainer)
+        if self._trainer is None:
+            trainer, _, _ = _find_trainer()
+            if trainer is not None:
+                self._guard(trainer)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
     ) -> None:
-        trainer, resume, found_resume = _find_trainer()
-        if trainer is not None:
-            self._guard(trainer)
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None and self._train_call is not None:
+            (resume,), found_resume = self._train_call, True  # what train() was given: public
+        else:
+            trainer, resume, found_resume = _find_trainer()  # fallback: the call stack
+            if trainer is not None:
+                self._guard(trainer)
+        self._train_call = None
         if model is None:
             raise ValueError(
                 "GSAMTrainerCallback: the Trainer passed no model to on_train_begin; construct the Trainer with "
@@ -306,7 +339,9 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
                 control.should_save = True
 
     def _guard(self, trainer: Any) -> None:
-        """Wrap ``trainer.train`` so that an exception escaping it detaches the monitor."""
+        """Wrap ``trainer.train`` so that each call records its ``resume_from_checkpoint`` (the
+        folder the monitor restores from) and an exception escaping it detaches the monitor."""
+        self._trainer = weakref.ref(trainer)
         if trainer in self._guarded:
             return
         self._guarded.add(trainer)
@@ -314,6 +349,10 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
         ref = weakref.ref(self)
 
         def train(*args: Any, **kwargs: Any) -> Any:
+            callback = ref()
+            if callback is not None:
+                resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+                callback._train_call = (_resume_folder(resume, trainer.args.output_dir),)
             try:
                 return original(*args, **kwargs)
             except BaseException:
@@ -365,6 +404,18 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
             return
         self._load_state(torch.load(path, map_location="cpu", weights_only=True), drop_window=drop_window)
         log.info("GSAMTrainerCallback: monitor state restored from %s (step %d).", path, self.monitor.step_count)
+
+
+def _resume_folder(resume: Any, output_dir: str) -> str | None:
+    """The checkpoint folder ``Trainer.train(resume_from_checkpoint=resume)`` resumes from:
+    the folder given, the last ``checkpoint-*`` in ``output_dir`` for ``True``, else ``None``."""
+    if isinstance(resume, (str, os.PathLike)):
+        return os.fspath(resume)
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+    return None
 
 
 class _DefaultTensorBoardPlace:
