@@ -7,14 +7,15 @@ to TensorBoard, Weights & Biases, Lightning loggers or JSONL.
 
 The public API is what ``__all__`` lists: ``GSAMMonitor`` with its option groups
 (``CollectOptions``, ``WindowOptions``, ``ComputeOptions``), ``AlertRule`` and
-``MonitorError``, the accumulators ``LayerStats`` and ``ReservoirSample``, the ``metrics``
-module, and the sinks with their ``Sink`` protocol. The framework callbacks live in
+``MonitorError``, ``memory_report`` (a monitor's memory plan without building one), the
+accumulators ``LayerStats`` and ``ReservoirSample``, the ``metrics`` module, and the sinks with
+their ``Sink`` protocol. The framework callbacks live in
 ``gsam_monitor.callbacks``, the analyses in ``gsam_monitor.analysis``, the benchmark in
 ``gsam_monitor.eval``.
 """
 
 from gsam_monitor import metrics
-from gsam_monitor.monitor import GSAMMonitor
+from gsam_monitor.monitor import GSAMMonitor, memory_report
 from gsam_monitor.monitor.alerts import AlertRule
 from gsam_monitor.monitor.faults import MonitorError
 from gsam_monitor.monitor.options import CollectOptions, ComputeOptions, WindowOptions
@@ -38,5 +39,6 @@ __all__ = [
     "TensorBoardSink",
     "WandbSink",
     "WindowOptions",
+    "memory_report",
     "metrics",
 ]

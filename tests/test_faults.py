@@ -77,7 +77,8 @@ def test_hook_errors_warn_once_per_layer(monkeypatch) -> None:
     with monitor, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(_x())  # creates both windows
-        layer_of = {id(monitor.stats(f"blocks.{i}", "eval")): f"blocks.{i}" for i in range(2)}
+        buffers = monitor._windows.buffers  # what the hooks update: each layer's accumulation buffer
+        layer_of = {id(buffers[(f"blocks.{i}", "eval")]): f"blocks.{i}" for i in range(2)}
         monkeypatch.setattr(LayerStats, "update", _failing_update(layer_of, {"blocks.0", "blocks.1"}))
         for _ in range(3):
             assert torch.equal(model(_x()), _x())  # the model runs on
@@ -94,7 +95,7 @@ def test_strict_raises_the_first_error_where_it_happens(monkeypatch) -> None:
     monitor = _monitor(model, sinks=[], strict=True)
     with monitor, torch.no_grad():
         model(_x())
-        layer_of = {id(monitor.stats("blocks.0", "eval")): "blocks.0"}
+        layer_of = {id(monitor._windows.buffers[("blocks.0", "eval")]): "blocks.0"}
         monkeypatch.setattr(LayerStats, "update", _failing_update(layer_of, {"blocks.0"}))
         with pytest.raises(MonitorError, match=r"the hook of 'blocks\.0' raised RuntimeError: update failed") as info:
             model(_x())

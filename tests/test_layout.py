@@ -27,7 +27,7 @@ MAX_CLASS_LINES = 400
 # metrics module, the sinks and their protocol; not internals such as MardiaAccumulator.
 PUBLIC_API = set(
     "GSAMMonitor CollectOptions WindowOptions ComputeOptions AlertRule MonitorError LayerStats ReservoirSample "
-    "metrics Sink TensorBoardSink WandbSink JsonlSink LoggingSink".split()
+    "memory_report metrics Sink TensorBoardSink WandbSink JsonlSink LoggingSink".split()
 )
 
 

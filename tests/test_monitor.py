@@ -474,17 +474,18 @@ def test_configuration_errors_name_the_argument() -> None:
         GSAMMonitor(model, windows=WindowOptions(ema_half_life=3))
     with pytest.raises(ValueError, match=r"WindowOptions\(ema_half_life=\) must be a positive number"):
         GSAMMonitor(model, windows=WindowOptions(kind="ema", ema_half_life=-1))
-    with pytest.raises(ValueError, match="collect_steps=20 exceeds every_n_steps=10"):
+    with pytest.raises(ValueError, match=r"CollectOptions\(steps=20\) exceeds every_n_steps=10"):
         GSAMMonitor(model, every_n_steps=10, collection=CollectOptions(steps=20))
-    with pytest.raises(ValueError, match="max_tokens_per_layer must be a positive int"):
+    with pytest.raises(ValueError, match=r"CollectOptions\(max_tokens_per_layer=\) must be a positive int"):
         GSAMMonitor(model, collection=CollectOptions(max_tokens_per_layer=0))
     with pytest.raises(ValueError, match=r"metrics: unknown metric name\(s\) 'gsm' \(did you mean 'gsam'\?\)"):
         GSAMMonitor(model, metrics=["gsm"])
-    with pytest.raises(ValueError, match=r"phases must be a non-empty selection .* got \('train', 'test'\)"):
+    bad_phase = r"CollectOptions\(phases=\) must be a non-empty selection .* got \('train', 'test'\)"
+    with pytest.raises(ValueError, match=bad_phase):
         GSAMMonitor(model, collection=CollectOptions(phases=("train", "test")))
-    with pytest.raises(TypeError, match="state_dtype must be a floating torch dtype"):
+    with pytest.raises(TypeError, match=r"ComputeOptions\(state_dtype=\) must be a floating torch dtype"):
         GSAMMonitor(model, compute=ComputeOptions(state_dtype=torch.int32))
-    with pytest.raises(TypeError, match="seed must be an int"):
+    with pytest.raises(TypeError, match=r"CollectOptions\(seed=\) must be an int"):
         GSAMMonitor(model, collection=CollectOptions(seed="0"))
     with pytest.raises(ValueError, match=r"sinks=: unknown sink name 'tensorbord'\. Did you mean 'tensorboard'"):
         GSAMMonitor(model, sinks=["tensorbord"])
@@ -492,7 +493,7 @@ def test_configuration_errors_name_the_argument() -> None:
         GSAMMonitor(model, sinks=[42])
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         GSAMMonitor("bert")
-    with pytest.raises(ValueError, match="spectrum_every_n_logs must be a positive int"):
+    with pytest.raises(ValueError, match=r"ComputeOptions\(spectrum_every_n_logs=\) must be a positive int"):
         GSAMMonitor(model, compute=ComputeOptions(spectrum_every_n_logs=-2))
     with pytest.warns(UserWarning, match=r"every_n_steps=5\): each log runs one eigendecomposition"):
         GSAMMonitor(model, every_n_steps=5)
@@ -507,22 +508,29 @@ class _Wide(nn.Module):
 
 
 def test_state_budget() -> None:
-    # The documented formula: itemsize * (d^2 + 6d) per phase, doubled for the held-out fit.
-    assert LayerStats.state_bytes(8192) == 8 * (8192**2 + 6 * 8192) + 16
-    assert state_bytes_per_layer(8192) == 4 * LayerStats.state_bytes(8192)
-    # Three d = 8192 layers, both phases, held-out fits: within the default budget.
-    GSAMMonitor(_Wide(3))
-    assert 3 * state_bytes_per_layer(8192) <= DEFAULT_MAX_STATE_BYTES
+    # The documented formula: itemsize * (d^2 + 6d) per window; on the host per phase the totals,
+    # the reference (held-out fits) and a log's copy.
+    buffer = 8 * (8192**2 + 6 * 8192) + 16
+    assert LayerStats.state_bytes(8192) == buffer
+    assert state_bytes_per_layer(8192) == 4 * buffer
+    # The device holds one buffer per layer and the update workspace (two fp64 chunks of 512 rows).
+    workspace = 2 * 512 * 8192 * 8
+    GSAMMonitor(_Wide(15))
+    assert 15 * buffer + workspace <= DEFAULT_MAX_STATE_BYTES < 16 * buffer + workspace
+    need = f"{(16 * buffer + workspace) / 2**30:.3f}"
     with pytest.raises(
         ValueError,
-        match=r"ComputeOptions\(max_state_bytes=\): .* need 8.006 GiB .* over max_state_bytes = 8.000 GiB\. "
-        r"Fix: monitor fewer "
-        r"layers.*float32",
+        match=rf"ComputeOptions\(max_state_bytes=\): .* need {need} GiB on the device \(16 layers of d = 8192.* "
+        r"over max_state_bytes = 8.000 GiB\. Fix: monitor fewer layers.*float32",
     ):
-        GSAMMonitor(_Wide(4))
-    GSAMMonitor(_Wide(4), compute=ComputeOptions(state_dtype=torch.float32))
-    GSAMMonitor(_Wide(8), metrics=["gsam", "rank"], collection=CollectOptions(phases="train"))
-    GSAMMonitor(_Wide(4), compute=ComputeOptions(max_state_bytes=None))
+        GSAMMonitor(_Wide(16))
+    GSAMMonitor(_Wide(16), compute=ComputeOptions(state_dtype=torch.float32))
+    GSAMMonitor(_Wide(16), compute=ComputeOptions(max_state_bytes=None))
+    # The host budget, when one is set: 4 layers x 2 phases x (totals + reference) on a CPU model.
+    host = 4 * 2 * 2 * buffer
+    GSAMMonitor(_Wide(4), compute=ComputeOptions(max_host_bytes=host))
+    with pytest.raises(ValueError, match=r"ComputeOptions\(max_host_bytes=\): .* host state would need 8.006 GiB"):
+        GSAMMonitor(_Wide(4), compute=ComputeOptions(max_host_bytes=host - 1))
     with pytest.raises(ValueError, match=r"ComputeOptions\(max_state_bytes=\) must be a positive int"):
         GSAMMonitor(_Wide(1), compute=ComputeOptions(max_state_bytes=0))
 
@@ -542,7 +550,7 @@ def test_runtime_budget_skips_layers_whose_size_was_unknown() -> None:
             return self.b(self.a(x))
 
     net = Net()
-    budget = LayerStats.state_bytes(D) * 2 + 100  # room for one layer with its held-out fit
+    budget = LayerStats.state_bytes(D) + 100  # room on the device for one layer's accumulation buffer
     monitor = _monitor(net, layers=["a", "b"], compute=ComputeOptions(max_state_bytes=budget))
     with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="layer 'b' .* over max_state_bytes"):
         net(torch.randn(4, D))

@@ -1,6 +1,7 @@
-"""Memory the monitor holds: the statistics alive while a background log is in flight stay within
-``state_bytes_per_layer`` (which counts what a log copies), ``detach()`` keeps the statistics for a
-re-attach, ``close()`` frees them, and ``state_dict()`` holds host tensors only."""
+"""Memory the monitor holds, counted by role against its plan (``memory_report``): one
+accumulation buffer per layer on the device, the totals, references and log copies on the host;
+the statistics alive while a background log is in flight stay within the plan, ``detach()`` keeps
+the statistics for a re-attach, ``close()`` frees them, and ``state_dict()`` holds host tensors only."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def live_stats(monkeypatch) -> weakref.WeakSet:
         init(self, *args, **kwargs)
         alive.add(self)
 
-    def tracked_clone(self):
-        new = clone(self)
+    def tracked_clone(self, device=None):
+        new = clone(self, device)
         alive.add(new)
         return new
 
@@ -78,7 +79,10 @@ def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatc
         )
     per_window = LayerStats.state_bytes(D) - 4 * D * 8  # no higher moments: no power3/power4/unit_sum/absmax
     budget = len(LAYERS) * state_bytes_per_layer(D, phases=["eval"], heldout=True, log_copies=1)
-    assert monitor.config.log_copies == 1
+    plan = monitor.memory_report()
+    assert monitor.config.log_copies == 1 and plan["host_bytes"] == budget
+    workspace = 2 * max(256, 2**22 // D) * D * 8  # two fp64 blocks of the update kernel's chunk of rows
+    assert plan["device_bytes"] == len(LAYERS) * LayerStats.state_bytes(D) + workspace
     peaks = []
     with monitor, torch.no_grad():
         for t, x in enumerate(xs, start=1):
@@ -96,11 +100,13 @@ def test_a_background_log_in_flight_holds_at_most_the_budgeted_copies(monkeypatc
                 release.set()
                 monitor.flush()
                 release.clear()
-    # Live window and the one window the log took or copied (the next reference): 2 per layer;
+    # Per layer: the accumulation buffer of the next window and the totals the log took (interval)
+    # or copied (cumulative, whose own totals go on: one more), the copy being the next reference;
     # the log in flight holds the previous reference as the GaussianFit its log made (a d² fp64
     # pseudo-inverse, a mean and eigenvalues on the CPU), not as a window.
-    assert peaks == [2 * len(LAYERS) * per_window] * 2
-    assert max(peaks) + len(LAYERS) * 8 * (D * D + 2 * D) <= budget
+    per_layer = 2 if window == "interval" else 3
+    assert peaks == [per_layer * len(LAYERS) * per_window] * 2
+    assert max(peaks) + len(LAYERS) * 8 * (D * D + 2 * D) <= plan["device_bytes"] + plan["host_bytes"]
     assert monitor.errors == 0 and len(records) == 3
     # Step 6 logged xs[0] (fed while the log of step 4 was in flight), xs[4] and xs[5].
     last = np.concatenate([xs[0], *xs[4:6]]) if window == "interval" else np.concatenate([*xs, xs[0]])
@@ -123,7 +129,10 @@ def test_detach_keeps_the_statistics_and_close_frees_them(live_stats) -> None:
         monitor.attach()
         model(x)  # the window goes on
     assert float(monitor.stats("blocks.0", "eval").count) == 60
-    assert _held(live_stats) == 2 * len(LAYERS) * (LayerStats.state_bytes(D) - 4 * D * 8)
+    assert float(monitor.stats("blocks.1", "eval").count) == 60
+    # Per layer: the totals, the reference (heldout_loglik) and the accumulation buffer (emptied by
+    # the read, kept until the window's log).
+    assert _held(live_stats) == 3 * len(LAYERS) * (LayerStats.state_bytes(D) - 4 * D * 8)
     refs = [weakref.ref(s) for s in live_stats]
     monitor.close()
     assert _held(live_stats) == 0 and all(r() is None for r in refs)

@@ -10,6 +10,6 @@ warned-once problems), ``ranks`` (the process's place in ``torch.distributed``),
 """
 
 from gsam_monitor.monitor.config import DEFAULT_MAX_STATE_BYTES, state_bytes_per_layer
-from gsam_monitor.monitor.facade import GSAMMonitor
+from gsam_monitor.monitor.facade import GSAMMonitor, memory_report
 
-__all__ = ["DEFAULT_MAX_STATE_BYTES", "GSAMMonitor", "state_bytes_per_layer"]
+__all__ = ["DEFAULT_MAX_STATE_BYTES", "GSAMMonitor", "memory_report", "state_bytes_per_layer"]

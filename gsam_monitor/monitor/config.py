@@ -3,15 +3,16 @@
 ``MonitorConfig.build`` turns ``GSAMMonitor``'s arguments and option groups
 (``gsam_monitor.monitor.options``, each checked where it is made) into one frozen, resolved
 value (what depends on several settings fails here, naming the argument and the fix);
-``check_budget`` refuses a selection of layers whose statistics would exceed
-``max_state_bytes``.
+``check_budget`` refuses a selection of layers whose accumulation buffers would exceed the
+device budget ``max_state_bytes`` (or whose host state would exceed ``max_host_bytes``).
 
-Memory: a monitored layer holds ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 6d)`` bytes
-per phase (fp64: 8·d², so d = 768: 4.7 MB, d = 4096: 134 MB, d = 8192: 537 MB), twice that
-when a reference window is kept (``heldout_loglik`` or a drift metric is selected), plus one copy more
-where a log must copy a window (``log_copies``: background logs, and cumulative/EMA windows
-kept as held-out fits or summed over ranks). Interval windows are never copied: a
-background log takes the synced window itself and a fresh one starts.
+Memory (``gsam_monitor.monitor.memory``): the device holds one accumulation buffer per
+monitored layer, ``LayerStats.state_bytes(d)`` = ``itemsize·(d² + 6d)`` bytes (fp64: d = 768:
+4.7 MB, d = 4096: 134 MB, d = 8192: 537 MB), and the update workspace; the host holds per
+phase each layer's totals, its reference window when one is kept (``heldout_loglik`` or a drift
+metric is selected), and one copy more where a log must copy a window (``log_copies``:
+background logs, and cumulative/EMA windows kept as references or summed over ranks).
+Interval windows are never copied: a background log takes the synced totals themselves.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics.compute import DRIFT_METRICS, HIGHER_MOMENT_METRICS, REFERENCE_METRICS, validate_names
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.alerts import AlertRule, parse_alert_rules
+from gsam_monitor.monitor.memory import gib, host_bytes_per_layer, plan_report
 from gsam_monitor.monitor.options import (
     DEFAULT_MAX_STATE_BYTES,
     PHASES,
@@ -61,15 +63,17 @@ def state_bytes_per_layer(
     heldout: bool = True,
     log_copies: int = 0,
 ) -> int:
-    """Bytes of statistics the monitor keeps for one layer of feature size ``dim``, at most.
+    """Host bytes the monitor keeps for one layer of feature size ``dim``, at most.
 
-    ``LayerStats.state_bytes(dim)`` per phase, times one (the live window), plus one when the
-    reference window is kept (``heldout_loglik``, the drift metrics), plus ``log_copies`` (the copies a
-    log holds while it is computed: 1 for background logs and for cumulative/EMA windows
-    that are kept as held-out fits or summed over ranks, else 0).
+    ``LayerStats.state_bytes(dim)`` per phase, times one (the totals), plus one when the
+    reference window is kept (``heldout_loglik``, the drift metrics), plus ``log_copies`` (the
+    copies a log holds while it is computed: 1 for background logs and for cumulative/EMA
+    windows that are kept as held-out fits or summed over ranks, else 0). The device holds one
+    accumulation buffer per layer besides (``gsam_monitor.monitor.memory``).
     """
-    copies = 1 + (1 if heldout else 0) + log_copies
-    return LayerStats.state_bytes(dim, state_dtype) * len(phases) * copies
+    return host_bytes_per_layer(
+        dim, state_dtype=state_dtype, phases=len(phases), heldout=heldout, log_copies=log_copies
+    )
 
 
 def _rules_for(rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool) -> tuple[AlertRule, ...]:
@@ -87,10 +91,6 @@ def _rules_for(rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, exp
             f"metrics= or drop the rule."
         )
     return tuple(r for r in rules if r.metric in computed)
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.3f} GiB"
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class MonitorConfig:
     product_dtype: torch.dtype | str | None
     seed: int
     max_state_bytes: int | None
+    max_host_bytes: int | None
     spectrum_every_n_logs: int | None
     process_group: Any
     background: bool
@@ -121,6 +122,7 @@ class MonitorConfig:
     reference: str
     attention_entropy: bool
     alert_rules: tuple[AlertRule, ...]
+    device: torch.device
 
     @property
     def heldout(self) -> bool:
@@ -176,10 +178,11 @@ class MonitorConfig:
                 f"the interval (or None to collect on every step)."
             )
         metric_names = _with_reference(validate_names(metrics), metrics, windows.reference)
+        param = next(model.parameters(), None)
+        device = torch.device("cpu") if param is None else param.device
         background = compute.background
         if background is None:
-            param = next(model.parameters(), None)
-            background = param is not None and param.device.type != "cpu"
+            background = device.type != "cpu"
         heldout = bool(REFERENCE_METRICS & set(metric_names))
         alert_rules = _rules_for(parse_alert_rules(alerts), metric_names, explicit=alerts != "default")
         distributed = ranks.world_size(process_group) > 1
@@ -196,6 +199,7 @@ class MonitorConfig:
             product_dtype=compute.product_dtype,
             seed=collection.seed,
             max_state_bytes=compute.max_state_bytes,
+            max_host_bytes=compute.max_host_bytes,
             spectrum_every_n_logs=compute.spectrum_every_n_logs,
             process_group=process_group,
             background=background,
@@ -204,6 +208,7 @@ class MonitorConfig:
             reference=windows.reference,
             attention_entropy=collection.attention_entropy,
             alert_rules=alert_rules,
+            device=device,
         )
 
     def check_phases(self, phases: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -225,41 +230,54 @@ class MonitorConfig:
         """Bytes of ``copies`` windows of feature size ``dim``."""
         return LayerStats.state_bytes(dim, self.state_dtype) * copies
 
+    def plan(
+        self, targets: Sequence[LayerTarget], *, world_size: int = 1, ranks_per_node: int | None = None
+    ) -> dict[str, Any]:
+        """The memory plan of ``targets`` per rank (``gsam_monitor.monitor.memory.plan_report``)."""
+        return plan_report(
+            [(t.name, t.dim) for t in targets],
+            state_dtype=self.state_dtype,
+            product_dtype=self.product_dtype,
+            device=self.device,
+            phases=self.phases,
+            heldout=self.heldout,
+            log_copies=self.log_copies,
+            world_size=world_size,
+            ranks_per_node=ranks_per_node,
+        )
+
     def check_budget(self, targets: Sequence[LayerTarget]) -> None:
-        """Refuse a selection whose statistics would exceed ``max_state_bytes`` (layers whose
+        """Refuse a selection whose accumulation buffers would exceed the device budget
+        (``max_state_bytes``) or whose host state would exceed ``max_host_bytes`` (layers whose
         size is unknown are checked when their first activation arrives).
 
         Raises:
             ValueError: with the total, what it is made of, and the ways to shrink it.
         """
-        if self.max_state_bytes is None:
-            return
-        per_layer = [
-            (
-                t.dim,
-                state_bytes_per_layer(
-                    t.dim, state_dtype=self.state_dtype, phases=self.phases, heldout=self.heldout,
-                    log_copies=self.log_copies,
-                ),
+        plan = self.plan(targets)
+        dims = ", ".join(map(str, sorted({p["dim"] for p in plan["layers"].values()})))
+        dtype = str(self.state_dtype).replace("torch.", "")
+        n = len(plan["layers"])
+        if self.max_state_bytes is not None and plan["device_bytes"] > self.max_state_bytes:
+            raise ValueError(
+                f"ComputeOptions(max_state_bytes=): the monitor's accumulation buffers would need "
+                f"{gib(plan['device_bytes'])} on the device ({n} layers of d = {dims}: one {dtype} d^2 buffer each, "
+                f"plus {gib(plan['workspace_bytes'])} of update workspace), over max_state_bytes = "
+                f"{gib(self.max_state_bytes)}. Fix: monitor fewer layers (layers= / ignore=), use "
+                f"compute=ComputeOptions(state_dtype=torch.float32) (halves it), or raise "
+                f"ComputeOptions(max_state_bytes=)."
             )
-            for t in targets
-            if t.dim is not None
-        ]
-        total = sum(b for _, b in per_layer)
-        if total <= self.max_state_bytes:
-            return
-        dims = sorted({d for d, _ in per_layer})
-        parts = ["1"] + (["1 held-out fit"] if self.heldout else []) + (["1 log copy"] if self.log_copies else [])
-        copies = f"{len(parts)} ({' + '.join(parts)})" if len(parts) > 1 else "1"
-        raise ValueError(
-            f"ComputeOptions(max_state_bytes=): the monitor's statistics would need {gib(total)} "
-            f"({len(per_layer)} layers of "
-            f"d = {', '.join(map(str, dims))}; {len(self.phases)} phase(s) x {copies} "
-            f"x {str(self.state_dtype).replace('torch.', '')} d^2 state each), over max_state_bytes = "
-            f"{gib(self.max_state_bytes)}. Fix: monitor fewer layers (layers= / ignore=), use "
-            f"compute=ComputeOptions(state_dtype=torch.float32) (halves it), drop 'heldout_loglik' and the drift "
-            f"metrics from metrics= or a phase from CollectOptions(phases=), or raise ComputeOptions(max_state_bytes=)."
-        )
+        if self.max_host_bytes is not None and plan["host_bytes"] > self.max_host_bytes:
+            parts = ["1"] + (["1 reference"] if self.heldout else []) + (["1 log copy"] if self.log_copies else [])
+            copies = f"{len(parts)} ({' + '.join(parts)})" if len(parts) > 1 else "1"
+            raise ValueError(
+                f"ComputeOptions(max_host_bytes=): the monitor's host state would need {gib(plan['host_bytes'])} "
+                f"({n} layers of d = {dims}; {len(self.phases)} phase(s) x {copies} x {dtype} d^2 state each), "
+                f"over max_host_bytes = {gib(self.max_host_bytes)}. Fix: monitor fewer layers (layers= / "
+                f"ignore=), use compute=ComputeOptions(state_dtype=torch.float32) (halves it), drop "
+                f"'heldout_loglik' and the drift metrics from metrics= or a phase from CollectOptions(phases=), "
+                f"or raise ComputeOptions(max_host_bytes=)."
+            )
 
 
 def _with_reference(names: tuple[str, ...], metrics: str | Iterable[str], reference: str) -> tuple[str, ...]:

@@ -37,11 +37,13 @@ import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from gsam_monitor._validate import positive_int
 from gsam_monitor.capture.activations import ActivationCapture
 from gsam_monitor.capture.layers import LayerSpec, LayerTarget, resolve_layers
 from gsam_monitor.monitor import ranks
@@ -57,7 +59,7 @@ from gsam_monitor.sinks import SinkFanout, TensorBoardSink, sink_list
 from gsam_monitor.sinks.keys import layer_key
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
-__all__ = ["MONITOR_KEYWORDS", "GSAMMonitor"]
+__all__ = ["MONITOR_KEYWORDS", "GSAMMonitor", "memory_report"]
 
 
 def _view(part: str, name: str, doc: str) -> property:
@@ -386,6 +388,30 @@ class GSAMMonitor:
         """
         return self._logs.diagnostics.quantization_summary(self.config.check_phases([phase]))
 
+    def memory_report(self, world_size: int | None = None, *, ranks_per_node: int | None = None) -> dict[str, Any]:
+        """The memory plan per rank (``gsam_monitor.memory_report``) for this monitor's layers
+        (with the widths seen so far where the model did not tell them), and what it holds now.
+
+        Args:
+            world_size: The ranks to plan for (default: the process group's size).
+            ranks_per_node: Ranks sharing a host, for ``host_bytes_per_node`` (default: all).
+
+        Returns:
+            The plan (``device_bytes``, ``host_bytes``, ``host_bytes_per_node``, ``layers``, ...)
+            and ``"held": {"device_bytes", "host_bytes"}``: the bytes of the buffers and of
+            the host state (totals, references, samples) right now.
+        """
+        seen = {key[0]: w.dim for key, w in {**self._windows.live, **self._windows.buffers}.items()}
+        targets = [t if t.dim is not None or t.name not in seen else replace(t, dim=seen[t.name]) for t in self.targets]
+        world = ranks.world_size(self.process_group) if world_size is None else world_size
+        plan = self.config.plan(targets, world_size=world, ranks_per_node=ranks_per_node)
+        host = [*self._windows.live.values(), *self._windows.references.values()]
+        plan["held"] = {
+            "device_bytes": sum(b.nbytes for b in self._windows.buffers.values()),
+            "host_bytes": sum(s.nbytes for s in host),
+        }
+        return plan
+
     # ------------------------------------------------------------------ state
     def stats(self, layer: str, phase: str = "train") -> LayerStats | None:
         """The live statistics of ``layer`` in ``phase`` (``None`` before its first activation)."""
@@ -450,6 +476,46 @@ class GSAMMonitor:
             f"GSAMMonitor(layers={len(self.targets)}, every_n_steps={self.every_n_steps}, window={self.window!r}, "
             f"phases={self.phases}, step={self.step_count}, attached={self.attached})"
         )
+
+
+def memory_report(
+    model: nn.Module,
+    world_size: int = 1,
+    *,
+    ranks_per_node: int | None = None,
+    layers: LayerSpec | Iterable[LayerSpec] = "auto",
+    ignore: LayerSpec | Iterable[LayerSpec] | None = None,
+    every_n_steps: int = 100,
+    metrics: str | Iterable[str] = "default",
+    collection: CollectOptions | Mapping[str, Any] | None = None,
+    windows: WindowOptions | Mapping[str, Any] | None = None,
+    compute: ComputeOptions | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The memory a ``GSAMMonitor`` of ``model`` with these options would plan, per rank, without
+    building one and without the budget check ("will it fit on 64 ranks?" asked from one process;
+    a model built on the meta device is fine, and is planned as on a data-centre GPU).
+
+    Returns:
+        ``{"device_bytes": planned device peak (buffers + workspace), "host_bytes": host state,
+        "host_bytes_per_node": for ``ranks_per_node`` ranks (default: all on one node),
+        "world_size", "ranks_per_node", "workspace_bytes", "layers": {name: {"dim",
+        "device_bytes", "host_bytes"}}, "unknown_layers": [names whose width the model does not
+        tell]}``.
+
+    Raises:
+        ValueError, TypeError: what ``GSAMMonitor`` would raise for these arguments.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    world = positive_int(world_size, "world_size", " (the number of ranks to plan for)")
+    config = MonitorConfig.build(
+        model, every_n_steps=every_n_steps, metrics=metrics,
+        collection=as_options(collection, CollectOptions, "collection"),
+        windows=as_options(windows, WindowOptions, "windows"),
+        compute=as_options(compute, ComputeOptions, "compute"),
+        alerts=None, process_group=None,
+    )
+    return config.plan(resolve_layers(model, layers, ignore), world_size=world, ranks_per_node=ranks_per_node)
 
 
 MONITOR_KEYWORDS = tuple(

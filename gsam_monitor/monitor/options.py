@@ -54,8 +54,8 @@ REFERENCES = ("previous", "first", "pinned")
 logged window, the first one, or the one ``pin_reference()`` pinned."""
 
 DEFAULT_MAX_STATE_BYTES = 8 * 2**30
-"""8 GiB: e.g. three d = 8192 layers in fp64, train and eval phases, with held-out fits, logged
-inline (a background log's copy makes that two such layers)."""
+"""8 GiB of accumulation buffers on the device: e.g. 15 layers of d = 8192 in fp64, or 61 of
+d = 4096 (a Llama-2-7B's 32 blocks take 4.0 GiB)."""
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -182,8 +182,13 @@ class ComputeOptions:
         state_dtype: Dtype of the accumulated moments (fp64; fp32 halves the memory).
         product_dtype: Dtype of the per-batch Gram products (``None``: the precision policy's
             choice for the device, ``"native"``: the activations' own; see ``LayerStats``).
-        max_state_bytes: Refuse configurations whose statistics would exceed this many bytes
-            (``gsam_monitor.monitor.state_bytes_per_layer``); ``None`` for no limit.
+        max_state_bytes: The device budget: refuse configurations whose accumulation buffers
+            (one per monitored layer, ``LayerStats.state_bytes(d)`` each) and update workspace
+            would exceed this many bytes on the accelerator (``GSAMMonitor.memory_report()``);
+            ``None`` for no limit.
+        max_host_bytes: The host budget: refuse configurations whose totals, references and
+            log copies (``gsam_monitor.monitor.state_bytes_per_layer`` per layer) would exceed
+            this many bytes of host memory per rank; ``None`` (default) for no limit.
         spectrum_every_n_logs: Send each layer's log10 eigenvalue histogram to the sinks that
             support it every this many logs; ``None`` or 0: never.
 
@@ -197,6 +202,7 @@ class ComputeOptions:
     product_dtype: torch.dtype | str | None = None
     max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES
     spectrum_every_n_logs: int | None = 10
+    max_host_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.background is not None and not isinstance(self.background, bool):
@@ -215,6 +221,10 @@ class ComputeOptions:
         if self.max_state_bytes is not None:
             _set(self, "max_state_bytes", positive_int(
                 self.max_state_bytes, "ComputeOptions(max_state_bytes=)", " (or None for no limit)"
+            ))
+        if self.max_host_bytes is not None:
+            _set(self, "max_host_bytes", positive_int(
+                self.max_host_bytes, "ComputeOptions(max_host_bytes=)", " (or None for no limit)"
             ))
         every = self.spectrum_every_n_logs
         if every is not None and every != 0:

@@ -28,12 +28,12 @@ from torch import nn
 
 from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics import GaussianFit
-from gsam_monitor.monitor import ranks
+from gsam_monitor.monitor import ranks, sync
 from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.checkpoint import pack, unpack_samples, unpack_stats
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
 from gsam_monitor.monitor.reference import Reference, ReferencePolicy, check_reference_mode
-from gsam_monitor.monitor.window import Window
+from gsam_monitor.monitor.window import HOST, Transfer, Window, host_copy
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
 __all__ = ["Key", "WindowStore"]
@@ -60,6 +60,7 @@ class WindowStore:
         self.policy = ReferencePolicy(config.reference)
         self.attention = AttentionWindows(config.window, config.process_group) if config.attention_entropy else None
         self.disabled: set[str] = set()  # layers left out over the memory budget
+        self.transfer: Transfer = host_copy  # how a flush copies a buffer to the host (injectable)
         self._warn_once = warn_once
         self._index = {t.name: i for i, t in enumerate(self.targets)}
 
@@ -67,6 +68,11 @@ class WindowStore:
     def live(self) -> dict[Key, LayerStats]:
         """Every window's statistics, by key (those that exist)."""
         return {k: w.stats for k, w in self.windows.items() if w.stats is not None}
+
+    @property
+    def buffers(self) -> dict[Key, LayerStats]:
+        """Every window's accumulation buffer, by key (those allocated now)."""
+        return {k: w.buffer for k, w in self.windows.items() if w.buffer is not None}
 
     @property
     def references(self) -> dict[Key, LayerStats]:
@@ -88,56 +94,55 @@ class WindowStore:
         """Add rows ``(N, d)`` of ``target`` (seen on ``module``, a replica under DataParallel)."""
         window = self.windows[(target.name, phase)]
         with window.lock:
-            if self._stats_for(target, module, window, rows.shape[-1], rows.device) is not None:
+            if self._buffer_for(target, module, window, rows.shape[-1], rows.device) is not None:
                 window.add(rows, keep)
             size = self.config.reservoir_size
             if size is not None:
                 self._sample_for(target.name, phase, window, rows.device, size).update(rows, mask=keep)
 
-    def _stats_for(
+    def _buffer_for(
         self, target: LayerTarget, module: nn.Module, window: Window, dim: int, device: torch.device
     ) -> LayerStats | None:
-        stats = window.stats
+        """The window's accumulation buffer, allocated where the activations are (within the
+        device budget); the caller holds the window's lock."""
+        buffer = window.buffer
         # An nn.DataParallel replica (another module object, on another device) feeds the
-        # statistics where the model lives; the statistics follow only the model itself.
+        # buffer where the model lives; the buffer follows only the model itself.
         replica = module is not target.module
         if replica:
             device = _home_device(target.module, device)
-        if stats is None:
+        if buffer is not None and buffer.device != device and not replica:
+            # The model moved after attach: its rows so far go to the totals, a new buffer follows it.
+            self._flush_locked(window, release=True)
+            buffer = None
+        if buffer is None:
             if not self._fits(target.name, window, dim):
                 return None
-            stats = window.stats = self._new_stats(dim, device)
-        elif stats.device != device and not replica:  # the model moved after attach: follow it
-            with torch.inference_mode(False):  # moved copies must stay ordinary tensors
-                stats.to(device)
-                if window.reference is not None:
-                    window.reference.to(device)
-        if stats.dim != dim:
+            buffer = window.buffer = self._new_stats(dim, device)
+        old = next((s.dim for s in (buffer, window.stats) if s is not None and s.dim != dim), None)
+        if old is not None:
             raise ValueError(
-                f"layer {target.name!r} changed its feature size from {stats.dim} to {dim}; its statistics cannot "
+                f"layer {target.name!r} changed its feature size from {old} to {dim}; its statistics cannot "
                 f"continue. Call monitor.reset() after changing the model."
             )
-        return stats
+        return buffer
 
     def _fits(self, layer: str, window: Window, dim: int) -> bool:
-        """Whether a new window of ``dim`` stays within the budget; else the layer is left out."""
+        """Whether a new accumulation buffer of ``dim`` keeps the device within its budget
+        (``ComputeOptions.max_state_bytes``); else the layer is left out, with one warning."""
         budget = self.config.max_state_bytes
         if budget is None:
             return True
-        live = [s.nbytes for s in self.live.values()]
-        held = sum(live) + sum(s.nbytes for s in self.references.values()) + self.config.log_copies * sum(live)
-        # This window, the fit to be kept from it, and what a log copies of it.
-        copies = 1 + (1 if self.config.heldout and window.reference is None else 0) + self.config.log_copies
-        need = self.config.window_bytes(dim, copies)
+        held = sum(b.nbytes for b in self.buffers.values())
+        need = self.config.window_bytes(dim, 1)
         if held + need <= budget:
             return True
         self.disabled.add(layer)
         self._warn_once(
             f"budget:{layer}",
-            f"GSAMMonitor: layer {layer!r} (d = {dim}) would take the statistics to "
-            f"{gib(held + need)}, over max_state_bytes = {gib(budget)}; it is not "
-            f"monitored. Monitor fewer layers, use compute=ComputeOptions(state_dtype=torch.float32), or raise "
-            f"ComputeOptions(max_state_bytes=).",
+            f"GSAMMonitor: layer {layer!r} (d = {dim}) would take the accumulation buffers on the device to "
+            f"{gib(held + need)}, over max_state_bytes = {gib(budget)}; it is not monitored. Monitor fewer layers, "
+            f"use compute=ComputeOptions(state_dtype=torch.float32), or raise ComputeOptions(max_state_bytes=).",
         )
         return False
 
@@ -162,100 +167,48 @@ class WindowStore:
                 higher_moments=self.config.higher_moments,
             )
 
-    def flush(self) -> None:
-        """Add the rows the hooks hold back to their windows, each under its window's lock: every
-        read of the windows comes after this (a read itself never adds them)."""
-        for window in self.windows.values():
-            window.flush()
+    def flush(self, keys: Iterable[Key] | None = None, *, release: bool = False) -> None:
+        """Move every row added so far into the totals (``Window.flush``, each under its window's
+        lock): every read of the windows comes after this (a read itself never adds them).
+        ``release`` frees the buffers (a window's end)."""
+        for key in self.windows if keys is None else keys:
+            self.windows[key].flush(self.transfer, release=release)
+
+    def _flush_locked(self, window: Window, *, release: bool) -> None:
+        """``Window.flush`` for a caller that holds the window's lock already."""
+        window.lock.release()
+        try:
+            window.flush(self.transfer, release=release)
+        finally:
+            window.lock.acquire()
 
     def window(self, key: Key) -> LayerStats | None:
-        """The live statistics of ``key`` with every held row added (``None`` before its first rows)."""
-        window = self.windows[key]
-        window.flush()  # this window's rows only: the others are not read
-        return window.stats
+        """The totals of ``key`` with every row added (``None`` before its first rows)."""
+        self.flush([key])  # this window's rows only: the others are not read
+        return self.windows[key].stats
 
     # ------------------------------------------------------------------ logs
     def synced(self, phases: Sequence[str], *, in_place: bool) -> dict[Key, LayerStats]:
-        """Each (layer, phase) window of ``phases``, summed over ranks under torch.distributed.
-
-        ``in_place`` reduces the live statistics (they are reset right after, interval windows);
-        otherwise clones are reduced so that the local state stays local.
-        """
+        """Each (layer, phase) window of ``phases`` with every row flushed, summed over ranks
+        under torch.distributed (``sync.synced``): ``in_place`` reduces the totals themselves
+        (interval windows, reset right after), else copies, so that the local state stays local."""
         self.flush()
-        keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
-        dist = ranks.active_dist()
-        group = self.config.process_group
-        if dist is None or dist.get_world_size(group) == 1:
-            return {k: self.windows[k].stats for k in keys if self.windows[k].stats is not None}
-        # Ranks must reduce the same tensors in the same order: agree first on which windows
-        # exist anywhere (and their sizes), creating empty ones where a rank saw no data.
-        dims = self._agreed_dims(dist, keys)
-        out: dict[Key, LayerStats] = {}
-        for key, dim in zip(keys, dims, strict=True):
-            if dim == 0:
-                continue
-            stats = self._stats_or_empty(key, dim)
-            synced = stats if in_place else stats.clone()
-            synced.all_reduce_(group)
-            out[key] = synced
-        return out
+        return sync.synced(self._sync_windows(phases), self.config.process_group, in_place=in_place)
 
     def reduced(self, phases: Sequence[str], *, in_place: bool, spread: bool) -> tuple[dict[Key, LayerStats], set[Key]]:
-        """For a log: each window of ``phases`` summed onto the one rank that computes its
-        metrics (``LayerStats.reduce_``), and the keys this rank owns.
-
-        ``spread``: owners round robin over the group (``ranks.owner`` of the window's place
-        among the monitored (layer, phase) windows), so that each rank reduces and computes
-        about windows / world size; else the writer owns every window (a background log,
-        computed on the writer alone). Windows this rank does not own keep only their summed
-        ``count`` and ``nonfinite``. Outside
-        torch.distributed this is ``synced``, every window owned.
-        """
+        """For a log: each window of ``phases`` with every row flushed, summed onto the rank that
+        computes its metrics, and the keys this rank owns (``sync.reduced``; ``spread``: owners
+        round robin over the group, else the writer owns every window)."""
         self.flush()
+        return sync.reduced(
+            self._sync_windows(phases), self.config.process_group, in_place=in_place, spread=spread
+        )
+
+    def _sync_windows(self, phases: Sequence[str]) -> sync.Windows:
+        """The monitored windows of ``phases`` in the order every rank syncs them, and how to
+        create the empty totals of a window this rank saw no data for."""
         keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
-        dist = ranks.active_dist()
-        group = self.config.process_group
-        if dist is None or dist.get_world_size(group) == 1:
-            windows = {k: self.windows[k].stats for k in keys if self.windows[k].stats is not None}
-            return windows, set(windows)
-        dims = self._agreed_dims(dist, keys)
-        me = dist.get_rank(group)
-        out: dict[Key, LayerStats] = {}
-        owned: set[Key] = set()
-        for index, (key, dim) in enumerate(zip(keys, dims, strict=True)):
-            if dim == 0:
-                continue
-            stats = self._stats_or_empty(key, dim)
-            # By the window's place among the monitored ones: the same owner at every log, so
-            # that it holds the window's previous reference.
-            dst = ranks.owner(index, group) if spread else 0
-            out[key] = (stats if in_place else stats.clone()).reduce_(dst, group)
-            if dst == me:
-                owned.add(key)
-        return out, owned
-
-    def _agreed_dims(self, dist: Any, keys: Sequence[Key]) -> list[int]:
-        """Each window's width, agreed over the ranks (0 where no rank has one): ranks must
-        reduce the same tensors in the same order, and a rank that saw no data for a window
-        takes part with an empty one."""
-        widths = [0 if self.windows[k].stats is None else self.windows[k].stats.dim for k in keys]
-        dims = torch.tensor(widths, dtype=torch.int64, device=self._comm_device(dist))
-        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=self.config.process_group)
-        return dims.tolist()
-
-    def _stats_or_empty(self, key: Key, dim: int) -> LayerStats:
-        """``key``'s statistics, created empty where this rank saw no data."""
-        window = self.windows[key]
-        if window.stats is None:
-            window.stats = self._new_stats(dim, self._comm_device(ranks.active_dist()))
-        return window.stats
-
-    def _comm_device(self, dist: Any) -> torch.device:
-        for stats in self.live.values():
-            return stats.device
-        if dist.get_backend(self.config.process_group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return sync.Windows({k: self.windows[k] for k in keys}, lambda dim: self._new_stats(dim, HOST))
 
     def references_for(self, keys: Iterable[Key]) -> dict[Key, Reference]:
         """What a log compares each window with (``ReferencePolicy.for_log``; ``None`` where
@@ -352,12 +305,15 @@ class WindowStore:
                 window.set_reference(synced if synced is not window.stats else synced.clone())
             if not interval and window.stats is not None:  # never reset: re-centre (exact)
                 window.stats.reshift_()
+        # The window's end: its buffers (flushed by the read before this log) leave the device
+        # until the next collection allocates them again.
+        self.flush(windows.keys(), release=True)
 
     def decay(self, factor: float) -> None:
-        """Multiply every live window's sums by ``factor`` (EMA windows, once per step)."""
-        self.flush()  # this step's rows decay with the window
-        for stats in self.live.values():
-            stats.decay_(factor)
+        """Multiply every window's sums by ``factor`` (EMA windows, once per step): the
+        buffers' now, the totals' at their next flush (``Window.decay``)."""
+        for window in self.windows.values():
+            window.decay(factor)
         if self.attention is not None:
             self.attention.decay(factor)
 
@@ -368,6 +324,7 @@ class WindowStore:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Empty every window and sample and drop the references and their fits."""
+        self.flush()  # a window that saw rows keeps its (emptied) totals: stats() reads n = 0
         for window in self.windows.values():
             window.drop_rows()
             if window.stats is not None:
@@ -382,7 +339,7 @@ class WindowStore:
         """Free the statistics, references, fits and samples."""
         for window in self.windows.values():
             window.drop_rows()
-            window.stats = window.sample = None
+            window.buffer = window.stats = window.sample = None
             window.set_reference(None)
         if self.attention is not None:
             self.attention.reset()

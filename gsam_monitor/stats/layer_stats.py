@@ -165,6 +165,12 @@ class LayerStats(Moments):
         return self._state["absmax"]
 
     @property
+    def untouched(self) -> bool:
+        """Whether nothing was added (no update, merge or shift) since creation or the last
+        ``reset()``: a host-side flag, read without a device sync."""
+        return not self._shift_set
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors."""
         return sum(t.numel() * t.element_size() for t in self._state.values())
@@ -325,12 +331,19 @@ class LayerStats(Moments):
                 self._state[k].mul_(factor)
         return self
 
-    def clone(self) -> LayerStats:
-        """An independent copy (ordinary tensors, also when called under inference mode)."""
+    def clone(self, device: torch.device | str | None = None) -> LayerStats:
+        """An independent copy (ordinary tensors, also when called under inference mode), on
+        ``device`` when given (the product dtype stays the one resolved here: the error model
+        of the rows already in it)."""
         new = LayerStats.__new__(LayerStats)
         new.__dict__.update(self.__dict__)
+        dev = self.device if device is None else torch.device(device)
         with torch.inference_mode(False):
-            new._state = OrderedDict((k, v.clone()) for k, v in self._state.items())
+            new._state = OrderedDict(
+                (k, v.clone() if v.device == dev else v.to(dev)) for k, v in self._state.items()
+            )
+        if dev != self.device:
+            new._product_dtype_arg = self.product_dtype
         return new
 
     def to(self, device: torch.device | str) -> LayerStats:
@@ -355,13 +368,10 @@ class LayerStats(Moments):
     # ------------------------------------------------------------------ distributed
     @torch.no_grad()
     def all_reduce_(self, group: Any = None, *, all_reduce: Callable[..., Any] | None = None) -> LayerStats:
-        """Sum this state over the ranks of ``group``, in place (any process group: its ranks
-        need not include global rank 0). The common shift, the plain mean of the shifts of the
-        ranks holding data, is agreed by the first ``all_reduce`` itself (every rank receives the
-        same sums: no broadcast, no source rank); each rank re-expresses its sums around it, so
-        that they add exactly; the abs-max takes the maximum (``op=ReduceOp.MAX``). ``all_reduce``
-        (default ``torch.distributed.all_reduce``, called with ``group=``) is injectable for tests.
-        """
+        """Sum this state over the ranks of ``group`` (any process group), in place: the ranks
+        agree on a common shift in the first ``all_reduce`` and add their re-expressed sums
+        exactly; the abs-max takes the maximum (``gsam_monitor.stats.distributed``).
+        ``all_reduce`` (default ``torch.distributed.all_reduce``) is injectable for tests."""
         holders = self._agree_shift(group, all_reduce)
         sum_over_ranks(self.state_tensors().values(), group, all_reduce)
         max_over_ranks(self.max_tensors().values(), group, all_reduce)
@@ -383,15 +393,10 @@ class LayerStats(Moments):
     def reduce_(
         self, dst: int, group: Any = None, *, all_reduce: AllReduce | None = None, reduce: AllReduce | None = None
     ) -> LayerStats:
-        """Sum this state over the ranks of ``group`` onto group rank ``dst``, in place.
-
-        The shift is agreed as in ``all_reduce_``, and ``count`` and ``nonfinite`` are summed
-        on every rank (two scalars: every rank knows the window's size); the other sums (the
-        d x d Gram matrix above all) reach ``dst`` only, where this state then equals
-        ``all_reduce_``'s. Elsewhere those sums are undefined: use only ``count`` and
-        ``nonfinite`` there, then ``reset`` or drop the state. ``all_reduce`` and ``reduce``
-        default to ``torch.distributed``'s and are injectable for tests.
-        """
+        """Sum this state over the ranks of ``group`` onto group rank ``dst``, in place: the
+        shift as in ``all_reduce_``, ``count`` and ``nonfinite`` on every rank, the other sums
+        (the Gram matrix above all) on ``dst`` only; elsewhere read only ``count`` and
+        ``nonfinite``. ``all_reduce`` and ``reduce`` are injectable for tests."""
         holders = self._agree_shift(group, all_reduce)
         everywhere = ("count", "nonfinite")
         sum_over_ranks([self._state[k] for k in everywhere], group, all_reduce)
