@@ -272,11 +272,10 @@ class MonitorConfig:
             copies = f"{len(parts)} ({' + '.join(parts)})" if len(parts) > 1 else "1"
             raise ValueError(
                 f"ComputeOptions(max_host_bytes=): the monitor's host state would need {gib(plan['host_bytes'])} "
-                f"({n} layers of d = {dims}; {len(self.phases)} phase(s) x {copies} x {dtype} d^2 state each), "
+                f"({n} layers of d = {dims}; {len(self.phases)} phase(s) x {copies} x float64 d^2 state each), "
                 f"over max_host_bytes = {gib(self.max_host_bytes)}. Fix: monitor fewer layers (layers= / "
-                f"ignore=), use compute=ComputeOptions(state_dtype=torch.float32) (halves it), drop "
-                f"'heldout_loglik' and the drift metrics from metrics= or a phase from CollectOptions(phases=), "
-                f"or raise ComputeOptions(max_host_bytes=)."
+                f"ignore=), drop 'heldout_loglik' and the drift metrics from metrics= or a phase from "
+                f"CollectOptions(phases=), or raise ComputeOptions(max_host_bytes=)."
             )
 
 

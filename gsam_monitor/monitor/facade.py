@@ -186,7 +186,12 @@ class GSAMMonitor:
         )
         warn_if_frequent(config.every_n_steps, stacklevel=2)
         self.schedule = Schedule(config.every_n_steps, config.collect_steps, config.auto_collect)
-        self._windows = WindowStore(config, self.targets, self._faults.warn_once)
+        self._windows = WindowStore(
+            config, self.targets, self._faults.warn_once,
+            lambda key, err: self._faults.error(
+                "flush", repr(layer_key(*key)), err, outcome="its rows stay in its buffer for the next flush"
+            ),
+        )
         self._capture = ActivationCapture(
             model, self.targets, config.phases, self._windows, seed=config.seed + ranks.global_rank(),
             max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,

@@ -19,10 +19,11 @@ __all__ = ["KINDS", "FaultKind", "Faults", "MonitorError"]
 
 log = logging.getLogger(__name__)
 
-FaultKind = Literal["hook", "metrics", "log", "alerts", "int8 summary", "sink"]
-KINDS: tuple[str, ...] = ("hook", "metrics", "log", "alerts", "int8 summary", "sink")
-"""What can fail: a forward hook (of a layer, or the model's context hooks), a layer's metrics,
-a whole log, the alerts and outlier bookkeeping, the end-of-run int8 summary, a sink."""
+FaultKind = Literal["hook", "flush", "metrics", "log", "alerts", "int8 summary", "sink"]
+KINDS: tuple[str, ...] = ("hook", "flush", "metrics", "log", "alerts", "int8 summary", "sink")
+"""What can fail: a forward hook (of a layer, or the model's context hooks), a window's flush of
+its accumulation buffer into the host totals, a layer's metrics, a whole log, the alerts and
+outlier bookkeeping, the end-of-run int8 summary, a sink."""
 
 
 class MonitorError(RuntimeError):

@@ -7,7 +7,7 @@ evaluation forward inside a collection window, adds its own buffer, checked agai
 budget at its first forward), plus the update kernel's workspace once (two chunk x d blocks
 in the product's working dtype, and a d x d product where that dtype is narrower than the
 state's). Buffers are freed at the end of each logged window. Everything else lives on the
-host: each (layer, phase)'s totals, its reference window when ``heldout_loglik`` or a drift
+host, in fp64: each (layer, phase)'s totals, its reference window when ``heldout_loglik`` or a drift
 metric is selected, and the copy a background log (or a cumulative/EMA window kept as a
 reference or summed over ranks) takes. A log computes its metrics on the host, as before: the
 covariance is read back there for the eigendecomposition.
@@ -76,8 +76,8 @@ def layer_plan(
         "dim": dim,
         "device_bytes": LayerStats.state_bytes(dim, state_dtype),
         "host_bytes": host_bytes_per_layer(
-            dim, state_dtype=state_dtype, phases=phases, heldout=heldout, log_copies=log_copies
-        ),
+            dim, state_dtype=torch.float64, phases=phases, heldout=heldout, log_copies=log_copies
+        ),  # the totals are fp64 whatever the buffers' dtype
     }
 
 

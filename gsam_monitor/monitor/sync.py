@@ -28,10 +28,10 @@ Key = tuple[str, str]
 @dataclass(frozen=True)
 class Windows:
     """The windows a sync reads, in the order every rank syncs them (flushed), and how to make
-    the empty totals of one this rank saw no data for (``empty(dim)``)."""
+    the empty totals of one this rank saw no data for (``empty(key, dim)``)."""
 
     windows: Mapping[Key, Window]
-    empty: Callable[[int], LayerStats]
+    empty: Callable[[Key, int], LayerStats]
 
     def local(self) -> dict[Key, LayerStats]:
         return {k: w.stats for k, w in self.windows.items() if w.stats is not None}
@@ -39,7 +39,7 @@ class Windows:
     def stats_or_empty(self, key: Key, dim: int) -> LayerStats:
         window = self.windows[key]
         if window.stats is None:
-            window.stats = self.empty(dim)
+            window.stats = self.empty(key, dim)
         return window.stats
 
 

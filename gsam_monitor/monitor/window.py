@@ -5,7 +5,7 @@ Where rows are added is kept apart from what the window holds:
 * ``buffer``: the accumulation buffer, a ``LayerStats`` where the activations are (the
   accelerator): the rows since the last flush. The hooks add rows through ``add`` (small CPU
   updates held back in a ``RowBuffer`` first). It is the only d x d state on the device.
-* ``stats``: the window's totals, a ``LayerStats`` on the host: every row since the window
+* ``stats``: the window's totals, an fp64 ``LayerStats`` on the host: every row since the window
   began. ``flush`` moves the buffer into them (``transfer`` makes the host copy; the totals
   merge it with the shift algebra of ``LayerStats.merge``, never a plain add) and empties the
   buffer, which takes a fresh shift from its next rows. An EMA window's decay reaches the
@@ -28,10 +28,13 @@ from gsam_monitor.metrics.fit import GaussianFit
 from gsam_monitor.stats import LayerStats, ReservoirSample
 from gsam_monitor.stats.feed import RowBuffer
 
-__all__ = ["HOST", "Transfer", "Window", "host_copy"]
+__all__ = ["HOST", "TOTALS_DTYPE", "Transfer", "Window", "empty_totals", "host_copy"]
 
 HOST = torch.device("cpu")
 """Where the totals, references, fits and log copies live."""
+
+TOTALS_DTYPE = torch.float64
+"""The totals' dtype, whatever the buffer's: a window's sums over many flushes keep every digit."""
 
 Transfer = Callable[[LayerStats], LayerStats]
 """Makes the host copy of an accumulation buffer that a flush merges (``host_copy``)."""
@@ -106,7 +109,7 @@ class Window:
             if not buffer.untouched:  # an untouched buffer holds nothing: no transfer
                 staged = transfer(buffer)  # first: if it raises, nothing has moved
                 if self.stats is None:
-                    self.stats = empty_like(buffer, HOST)
+                    self.stats = empty_totals(buffer)
                 self.stats.merge(staged)
                 buffer.reset()
             if release:
@@ -135,14 +138,14 @@ class Window:
             self.buffer.reset()
 
 
-def empty_like(stats: LayerStats, device: torch.device) -> LayerStats:
-    """An empty ``LayerStats`` with ``stats``' settings (its resolved product dtype: the error
-    model of the rows it will hold) on ``device``."""
+def empty_totals(stats: LayerStats) -> LayerStats:
+    """Empty fp64 totals on the host for the rows of the buffer ``stats`` (its resolved product
+    dtype: the error model of those rows)."""
     with torch.inference_mode(False):
         return LayerStats(
             stats.dim,
-            device=device,
-            state_dtype=stats.state_dtype,
+            device=HOST,
+            state_dtype=TOTALS_DTYPE,
             product_dtype=stats.product_dtype,
             higher_moments=stats.higher_moments,
         )

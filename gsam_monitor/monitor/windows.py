@@ -33,8 +33,9 @@ from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.checkpoint import pack, unpack_samples, unpack_stats
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
 from gsam_monitor.monitor.reference import Reference, ReferencePolicy, check_reference_mode
-from gsam_monitor.monitor.window import HOST, Transfer, Window, host_copy
+from gsam_monitor.monitor.window import HOST, TOTALS_DTYPE, Transfer, Window, host_copy
 from gsam_monitor.stats import LayerStats, ReservoirSample
+from gsam_monitor.stats.precision import resolve_product_dtype
 
 __all__ = ["Key", "WindowStore"]
 
@@ -49,10 +50,16 @@ class WindowStore:
         config: The monitor's settings (dtypes, window kind, budget, group, reservoir size).
         targets: The monitored layers.
         warn_once: Called with a key and a message when a layer is left out over the budget.
+        on_flush_error: Called with the key and the exception when a window's flush fails
+            (default: the exception propagates).
     """
 
     def __init__(
-        self, config: MonitorConfig, targets: Sequence[LayerTarget], warn_once: Callable[[str, str], None]
+        self,
+        config: MonitorConfig,
+        targets: Sequence[LayerTarget],
+        warn_once: Callable[[str, str], None],
+        on_flush_error: Callable[[Key, BaseException], None] | None = None,
     ) -> None:
         self.config = config
         self.targets = list(targets)
@@ -62,6 +69,7 @@ class WindowStore:
         self.disabled: set[str] = set()  # layers left out over the memory budget
         self.transfer: Transfer = host_copy  # how a flush copies a buffer to the host (injectable)
         self._warn_once = warn_once
+        self._on_flush_error = on_flush_error
         self._index = {t.name: i for i, t in enumerate(self.targets)}
 
     @property
@@ -170,9 +178,16 @@ class WindowStore:
     def flush(self, keys: Iterable[Key] | None = None, *, release: bool = False) -> None:
         """Move every row added so far into the totals (``Window.flush``, each under its window's
         lock): every read of the windows comes after this (a read itself never adds them).
-        ``release`` frees the buffers (a window's end)."""
+        ``release`` frees the buffers (a window's end). A window whose flush fails is reported
+        to ``on_flush_error`` (counted and warned once by the monitor) and keeps its rows in its
+        buffer for the next flush; the others go on."""
         for key in self.windows if keys is None else keys:
-            self.windows[key].flush(self.transfer, release=release)
+            try:
+                self.windows[key].flush(self.transfer, release=release)
+            except Exception as err:  # the rows stay in the buffer for the next flush
+                if self._on_flush_error is None:
+                    raise
+                self._on_flush_error(key, err)
 
     def _flush_locked(self, window: Window, *, release: bool) -> None:
         """``Window.flush`` for a caller that holds the window's lock already."""
@@ -208,7 +223,17 @@ class WindowStore:
         """The monitored windows of ``phases`` in the order every rank syncs them, and how to
         create the empty totals of a window this rank saw no data for."""
         keys = [(t.name, p) for p in phases for t in self.targets if t.name not in self.disabled]
-        return sync.Windows({k: self.windows[k] for k in keys}, lambda dim: self._new_stats(dim, HOST))
+        return sync.Windows({k: self.windows[k] for k in keys}, self._empty_totals)
+
+    def _empty_totals(self, key: Key, dim: int) -> LayerStats:
+        """Empty totals for ``key``, as its first flush would make them (fp64, on the host, with
+        the product dtype of its layer's device): every rank reduces the same tensors."""
+        product = resolve_product_dtype(self.config.product_dtype, self.device_of(key[0]), self.config.state_dtype)
+        with torch.inference_mode(False):
+            return LayerStats(
+                dim, device=HOST, state_dtype=TOTALS_DTYPE, product_dtype=product,
+                higher_moments=self.config.higher_moments,
+            )
 
     def references_for(self, keys: Iterable[Key]) -> dict[Key, Reference]:
         """What a log compares each window with (``ReferencePolicy.for_log``; ``None`` where
@@ -357,14 +382,17 @@ class WindowStore:
         }
 
     def load_windows(self, state: Mapping[str, Any]) -> None:
-        """Restore the ``"stats"`` and ``"reference"`` parts of ``state_dict()``, each on its layer's device.
+        """Restore the ``"stats"`` and ``"reference"`` parts of ``state_dict()`` as host totals.
 
         Raises:
             ValueError: if the reference windows were kept under another ``reference=``.
         """
         check_reference_mode(state, self.config.reference)
-        live = unpack_stats(state["stats"], self.device_of, self.config.product_dtype)
-        references = unpack_stats(state["reference"], self.device_of, self.config.product_dtype)
+        # On the host, with the product dtype of the layers' device (the buffers' error model).
+        first = self.targets[0].name if self.targets else ""
+        product = resolve_product_dtype(self.config.product_dtype, self.device_of(first), self.config.state_dtype)
+        live = unpack_stats(state["stats"], lambda _: HOST, product)
+        references = unpack_stats(state["reference"], lambda _: HOST, product)
         for key, window in self.windows.items():
             window.drop_rows()
             window.stats = live.get(key)
