@@ -56,7 +56,8 @@ def test_a_flush_moves_the_buffer_into_fp64_host_totals_and_the_buffer_starts_af
     assert float(totals.count) == 70
     np.testing.assert_allclose(totals.mean.numpy(), x.mean(0), rtol=1e-13, atol=1e-10)
     np.testing.assert_allclose(totals.covariance().numpy(), mle_cov(x), rtol=1e-11, atol=1e-11)
-    assert float(monitor._windows.buffers[("blocks.0", "eval")].count) == 0  # emptied, kept until the log
+    buffer = monitor._windows.buffers.get(("blocks.0", "eval"))
+    assert buffer is None or float(buffer.count) == 0  # emptied (or, on the host, become the totals)
 
 
 def test_a_failing_flush_is_counted_and_warned_once_and_its_rows_reach_the_next_log() -> None:

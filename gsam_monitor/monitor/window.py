@@ -8,7 +8,9 @@ Where rows are added is kept apart from what the window holds:
 * ``stats``: the window's totals, an fp64 ``LayerStats`` on the host: every row since the window
   began. ``flush`` moves the buffer into them (``transfer`` makes the host copy; the totals
   merge it with the shift algebra of ``LayerStats.merge``, never a plain add) and empties the
-  buffer, which takes a fresh shift from its next rows. An EMA window's decay reaches the
+  buffer, which takes a fresh shift from its next rows (the first flush of a window takes the
+  host copy itself as the totals; on the host that is the buffer, and the next rows get a new
+  one). An EMA window's decay reaches the
   buffer at every step (on the device) and the totals at the next flush, as one factor.
 
 Beside them the window keeps its reference (the window a log compares it with) and that
@@ -108,9 +110,15 @@ class Window:
                 return
             if not buffer.untouched:  # an untouched buffer holds nothing: no transfer
                 staged = transfer(buffer)  # first: if it raises, nothing has moved
-                if self.stats is None:
-                    self.stats = empty_totals(buffer)
-                self.stats.merge(staged)
+                if self.stats is None and staged.state_dtype == TOTALS_DTYPE:
+                    self.stats = staged  # the first flush: the host copy is the totals, no merge
+                    if staged is buffer:  # a buffer on the host is its own copy: the next rows get a new one
+                        self.buffer = self._held = None
+                        return
+                else:
+                    if self.stats is None:
+                        self.stats = empty_totals(buffer)
+                    self.stats.merge(staged)
                 buffer.reset()
             if release:
                 self.buffer = self._held = None

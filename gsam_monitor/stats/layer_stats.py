@@ -246,10 +246,14 @@ class LayerStats(Moments):
         return shift.to(shift_dtype(self.product_dtype)).to(self.device, self.state_dtype)
 
     def _shifted_sums(self, new_shift: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The sums re-expressed around ``new_shift`` (exact algebra, fp64)."""
-        delta = self._wide("shift") - new_shift.to(torch.float64)
+        """The sums re-expressed around ``new_shift`` (exact algebra, fp64; the Gram sums as
+        held, unsymmetrised: reads symmetrise them); ``{}`` when it is the shift already."""
+        mine = self._wide("shift")
+        delta = mine - new_shift.to(mine.device, torch.float64)
+        if not bool(delta.any()):
+            return {}
         powers = (self._wide("power3"), self._wide("power4")) if self.higher_moments else ()
-        return shifted_sums(self._n(), self._wide("sum"), self._gram(), delta, *powers)
+        return shifted_sums(self._n(), self._wide("sum"), self._wide("gram"), delta, *powers)
 
     @torch.no_grad()
     def reshift_(self, new_shift: torch.Tensor | None = None) -> LayerStats:

@@ -35,8 +35,10 @@ def shifted_sums(
     """The sums of y = x - K (count ``n``, sum ``s``, ``gram``, and the per-dimension power
     sums when given) re-expressed as sums of x - K' = y + δ, δ = K - K' (all fp64)."""
     out: dict[str, torch.Tensor] = {"sum": s + n * delta}
-    sd = torch.outer(s, delta)
-    out["gram"] = gram + sd + sd.T + n * torch.outer(delta, delta)
+    # s δᵀ + δ sᵀ + n δδᵀ = u δᵀ + δ uᵀ with u = s + n δ / 2: one rank-2 GEMM pass over the d x d
+    # sums, no transposed copy (reads symmetrise the Gram sums).
+    u = s + 0.5 * n * delta
+    out["gram"] = torch.addmm(gram, torch.stack([u, delta], 1), torch.stack([delta, u]))
     if power3 is not None and power4 is not None:
         out["power3"], out["power4"] = shift_power_sums(n, s, torch.diagonal(gram), power3, power4, delta)
     return out
