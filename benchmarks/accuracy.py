@@ -11,7 +11,9 @@ state; and fp32 products into an fp32 state, what MPS runs) on
 MiniLM's layers (the hidden states of the 300 bundled sentences), a massive-activation
 dimension, a mean 1e4 sd from the origin, a mean drifting 2000 sd per window (interval and
 cumulative windows), and an ill-conditioned Gaussian: GSAM relative error, rank, and
-covariance relative error against fp64 numpy two-pass. ``--error-model`` measures the fp32
+covariance relative error against fp64 numpy two-pass; each path twice: straight into one
+``LayerStats``, and through the monitor's path (``(window)``: an accumulation buffer per window
+in the path's dtypes, flushed into fp64 host totals at each window's log). ``--error-model`` measures the fp32
 product's errors against the model behind its rank tolerance (``metrics.PRODUCT_ERROR_FACTOR``).
 
 Usage::
@@ -37,6 +39,7 @@ from _common import write_json
 
 from gsam_monitor import LayerStats, metrics
 from gsam_monitor.metrics import MardiaAccumulator
+from gsam_monitor.monitor.window import Window
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -147,18 +150,45 @@ def precision_sets(rng: np.random.Generator, minilm: list[np.ndarray]) -> dict[s
     return sets
 
 
-def precision_row(name: str, windows: list[np.ndarray], path: dict) -> dict[str, float]:
-    cumulative = name.endswith("cumulative window")
+def _fed(windows: list[np.ndarray], path: dict, cumulative: bool) -> LayerStats:
+    """The rows straight into one ``LayerStats`` (in 8 updates per window)."""
     s = LayerStats(windows[0].shape[1], product_dtype=path["product_dtype"], state_dtype=path.get("state_dtype"))
     for k, w in enumerate(windows):
         if k and not cumulative:
             s.reset()  # an interval window: the next window's rows set the shift
-        ctx = torch.autocast("cpu", dtype=path["autocast"]) if "autocast" in path else contextlib.nullcontext()
-        with ctx:
-            for part in np.array_split(w, 8):
-                s.update(torch.from_numpy(np.ascontiguousarray(part)))
+        _feed(s, w, path)
         if cumulative:
             s.reshift_()  # what GSAMMonitor does at each log of a window that never resets
+    return s
+
+
+def _feed(s: LayerStats, w: np.ndarray, path: dict) -> None:
+    ctx = torch.autocast("cpu", dtype=path["autocast"]) if "autocast" in path else contextlib.nullcontext()
+    with ctx:
+        for part in np.array_split(w, 8):
+            s.update(torch.from_numpy(np.ascontiguousarray(part)))
+
+
+def _through_window(windows: list[np.ndarray], path: dict, cumulative: bool) -> LayerStats:
+    """The monitor's path: each window's rows into an accumulation buffer (the path's dtypes),
+    flushed at its "log" into the fp64 host totals (``Window.flush``), which a cumulative window
+    keeps and re-centres, an interval window restarts."""
+    d = windows[0].shape[1]
+    window = Window()
+    for w in windows:
+        if not cumulative:
+            window.stats = None  # an interval window: the next one starts afresh
+        window.buffer = LayerStats(d, product_dtype=path["product_dtype"], state_dtype=path.get("state_dtype"))
+        _feed(window.buffer, w, path)
+        window.flush(release=True)
+        if cumulative:
+            window.stats.reshift_()
+    return window.stats
+
+
+def precision_row(name: str, windows: list[np.ndarray], path: dict, *, via_window: bool = False) -> dict[str, float]:
+    cumulative = name.endswith("cumulative window")
+    s = _through_window(windows, path, cumulative) if via_window else _fed(windows, path, cumulative)
     x = np.vstack(windows if cumulative else windows[-1:]).astype(np.float64)
     gsam, rank, cov = _gsam_rank(x)
     got = metrics.compute(s, names=["gsam", "rank"], rank_rtol=path.get("rank_rtol"))
@@ -173,13 +203,15 @@ def precision_row(name: str, windows: list[np.ndarray], path: dict) -> dict[str,
 def precision_table() -> dict[str, dict[str, dict[str, float]]]:
     sets = precision_sets(np.random.default_rng(0), minilm_hidden_states())
     out: dict[str, dict[str, dict[str, float]]] = {}
-    print(f"{'data':34s} {'path':27s} {'GSAM rel err':>12s} {'rank':>11s} {'cov rel err':>11s}")
+    print(f"{'data':34s} {'path':36s} {'GSAM rel err':>12s} {'rank':>11s} {'cov rel err':>11s}")
     for name, windows in sets.items():
         out[name] = {}
         for label, path in PATHS.items():
-            r = out[name][label] = precision_row(name, windows, path)
-            rank = f"{r['rank']}/{r['rank_fp64_numpy']}"
-            print(f"{name:34s} {label:27s} {r['gsam_rel_err']:12.1e} {rank:>11s} {r['cov_rel_err']:11.1e}")
+            for via_window in (False, True):
+                tag = f"{label}{' (window)' if via_window else ''}"
+                r = out[name][tag] = precision_row(name, windows, path, via_window=via_window)
+                rank = f"{r['rank']}/{r['rank_fp64_numpy']}"
+                print(f"{name:34s} {tag:36s} {r['gsam_rel_err']:12.1e} {rank:>11s} {r['cov_rel_err']:11.1e}")
     return out
 
 
