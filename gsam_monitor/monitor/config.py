@@ -123,6 +123,7 @@ class MonitorConfig:
     attention_entropy: bool
     alert_rules: tuple[AlertRule, ...]
     device: torch.device
+    shard_layers: bool
 
     @property
     def heldout(self) -> bool:
@@ -182,7 +183,7 @@ class MonitorConfig:
         device = torch.device("cpu") if param is None else param.device
         background = compute.background
         if background is None:
-            background = device.type != "cpu"
+            background = device.type != "cpu" and not compute.shard_layers
         heldout = bool(REFERENCE_METRICS & set(metric_names))
         alert_rules = _rules_for(parse_alert_rules(alerts), metric_names, explicit=alerts != "default")
         distributed = ranks.world_size(process_group) > 1
@@ -209,6 +210,7 @@ class MonitorConfig:
             attention_entropy=collection.attention_entropy,
             alert_rules=alert_rules,
             device=device,
+            shard_layers=compute.shard_layers,
         )
 
     def check_phases(self, phases: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -226,15 +228,44 @@ class MonitorConfig:
             raise ValueError(f"phase must be one of the monitored phases {self.phases}; got {bad[0]!r}.")
         return tuple(phases)
 
+    def _own_rank(self) -> int | None:
+        """This process's group rank when the layers are sharded (the layers it plans for)."""
+        return ranks.group_rank(self.process_group) if self.shard_layers else None
+
     def window_bytes(self, dim: int, copies: int) -> int:
         """Bytes of ``copies`` windows of feature size ``dim``."""
         return LayerStats.state_bytes(dim, self.state_dtype) * copies
 
+    def owners(self, targets: Sequence[LayerTarget], world: int) -> dict[str, int]:
+        """The group rank that collects each layer under ``shard_layers`` (``ranks.layer_owners``,
+        by bytes; a layer of unknown width counts as the widest known one)."""
+        known = [t.dim for t in targets if t.dim is not None]
+        widest = max(known, default=1)
+        return ranks.layer_owners(
+            [(t.name, LayerStats.state_bytes(t.dim or widest, self.state_dtype)) for t in targets], world
+        )
+
     def plan(
-        self, targets: Sequence[LayerTarget], *, world_size: int = 1, ranks_per_node: int | None = None
+        self,
+        targets: Sequence[LayerTarget],
+        *,
+        world_size: int = 1,
+        ranks_per_node: int | None = None,
+        rank: int | None = None,
     ) -> dict[str, Any]:
-        """The memory plan of ``targets`` per rank (``gsam_monitor.monitor.memory.plan_report``)."""
-        return plan_report(
+        """The memory plan per rank (``gsam_monitor.monitor.memory.plan_report``): of every layer,
+        or under ``shard_layers`` of the layers group rank ``rank`` owns (default: the rank
+        owning the most bytes, the planned peak), with ``"owners"`` and ``"rank"``."""
+        owners: dict[str, int] | None = None
+        if self.shard_layers:
+            owners = self.owners(targets, world_size)
+            if rank is None:
+                loads = [0] * world_size
+                for t in targets:
+                    loads[owners[t.name]] += LayerStats.state_bytes(t.dim or 1, self.state_dtype)
+                rank = max(range(world_size), key=lambda r: (loads[r], -r))
+            targets = [t for t in targets if owners[t.name] == rank]
+        report = plan_report(
             [(t.name, t.dim) for t in targets],
             state_dtype=self.state_dtype,
             product_dtype=self.product_dtype,
@@ -245,6 +276,9 @@ class MonitorConfig:
             world_size=world_size,
             ranks_per_node=ranks_per_node,
         )
+        if owners is not None:
+            report["owners"], report["rank"] = owners, rank
+        return report
 
     def check_budget(self, targets: Sequence[LayerTarget]) -> None:
         """Refuse a selection whose accumulation buffers would exceed the device budget
@@ -254,7 +288,7 @@ class MonitorConfig:
         Raises:
             ValueError: with the total, what it is made of, and the ways to shrink it.
         """
-        plan = self.plan(targets)
+        plan = self.plan(targets, world_size=ranks.world_size(self.process_group), rank=self._own_rank())
         dims = ", ".join(map(str, sorted({p["dim"] for p in plan["layers"].values()})))
         dtype = str(self.state_dtype).replace("torch.", "")
         n = len(plan["layers"])
@@ -264,7 +298,8 @@ class MonitorConfig:
                 f"{gib(plan['device_bytes'])} on the device ({n} layers of d = {dims}: one {dtype} d^2 buffer each, "
                 f"plus {gib(plan['workspace_bytes'])} of update workspace), over max_state_bytes = "
                 f"{gib(self.max_state_bytes)}. Fix: monitor fewer layers (layers= / ignore=), use "
-                f"compute=ComputeOptions(state_dtype=torch.float32) (halves it), or raise "
+                f"compute=ComputeOptions(state_dtype=torch.float32) (halves it), shard the layers over the ranks "
+                f"with ComputeOptions(shard_layers=True) under torch.distributed, or raise "
                 f"ComputeOptions(max_state_bytes=)."
             )
         if self.max_host_bytes is not None and plan["host_bytes"] > self.max_host_bytes:

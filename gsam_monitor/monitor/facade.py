@@ -192,14 +192,35 @@ class GSAMMonitor:
                 "flush", repr(layer_key(*key)), err, outcome="its rows stay in its buffer for the next flush"
             ),
         )
+        self.owners = self._layer_owners()
+        mine = ranks.group_rank(config.process_group)
+        collected = [t for t in self.targets if self.owners is None or self.owners[t.name] == mine]
         self._capture = ActivationCapture(
-            model, self.targets, config.phases, self._windows, seed=config.seed + ranks.global_rank(),
+            model, collected, config.phases, self._windows, seed=config.seed + ranks.global_rank(),
             max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
             warn_once=self._faults.warn_once, attention=self._windows.attention,
         )
-        self._logs = WindowLogger(config, self.layer_names, self._windows, self._fanout, self._faults)
+        self._logs = WindowLogger(
+            config, self.layer_names, self._windows, self._fanout, self._faults, own=[t.name for t in collected]
+        )
         self._hooks = HookSwitch(self.schedule, self._capture.switch)
         self.step_count = 0
+
+    def _layer_owners(self) -> dict[str, int] | None:
+        """Under ``ComputeOptions(shard_layers=True)`` the group rank collecting each layer; ``None``
+        otherwise (every rank collects every layer). A process alone in its group owns every
+        layer, which is said once."""
+        if not self.config.shard_layers:
+            return None
+        world = ranks.world_size(self.config.process_group)
+        if world == 1:
+            warnings.warn(
+                "GSAMMonitor: ComputeOptions(shard_layers=True) in a process without torch.distributed (or a process "
+                "group of one rank): this process is the only rank and collects every layer.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return self.config.owners(self.targets, world)
 
     every_n_steps = _setting("every_n_steps")
     window = _setting("window")
@@ -409,7 +430,8 @@ class GSAMMonitor:
         seen = {key[0]: w.dim for key, w in {**self._windows.live, **self._windows.buffers}.items()}
         targets = [t if t.dim is not None or t.name not in seen else replace(t, dim=seen[t.name]) for t in self.targets]
         world = ranks.world_size(self.process_group) if world_size is None else world_size
-        plan = self.config.plan(targets, world_size=world, ranks_per_node=ranks_per_node)
+        mine = ranks.group_rank(self.process_group) if world_size is None and self.config.shard_layers else None
+        plan = self.config.plan(targets, world_size=world, ranks_per_node=ranks_per_node, rank=mine)
         host = [*self._windows.live.values(), *self._windows.references.values()]
         plan["held"] = {
             "device_bytes": sum(b.nbytes for b in self._windows.buffers.values()),

@@ -50,10 +50,18 @@ class WindowLogger:
     """
 
     def __init__(
-        self, config: MonitorConfig, layers: Sequence[str], windows: WindowStore, fanout: SinkFanout, faults: Faults
+        self,
+        config: MonitorConfig,
+        layers: Sequence[str],
+        windows: WindowStore,
+        fanout: SinkFanout,
+        faults: Faults,
+        *,
+        own: Sequence[str] | None = None,
     ) -> None:
         self.config = config
         self.layers = tuple(layers)
+        self.own = self.layers if own is None else tuple(own)  # the layers this rank collects
         self.n_logs = 0
         self.last_log_step = 0
         self.last_metrics: dict[str, float] = {}
@@ -81,13 +89,17 @@ class WindowLogger:
         """Log ``phases`` now, inline, at ``step`` (the monitor's count is ``step_count``)."""
         self.flush()  # an earlier background log reaches the sinks first
         try:
-            # Each window summed onto the rank that owns it (round robin), which computes it.
-            windows, owned = self._windows.reduced(phases, in_place=self.config.window == "interval", spread=True)
+            active = None
+            if self.config.shard_layers:  # each rank computes the layers it collects, from its own rows
+                windows, owned = self._windows.local(phases, self.own)
+                active = ranks.active_phases(windows, phases, self.config.process_group)
+            else:  # each window summed onto the rank that owns it (round robin), which computes it
+                windows, owned = self._windows.reduced(phases, in_place=self.config.window == "interval", spread=True)
             attention = self._windows.close_attention(phases)  # summed over ranks: the writer reports it
             refs = self._windows.references_for(owned)
             result = self._metrics_of(
                 windows, refs, step, self.n_logs, frozenset(self._windows.disabled),
-                owned=owned, attention=attention if self._is_writer() else None,
+                owned=owned, attention=attention if self._is_writer() else None, active=active,
             )  # fmt: skip
             self._windows.advance(windows, owned=owned)
         except Exception as err:
@@ -168,6 +180,7 @@ class WindowLogger:
         *,
         owned: Collection[Key] | None = None,
         attention: Mapping[Key, Any] | None = None,
+        active: Collection[str] | None = None,
     ) -> LogResult:
         """The report of closed windows (``report.build_report``: pure, it reads only its
         arguments and the immutable settings, and returns its warnings as data); the metrics
@@ -176,7 +189,7 @@ class WindowLogger:
         return report.build_report(
             windows,
             refs,
-            layers=self.layers,
+            layers=self.own if self.config.shard_layers else self.layers,
             phases=self.config.phases,
             metric_names=self.config.metric_names,
             disabled=disabled,
@@ -185,6 +198,7 @@ class WindowLogger:
             attention=attention,
             want_fits=self.config.fits_windows,
             owned=owned,
+            active=active,
         )
 
     def _gather(self, result: LogResult) -> LogResult:
@@ -200,7 +214,15 @@ class WindowLogger:
         if shares is None or not self._is_writer():
             return LogResult(result.step, fits=fits)
         for share in shares[1:]:
-            result.flat.update(share.flat)
+            if self.config.shard_layers:  # each rank reported its own layers: counts add up
+                for key, value in share.flat.items():
+                    if key.startswith(f"{META_PREFIX}/missing_layers") and key in result.flat:
+                        value += result.flat[key]
+                    result.flat[key] = value
+                result.missing.extend(share.missing)
+                result.warnings.extend(w for w in share.warnings if w[0] != "empty-window")
+            else:
+                result.flat.update(share.flat)
             result.spectra.update(share.spectra)
             result.values.update(share.values)
             result.dims.update(share.dims)

@@ -186,6 +186,16 @@ class ComputeOptions:
             (one per monitored layer, ``LayerStats.state_bytes(d)`` each) and update workspace
             would exceed this many bytes on the accelerator (``GSAMMonitor.memory_report()``);
             ``None`` for no limit.
+        shard_layers: Under ``torch.distributed``, each rank of the process group collects only
+            the layers it owns (``ranks.layer_owners``: balanced by bytes, layer ``i`` on group
+            rank ``i % world`` when the layers are equal), from its own rows, and computes their
+            metrics; the writer gathers the scalars. Each rank then holds about layers / world
+            buffers and totals, and a log moves no d x d tensor between ranks. A layer's
+            statistics describe its owner rank's share of each batch (a uniform subsample, like
+            the token cap), not the union. The group must be the data-parallel one (under tensor
+            or pipeline parallelism pass it as ``process_group=``). Logs are computed inline
+            (``background=None`` resolves to False). Default False: every rank collects every
+            layer and each log sums the windows over the ranks (the exact union).
         max_host_bytes: The host budget: refuse configurations whose totals, references and
             log copies (``gsam_monitor.monitor.state_bytes_per_layer`` per layer) would exceed
             this many bytes of host memory per rank; ``None`` (default) for no limit.
@@ -203,6 +213,7 @@ class ComputeOptions:
     max_state_bytes: int | None = DEFAULT_MAX_STATE_BYTES
     spectrum_every_n_logs: int | None = 10
     max_host_bytes: int | None = None
+    shard_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.background is not None and not isinstance(self.background, bool):
@@ -222,6 +233,13 @@ class ComputeOptions:
             _set(self, "max_state_bytes", positive_int(
                 self.max_state_bytes, "ComputeOptions(max_state_bytes=)", " (or None for no limit)"
             ))
+        if not isinstance(self.shard_layers, bool):
+            raise TypeError(f"ComputeOptions(shard_layers=) must be True or False; got {self.shard_layers!r}.")
+        if self.shard_layers and self.background:
+            raise ValueError(
+                "ComputeOptions(shard_layers=True, background=True): sharded logs are computed inline on the ranks "
+                "that own the layers; pass background=False (or None)."
+            )
         if self.max_host_bytes is not None:
             _set(self, "max_host_bytes", positive_int(
                 self.max_host_bytes, "ComputeOptions(max_host_bytes=)", " (or None for no limit)"

@@ -6,11 +6,22 @@ writes (its rank zero, a *group* rank), while seeds are offset by the global ran
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["active_dist", "gather_to_writer", "global_rank", "group_rank", "is_writer", "owner", "world_size"]
+__all__ = [
+    "active_dist",
+    "active_phases",
+    "gather_to_writer",
+    "global_rank",
+    "group_rank",
+    "is_writer",
+    "layer_owners",
+    "owner",
+    "world_size",
+]
 
 
 def active_dist() -> Any | None:
@@ -52,6 +63,36 @@ def owner(index: int, group: Any = None) -> int:
     """The group rank that computes the metrics of the ``index``-th window of a log: round
     robin over the group, so that each rank's share of a log is about windows / world size."""
     return index % world_size(group)
+
+
+def layer_owners(sizes: Sequence[tuple[str, int]], world: int) -> dict[str, int]:
+    """The group rank that collects each layer under ``shard_layers``, balanced by bytes and
+    deterministic: in the monitor's layer order, each layer goes to the rank holding the fewest
+    bytes so far (the lowest such rank on a tie), so equal layers go round robin (layer ``i`` to
+    rank ``i % world``). ``sizes``: ``(name, bytes)`` per layer."""
+    loads = [0] * world
+    owners: dict[str, int] = {}
+    for name, size in sizes:
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owners[name] = rank
+        loads[rank] += size
+    return owners
+
+
+def active_phases(windows: Mapping[tuple[str, str], Any], phases: Sequence[str], group: Any = None) -> set[str]:
+    """The phases in which any rank's ``windows`` (``LayerStats`` by (layer, phase)) saw a row,
+    kept or dropped as non-finite. A collective under ``torch.distributed``: every rank calls it."""
+    seen = [0.0] * len(phases)
+    for (_, phase), stats in windows.items():
+        if phase in phases and (float(stats.count) > 0 or int(stats.nonfinite) > 0):
+            seen[phases.index(phase)] = 1.0
+    flags = torch.tensor(seen, dtype=torch.float64)
+    dist = active_dist()
+    if dist is not None and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl":
+            flags = flags.cuda()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return {phase for phase, flag in zip(phases, flags.tolist(), strict=True) if flag > 0}
 
 
 def gather_to_writer(obj: Any, group: Any = None) -> list[Any] | None:

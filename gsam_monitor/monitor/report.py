@@ -80,6 +80,7 @@ def build_report(
     attention: Mapping[Key, torch.Tensor] | None = None,
     want_fits: bool = False,
     owned: Collection[Key] | None = None,
+    active: Collection[str] | None = None,
 ) -> LogResult:
     """Every metric of the windows (``metrics.compute``), keyed for the sinks.
 
@@ -97,6 +98,8 @@ def build_report(
         owned: Compute the metrics of these windows only (default all): under
             torch.distributed each rank computes the windows it owns; the others need only
             their (summed) ``count`` and ``nonfinite`` here.
+        active: The phases that saw data anywhere (default: those of ``windows``): with sharded
+            layers a rank whose own layers saw nothing still reports them missing.
     """
     result = LogResult(step)
     if attention:
@@ -106,7 +109,8 @@ def build_report(
     counts = {key: float(stats.count) for key, stats in windows.items()}
     # Rows dropped for NaN/Inf, read here at log time (the hook path never syncs).
     nonfinite = {key: int(stats.nonfinite) for key, stats in windows.items()}
-    active = {ph for (_, ph), n in counts.items() if n > 0} | {ph for (_, ph), k in nonfinite.items() if k > 0}
+    if active is None:
+        active = {ph for (_, ph), n in counts.items() if n > 0} | {ph for (_, ph), k in nonfinite.items() if k > 0}
     if not active:
         result.warnings.append(
             (

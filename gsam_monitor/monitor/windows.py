@@ -219,6 +219,14 @@ class WindowStore:
             self._sync_windows(phases), self.config.process_group, in_place=in_place, spread=spread
         )
 
+    def local(self, phases: Sequence[str], layers: Sequence[str]) -> tuple[dict[Key, LayerStats], set[Key]]:
+        """For a sharded log: the totals of ``layers`` (those this rank collects) in ``phases``,
+        every row flushed, not summed over ranks; all of them this rank's to compute."""
+        keys = [(name, p) for p in phases for name in layers if name not in self.disabled]
+        self.flush(keys)
+        out = {k: self.windows[k].stats for k in keys if self.windows[k].stats is not None}
+        return out, set(out)
+
     def _sync_windows(self, phases: Sequence[str]) -> sync.Windows:
         """The monitored windows of ``phases`` in the order every rank syncs them, and how to
         create the empty totals of a window this rank saw no data for."""

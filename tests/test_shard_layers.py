@@ -1,0 +1,148 @@
+"""``ComputeOptions(shard_layers=True)``: under DDP (gloo, CPU; 2 and 4 processes) each rank
+collects only the layers it owns, from its own rows; rank zero writes each layer's metrics, equal
+to scipy on its owner rank's rows; each rank allocated buffers and totals for its own layers
+only; the plan per rank falls with the world size. Outside torch.distributed one process owns
+every layer, which is said once."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, memory_report
+from gsam_monitor.monitor.ranks import layer_owners
+from tests.gloo_worker import run_gloo_worker
+from tests.reference import gsam_pdet
+from tests.tiny_models import Stack
+
+D = 4
+DEPTH = 3  # and two spare layers: over 2 ranks each owns one; over 4 ranks 0 and 3 (which owns nothing else)
+STEPS = 4
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    rng = np.random.default_rng(100 * rank + step)
+    return torch.from_numpy(rng.standard_normal((7 + rank + step % 2, D)) * (1 + rank) + rank)
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_gloo_worker(rank, world, init_file, _train, out_dir)
+
+
+def _train(rank: int, world: int, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gsam_monitor.sinks import JsonlSink
+
+    model = Stack(dim=D, depth=DEPTH)
+    model.spare = torch.nn.ModuleList(torch.nn.Linear(D, D) for _ in range(2))  # monitored, never called
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    rows: dict[str, list[list[float]]] = {f"blocks.{i}": [] for i in range(DEPTH)}
+
+    def recorder(name):  # independent hooks: every row each block outputs on this rank
+        def hook(module, args, output):
+            rows[name].extend(output.detach().double().tolist())
+
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(recorder(f"blocks.{i}"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10
+        monitor = GSAMMonitor(
+            ddp, ["blocks.*", "spare.*"], every_n_steps=STEPS, metrics=["n", "gsam"],
+            collection=CollectOptions(steps=None, max_tokens_per_layer=None, phases="train"),
+            compute=ComputeOptions(shard_layers=True),
+            sinks=[JsonlSink(os.path.join(out_dir, f"rank{rank}.jsonl"))],
+        )  # fmt: skip
+    outs = []
+    with monitor:
+        for step in range(1, STEPS + 1):
+            ddp(_batch(rank, step)).sum().backward()
+            if step == STEPS:  # before the log: the accumulation buffers this rank allocated
+                buffers = sorted(layer for layer, _ in monitor._windows.buffers)
+            outs.append(monitor.step())
+        totals = sorted(layer for layer, _ in monitor._windows.live)
+        plan = monitor.memory_report()
+    with open(os.path.join(out_dir, f"out{rank}.json"), "w") as f:
+        json.dump(
+            {"outs": outs, "rows": rows, "buffers": buffers, "totals": totals, "owners": monitor.owners,
+             "plan_layers": sorted(plan["layers"])},
+            f,
+        )  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_collects_its_own_layers_and_rank_zero_writes_them_all(tmp_path, world: int) -> None:
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn"
+    )
+    per_rank = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(world)]
+    names = [*(f"blocks.{i}" for i in range(DEPTH)), "spare.0", "spare.1"]
+    owner = {name: i % world for i, name in enumerate(names)}  # equal layers: round robin
+    for r, got in enumerate(per_rank):
+        assert got["owners"] == owner
+        mine = sorted(name for name, o in owner.items() if o == r)
+        assert got["plan_layers"] == mine
+        fired = [name for name in mine if name.startswith("blocks.")]  # the spares never fire
+        assert got["buffers"] == fired and got["totals"] == fired
+    logged = per_rank[0]["outs"][-1]
+    for name, r in owner.items():
+        if name.startswith("spare."):
+            continue
+        x = np.array(per_rank[r]["rows"][name])  # the owner's own rows: every step of the window
+        assert len(x) == sum(len(_batch(r, s)) for s in range(1, STEPS + 1))
+        assert logged[f"n/{name}"] == len(x)
+        assert logged[f"gsam/{name}"] == pytest.approx(gsam_pdet(x)[0], rel=1e-9)
+    # Each owner reports its own spare as missing: over 2 ranks one each, summed on the writer.
+    assert logged["gsam_monitor/missing_layers"] == 2
+    assert not any(key.endswith(("/spare.0", "/spare.1")) for key in logged)
+    assert all(got["outs"][-1] == {} for got in per_rank[1:])  # only rank zero writes
+    assert not any((tmp_path / f"rank{r}.jsonl").exists() for r in range(1, world))
+
+
+def test_owners_are_balanced_by_bytes_and_deterministic() -> None:
+    assert layer_owners([(f"l{i}", 10) for i in range(7)], 3) == {f"l{i}": i % 3 for i in range(7)}
+    # A wide layer first: the next ones fill the other ranks before any joins it.
+    assert layer_owners([("wide", 40), ("a", 10), ("b", 10), ("c", 10), ("d", 10), ("e", 10)], 2) == {
+        "wide": 0, "a": 1, "b": 1, "c": 1, "d": 1, "e": 0,
+    }
+
+
+def test_the_plan_per_rank_falls_with_the_world_when_sharded() -> None:
+    tr = pytest.importorskip("transformers")
+    config = tr.LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
+    with torch.device("meta"):
+        model = tr.LlamaForCausalLM(config)
+    buffer = 8 * (4096**2 + 6 * 4096) + 16
+    workspace = 2 * 1024 * 4096 * 8
+    plan = memory_report(model, 8, compute={"shard_layers": True}, ranks_per_node=8)
+    assert len(plan["layers"]) == 4 and plan["device_bytes"] == 4 * buffer + workspace
+    assert plan["device_bytes"] <= 0.6 * 2**30
+    # Host: 4 layers x 2 phases x (totals + reference); sharded logs are inline (no log copy).
+    assert plan["host_bytes"] == 4 * 2 * 2 * buffer and plan["host_bytes_per_node"] == 8 * plan["host_bytes"]
+    assert sorted(plan["owners"].values()) == sorted(list(range(8)) * 4)
+
+
+def test_sharding_without_torch_distributed_owns_every_layer_and_says_so() -> None:
+    model = Stack(dim=D, depth=2)
+    with pytest.warns(UserWarning, match=r"shard_layers=True\) in a process without torch\.distributed"):
+        monitor = GSAMMonitor(model, "auto", sinks=[], compute=ComputeOptions(shard_layers=True))
+    assert monitor.owners == {"blocks.0": 0, "blocks.1": 0} and monitor.background is False
+    x = np.random.default_rng(0).standard_normal((20, D))
+    with monitor, torch.no_grad():
+        model(torch.from_numpy(x))
+        out = monitor.log()
+    assert out["gsam/blocks.1/eval"] == pytest.approx(gsam_pdet(x)[0], rel=1e-9)  # identity blocks
+    with pytest.raises(ValueError, match=r"shard_layers=True, background=True\): sharded logs are computed inline"):
+        ComputeOptions(shard_layers=True, background=True)
