@@ -74,9 +74,9 @@ def unwrapped_layer_names(model) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory) -> Path:
-    """FSDP2 then FSDP1 in one torchrun launch (one process start-up for both)."""
+    """FSDP2, FSDP1, then FSDP2 with sharded layers in one torchrun launch (one process start-up)."""
     out = tmp_path_factory.mktemp("fsdp")
-    torchrun("fsdp2,fsdp1", out)
+    torchrun("fsdp2,fsdp1,fsdp2_sharded", out)
     return out
 
 
@@ -93,6 +93,37 @@ def test_fsdp_logs_equal_scipy_on_the_union_of_both_ranks(engine: str, fsdp_runs
     for rank in range(WORLD):
         assert json.loads((out / f"meta{rank}.json").read_text())["layer_names"] == names
     check_logs_against_the_union(out, names, EVERY, STEPS)
+
+
+def test_fsdp2_with_sharded_layers_logs_each_layer_from_its_owner_rank(fsdp_runs: Path) -> None:
+    """``ComputeOptions(shard_layers=True)`` under FSDP2: each rank holds buffers for its own
+    layers only (round robin), and rank 0 writes every layer's metrics, equal to fp64
+    numpy/scipy on the owner rank's rows of each window (the held-out score under the owner's
+    previous window)."""
+    from tests.torchrun_engines import EVERY, LAYERS, STEPS
+
+    out = fsdp_runs / "fsdp2_sharded"
+    owner = {name: i % WORLD for i, name in enumerate(LAYERS)}
+    for rank in range(WORLD):
+        meta = json.loads((out / f"meta{rank}.json").read_text())
+        assert meta["owners"] == owner
+        assert meta["buffers"] == sorted(name for name, r in owner.items() if r == rank)
+    assert not (out / "gsam1.jsonl").exists()
+    records = [json.loads(line) for line in (out / "gsam0.jsonl").read_text().splitlines()]
+    records = [r for r in records if "quantization" not in r and "alerts" not in r and "outliers" not in r]
+    assert [r["step"] for r in records] == list(range(EVERY, STEPS + 1, EVERY))
+    rows = [np.load(out / f"rank{r}.npz") for r in range(WORLD)]
+    for record in records:
+        step = record["step"]
+        for layer in LAYERS:
+            mine = rows[owner[layer]]
+
+            def window(last: int, part=mine, layer=layer) -> np.ndarray:
+                return np.concatenate([part[f"{layer}@{s}"] for s in range(last - EVERY + 1, last + 1)])
+
+            previous = window(step - EVERY) if step > EVERY else None
+            assert record[f"n/{layer}"] == window(step).shape[0]
+            assert_logged_equal(record, layer, window(step), previous, rtol=1e-9)
 
 
 def test_hf_trainer_ddp_logs_equal_scipy_on_the_union_of_both_ranks(tmp_path: Path) -> None:

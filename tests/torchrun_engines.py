@@ -6,7 +6,8 @@ Usage::
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/torchrun_engines.py ENGINES OUT_DIR
 
 ENGINES is ``fsdp2`` (``torch.distributed.fsdp.fully_shard``), ``fsdp1``
-(``FullyShardedDataParallel``), both (``fsdp2,fsdp1``: one launch, one process group), or
+(``FullyShardedDataParallel``), ``fsdp2_sharded`` (FSDP2 with ``ComputeOptions(shard_layers=True)``),
+several of them (``fsdp2,fsdp1``: one launch, one process group), or
 ``hf_ddp`` (``transformers.Trainer`` under DDP with ``GSAMTrainerCallback``). Each rank
 writes, into ``OUT_DIR/ENGINE``:
 
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gsam_monitor import CollectOptions, GSAMMonitor
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor
 from gsam_monitor.sinks import JsonlSink
 from tests.activation_recorder import Recorder
 
@@ -72,7 +73,7 @@ def batch(rank: int, step: int) -> torch.Tensor:
     return torch.randn(B, T, D, generator=g) * (1.0 + rank) + 0.5 * rank  # (B, T, d)
 
 
-def run_fsdp(version: int, out: Path, rank: int) -> None:
+def run_fsdp(version: int, out: Path, rank: int, *, shard: bool = False) -> None:
     torch.manual_seed(0)  # the same initial weights on both ranks
     net = Net()
     recorder = Recorder(net, LAYERS, lambda: step + 1)  # before wrapping: on the real modules
@@ -97,17 +98,21 @@ def run_fsdp(version: int, out: Path, rank: int) -> None:
         "auto",
         every_n_steps=EVERY,
         collection=CollectOptions(max_tokens_per_layer=None),
+        compute=ComputeOptions(shard_layers=shard),
         sinks=[JsonlSink(out / f"gsam{rank}.jsonl")],
     )
-    meta = {"layer_names": monitor.layer_names}
-    (out / f"meta{rank}.json").write_text(json.dumps(meta))
+    meta: dict = {"layer_names": monitor.layer_names}
     with monitor:
         for step in range(STEPS):
             loss = model(batch(rank, step + 1)).square().mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            if shard and step + 1 == STEPS:  # before the last log frees them: the buffers this rank holds
+                meta["buffers"] = sorted(layer for layer, _ in monitor._windows.buffers)
+                meta["owners"] = monitor.owners
             monitor.step()
+    (out / f"meta{rank}.json").write_text(json.dumps(meta))
     recorder.save(out / f"rank{rank}.npz")
 
 
@@ -156,7 +161,8 @@ def main(engines: str, out: Path) -> None:
     try:
         for engine in engines.split(","):
             (out / engine).mkdir(exist_ok=True)
-            run_fsdp({"fsdp2": 2, "fsdp1": 1}[engine], out / engine, dist.get_rank())
+            version = {"fsdp2": 2, "fsdp1": 1, "fsdp2_sharded": 2}[engine]
+            run_fsdp(version, out / engine, dist.get_rank(), shard=engine == "fsdp2_sharded")
             dist.barrier()
     finally:
         gc.collect()  # the FSDP models hold the backend too (tests/gloo_worker.py)
