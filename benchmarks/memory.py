@@ -5,8 +5,10 @@ Part 1 (no weights are allocated: the models are built on the meta device from t
 ``transformers`` configs): ``gsam_monitor.memory_report`` with the defaults (both phases,
 ``heldout_loglik``, background logs on an accelerator) for GPT-Neo-125M (12 x 768),
 GPT-Neo-1.3B (24 x 2048), Llama-2-7B (32 x 4096) and a 70B Llama shape (80 x 8192), at world
-sizes 1, 8 and 64 with 8 ranks per node: the device's planned peak (one fp64 accumulation buffer
-per layer + the update workspace), the host bytes per rank and per node.
+sizes 1, 8 and 64 with 8 ranks per node, every rank holding every layer and with
+``shard_layers=True`` (each rank its own layers; logs inline, so no log copy): the device's
+planned peak (one fp64 accumulation buffer per layer + the update workspace), the host bytes
+per rank and per node.
 
 Part 2 (measured here): one flush at d = 4096, a buffer of 20,480 rows merged into host totals
 that already hold 20,480 others (a window's second flush: its first takes the host copy itself
@@ -72,22 +74,26 @@ def shapes() -> dict[str, torch.nn.Module]:
 
 def plan_table() -> dict[str, dict[str, dict[str, float]]]:
     results: dict[str, dict[str, dict[str, float]]] = {}
-    print(f"{'model':26s} {'ranks':>5s} {'device/rank':>12s} {'host/rank':>10s} {'host/node':>10s}")
+    print(f"{'model':26s} {'ranks':>5s} {'layers':>12s} {'device/rank':>12s} {'host/rank':>10s} {'host/node':>10s}")
     for name, model in shapes().items():
         results[name] = {}
         for world in WORLDS:
-            plan = memory_report(model, world, ranks_per_node=RANKS_PER_NODE)
-            row = {
-                "device_gib": plan["device_bytes"] / GIB,
-                "host_gib": plan["host_bytes"] / GIB,
-                "host_per_node_gib": plan["host_bytes_per_node"] / GIB,
-                "layers": len(plan["layers"]),
-            }
-            results[name][str(world)] = row
-            print(
-                f"{name:26s} {world:5d} {row['device_gib']:9.3f} GiB {row['host_gib']:6.2f} GiB "
-                f"{row['host_per_node_gib']:6.1f} GiB"
-            )
+            for shard in (False, True):
+                if shard and world == 1:
+                    continue
+                plan = memory_report(model, world, ranks_per_node=RANKS_PER_NODE, compute={"shard_layers": shard})
+                row = {
+                    "device_gib": plan["device_bytes"] / GIB,
+                    "host_gib": plan["host_bytes"] / GIB,
+                    "host_per_node_gib": plan["host_bytes_per_node"] / GIB,
+                    "layers": len(plan["layers"]),
+                }
+                results[name][f"{world}{' sharded' if shard else ''}"] = row
+                layers = f"{row['layers']}{' (shard)' if shard else ''}"
+                print(
+                    f"{name:26s} {world:5d} {layers:>12s} {row['device_gib']:9.3f} GiB {row['host_gib']:6.2f} GiB "
+                    f"{row['host_per_node_gib']:6.1f} GiB"
+                )
     return results
 
 

@@ -179,3 +179,37 @@ def test_memory_report_finds_what_the_monitor_holds_after_a_run() -> None:
     assert held["device_bytes"] == per_window
     assert held["host_bytes"] == per_window
     assert held["device_bytes"] <= report["device_bytes"] and held["host_bytes"] <= report["host_bytes"]
+
+
+def test_a_frozen_forward_inside_every_training_step_gets_its_own_buffer_and_no_flush_per_step() -> None:
+    """A no_grad forward inside each training step (a reference model's, DPO-style, or an
+    evaluation probe) goes to the eval window's own buffer: the buffers are flushed at the logs
+    only, never per step, and both windows equal numpy on their rows."""
+    model = Stack(dim=D, depth=1)
+    monitor = _monitor(
+        model,
+        every_n_steps=5,
+        collection=CollectOptions(steps=None, max_tokens_per_layer=None),
+        metrics=["n", "gsam"],
+    )
+    flushed: list[tuple[str, int]] = []
+
+    def counting(buffer):
+        flushed.append((monitor.step_count, int(buffer.count)))
+        return host_copy(buffer)
+
+    monitor._windows.transfer = counting
+    train = [_rows(t, 15, 0.0) for t in range(10)]
+    frozen = [_rows(100 + t, 6, 5.0) for t in range(10)]
+    outs = []
+    with monitor:
+        for t in range(10):
+            model(torch.from_numpy(train[t]).requires_grad_()).sum().backward()
+            with torch.no_grad():
+                model(torch.from_numpy(frozen[t]))
+            outs.append(monitor.step())
+    # Two logs (steps 5 and 10), each flushing the two windows' buffers once: 4 transfers in all.
+    assert [step for step, _ in flushed] == [5, 5, 10, 10]
+    assert sorted(n for _, n in flushed) == [30, 30, 75, 75]
+    assert outs[9]["gsam/blocks.0"] == pytest.approx(gsam_pdet(np.concatenate(train[5:]))[0], rel=1e-9)
+    assert outs[9]["gsam/blocks.0/eval"] == pytest.approx(gsam_pdet(np.concatenate(frozen[5:]))[0], rel=1e-9)
