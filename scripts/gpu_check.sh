@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run of at most 5 minutes on one CUDA GPU: every `gpu`-marked test and
-# the bf16 training-step benchmark (benchmarks/gpu_step.py). One PASS/FAIL line per check, a
+# The GPU checks, in one run of at most 5 minutes on one CUDA GPU: every `gpu`-marked test,
+# the bf16 training-step benchmark (benchmarks/gpu_step.py) and the memory checks
+# (benchmarks/gpu_memory.py: device memory against the plan, the flush, no host sync). One PASS/FAIL line per check, a
 # summary line last; exit status 1 when anything failed. Results go under $OUT when it is set
-# (gpu_tests.xml, gpu_tests.log, gpu_step.json, versions.txt).
+# (gpu_tests.xml, gpu_tests.log, gpu_step.json, gpu_memory.json, versions.txt).
 #
 # Usage, from anywhere:   bash scripts/gpu_check.sh
 #                         bash scripts/gpu_check.sh --cpu-dry-run   (the script's own logic on a CPU
@@ -112,6 +113,28 @@ if [ $rc -eq 124 ]; then
     verdict FAIL gpu_step "timed out after $left s"
 elif [ $rc -ne 0 ] && ! grep -q "^FAIL " <<< "$bench"; then
     verdict FAIL gpu_step "exit status $rc without a FAIL line (crashed?)"
+fi
+
+# 5. The memory checks: the monitor's device memory against its plan, the flush, no host sync.
+left=$((BUDGET_S - (SECONDS - start) - 5))
+[ $left -lt 30 ] && left=30
+mem_args=()
+[ $dry_run -eq 1 ] && mem_args=(--device cpu --tiny)
+[ -n "$out_dir" ] && mem_args+=(--json "$out_dir/gpu_memory.json")
+mem=$(timeout "$left" "$PY" benchmarks/gpu_memory.py ${mem_args[@]+"${mem_args[@]}"} 2>&1)
+rc=$?
+echo "$mem" | grep -v "^PASS \|^FAIL \|^SKIP " | tail -n 10
+while read -r line; do
+    case "$line" in
+        PASS\ *) passes=$((passes + 1)); echo "$line" ;;
+        FAIL\ *) fails=$((fails + 1)); echo "$line" ;;
+        SKIP\ *) echo "$line" ;;
+    esac
+done <<< "$mem"
+if [ $rc -eq 124 ]; then
+    verdict FAIL gpu_memory "timed out after $left s"
+elif [ $rc -ne 0 ] && ! grep -q "^FAIL " <<< "$mem"; then
+    verdict FAIL gpu_memory "exit status $rc without a FAIL line (crashed?)"
 fi
 
 elapsed=$((SECONDS - start))

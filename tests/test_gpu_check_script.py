@@ -47,3 +47,19 @@ def test_gpu_step_benchmark_runs_its_checks_on_a_tiny_model(tmp_path: Path, monk
     lines = [line for line in capsys.readouterr().out.splitlines() if line.split(" ")[0] in ("PASS", "FAIL", "SKIP")]
     assert [line.split(" ")[1].rstrip(":") for line in lines] == list(checks)
     sys.modules.pop("gpu_step", None)
+
+
+def test_gpu_memory_benchmark_runs_its_checks_on_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
+    """The memory checks' logic on a tiny Llama on CPU: one log without a monitor error, the
+    flush timed, the CUDA-only checks skipped with their reason."""
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_memory
+
+    out = tmp_path / "gpu_memory.json"
+    results = gpu_memory.main(["--device", "cpu", "--tiny", "--json", str(out)])
+    assert json.loads(out.read_text()) == results
+    checks = results["checks"]
+    assert checks["memory_plan"]["status"] == "SKIP" and checks["no_sync"]["status"] == "SKIP"
+    assert checks["flush"]["status"] == "PASS" and checks["flush"]["ms_per_layer"] > 0
+    assert results["plan_device_bytes"] == 2 * (8 * (64 * 64 + 6 * 64) + 16) + 2 * (2**22 // 64) * 64 * 8
