@@ -93,48 +93,45 @@ else
     verdict FAIL gpu_tests "pytest exit status $rc: $summary"
 fi
 
-# 4. The training-step benchmark: its own PASS/FAIL/SKIP lines.
-left=$((BUDGET_S - (SECONDS - start) - 5))
-[ $left -lt 30 ] && left=30
-bench_args=()
-[ $dry_run -eq 1 ] && bench_args=(--device cpu --tiny --steps 3 --reps 1)
-[ -n "$out_dir" ] && bench_args+=(--json "$out_dir/gpu_step.json")
-bench=$(timeout "$left" "$PY" benchmarks/gpu_step.py ${bench_args[@]+"${bench_args[@]}"} 2>&1)
-rc=$?
-echo "$bench" | grep -v "^PASS \|^FAIL \|^SKIP " | tail -n 20
-while read -r line; do
-    case "$line" in
-        PASS\ *) passes=$((passes + 1)); echo "$line" ;;
-        FAIL\ *) fails=$((fails + 1)); echo "$line" ;;
-        SKIP\ *) echo "$line" ;;
-    esac
-done <<< "$bench"
-if [ $rc -eq 124 ]; then
-    verdict FAIL gpu_step "timed out after $left s"
-elif [ $rc -ne 0 ] && ! grep -q "^FAIL " <<< "$bench"; then
-    verdict FAIL gpu_step "exit status $rc without a FAIL line (crashed?)"
+# A benchmark that prints its own PASS/FAIL/SKIP lines, within what is left of the budget:
+# bench NAME SCRIPT [ARGS...] (a --json file under $OUT when it is set).
+bench() {
+    local name=$1 script=$2
+    shift 2
+    local left=$((BUDGET_S - (SECONDS - start) - 5))
+    [ $left -lt 30 ] && left=30
+    local args=("$@")
+    [ -n "$out_dir" ] && args+=(--json "$out_dir/$name.json")
+    local output rc line
+    output=$(timeout "$left" "$PY" "$script" ${args[@]+"${args[@]}"} 2>&1)
+    rc=$?
+    echo "$output" | grep -v "^PASS \|^FAIL \|^SKIP " | tail -n 20
+    while read -r line; do
+        case "$line" in
+            PASS\ *) passes=$((passes + 1)); echo "$line" ;;
+            FAIL\ *) fails=$((fails + 1)); echo "$line" ;;
+            SKIP\ *) echo "$line" ;;
+        esac
+    done <<< "$output"
+    if [ $rc -eq 124 ]; then
+        verdict FAIL "$name" "timed out after $left s"
+    elif [ $rc -ne 0 ] && ! grep -q "^FAIL " <<< "$output"; then
+        verdict FAIL "$name" "exit status $rc without a FAIL line (crashed?)"
+    fi
+}
+
+# 4. The training-step benchmark.
+if [ $dry_run -eq 1 ]; then
+    bench gpu_step benchmarks/gpu_step.py --device cpu --tiny --steps 3 --reps 1
+else
+    bench gpu_step benchmarks/gpu_step.py
 fi
 
 # 5. The memory checks: the monitor's device memory against its plan, the flush, no host sync.
-left=$((BUDGET_S - (SECONDS - start) - 5))
-[ $left -lt 30 ] && left=30
-mem_args=()
-[ $dry_run -eq 1 ] && mem_args=(--device cpu --tiny)
-[ -n "$out_dir" ] && mem_args+=(--json "$out_dir/gpu_memory.json")
-mem=$(timeout "$left" "$PY" benchmarks/gpu_memory.py ${mem_args[@]+"${mem_args[@]}"} 2>&1)
-rc=$?
-echo "$mem" | grep -v "^PASS \|^FAIL \|^SKIP " | tail -n 10
-while read -r line; do
-    case "$line" in
-        PASS\ *) passes=$((passes + 1)); echo "$line" ;;
-        FAIL\ *) fails=$((fails + 1)); echo "$line" ;;
-        SKIP\ *) echo "$line" ;;
-    esac
-done <<< "$mem"
-if [ $rc -eq 124 ]; then
-    verdict FAIL gpu_memory "timed out after $left s"
-elif [ $rc -ne 0 ] && ! grep -q "^FAIL " <<< "$mem"; then
-    verdict FAIL gpu_memory "exit status $rc without a FAIL line (crashed?)"
+if [ $dry_run -eq 1 ]; then
+    bench gpu_memory benchmarks/gpu_memory.py --device cpu --tiny
+else
+    bench gpu_memory benchmarks/gpu_memory.py
 fi
 
 elapsed=$((SECONDS - start))

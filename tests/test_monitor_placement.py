@@ -14,7 +14,7 @@ import torch
 from gsam_monitor import CollectOptions, GSAMMonitor, MonitorError, WindowOptions, memory_report
 from gsam_monitor.monitor.window import host_copy
 from tests.reference import gsam_pdet, mle_cov
-from tests.tiny_models import Stack
+from tests.tiny_models import Stack, llama_7b_on_meta
 
 D = 12
 
@@ -141,12 +141,8 @@ def test_ema_decay_reaches_the_totals_at_the_flush_with_training_collection_park
 
 
 def test_a_llama_7b_shape_is_accepted_with_its_buffers_on_the_device_and_its_totals_on_the_host() -> None:
-    tr = pytest.importorskip("transformers")
-    config = tr.LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
-    )
-    with torch.device("meta"):
-        model = tr.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    model = llama_7b_on_meta()
     plan = memory_report(model)
     buffer = 8 * (4096**2 + 6 * 4096) + 16  # one fp64 d x d accumulation buffer (and 6 vectors)
     workspace = 2 * 1024 * 4096 * 8  # the update kernel's two fp64 chunks of 2**22 / 4096 rows

