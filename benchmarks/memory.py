@@ -6,7 +6,7 @@ Part 1 (no weights are allocated: the models are built on the meta device from t
 ``heldout_loglik``, background logs on an accelerator) for GPT-Neo-125M (12 x 768),
 GPT-Neo-1.3B (24 x 2048), Llama-2-7B (32 x 4096) and a 70B Llama shape (80 x 8192), at world
 sizes 1, 8 and 64 with 8 ranks per node, every rank holding every layer and with
-``shard_layers=True`` (each rank its own layers; logs inline, so no log copy): the device's
+``shard_layers=True`` (each rank its own layers): the device's
 planned peak (one fp64 accumulation buffer per layer + the update workspace), the host bytes
 per rank and per node.
 

@@ -30,11 +30,11 @@ def _batch(rank: int, step: int) -> torch.Tensor:
     return torch.from_numpy(rng.standard_normal((7 + rank + step % 2, D)) * (1 + rank) + rank)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    run_gloo_worker(rank, world, init_file, _train, out_dir)
+def _worker(rank: int, world: int, init_file: str, out_dir: str, background: bool) -> None:
+    run_gloo_worker(rank, world, init_file, _train, out_dir, background)
 
 
-def _train(rank: int, world: int, out_dir: str) -> None:
+def _train(rank: int, world: int, out_dir: str, background: bool) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from gsam_monitor.sinks import JsonlSink
@@ -57,7 +57,7 @@ def _train(rank: int, world: int, out_dir: str) -> None:
         monitor = GSAMMonitor(
             ddp, ["blocks.*", "spare.*"], every_n_steps=STEPS, metrics=["n", "gsam"],
             collection=CollectOptions(steps=None, max_tokens_per_layer=None, phases="train"),
-            compute=ComputeOptions(shard_layers=True),
+            compute=ComputeOptions(shard_layers=True, background=background),
             sinks=[JsonlSink(os.path.join(out_dir, f"rank{rank}.jsonl"))],
         )  # fmt: skip
     outs = []
@@ -67,23 +67,27 @@ def _train(rank: int, world: int, out_dir: str) -> None:
             if step == STEPS:  # before the log: the accumulation buffers this rank allocated
                 buffers = sorted(layer for layer, _ in monitor._windows.buffers)
             outs.append(monitor.step())
-        totals = sorted(layer for layer, _ in monitor._windows.live)
+        # The totals this rank holds: its own windows, or (background) the log's snapshot of them.
+        totals = sorted(layer for layer, _ in monitor._windows.live) if not background else buffers
         plan = monitor.memory_report()
+    # Leaving the block wrote a background log, gathered from every rank on the writer.
     with open(os.path.join(out_dir, f"out{rank}.json"), "w") as f:
         json.dump(
             {"outs": outs, "rows": rows, "buffers": buffers, "totals": totals, "owners": monitor.owners,
-             "plan_layers": sorted(plan["layers"])},
+             "plan_layers": sorted(plan["layers"]), "last": monitor.last_metrics},
             f,
         )  # fmt: skip
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world", [2, 4])
-def test_each_rank_collects_its_own_layers_and_rank_zero_writes_them_all(tmp_path, world: int) -> None:
+@pytest.mark.parametrize(("world", "background"), [(2, False), (4, False), (4, True)])
+def test_each_rank_collects_its_own_layers_and_rank_zero_writes_them_all(
+    tmp_path, world: int, background: bool
+) -> None:
     import torch.multiprocessing as mp
 
     mp.start_processes(
-        _worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn"
+        _worker, args=(world, str(tmp_path / "init"), str(tmp_path), background), nprocs=world, start_method="spawn"
     )
     per_rank = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(world)]
     names = [*(f"blocks.{i}" for i in range(DEPTH)), "spare.0", "spare.1"]
@@ -94,7 +98,10 @@ def test_each_rank_collects_its_own_layers_and_rank_zero_writes_them_all(tmp_pat
         assert got["plan_layers"] == mine
         fired = [name for name in mine if name.startswith("blocks.")]  # the spares never fire
         assert got["buffers"] == fired and got["totals"] == fired
-    logged = per_rank[0]["outs"][-1]
+    logged = per_rank[0]["last"]
+    # Inline, the log step returned the metrics; in the background, the log was only submitted
+    # there and reached the writer when the monitor closed.
+    assert per_rank[0]["outs"][-1] == (None if background else logged)
     for name, r in owner.items():
         if name.startswith("spare."):
             continue
@@ -105,7 +112,8 @@ def test_each_rank_collects_its_own_layers_and_rank_zero_writes_them_all(tmp_pat
     # Each owner reports its own spare as missing: over 2 ranks one each, summed on the writer.
     assert logged["gsam_monitor/missing_layers"] == 2
     assert not any(key.endswith(("/spare.0", "/spare.1")) for key in logged)
-    assert all(got["outs"][-1] == {} for got in per_rank[1:])  # only rank zero writes
+    # Only rank zero writes: the others get {} from an inline log step, and nothing at all later.
+    assert all(got["outs"][-1] == (None if background else {}) and got["last"] == {} for got in per_rank[1:])
     assert not any((tmp_path / f"rank{r}.jsonl").exists() for r in range(1, world))
 
 
@@ -125,8 +133,8 @@ def test_the_plan_per_rank_falls_with_the_world_when_sharded() -> None:
     plan = memory_report(model, 8, compute={"shard_layers": True}, ranks_per_node=8)
     assert len(plan["layers"]) == 4 and plan["device_bytes"] == 4 * buffer + workspace
     assert plan["device_bytes"] <= 0.6 * 2**30
-    # Host: 4 layers x 2 phases x (totals + reference); sharded logs are inline (no log copy).
-    assert plan["host_bytes"] == 4 * 2 * 2 * buffer and plan["host_bytes_per_node"] == 8 * plan["host_bytes"]
+    # Host: 4 layers x 2 phases x (totals + reference + the background log's copy).
+    assert plan["host_bytes"] == 4 * 2 * 3 * buffer and plan["host_bytes_per_node"] == 8 * plan["host_bytes"]
     assert sorted(plan["owners"].values()) == sorted(list(range(8)) * 4)
 
 
@@ -134,11 +142,9 @@ def test_sharding_without_torch_distributed_owns_every_layer_and_says_so() -> No
     model = Stack(dim=D, depth=2)
     with pytest.warns(UserWarning, match=r"shard_layers=True\) in a process without torch\.distributed"):
         monitor = GSAMMonitor(model, "auto", sinks=[], compute=ComputeOptions(shard_layers=True))
-    assert monitor.owners == {"blocks.0": 0, "blocks.1": 0} and monitor.background is False
+    assert monitor.owners == {"blocks.0": 0, "blocks.1": 0} and monitor.background is False  # a CPU model
     x = np.random.default_rng(0).standard_normal((20, D))
     with monitor, torch.no_grad():
         model(torch.from_numpy(x))
         out = monitor.log()
     assert out["gsam/blocks.1/eval"] == pytest.approx(gsam_pdet(x)[0], rel=1e-9)  # identity blocks
-    with pytest.raises(ValueError, match=r"shard_layers=True, background=True\): sharded logs are computed inline"):
-        ComputeOptions(shard_layers=True, background=True)

@@ -183,7 +183,7 @@ class MonitorConfig:
         device = torch.device("cpu") if param is None else param.device
         background = compute.background
         if background is None:
-            background = device.type != "cpu" and not compute.shard_layers
+            background = device.type != "cpu"
         heldout = bool(REFERENCE_METRICS & set(metric_names))
         alert_rules = _rules_for(parse_alert_rules(alerts), metric_names, explicit=alerts != "default")
         distributed = ranks.world_size(process_group) > 1

@@ -468,7 +468,7 @@ class GSAMMonitor:
         """The monitor's state: tensors and plain values only, so that
         ``torch.load(path, weights_only=True)`` can read it back. A log still being computed
         in the background is waited for and written first."""
-        self.flush()  # a log still being computed reaches the sinks before the checkpoint
+        self._logs.settle()  # a log still being computed reaches the sinks (or, sharded, waits) first
         return {
             "format": STATE_FORMAT,
             "version": 1,

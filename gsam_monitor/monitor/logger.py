@@ -70,6 +70,11 @@ class WindowLogger:
         self._fanout = fanout
         self._faults = faults
         self._background = BackgroundLogger()
+        # Sharded background logs: each rank computes its own layers on its worker; the results
+        # meet on the writer at the next collective point (a log step, log(), close()).
+        self._sharded_background = config.shard_layers and config.background
+        self._awaiting: int | None = None  # the step of this rank's sharded log not gathered yet
+        self._held: LogResult | None = None  # its result, when a state_dict() waited for it
         self.diagnostics = Diagnostics(config.alert_rules)
 
     def on_step(self, step_count: int, schedule: Schedule) -> dict[str, float] | None:
@@ -110,6 +115,9 @@ class WindowLogger:
     def submit(self, step: int) -> None:
         """Sync the windows now, hand them to the background logger and start the next ones
         (the caller has written the previous log)."""
+        if self._sharded_background:
+            self._submit_sharded(step)
+            return
         n_logs, snapshot = self.n_logs, None
         try:
             # A background log is computed on the writer alone (a collective from the worker
@@ -133,12 +141,50 @@ class WindowLogger:
             )
             self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
 
+    def _submit_sharded(self, step: int) -> None:
+        """A sharded background log: this rank's own windows to its worker (the active phases
+        and the attention windows agreed now, on the training thread); every rank takes part,
+        also one owning nothing, so that the gather of the results meets on every rank."""
+        phases, n_logs = self.config.phases, self.n_logs
+        try:
+            windows, owned = self._windows.local(phases, self.own)
+            active = ranks.active_phases(windows, phases, self.config.process_group)
+            attention = self._windows.close_attention(phases)
+            refs = self._windows.references_for(owned)
+            snapshot = self._windows.hand_off(windows)
+            job = functools.partial(
+                self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled),
+                owned=set(snapshot), attention=attention if self._is_writer() else None, active=active,
+            )  # fmt: skip
+            self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
+        except Exception as err:
+            self._held = LogResult(step, errors=[(err, "log", f"step {step}")])
+        self._awaiting = step
+        self._count(step)
+
     def flush(self) -> dict[str, float]:
-        """Wait for a log being computed in the background and write it; ``{}`` if none."""
+        """Wait for a log being computed in the background and write it; ``{}`` if none. With
+        sharded layers a collective: every rank calls it (``step``, ``log``, ``close`` do)."""
         return self.drain(wait=True) or {}
 
+    def settle(self) -> None:
+        """Wait for this rank's background log without writing it where writing it would need
+        the other ranks (sharded layers: ``state_dict()`` may run on one rank only); else ``flush``."""
+        if not self._sharded_background:
+            self.flush()
+        elif self._awaiting is not None and self._held is None:
+            self._held = self._background.drain(wait=True)
+
     def drain(self, *, wait: bool) -> dict[str, float] | None:
-        """Write the background log's result if it is ready (or, with ``wait``, once it is)."""
+        """Write the background log's result if it is ready (or, with ``wait``, once it is).
+        Sharded results are gathered to the writer only when waited for: every rank waits at
+        the same calls."""
+        if self._sharded_background:
+            if not wait or self._awaiting is None:
+                return None
+            result = self._held or self._background.drain(wait=True) or LogResult(self._awaiting)
+            self._awaiting, self._held = None, None
+            return self._publish(self._gather(result))
         result = self._background.drain(wait=wait)
         return None if result is None else self._publish(result)
 

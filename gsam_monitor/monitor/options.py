@@ -193,9 +193,11 @@ class ComputeOptions:
             buffers and totals, and a log moves no d x d tensor between ranks. A layer's
             statistics describe its owner rank's share of each batch (a uniform subsample, like
             the token cap), not the union. The group must be the data-parallel one (under tensor
-            or pipeline parallelism pass it as ``process_group=``). Logs are computed inline
-            (``background=None`` resolves to False). Default False: every rank collects every
-            layer and each log sums the windows over the ranks (the exact union).
+            or pipeline parallelism pass it as ``process_group=``). Background logs are computed
+            by each owner on its own worker thread and reach the writer at the next log step
+            (or ``log()``/``close()``), gathered on the training thread. Default False: every
+            rank collects every layer and each log sums the windows over the ranks (the exact
+            union).
         max_host_bytes: The host budget: refuse configurations whose totals, references and
             log copies (``gsam_monitor.monitor.state_bytes_per_layer`` per layer) would exceed
             this many bytes of host memory per rank; ``None`` (default) for no limit.
@@ -235,11 +237,6 @@ class ComputeOptions:
             ))
         if not isinstance(self.shard_layers, bool):
             raise TypeError(f"ComputeOptions(shard_layers=) must be True or False; got {self.shard_layers!r}.")
-        if self.shard_layers and self.background:
-            raise ValueError(
-                "ComputeOptions(shard_layers=True, background=True): sharded logs are computed inline on the ranks "
-                "that own the layers; pass background=False (or None)."
-            )
         if self.max_host_bytes is not None:
             _set(self, "max_host_bytes", positive_int(
                 self.max_host_bytes, "ComputeOptions(max_host_bytes=)", " (or None for no limit)"
