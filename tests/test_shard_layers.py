@@ -140,8 +140,9 @@ def test_the_plan_per_rank_falls_with_the_world_when_sharded() -> None:
 
 def test_sharding_without_torch_distributed_owns_every_layer_and_says_so() -> None:
     model = Stack(dim=D, depth=2)
-    with pytest.warns(UserWarning, match=r"shard_layers=True\) in a process without torch\.distributed"):
+    with pytest.warns(UserWarning, match=r"shard_layers=True\) in a process without torch\.distributed") as record:
         monitor = GSAMMonitor(model, "auto", sinks=[], compute=ComputeOptions(shard_layers=True))
+    assert [w.filename for w in record] == [__file__]  # said once, at the caller's line
     assert monitor.owners == {"blocks.0": 0, "blocks.1": 0} and monitor.background is False  # a CPU model
     x = np.random.default_rng(0).standard_normal((20, D))
     with monitor, torch.no_grad():

@@ -236,6 +236,22 @@ class MonitorConfig:
         """Bytes of ``copies`` windows of feature size ``dim``."""
         return LayerStats.state_bytes(dim, self.state_dtype) * copies
 
+    def layer_owners(self, targets: Sequence[LayerTarget]) -> dict[str, int] | None:
+        """Under ``shard_layers`` the group rank collecting each layer in the world the monitor
+        runs in; ``None`` otherwise (every rank collects every layer). A process alone in its
+        group owns every layer, which is said once (``UserWarning``)."""
+        if not self.shard_layers:
+            return None
+        world = ranks.world_size(self.process_group)
+        if world == 1:
+            warnings.warn(
+                "GSAMMonitor: ComputeOptions(shard_layers=True) in a process without torch.distributed (or a process "
+                "group of one rank): this process is the only rank and collects every layer.",
+                UserWarning,
+                stacklevel=3,  # the line that builds the GSAMMonitor
+            )
+        return self.owners(targets, world)
+
     def owners(self, targets: Sequence[LayerTarget], world: int) -> dict[str, int]:
         """The group rank that collects each layer under ``shard_layers`` (``ranks.layer_owners``,
         by bytes; a layer of unknown width counts as the widest known one)."""

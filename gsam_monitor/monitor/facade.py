@@ -192,7 +192,7 @@ class GSAMMonitor:
                 "flush", repr(layer_key(*key)), err, outcome="its rows stay in its buffer for the next flush"
             ),
         )
-        self.owners = self._layer_owners()
+        self.owners = config.layer_owners(self.targets)
         mine = ranks.group_rank(config.process_group)
         collected = [t for t in self.targets if self.owners is None or self.owners[t.name] == mine]
         self._capture = ActivationCapture(
@@ -205,22 +205,6 @@ class GSAMMonitor:
         )
         self._hooks = HookSwitch(self.schedule, self._capture.switch)
         self.step_count = 0
-
-    def _layer_owners(self) -> dict[str, int] | None:
-        """Under ``ComputeOptions(shard_layers=True)`` the group rank collecting each layer; ``None``
-        otherwise (every rank collects every layer). A process alone in its group owns every
-        layer, which is said once."""
-        if not self.config.shard_layers:
-            return None
-        world = ranks.world_size(self.config.process_group)
-        if world == 1:
-            warnings.warn(
-                "GSAMMonitor: ComputeOptions(shard_layers=True) in a process without torch.distributed (or a process "
-                "group of one rank): this process is the only rank and collects every layer.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return self.config.owners(self.targets, world)
 
     every_n_steps = _setting("every_n_steps")
     window = _setting("window")
@@ -427,16 +411,12 @@ class GSAMMonitor:
             and ``"held": {"device_bytes", "host_bytes"}``: the bytes of the buffers and of
             the host state (totals, references, samples) right now.
         """
-        seen = {key[0]: w.dim for key, w in {**self._windows.live, **self._windows.buffers}.items()}
+        seen = self._windows.widths()
         targets = [t if t.dim is not None or t.name not in seen else replace(t, dim=seen[t.name]) for t in self.targets]
         world = ranks.world_size(self.process_group) if world_size is None else world_size
         mine = ranks.group_rank(self.process_group) if world_size is None and self.config.shard_layers else None
         plan = self.config.plan(targets, world_size=world, ranks_per_node=ranks_per_node, rank=mine)
-        host = [*self._windows.live.values(), *self._windows.references.values()]
-        plan["held"] = {
-            "device_bytes": sum(b.nbytes for b in self._windows.buffers.values()),
-            "host_bytes": sum(s.nbytes for s in host),
-        }
+        plan["held"] = self._windows.held_bytes()
         return plan
 
     # ------------------------------------------------------------------ state

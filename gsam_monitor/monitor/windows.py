@@ -87,6 +87,19 @@ class WindowStore:
         """Every window's reference, by key (those that exist)."""
         return {k: w.reference for k, w in self.windows.items() if w.reference is not None}
 
+    def widths(self) -> dict[str, int]:
+        """The feature size of every layer that has statistics (a buffer or totals)."""
+        return {key[0]: s.dim for key, s in {**self.live, **self.buffers}.items()}
+
+    def held_bytes(self) -> dict[str, int]:
+        """What the windows hold now: ``{"device_bytes": the buffers, "host_bytes": the totals
+        and references}`` (the buffers live where the activations are: on a CPU run, the host)."""
+        host = [*self.live.values(), *self.references.values()]
+        return {
+            "device_bytes": sum(b.nbytes for b in self.buffers.values()),
+            "host_bytes": sum(s.nbytes for s in host),
+        }
+
     def sample(self, key: Key) -> ReservoirSample | None:
         """The reservoir sample of ``key`` (``None`` before its first rows)."""
         return self.windows[key].sample

@@ -57,6 +57,26 @@ _SUM_FIELDS = ("count", "sum", "gram", "power3", "power4", "unit_sum", "product_
 _MAX_FIELDS = ("absmax",)
 
 
+def _check_rows(x: torch.Tensor, mask: torch.Tensor | None, dim: int) -> None:
+    """``LayerStats.update``'s arguments: rows ``(..., dim)`` of a floating dtype and a mask of
+    their leading shape.
+
+    Raises:
+        ValueError: naming the shape or dtype expected and the one given.
+    """
+    if x.dim() < 1 or x.shape[-1] != dim:
+        raise ValueError(
+            f"x must have shape (..., {dim}); got {tuple(x.shape)}. Check that the "
+            f"monitored layer's feature size matches LayerStats(dim={dim})."
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor; got dtype {x.dtype}.")
+    if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"mask must have shape {tuple(x.shape[:-1])} (x without its last dim); got {tuple(mask.shape)}."
+        )
+
+
 class LayerStats(Moments):
     """Streaming first to fourth moments of row vectors, sum-reducible and exact.
 
@@ -211,17 +231,7 @@ class LayerStats(Moments):
         Raises:
             ValueError: if the last dimension is not ``dim`` or the mask shape does not match.
         """
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"x must have shape (..., {self.dim}); got {tuple(x.shape)}. Check that the "
-                f"monitored layer's feature size matches LayerStats(dim={self.dim})."
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a floating tensor; got dtype {x.dtype}.")
-        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(
-                f"mask must have shape {tuple(x.shape[:-1])} (x without its last dim); got {tuple(mask.shape)}."
-            )
+        _check_rows(x, mask, self.dim)
         dev = self.device
         # A non-blocking copy is safe only into device memory, which later kernels read in
         # stream order; into host memory the CPU would read the buffer before it is filled.
