@@ -179,7 +179,8 @@ class ComputeOptions:
             one log is in flight. ``None``: in the background when the model is on an
             accelerator, inline on CPU (where a thread would compete with training for the
             same cores). ``GSAMMonitor.log()`` is always inline.
-        state_dtype: Dtype of the accumulated moments (fp64; fp32 halves the memory).
+        state_dtype: Dtype of the accumulation buffers on the device (fp64; fp32 halves their
+            memory); the totals on the host are fp64 whatever it is.
         product_dtype: Dtype of the per-batch Gram products (``None``: the precision policy's
             choice for the device, ``"native"``: the activations' own; see ``LayerStats``).
         max_state_bytes: The device budget: refuse configurations whose accumulation buffers
