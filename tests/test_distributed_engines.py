@@ -1,5 +1,6 @@
-"""Real distributed engines under ``torchrun`` (2 processes, gloo, CPU), no stand-ins: FSDP2
-(``fully_shard``), FSDP1 (``FullyShardedDataParallel``) and the HF ``Trainer`` under DDP.
+"""Real distributed engines under ``torchrun`` (2 processes, gloo, CPU; 4 for FSDP2 with sharded
+layers), no stand-ins: FSDP2 (``fully_shard``), FSDP1 (``FullyShardedDataParallel``) and the HF
+``Trainer`` under DDP.
 
 Each rank records its own activations with independent forward hooks
 (``tests/torchrun_engines.py``); here, in the test process, every metric rank 0's JSONL sink
@@ -25,13 +26,13 @@ WORLD = 2
 pytestmark = pytest.mark.distributed
 
 
-def torchrun(engines: str, out: Path) -> None:
-    """``python -m torch.distributed.run --standalone`` (a free port of its own) with 2 workers."""
+def torchrun(engines: str, out: Path, world: int = WORLD) -> None:
+    """``python -m torch.distributed.run --standalone`` (a free port of its own) with ``world`` workers."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # a test run inside another launcher must not inherit its rendezvous
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
          str(REPO / "tests" / "torchrun_engines.py"), engines, str(out)],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
@@ -95,24 +96,35 @@ def test_fsdp_logs_equal_scipy_on_the_union_of_both_ranks(engine: str, fsdp_runs
     check_logs_against_the_union(out, names, EVERY, STEPS)
 
 
-def test_fsdp2_with_sharded_layers_logs_each_layer_from_its_owner_rank(fsdp_runs: Path) -> None:
-    """``ComputeOptions(shard_layers=True)`` under FSDP2: each rank holds buffers for its own
-    layers only (round robin), and rank 0 writes every layer's metrics, equal to fp64
-    numpy/scipy on the owner rank's rows of each window (the held-out score under the owner's
-    previous window)."""
+@pytest.fixture(scope="module")
+def fsdp2_sharded_on_4(tmp_path_factory) -> Path:
+    """FSDP2 with sharded layers over 4 processes (the 3 blocks: rank 3 owns none)."""
+    out = tmp_path_factory.mktemp("fsdp4")
+    torchrun("fsdp2_sharded", out, world=4)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_with_sharded_layers_logs_each_layer_from_its_owner_rank(
+    world: int, fsdp_runs: Path, fsdp2_sharded_on_4: Path
+) -> None:
+    """``ComputeOptions(shard_layers=True)`` under FSDP2 over 2 and 4 processes: each rank holds
+    buffers for its own layers only (round robin), and rank 0 writes every layer's metrics, equal
+    to fp64 numpy/scipy on the owner rank's rows of each window (the held-out score under the
+    owner's previous window)."""
     from tests.torchrun_engines import EVERY, LAYERS, STEPS
 
-    out = fsdp_runs / "fsdp2_sharded"
-    owner = {name: i % WORLD for i, name in enumerate(LAYERS)}
-    for rank in range(WORLD):
+    out = (fsdp_runs if world == 2 else fsdp2_sharded_on_4) / "fsdp2_sharded"
+    owner = {name: i % world for i, name in enumerate(LAYERS)}
+    for rank in range(world):
         meta = json.loads((out / f"meta{rank}.json").read_text())
         assert meta["owners"] == owner
         assert meta["buffers"] == sorted(name for name, r in owner.items() if r == rank)
-    assert not (out / "gsam1.jsonl").exists()
+    assert not any((out / f"gsam{r}.jsonl").exists() for r in range(1, world))
     records = [json.loads(line) for line in (out / "gsam0.jsonl").read_text().splitlines()]
     records = [r for r in records if "quantization" not in r and "alerts" not in r and "outliers" not in r]
     assert [r["step"] for r in records] == list(range(EVERY, STEPS + 1, EVERY))
-    rows = [np.load(out / f"rank{r}.npz") for r in range(WORLD)]
+    rows = [np.load(out / f"rank{r}.npz") for r in range(world)]
     for record in records:
         step = record["step"]
         for layer in LAYERS:
