@@ -18,7 +18,7 @@ Interval windows are never copied: a background log takes the synced totals them
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from gsam_monitor.monitor.options import (
     CollectOptions,
     ComputeOptions,
     WindowOptions,
+    as_options,
 )
 from gsam_monitor.stats import LayerStats
 
@@ -153,9 +154,9 @@ class MonitorConfig:
         *,
         every_n_steps: int,
         metrics: str | Iterable[str],
-        collection: CollectOptions,
-        windows: WindowOptions,
-        compute: ComputeOptions,
+        collection: CollectOptions | Mapping[str, Any] | None,
+        windows: WindowOptions | Mapping[str, Any] | None,
+        compute: ComputeOptions | Mapping[str, Any] | None,
         alerts: str | Iterable[Any] | None,
         process_group: Any,
     ) -> MonitorConfig:
@@ -169,6 +170,9 @@ class MonitorConfig:
                 unknown metric, a bad alert rule.
         """
         every = positive_int(every_n_steps, "every_n_steps", " (e.g. every_n_steps=100)")
+        collection = as_options(collection, CollectOptions, "collection")  # a group, a dict of its fields, or None
+        windows = as_options(windows, WindowOptions, "windows")
+        compute = as_options(compute, ComputeOptions, "compute")
         # "auto" parks the hooks only once training steps are counted: an inference script that
         # never calls step() sees every forward.
         auto_collect = collection.steps == "auto"
@@ -252,14 +256,16 @@ class MonitorConfig:
             )
         return self.owners(targets, world)
 
+    def _layer_sizes(self, targets: Sequence[LayerTarget]) -> list[tuple[str, int]]:
+        """Each layer's buffer bytes, what ownership balances (a layer of unknown width counts as
+        the widest known one)."""
+        widest = max((t.dim for t in targets if t.dim is not None), default=1)
+        return [(t.name, LayerStats.state_bytes(t.dim or widest, self.state_dtype)) for t in targets]
+
     def owners(self, targets: Sequence[LayerTarget], world: int) -> dict[str, int]:
         """The group rank that collects each layer under ``shard_layers`` (``ranks.layer_owners``,
-        by bytes; a layer of unknown width counts as the widest known one)."""
-        known = [t.dim for t in targets if t.dim is not None]
-        widest = max(known, default=1)
-        return ranks.layer_owners(
-            [(t.name, LayerStats.state_bytes(t.dim or widest, self.state_dtype)) for t in targets], world
-        )
+        by bytes)."""
+        return ranks.layer_owners(self._layer_sizes(targets), world)
 
     def plan(
         self,
@@ -274,11 +280,12 @@ class MonitorConfig:
         owning the most bytes, the planned peak), with ``"owners"`` and ``"rank"``."""
         owners: dict[str, int] | None = None
         if self.shard_layers:
-            owners = self.owners(targets, world_size)
-            if rank is None:
+            sizes = self._layer_sizes(targets)
+            owners = ranks.layer_owners(sizes, world_size)
+            if rank is None:  # the rank the balance left with the most bytes
                 loads = [0] * world_size
-                for t in targets:
-                    loads[owners[t.name]] += LayerStats.state_bytes(t.dim or 1, self.state_dtype)
+                for name, size in sizes:
+                    loads[owners[name]] += size
                 rank = max(range(world_size), key=lambda r: (loads[r], -r))
             targets = [t for t in targets if owners[t.name] == rank]
         report = plan_report(

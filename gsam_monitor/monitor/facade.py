@@ -51,7 +51,7 @@ from gsam_monitor.monitor.checkpoint import STATE_FORMAT, check_state
 from gsam_monitor.monitor.config import MonitorConfig, warn_if_frequent
 from gsam_monitor.monitor.faults import Faults
 from gsam_monitor.monitor.logger import WindowLogger
-from gsam_monitor.monitor.options import CollectOptions, ComputeOptions, WindowOptions, as_options, group_legacy
+from gsam_monitor.monitor.options import CollectOptions, ComputeOptions, WindowOptions, group_legacy
 from gsam_monitor.monitor.report import current_metrics
 from gsam_monitor.monitor.schedule import CollectHandle, HookSwitch, Schedule
 from gsam_monitor.monitor.windows import WindowStore
@@ -169,11 +169,8 @@ class GSAMMonitor:
             )
             collection, windows, compute = grouped["collection"], grouped["windows"], grouped["compute"]
         self.config = config = MonitorConfig.build(
-            model, every_n_steps=every_n_steps, metrics=metrics,
-            collection=as_options(collection, CollectOptions, "collection"),
-            windows=as_options(windows, WindowOptions, "windows"),
-            compute=as_options(compute, ComputeOptions, "compute"),
-            alerts=alerts, process_group=process_group,
+            model, every_n_steps=every_n_steps, metrics=metrics, collection=collection, windows=windows,
+            compute=compute, alerts=alerts, process_group=process_group,
         )
         self.model = model
         self.targets: list[LayerTarget] = resolve_layers(model, layers, ignore)
@@ -516,11 +513,8 @@ def memory_report(
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     world = positive_int(world_size, "world_size", " (the number of ranks to plan for)")
     config = MonitorConfig.build(
-        model, every_n_steps=every_n_steps, metrics=metrics,
-        collection=as_options(collection, CollectOptions, "collection"),
-        windows=as_options(windows, WindowOptions, "windows"),
-        compute=as_options(compute, ComputeOptions, "compute"),
-        alerts=None, process_group=None,
+        model, every_n_steps=every_n_steps, metrics=metrics, collection=collection, windows=windows,
+        compute=compute, alerts=None, process_group=None,
     )
     return config.plan(resolve_layers(model, layers, ignore), world_size=world, ranks_per_node=ranks_per_node)
 

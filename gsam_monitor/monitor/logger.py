@@ -96,8 +96,7 @@ class WindowLogger:
         try:
             active = None
             if self.config.shard_layers:  # each rank computes the layers it collects, from its own rows
-                windows, owned = self._windows.local(phases, self.own)
-                active = ranks.active_phases(windows, phases, self.config.process_group)
+                windows, owned, active = self._own_windows(phases)
             else:  # each window summed onto the rank that owns it (round robin), which computes it
                 windows, owned = self._windows.reduced(phases, in_place=self.config.window == "interval", spread=True)
             attention = self._windows.close_attention(phases)  # summed over ranks: the writer reports it
@@ -141,14 +140,19 @@ class WindowLogger:
             )
             self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
 
+    def _own_windows(self, phases: Sequence[str]) -> tuple[dict[Key, LayerStats], set[Key], set[str]]:
+        """A sharded log's windows: this rank's own totals, the keys it computes, and the phases
+        any rank saw data in (a collective: every rank calls it)."""
+        windows, owned = self._windows.local(phases, self.own)
+        return windows, owned, ranks.active_phases(windows, phases, self.config.process_group)
+
     def _submit_sharded(self, step: int) -> None:
         """A sharded background log: this rank's own windows to its worker (the active phases
         and the attention windows agreed now, on the training thread); every rank takes part,
         also one owning nothing, so that the gather of the results meets on every rank."""
         phases, n_logs = self.config.phases, self.n_logs
         try:
-            windows, owned = self._windows.local(phases, self.own)
-            active = ranks.active_phases(windows, phases, self.config.process_group)
+            windows, owned, active = self._own_windows(phases)
             attention = self._windows.close_attention(phases)
             refs = self._windows.references_for(owned)
             snapshot = self._windows.hand_off(windows)

@@ -12,9 +12,11 @@ metric is selected, and the copy a background log (or a cumulative/EMA window ke
 reference or summed over ranks) takes. A log computes its metrics on the host, as before: the
 covariance is read back there for the eigendecomposition.
 
-Under ``torch.distributed`` every rank holds every layer (the windows are summed over ranks for
-each log): per-rank bytes do not fall with the world size; host bytes per node are the
-per-rank bytes times the ranks on a node.
+Under ``torch.distributed`` every rank holds every layer by default (the windows are summed over
+ranks for each log), so per-rank bytes do not fall with the world size; with
+``ComputeOptions(shard_layers=True)`` a rank holds only the layers it owns (``MonitorConfig.plan``
+plans the rank owning the most bytes). Host bytes per node are the per-rank bytes times the
+ranks on a node.
 """
 
 from __future__ import annotations
@@ -28,11 +30,7 @@ from gsam_monitor.stats import LayerStats
 from gsam_monitor.stats.kernel import chunk_rows
 from gsam_monitor.stats.precision import resolve_product_dtype
 
-__all__ = ["device_plan", "host_bytes_per_layer", "layer_plan", "plan_report", "workspace_bytes"]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+__all__ = ["gib", "host_bytes_per_layer", "layer_plan", "plan_product_dtype", "plan_report", "workspace_bytes"]
 
 
 def host_bytes_per_layer(
@@ -48,7 +46,7 @@ def workspace_bytes(dim: int, *, state_dtype: torch.dtype, product_dtype: torch.
     the working dtype (fp64 for fp64 products, else fp32), and a ``dim x dim`` product in it when
     it is narrower than the state."""
     work = torch.float64 if product_dtype == torch.float64 else torch.float32
-    size = _itemsize(work)
+    size = work.itemsize
     blocks = 2 * chunk_rows(dim) * dim * size
     return blocks + (dim * dim * size if work != state_dtype else 0)
 
@@ -79,11 +77,6 @@ def layer_plan(
             dim, state_dtype=torch.float64, phases=phases, heldout=heldout, log_copies=log_copies
         ),  # the totals are fp64 whatever the buffers' dtype
     }
-
-
-def device_plan(layers: dict[str, dict[str, int]], workspace: int) -> int:
-    """The device's planned peak: every layer's buffer and the workspace once."""
-    return sum(p["device_bytes"] for p in layers.values()) + workspace
 
 
 def plan_report(
@@ -123,7 +116,7 @@ def plan_report(
     host = sum(p["host_bytes"] for p in layers.values())
     per_node = min(world_size, ranks_per_node) if ranks_per_node else world_size
     return {
-        "device_bytes": device_plan(layers, workspace),
+        "device_bytes": sum(p["device_bytes"] for p in layers.values()) + workspace,  # the workspace once
         "host_bytes": host,
         "host_bytes_per_node": host * per_node,
         "world_size": world_size,

@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "active_dist",
     "active_phases",
+    "comm_device",
     "gather_to_writer",
     "global_rank",
     "group_rank",
@@ -79,6 +80,15 @@ def layer_owners(sizes: Sequence[tuple[str, int]], world: int) -> dict[str, int]
     return owners
 
 
+def comm_device(group: Any = None) -> torch.device:
+    """Where the collectives of ``group`` run: the current CUDA device under NCCL (which cannot
+    reduce host tensors), else the CPU."""
+    dist = active_dist()
+    if dist is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def active_phases(windows: Mapping[tuple[str, str], Any], phases: Sequence[str], group: Any = None) -> set[str]:
     """The phases in which any rank's ``windows`` (``LayerStats`` by (layer, phase)) saw a row,
     kept or dropped as non-finite. A collective under ``torch.distributed``: every rank calls it."""
@@ -86,11 +96,10 @@ def active_phases(windows: Mapping[tuple[str, str], Any], phases: Sequence[str],
     for (_, phase), stats in windows.items():
         if phase in phases and (float(stats.count) > 0 or int(stats.nonfinite) > 0):
             seen[phases.index(phase)] = 1.0
-    flags = torch.tensor(seen, dtype=torch.float64)
     dist = active_dist()
+    flags = torch.tensor(seen, dtype=torch.float64)
     if dist is not None and dist.get_world_size(group) > 1:
-        if dist.get_backend(group) == "nccl":
-            flags = flags.cuda()
+        flags = flags.to(comm_device(group))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     return {phase for phase, flag in zip(phases, flags.tolist(), strict=True) if flag > 0}
 

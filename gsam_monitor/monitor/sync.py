@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gsam_monitor.monitor import ranks
-from gsam_monitor.monitor.window import HOST, Window
+from gsam_monitor.monitor.window import Window, host_copy
 from gsam_monitor.stats import LayerStats
 
 __all__ = ["Windows", "reduced", "synced"]
@@ -49,14 +49,14 @@ def synced(windows: Windows, group: Any, *, in_place: bool) -> dict[Key, LayerSt
     dist = ranks.active_dist()
     if dist is None or dist.get_world_size(group) == 1:
         return windows.local()
-    comm = _comm_device(dist, group)
+    comm = ranks.comm_device(group)
     out: dict[Key, LayerStats] = {}
     for key, dim in zip(windows.windows, _agreed_dims(dist, group, windows, comm), strict=True):
         if dim == 0:
             continue
         summed = _for_collective(windows.stats_or_empty(key, dim), in_place, comm)
         summed.all_reduce_(group)
-        out[key] = _at_home(summed)
+        out[key] = host_copy(summed)
     return out
 
 
@@ -75,7 +75,7 @@ def reduced(windows: Windows, group: Any, *, in_place: bool, spread: bool) -> tu
     if dist is None or dist.get_world_size(group) == 1:
         local = windows.local()
         return local, set(local)
-    comm = _comm_device(dist, group)
+    comm = ranks.comm_device(group)
     me = dist.get_rank(group)
     out: dict[Key, LayerStats] = {}
     owned: set[Key] = set()
@@ -84,7 +84,7 @@ def reduced(windows: Windows, group: Any, *, in_place: bool, spread: bool) -> tu
         if dim == 0:
             continue
         dst = ranks.owner(index, group) if spread else 0
-        out[key] = _at_home(_for_collective(windows.stats_or_empty(key, dim), in_place, comm).reduce_(dst, group))
+        out[key] = host_copy(_for_collective(windows.stats_or_empty(key, dim), in_place, comm).reduce_(dst, group))
         if dst == me:
             owned.add(key)
     return out, owned
@@ -98,20 +98,8 @@ def _agreed_dims(dist: Any, group: Any, windows: Windows, device: torch.device) 
     return dims.tolist()
 
 
-def _comm_device(dist: Any, group: Any) -> torch.device:
-    """Where collectives run: the current CUDA device under NCCL, else the host."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return HOST
-
-
 def _for_collective(stats: LayerStats, in_place: bool, device: torch.device) -> LayerStats:
     """What a collective reduces: the totals themselves (``in_place``) or a copy, on ``device``."""
     if stats.device != device:
         return stats.clone(device=device)
     return stats if in_place else stats.clone()
-
-
-def _at_home(stats: LayerStats) -> LayerStats:
-    """``stats`` on the host, where the totals and the logs' computations live."""
-    return stats if stats.device == HOST else stats.clone(device=HOST)

@@ -100,34 +100,41 @@ class Window:
         A failing ``transfer`` leaves the buffer as it was: its rows go with the next flush.
         """
         with self.lock:
-            if self._held is not None and self._held.stats is self.buffer:
-                self._held.flush()
-            if self.stats is not None and self._decay != 1.0:
-                self.stats.decay_(self._decay)
-            self._decay = 1.0
-            buffer = self.buffer
-            if buffer is None:
-                return
-            if not buffer.untouched:  # an untouched buffer holds nothing: no transfer
-                staged = transfer(buffer)  # first: if it raises, nothing has moved
-                if self.stats is None and staged.state_dtype == TOTALS_DTYPE:
-                    self.stats = staged  # the first flush: the host copy is the totals, no merge
-                    if staged is buffer:  # a buffer on the host is its own copy: the next rows get a new one
-                        self.buffer = self._held = None
-                        return
-                else:
-                    if self.stats is None:
-                        self.stats = empty_totals(buffer)
-                    self.stats.merge(staged)
-                buffer.reset()
-            if release:
-                self.buffer = self._held = None
+            self.flush_locked(transfer, release=release)
+
+    def flush_locked(self, transfer: Transfer = host_copy, *, release: bool = False) -> None:
+        """``flush`` for a caller that holds ``lock`` already (a hook whose model moved)."""
+        self._flush_held()
+        if self.stats is not None and self._decay != 1.0:
+            self.stats.decay_(self._decay)
+        self._decay = 1.0
+        buffer = self.buffer
+        if buffer is None:
+            return
+        if not buffer.untouched:  # an untouched buffer holds nothing: no transfer
+            staged = transfer(buffer)  # first: if it raises, nothing has moved
+            if self.stats is None and staged.state_dtype == TOTALS_DTYPE:
+                self.stats = staged  # the first flush: the host copy is the totals, no merge
+                if staged is buffer:  # a buffer on the host is its own copy: the next rows get a new one
+                    self.buffer = self._held = None
+                    return
+            else:
+                if self.stats is None:
+                    self.stats = empty_totals(buffer.dim, buffer.product_dtype, buffer.higher_moments)
+                self.stats.merge(staged)
+            buffer.reset()
+        if release:
+            self.buffer = self._held = None
+
+    def _flush_held(self) -> None:
+        """The rows held back for the current buffer into it (the caller holds ``lock``)."""
+        if self._held is not None and self._held.stats is self.buffer:
+            self._held.flush()
 
     def decay(self, factor: float) -> None:
         """An EMA step: the buffer's sums now (on its device), the totals' at the next flush."""
         with self.lock:
-            if self._held is not None and self._held.stats is self.buffer:
-                self._held.flush()  # this step's rows decay with the window
+            self._flush_held()  # this step's rows decay with the window
             if self.buffer is not None:
                 self.buffer.decay_(factor)
             if self.stats is not None:
@@ -146,14 +153,10 @@ class Window:
             self.buffer.reset()
 
 
-def empty_totals(stats: LayerStats) -> LayerStats:
-    """Empty fp64 totals on the host for the rows of the buffer ``stats`` (its resolved product
-    dtype: the error model of those rows)."""
+def empty_totals(dim: int, product_dtype: torch.dtype | None, higher_moments: bool) -> LayerStats:
+    """Empty fp64 totals on the host for rows of ``dim`` whose Gram products ran in
+    ``product_dtype`` (the buffer's, resolved where it lives: the error model of those rows)."""
     with torch.inference_mode(False):
         return LayerStats(
-            stats.dim,
-            device=HOST,
-            state_dtype=TOTALS_DTYPE,
-            product_dtype=stats.product_dtype,
-            higher_moments=stats.higher_moments,
+            dim, device=HOST, state_dtype=TOTALS_DTYPE, product_dtype=product_dtype, higher_moments=higher_moments
         )

@@ -33,7 +33,7 @@ from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.checkpoint import pack, unpack_samples, unpack_stats
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
 from gsam_monitor.monitor.reference import Reference, ReferencePolicy, check_reference_mode
-from gsam_monitor.monitor.window import HOST, TOTALS_DTYPE, Transfer, Window, host_copy
+from gsam_monitor.monitor.window import HOST, Transfer, Window, empty_totals, host_copy
 from gsam_monitor.stats import LayerStats, ReservoirSample
 from gsam_monitor.stats.precision import resolve_product_dtype
 
@@ -134,7 +134,7 @@ class WindowStore:
             device = _home_device(target.module, device)
         if buffer is not None and buffer.device != device and not replica:
             # The model moved after attach: its rows so far go to the totals, a new buffer follows it.
-            self._flush_locked(window, release=True)
+            window.flush_locked(self.transfer, release=True)
             buffer = None
         if buffer is None:
             if not self._fits(target.name, window, dim):
@@ -202,14 +202,6 @@ class WindowStore:
                     raise
                 self._on_flush_error(key, err)
 
-    def _flush_locked(self, window: Window, *, release: bool) -> None:
-        """``Window.flush`` for a caller that holds the window's lock already."""
-        window.lock.release()
-        try:
-            window.flush(self.transfer, release=release)
-        finally:
-            window.lock.acquire()
-
     def window(self, key: Key) -> LayerStats | None:
         """The totals of ``key`` with every row added (``None`` before its first rows)."""
         self.flush([key])  # this window's rows only: the others are not read
@@ -250,11 +242,7 @@ class WindowStore:
         """Empty totals for ``key``, as its first flush would make them (fp64, on the host, with
         the product dtype of its layer's device): every rank reduces the same tensors."""
         product = resolve_product_dtype(self.config.product_dtype, self.device_of(key[0]), self.config.state_dtype)
-        with torch.inference_mode(False):
-            return LayerStats(
-                dim, device=HOST, state_dtype=TOTALS_DTYPE, product_dtype=product,
-                higher_moments=self.config.higher_moments,
-            )
+        return empty_totals(dim, product, self.config.higher_moments)
 
     def references_for(self, keys: Iterable[Key]) -> dict[Key, Reference]:
         """What a log compares each window with (``ReferencePolicy.for_log``; ``None`` where
