@@ -35,9 +35,9 @@ widths, baseline windows) and through a one-sided CUSUM on the same robust z-sco
 what the default's choice rests on. Everything goes into ``summary.json``; ``--plot`` draws
 the loss and the alerting metric per layer with the alerts marked.
 
-Run (the README's numbers; about 30 min on 2 busy CPU cores)::
+Run (the numbers of docs/guides/diagnostics.md; about 30 min on 2 busy CPU cores)::
 
-    python examples/instability.py --out runs/instability --plot docs/instability.png
+    python examples/instability.py --out runs/instability --plot docs/images/instability.png
 
 ``--reassess`` reads ``summary.json`` back and redoes the assessment and the plot without
 training (e.g. with other ``--spike-*`` / ``--rise-*`` settings); ``--add-stable`` brings the
@@ -401,7 +401,7 @@ def plot(runs: Sequence[Mapping[str, Any]], path: Path, args: argparse.Namespace
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/instability", help="folder for summary.json")
-    parser.add_argument("--plot", default=None, help="PNG of loss and alerting metrics (e.g. docs/instability.png)")
+    parser.add_argument("--plot", default=None, help="PNG of loss and alerting metrics")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per condition")
     parser.add_argument("--conditions", default="stable,ramp", help="comma-separated: " + ", ".join(CONDITIONS))
     parser.add_argument("--steps", type=int, default=160, help="optimizer steps per run")

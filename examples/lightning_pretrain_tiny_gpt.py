@@ -7,7 +7,7 @@ words. ``GSAMCallback`` watches the embedding output, every block and the final 
 logs per-layer GSAM, effective rank, anisotropy, ... every 10 optimizer steps (train) and at
 each validation (``.../eval``) into the same TensorBoard run as the loss.
 
-What to look for (``docs/pretrain_curves.png``, 600 steps): while the loss falls fastest
+What to look for (``docs/images/pretrain_curves.png``, 600 steps): while the loss falls fastest
 (first ~50 steps, the model learning word frequencies) the blocks' activations collapse onto a
 few directions: effective rank drops from 20-50 to about 3 and anisotropy jumps to 0.5-0.95,
 more the deeper the block. As the model goes on to learn context, the geometry opens up
@@ -23,7 +23,7 @@ validation.
 Run (about a minute on 2 CPU cores), then plot or open TensorBoard::
 
     python examples/lightning_pretrain_tiny_gpt.py --logdir runs/tiny_gpt --max-steps 600
-    python examples/plot_tensorboard.py runs/tiny_gpt docs/pretrain_curves.png
+    python examples/plot_tensorboard.py runs/tiny_gpt docs/images/pretrain_curves.png
     tensorboard --logdir runs/tiny_gpt
 """
 

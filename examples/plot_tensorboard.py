@@ -6,7 +6,7 @@ backend (no display needed).
 
 Usage::
 
-    python examples/plot_tensorboard.py runs/tiny_gpt docs/pretrain_curves.png
+    python examples/plot_tensorboard.py runs/tiny_gpt docs/images/pretrain_curves.png
     python examples/plot_tensorboard.py runs/hf_minilm hf.png --metrics gsam effective_rank --loss train/loss
 """
 

@@ -261,7 +261,11 @@ def test_default_rules_follow_the_metric_selection() -> None:
         ([AlertRule("anisotropy", method="cusum")], ValueError, r"method must be one of"),
         ([AlertRule("anisotropy", threshold=-1)], ValueError, r"threshold must be a finite number >= 0"),
         ([AlertRule("anisotropy", threshold=0, min_relative=0)], ValueError, r"a band of width 0 alerts on every"),
-        ([AlertRule("anisotropy", window=2)], ValueError, r"window must be an int >= 3"),
+        ([AlertRule("anisotropy", window=2)], ValueError, r"window must be an int >= 3 for a method='band' rule"),
+        (
+            [AlertRule("nonfinite", method="above", window=0)], ValueError,
+            r"alerts\[0\]: window must be an int >= 1 for a method='above' rule \(logs in the baseline\); got 0\.",
+        ),
         ([AlertRule("anisotropy", cooldown=-1)], ValueError, r"cooldown must be an int >= 0"),
         ([AlertRule("anisotropy", warmup=1)], ValueError, r"needs a warmup of at least 3 logs"),
         (["anisotropy", {"metric": "anisotropy", "direction": "up", "kind": "anisotropy_jump"}], ValueError,

@@ -155,9 +155,11 @@ def test_fused_kernels_warn_at_setup_and_other_models_are_refused() -> None:
     monitor = _monitor(model)
     model.set_attn_implementation("sdpa")
     ids, mask = _batches()[0]
-    with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="returned no attention probabilities"):
+    with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="returned no attention probabilities") as seen:
         model(input_ids=ids, attention_mask=mask)
         assert not any(k.startswith("attn_entropy") for k in monitor.log())
+    (warned,) = [w for w in seen if "returned no attention probabilities" in str(w.message)]  # once, for both blocks
+    assert "nor for any other monitored attention layer that returns none (not warned again)" in str(warned.message)
 
 
 def test_entropy_sums_mask_and_drop_rows_that_are_not_distributions() -> None:

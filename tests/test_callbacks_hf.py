@@ -4,6 +4,7 @@ gradient accumulation, checkpoint resume, exceptions, and the lazy import."""
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import gsam_monitor.callbacks  # noqa: E402
 from gsam_monitor import CollectOptions  # noqa: E402
+from gsam_monitor._install import install_hint  # noqa: E402
 from gsam_monitor.callbacks import GSAMTrainerCallback  # noqa: E402
 from gsam_monitor.callbacks.hf import STATE_FILE  # noqa: E402
 from tests.reference import gsam_pdet  # noqa: E402
@@ -370,9 +372,13 @@ def test_tensorboard_true_opens_the_trainer_default_folder(tmp_path: Path, monke
 def test_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) 'windw' \(did you mean 'windows'\?\)"):
         GSAMTrainerCallback(windw="ema")
+    for typo, meant in (("tensorbord", "tensorboard"), ("wand", "wandb"), ("on_alrt", "on_alert")):  # its own too
+        with pytest.raises(TypeError, match=rf"unknown keyword argument\(s\) '{typo}' \(did you mean '{meant}'\?\);"
+                           r" it takes .*on_alert.*tensorboard, wandb, windows"):  # fmt: skip
+            GSAMTrainerCallback(**{typo: True})
     with pytest.raises(TypeError, match=r"tensorboard=\) must be None, True or False; got 'yes'"):
         GSAMTrainerCallback(tensorboard="yes")
-    with pytest.raises(ValueError, match=r"every_n_steps must be a positive int, or None to follow"):
+    with pytest.raises(ValueError, match=r"^GSAMTrainerCallback\(every_n_steps=\) must be a positive int, or None to"):
         GSAMTrainerCallback(every_n_steps=0)
     # Values the monitor refuses fail when training starts, with the monitor's message.
     trainer = tr.Trainer(model=tiny_bert(), args=training_args(tmp_path / "out"), train_dataset=dataset(),
@@ -392,7 +398,7 @@ def test_import_without_transformers_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # "import transformers" now fails
     monkeypatch.delitem(sys.modules, "gsam_monitor.callbacks.hf")
     monkeypatch.delattr(gsam_monitor.callbacks, "GSAMTrainerCallback", raising=False)
-    with pytest.raises(ImportError, match=r"needs transformers.*pip install 'gsam-monitor\[hf\]'"):
+    with pytest.raises(ImportError, match=r"needs transformers.*" + re.escape(install_hint("hf", "transformers"))):
         gsam_monitor.callbacks.GSAMTrainerCallback  # noqa: B018
     with pytest.raises(AttributeError, match=r"has no attribute 'Nope'; it exports GSAMTrainerCallback, GSAMCallback"):
         gsam_monitor.callbacks.Nope  # noqa: B018

@@ -223,6 +223,11 @@ def test_argument_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(TypeError, match=typo):
         GSAMCallback(max_token_per_layer=5)
+    for typo, meant in (("modul", "module"), ("log_validaton", "log_validation"), ("on_alrt", "on_alert")):
+        with pytest.raises(TypeError, match=rf"'{typo}' \(did you mean '{meant}'\?\); it takes .*log_validation"):
+            GSAMCallback(**{typo: "model"})  # its own keywords, not only the monitor's
+    with pytest.raises(TypeError, match=r"'tensorboard'; it takes"):  # the Trainer callback's, not this one's
+        GSAMCallback(tensorboard=True)
     with pytest.raises(ValueError, match=r"every_n_steps=\) must be a positive int; got 0"):
         GSAMCallback(every_n_steps=0)
     with pytest.raises(TypeError, match=r"module=\) must be a dotted attribute path"):

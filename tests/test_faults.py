@@ -44,7 +44,7 @@ def test_each_kind_and_place_warns_once_and_every_error_is_counted(monkeypatch) 
     model = Stack(dim=D, depth=2)
 
     def bad_sink(metrics, step):
-        raise OSError("disk full")
+        raise OSError("disk full.")  # its period is dropped before the warning's "; it is disabled"
 
     monitor = _monitor(model, sinks=[bad_sink])
     real_compute = metrics_module.compute
@@ -66,6 +66,7 @@ def test_each_kind_and_place_warns_once_and_every_error_is_counted(monkeypatch) 
     sink = [m for m in messages if "the sink of" in m]
     metric = [m for m in messages if "the metrics of 'blocks.1/eval' raised ValueError: metric failed" in m]
     assert len(sink) == 1 and "raised OSError: disk full; it is disabled and training goes on" in sink[0]
+    assert ".;" not in sink[0]
     assert len(metric) == 1  # not silenced by the sink's earlier warning
     assert monitor.errors == 2  # the sink once (then disabled), the metric once
     assert monitor.last_metrics["gsam_monitor/errors"] == 2
@@ -103,7 +104,7 @@ def test_strict_raises_the_first_error_where_it_happens(monkeypatch) -> None:
     assert monitor.errors == 0
 
     def bad_sink(metrics, step):
-        raise OSError("disk full")
+        raise OSError("disk full.")  # its period is dropped before the warning's "; it is disabled"
 
     sinking = _monitor(Stack(dim=D, depth=1), sinks=[bad_sink], strict=True)
     with sinking, torch.no_grad():

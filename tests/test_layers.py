@@ -108,8 +108,15 @@ def test_unknown_names_list_close_matches(bert) -> None:
 
 def test_selection_errors(bert) -> None:
     model, _ = bert
-    with pytest.raises(ValueError, match="selects no module; narrow ignore="):
+    with pytest.raises(ValueError, match="selects no module; narrow ignore=") as info:
         resolve_layers(model, "encoder.layer.0", ignore="encoder.layer.*")
+    assert str(info.value).startswith("layers=['encoder.layer.0'] with ignore=['encoder.layer.*'] selects no module")
+    specs = [re.compile(r"encoder\.layer\.0"), "encoder.layer.1"]
+    with pytest.raises(ValueError, match="selects no module") as info:
+        resolve_layers(model, specs, ignore=type(model.encoder.layer[0]))
+    assert str(info.value).startswith(
+        r"layers=[re.compile('encoder\\.layer\\.0'), 'encoder.layer.1'] with ignore=[BertLayer] selects no module"
+    )  # each spec as written, not the repr of its repr
     with pytest.raises(ValueError, match="layers= is empty"):
         resolve_layers(model, [])
     with pytest.raises(ValueError, match=r"'encoder\.layer\.2' is selected twice"):
@@ -132,6 +139,8 @@ def test_auto_without_a_stack_fails_with_the_top_level_names() -> None:
         resolve_layers(model, "auto")
     with pytest.raises(ValueError, match="'embeddings': found no repeated block stack"):
         resolve_layers(model, "embeddings")
+    with pytest.raises(ValueError, match=r"in Identity; the model has no submodules \(build its layers before"):
+        resolve_layers(nn.Identity(), "auto")
 
 
 def test_auto_prefers_the_outer_stack_over_longer_inner_lists() -> None:

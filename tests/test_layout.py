@@ -23,7 +23,7 @@ ROOT = Path(gsam_monitor.__file__).resolve().parent
 REPO = ROOT.parent
 MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 400
-# What users import from the top level (README "Layout"): the monitor, the accumulators, the
+# What users import from the top level (docs/architecture.md, "Layout"): the monitor, the accumulators, the
 # metrics module, the sinks and their protocol; not internals such as MardiaAccumulator.
 PUBLIC_API = set(
     "GSAMMonitor CollectOptions WindowOptions ComputeOptions AlertRule MonitorError LayerStats ReservoirSample "

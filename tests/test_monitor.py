@@ -12,7 +12,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, LayerStats, WindowOptions
+from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, LayerStats, WindowOptions, memory_report
 from gsam_monitor.monitor import DEFAULT_MAX_STATE_BYTES, state_bytes_per_layer
 from tests.options import with_defaults
 from tests.reference import gsam_pdet, mle_cov
@@ -451,6 +451,52 @@ def test_state_dict_round_trip_resumes_mid_window(tmp_path) -> None:
         resumed.load_state_dict({"stats": {}})
 
 
+def test_resuming_with_metrics_that_keep_fewer_moments_drops_them_and_the_logs_go_on(tmp_path) -> None:
+    """A state saved with the higher moments (the default metrics: anisotropy, mean_kurtosis) loads
+    into a monitor whose metrics= needs none: its windows and references merge with the new rows,
+    and the logs after the resume equal numpy on every row of their windows; the other way round
+    is refused at load, before anything changes."""
+    batches = _batches(15, seed=5, rows=9)
+    model = Stack(dim=D, depth=1)
+    saved = _monitor(model, every_n_steps=5, metrics="default").attach()
+    with torch.no_grad():
+        for t in range(7):  # a log at step 5 (its window becomes the reference), then 2 steps of the next
+            model(batches[t])
+            saved.step()
+    saved.detach()
+    state = torch.load(_saved(tmp_path, saved.state_dict()), weights_only=True)
+    lean = ["n", "gsam", "effective_rank", "heldout_loglik"]
+    resumed = _monitor(model, every_n_steps=5, metrics=lean, sinks=[])
+    resumed.load_state_dict(state)
+    logs = []
+    with resumed, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no flush fault
+        for t in range(7, 15):
+            model(batches[t])
+            out = resumed.step()
+            if out is not None:
+                logs.append(out)
+    assert resumed.errors == 0 and len(logs) == 2
+    x = [np.concatenate([b.numpy() for b in batches[i : i + 5]]) for i in (0, 5, 10)]
+    for logged, rows, previous in zip(logs, x[1:], x[:-1], strict=True):  # the loaded reference, then a new one
+        assert_logged_equal(logged, "blocks.0/eval", rows, previous, names=("n", "gsam", "effective_rank"))
+        assert not any(key.startswith(("anisotropy/", "mean_kurtosis/")) for key in logged)
+
+    state = torch.load(_saved(tmp_path, resumed.state_dict()), weights_only=True)  # saved without them
+    for metrics, named in ((["n", "anisotropy"], "for anisotropy;"), ("default", "for anisotropy, mean_kurtosis;")):
+        fresh = _monitor(model, every_n_steps=5, metrics=metrics, sinks=[])
+        with pytest.raises(ValueError, match=rf"saved without the higher moments .* needs {named} construct the "
+                           r"monitor with the saved run's metrics="):  # fmt: skip
+            fresh.load_state_dict(state)
+        assert fresh.step_count == 0 and fresh.stats("blocks.0", "eval") is None  # nothing was loaded
+
+
+def _saved(tmp_path, state: dict) -> str:
+    path = tmp_path / "monitor.pt"
+    torch.save(state, path)
+    return str(path)
+
+
 def test_reset_and_repr() -> None:
     model = Stack(dim=D, depth=1)
     monitor = _monitor(model, every_n_steps=100)
@@ -550,11 +596,23 @@ def test_runtime_budget_skips_layers_whose_size_was_unknown() -> None:
             return self.b(self.a(x))
 
     net = Net()
-    budget = LayerStats.state_bytes(D) + 100  # room on the device for one layer's accumulation buffer
-    monitor = _monitor(net, layers=["a", "b"], compute=ComputeOptions(max_state_bytes=budget))
-    with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="layer 'b' .* over max_state_bytes"):
-        net(torch.randn(4, D))
-    assert monitor.stats("a", "eval") is not None and monitor.stats("b", "eval") is None
+    # Room for what a layer of d = D takes as the construction check counts it (its buffer and the
+    # update workspace, memory_report's device_bytes), not a byte more: the same accounting at run time.
+    one = memory_report(Stack(dim=D, depth=1), layers="blocks.0")["device_bytes"]
+    assert one > LayerStats.state_bytes(D)  # the workspace is counted
+    for budget, kept in ((one, ["a"]), (one - 1, [])):
+        monitor = _monitor(net, layers=["a", "b"], compute=ComputeOptions(max_state_bytes=budget))
+        with monitor, torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            net(torch.randn(4, D))
+        assert [n for n in "ab" if monitor.stats(n, "eval") is not None] == kept
+        warned = [str(w.message) for w in seen if "over max_state_bytes" in str(w.message)]
+        assert len(warned) == 2 - len(kept)  # once per layer left out
+        held = f"2 accumulation buffer(s) of d = {D}, {D}" if kept else f"1 accumulation buffer(s) of d = {D}"
+        workspace = one - LayerStats.state_bytes(D)
+        assert f"layer '{'b' if kept else 'a'}' (d = {D}) would take the device to " in warned[0]
+        assert f"({held}, plus {workspace / 2**20:.3f} MiB of update workspace), over max_state_bytes = " in warned[0]
+        assert f"max_state_bytes = {budget / 2**20:.3f} MiB; it is not monitored" in warned[0]  # not 0.000 GiB
 
 
 def test_model_moved_to_another_dtype_after_attach() -> None:

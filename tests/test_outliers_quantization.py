@@ -42,9 +42,12 @@ def _lower_median(v: np.ndarray) -> float:
 
 
 def _ratios(x: np.ndarray) -> np.ndarray:
-    """The outlier rule in numpy: max(var_j / median var, |mean_j| / median |mean|)."""
-    var, absmean = x.var(0), np.abs(x.mean(0))
-    return np.maximum(var / _lower_median(var), absmean / _lower_median(absmean))
+    """The outlier rule in numpy: each dimension's root mean square, less 4 standard errors of
+    a Gaussian mean square, over the median root mean square."""
+    var, mean = x.var(0), x.mean(0)
+    square = var + mean**2
+    se = np.sqrt((2 * var**2 + 4 * mean**2 * var) / len(x))
+    return np.sqrt(np.clip(square - 4 * se, 0, None) / _lower_median(square))
 
 
 def _rows(rng: np.random.Generator, step: int) -> np.ndarray:

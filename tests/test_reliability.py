@@ -2,13 +2,14 @@
 
 A monitor lives inside someone's training run: nothing it does may stop that run or silently
 corrupt what it reports. Cases already pinned by other test files are not repeated here; the
-README's "Guarantees" section maps every promise to the test that proves it. Every number is
+docs/architecture.md's "Guarantees" section maps every promise to the test that proves it. Every number is
 compared with an independent fp64 numpy/scipy/scikit-learn computation on the rows fed.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from sklearn.covariance import OAS
 from torch import nn
 
 from gsam_monitor import CollectOptions, GSAMMonitor, JsonlSink, LayerStats, WandbSink, WindowOptions, metrics
+from gsam_monitor._install import install_hint
 from tests.options import with_defaults
 from tests.reference import gsam_pdet, mle_cov
 from tests.tiny_models import Stack, tiny_model
@@ -438,10 +440,10 @@ def test_a_sink_object_failing_mid_run_leaves_the_other_sinks_complete(tmp_path:
 
 def test_wandb_not_installed_fails_at_setup_naming_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` sees when it is absent
-    message = r"wandb is not installed; install it with .pip install gsam-monitor\[wandb\]"
+    message = "wandb is not installed; install it with " + re.escape(install_hint("wandb", "wandb"))
     with pytest.raises(ImportError, match=message):
         WandbSink()
-    with pytest.raises(ImportError, match=r"pip install gsam-monitor\[wandb\]"):
+    with pytest.raises(ImportError, match=re.escape(install_hint("wandb"))):
         GSAMMonitor(Stack(dim=D, depth=1), sinks=["wandb"])
 
 

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+import gsam_monitor.monitor.ranks as ranks_module
 from gsam_monitor import CollectOptions, ComputeOptions, GSAMMonitor, memory_report
 from gsam_monitor.monitor.ranks import layer_owners
 from tests.gloo_worker import run_gloo_worker
 from tests.reference import gsam_pdet
-from tests.tiny_models import Stack, llama_7b_on_meta
+from tests.tiny_models import Stack, llama_7b_on_meta, tiny_config
 
 D = 4
 DEPTH = 3  # and two spare layers: over 2 ranks each owns one; over 4 ranks 0 and 3 (which owns nothing else)
@@ -149,3 +150,98 @@ def test_sharding_without_torch_distributed_owns_every_layer_and_says_so() -> No
         model(torch.from_numpy(x))
         out = monitor.log()
     assert out["gsam/blocks.1/eval"] == pytest.approx(gsam_pdet(x)[0], rel=1e-9)  # identity blocks
+
+
+class _Rank:
+    """``torch.distributed`` as one rank of ``world`` sees it at construction (no collectives)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def get_rank(self, group: object = None) -> int:
+        return self.rank
+
+    def get_world_size(self, group: object = None) -> int:
+        return self.world
+
+
+def _llama(layers: int = 2) -> torch.nn.Module:
+    import transformers as tr
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.num_hidden_layers = layers
+    return tr.AutoModel.from_config(config, attn_implementation="eager").eval()
+
+
+def _entropy_monitor(model: torch.nn.Module, layers, **kwargs) -> GSAMMonitor:
+    return GSAMMonitor(
+        model, layers, metrics=["n"],
+        collection=CollectOptions(attention_entropy=True, max_tokens_per_layer=None, phases="eval"),
+        compute=ComputeOptions(shard_layers=True, background=False), **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("layers", "world", "blockless"),
+    [(["embeddings", "auto", "final_norm"], 4, {0, 3}), ("auto", 3, {2})],  # ranks owning only those; too many ranks
+)
+def test_attention_entropy_is_checked_on_the_whole_selection_so_every_rank_agrees(
+    monkeypatch, layers, world: int, blockless: set[int]
+) -> None:
+    pytest.importorskip("transformers")
+    model = _llama()
+    for rank in range(world):
+        monkeypatch.setattr(ranks_module, "active_dist", lambda rank=rank: _Rank(rank, world))
+        monitor = _entropy_monitor(model, layers, sinks=[])  # every rank builds
+        own = sorted(name for name, r in monitor.owners.items() if r == rank and name.startswith("layers."))
+        assert (own == []) == (rank in blockless)
+        assert [site.layer for site in monitor._capture._attention.sites] == own  # a blockless rank measures nothing
+    # The selection itself holds no attention module: refused on every rank alike.
+    for rank in range(world):
+        monkeypatch.setattr(ranks_module, "active_dist", lambda rank=rank: _Rank(rank, world))
+        with pytest.raises(ValueError, match="none of the monitored layers holds an attention module"):
+            _entropy_monitor(model, ["embeddings", "final_norm"], sinks=[])
+
+
+def _entropy_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_gloo_worker(rank, world, init_file, _entropy_train, out_dir)
+
+
+def _entropy_train(rank: int, world: int, out_dir: str) -> None:
+    from gsam_monitor.sinks import JsonlSink
+
+    model = _llama(layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10
+        monitor = _entropy_monitor(
+            model, ["embeddings", "auto"], every_n_steps=2, sinks=[JsonlSink(os.path.join(out_dir, f"e{rank}.jsonl"))]
+        )  # rank 0 owns the embeddings only, rank 1 the block
+    probs = []
+    with monitor, torch.no_grad():
+        for step in range(2):
+            ids = torch.from_numpy(np.random.default_rng(10 * rank + step).integers(0, 64, (2, 5)))
+            probs.append(model(input_ids=ids, output_attentions=True).attentions[0].double().tolist())
+            monitor.step()
+    with open(os.path.join(out_dir, f"e{rank}.json"), "w") as f:
+        json.dump({"owners": monitor.owners, "probs": probs, "last": monitor.last_metrics, "errors": monitor.errors}, f)
+
+
+@pytest.mark.distributed
+def test_a_rank_without_an_attention_layer_of_its_own_measures_nothing_and_the_owner_logs_it(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.start_processes(
+        _entropy_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="spawn"
+    )
+    per_rank = [json.loads((tmp_path / f"e{r}.json").read_text()) for r in range(world)]
+    assert all(got["owners"] == {"embeddings": 0, "layers.0": 1} and got["errors"] == 0 for got in per_rank)
+    p = np.array(per_rank[1]["probs"])  # the owner's forwards: (steps, B, H, Tq, Tk), no padding
+    expected = (-(p * np.log(p, where=p > 0, out=np.zeros_like(p))).sum(-1)).mean((0, 1, 3))  # per head
+    logged = per_rank[0]["last"]  # written by rank 0, which has no attention module of its own
+    for h, value in enumerate(expected):
+        assert logged[f"attn_entropy/layers.0/h{h}/eval"] == pytest.approx(value, rel=2e-6)  # fp32 probabilities
+    assert logged["attn_entropy/layers.0/eval"] == pytest.approx(expected.mean(), rel=2e-6)
+    assert not any(key.startswith("attn_entropy/embeddings") for key in logged)

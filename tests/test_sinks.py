@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 
 import gsam_monitor.monitor.ranks as ranks_module
 from gsam_monitor import ComputeOptions, GSAMMonitor, JsonlSink, TensorBoardSink, WandbSink
+from gsam_monitor._install import install_hint
 from gsam_monitor.sinks import CallableSink, LoggingSink, make_sink, metric_key
 from tests.options import with_defaults
 from tests.reference import gsam_pdet
@@ -140,7 +142,8 @@ def test_wandb_sink_with_the_monitor_and_without_a_run(tmp_path, monkeypatch) ->
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb.run is None
-    with pytest.warns(RuntimeWarning, match="no active W&B run; call wandb.init"):
+    with pytest.warns(RuntimeWarning, match=r"the sink of WandbSink\(run=None\) \(sinks\[0\]\) raised RuntimeError: "
+                      r"WandbSink: no active W&B run; call wandb.init"):  # fmt: skip
         monitor, _, _ = _run_monitor([WandbSink()], steps=2)
     assert monitor._fanout.disabled == {0}
 
@@ -193,6 +196,14 @@ def test_wandb_sink_commit_rule() -> None:
     assert shared.calls == [({"x/a": 1.0, "gsam_step": 1}, True)]
 
 
+def test_wandb_sink_repr_names_its_run_like_the_other_sinks() -> None:
+    named = _FakeRun()
+    named.name = "tiny-run"
+    assert repr(WandbSink(named)) == "WandbSink(run='tiny-run')"
+    assert repr(WandbSink(_FakeRun())) == "WandbSink(run=<_FakeRun>)"  # a run without a name or id
+    assert repr(WandbSink()) == "WandbSink(run=None)"  # wandb.run at the first write
+
+
 def test_jsonl_sink(tmp_path) -> None:
     path = tmp_path / "sub" / "gsam.jsonl"
     _, _, outs = _run_monitor([JsonlSink(path)], steps=4)
@@ -230,9 +241,11 @@ def test_missing_optional_dependencies_fail_at_setup_with_the_install_command(mo
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a)
     )
-    with pytest.raises(ImportError, match=r"tensorboard is not installed; .*pip install gsam-monitor\[tensorboard\]"):
+    tensorboard_hint = re.escape(install_hint("tensorboard", "tensorboard"))
+    with pytest.raises(ImportError, match=f"tensorboard is not installed; install it with {tensorboard_hint}"):
         TensorBoardSink("runs/x")
-    with pytest.raises(ImportError, match=r"wandb is not installed; .*pip install gsam-monitor\[wandb\]"):
+    wandb_hint = re.escape(install_hint("wandb", "wandb"))
+    with pytest.raises(ImportError, match=f"wandb is not installed; install it with {wandb_hint}"):
         GSAMMonitor(Stack(), sinks=["wandb"])
 
 

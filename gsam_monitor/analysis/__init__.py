@@ -1,11 +1,11 @@
 """Eval-time analyses of activations that need more than streaming moments.
 
-- :mod:`.distributions`: parametric family fits (logistic, t, normal, ...), KDE modes, tail
+- ``distributions``: parametric family fits (logistic, t, normal, ...), KDE modes, tail
   fractions, a plotting helper, on the values a ``ReservoirSample`` (``gsam_monitor.stats``,
   re-exported here) collected.
-- :mod:`.spectrum`: power law of the covariance spectrum, LDA class separation from
+- ``spectrum``: power law of the covariance spectrum, LDA class separation from
   per-class moments, group cosine-similarity contrasts.
-- :func:`analyze_layer`: all of them for one layer, as a JSON-serialisable dict.
+- ``analyze_layer``: all of them for one layer, as a JSON-serialisable dict.
 """
 
 from gsam_monitor.stats import ReservoirSample

@@ -7,7 +7,7 @@ analyses here look at the marginal distribution of activation values itself, as 
 compared with a Gaussian of the same mean and standard deviation.
 
 They need the values themselves, so the monitor and the eval collect a bounded uniform
-sample of them with :class:`gsam_monitor.stats.ReservoirSample` (pooled over all
+sample of them with ``gsam_monitor.stats.ReservoirSample`` (pooled over all
 coordinates, and per dimension for chosen dimensions), then call the numpy/scipy functions
 below on ``sample.values()``.
 
@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Families fitted by :func:`fit_families` when ``families`` is None (all of them).
+#: Families fitted by ``fit_families`` when ``families`` is None (all of them).
 DEFAULT_FAMILIES: tuple[str, ...] = (
     "norm",
     "logistic",
@@ -63,7 +63,7 @@ DEFAULT_FAMILIES: tuple[str, ...] = (
 #: size are well below the differences between families.
 FIT_MAX_VALUES = 20_000
 
-#: Default cap on the number of values the KDE of :func:`find_modes` uses.
+#: Default cap on the number of values the KDE of ``find_modes`` uses.
 MODES_MAX_VALUES = 20_000
 
 #: Smallest number of values a fit or a KDE accepts.
@@ -391,9 +391,9 @@ def plot_distribution(
     Args:
         ax: a matplotlib Axes (matplotlib is imported only by the caller's figure).
         values: the values.
-        fits: output of :func:`fit_families`; its first entry is drawn as "best", and the
+        fits: output of ``fit_families``; its first entry is drawn as "best", and the
             "norm" entry (if any, else the moment-matched normal) as the Gaussian.
-        modes: output of :func:`find_modes`; secondary modes are marked with dashed lines,
+        modes: output of ``find_modes``; secondary modes are marked with dashed lines,
             the primary with a dotted one.
         bins: histogram bins.
         title: axes title.

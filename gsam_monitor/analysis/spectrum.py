@@ -3,14 +3,14 @@
 Three analyses of "The Geometry of Concepts" and "Beyond Gaussian" studies, all on
 quantities the monitor already has or on a small set of vectors:
 
-- :func:`powerlaw_fit`: the covariance eigenvalues decay as a power law,
+- ``powerlaw_fit``: the covariance eigenvalues decay as a power law,
   lambda_k ~ k^-alpha, over a middle range of ranks; alpha is the slope of log lambda_k
   against log k, with a 95% confidence interval (the ``powerlaw_alpha`` metric,
   ``gsam_monitor.metrics.powerlaw_alpha``, is the same slope without the interval).
-- :func:`class_separation`: linear discriminant analysis (Fisher's criterion) from
+- ``class_separation``: linear discriminant analysis (Fisher's criterion) from
   per-class streaming moments (count, mean, MLE covariance of a ``LayerStats`` each), so no
   activation has to be stored.
-- :func:`group_cosine_contrast`: how much more similar (cosine) vectors of the same group
+- ``group_cosine_contrast``: how much more similar (cosine) vectors of the same group
   are than vectors of different groups, for one or two groupings (e.g. subject and
   attribute of a sentence).
 
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class ClassMoments(Protocol):
-    """What :func:`class_separation` reads from each class (``LayerStats`` satisfies it)."""
+    """What ``class_separation`` reads from each class (``LayerStats`` satisfies it)."""
 
     @property
     def count(self) -> Any: ...  # weighted row count (0-dim tensor or number)

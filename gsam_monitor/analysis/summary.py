@@ -1,6 +1,6 @@
 """One call per layer: every analysis of a layer as a JSON-serialisable dict.
 
-:func:`analyze_layer` is what the eval (and a user at the end of a run) calls for each
+``analyze_layer`` is what the eval (and a user at the end of a run) calls for each
 monitored layer: family fits, modes and tails of the pooled reservoir sample, the best
 family of each separately sampled dimension, the power law of the covariance spectrum, and
 the LDA class separation from per-class moments.
@@ -52,10 +52,10 @@ def analyze_layer(
         eigenvalues: covariance eigenvalues (e.g. ``metrics.eigenvalues(stats)``), or None
             to skip the power law.
         stats_by_class: per-class ``LayerStats`` of the layer, or None to skip LDA.
-        families: families for :func:`fit_families` (default all).
+        families: families for ``fit_families`` (default all).
         criterion: ranking criterion of the fits.
-        rank_range: rank range of :func:`powerlaw_fit`.
-        tail_ks: thresholds of :func:`tail_fractions`.
+        rank_range: rank range of ``powerlaw_fit``.
+        tail_ks: thresholds of ``tail_fractions``.
         dim_max_values: fit cap for each separately sampled dimension (11 fits per dim).
         seed: seed of the fit subsamples.
 
@@ -63,15 +63,15 @@ def analyze_layer(
         Dict (only plain Python types; NaN may appear, which ``json.dumps`` writes as NaN):
 
         - ``distribution``: {``n``, ``nonfinite``, ``fits`` (list, best first, see
-          :func:`fit_families`), ``best_family``, ``modes`` (see :func:`find_modes`),
-          ``tails`` (str(k) -> see :func:`tail_fractions`)} or None without a sample or
-          with fewer than 50 values;
+            ``fit_families``), ``best_family``, ``modes`` (see ``find_modes``),
+            ``tails`` (str(k) -> see ``tail_fractions``)} or None without a sample or
+            with fewer than 50 values;
         - ``dims``: str(dim) -> {``n``, ``best_family``, ``n_left_modes``,
-          ``n_right_modes``} for each dim the sample tracks (with 50+ values), and
-          ``best_family_counts``: family -> number of those dims it fits best;
-        - ``powerlaw``: see :func:`powerlaw_fit`, or None;
-        - ``class_separation``: see :func:`class_separation` without ``directions``
-          (labels as strings), or None.
+            ``n_right_modes``} for each dim the sample tracks (with 50+ values), and
+            ``best_family_counts``: family -> number of those dims it fits best;
+        - ``powerlaw``: see ``powerlaw_fit``, or None;
+        - ``class_separation``: see ``class_separation`` without ``directions``
+            (labels as strings), or None.
     """
     out: dict[str, Any] = {
         "distribution": None,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from gsam_monitor._install import install_hint
+
 if TYPE_CHECKING:
     from gsam_monitor.callbacks.hf import GSAMTrainerCallback
     from gsam_monitor.callbacks.lightning import GSAMCallback
@@ -44,7 +46,7 @@ def __getattr__(name: str) -> Any:
             raise  # a real import error inside our module or a framework dependency: show it as is
         raise ImportError(
             f"gsam_monitor.callbacks.{name} needs {packages[0]}, which is not installed. Install it with "
-            f"`pip install 'gsam-monitor[{extra}]'` (or `pip install {packages[0].replace('_', '-')}`)."
+            f"{install_hint(extra, packages[0].replace('_', '-'))}."
         ) from err
     value = getattr(module, name)
     globals()[name] = value  # later look-ups skip __getattr__

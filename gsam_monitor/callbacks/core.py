@@ -12,8 +12,9 @@ and closes the monitor without letting a failure there mask the exception being 
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -35,16 +36,19 @@ ON_ALERT = (None, "save", "stop")
 """What a callback does when the monitor raises a geometry alert: nothing, save a checkpoint, stop."""
 
 
-def check_monitor_kwargs(kwargs: Mapping[str, Any], owner: str, *, stacklevel: int = 1) -> dict[str, Any]:
+def check_monitor_kwargs(
+    kwargs: Mapping[str, Any], owner: str, *, stacklevel: int = 1, own: Collection[str] = ()
+) -> dict[str, Any]:
     """The keyword arguments for ``GSAMMonitor``, checked when the callback is built, not when
     training starts: the previous release's flat names moved into their option groups with a
-    ``DeprecationWarning`` (``stacklevel`` as the caller's), each group checked now.
+    ``DeprecationWarning`` (``stacklevel`` as the caller's), each group checked now. ``own``: the
+    callback's own keywords, which a misspelling may be near too (``tensorbord=``).
 
     Raises:
         TypeError: naming the unknown keywords, a close match when there is one, and the valid ones.
         ValueError: an option group's bad field.
     """
-    out = group_legacy(kwargs, owner, valid=MONITOR_ARGS, stacklevel=stacklevel + 1)
+    out = group_legacy(kwargs, owner, valid=MONITOR_ARGS | set(own), stacklevel=stacklevel + 1)
     for group, cls in GROUPS.items():
         if group in out:
             out[group] = as_options(out[group], cls, f"{owner}({group}=)")
@@ -77,7 +81,11 @@ class MonitorCallback:
             TypeError: a keyword argument that ``GSAMMonitor`` does not take.
             ValueError: an ``on_alert`` not in ``ON_ALERT``, or one given with ``alerts=None``.
         """
-        monitor_kwargs = check_monitor_kwargs(monitor_kwargs, type(self).__name__, stacklevel=3)
+        own = [
+            name for name, p in inspect.signature(type(self).__init__).parameters.items()
+            if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]  # fmt: skip
+        monitor_kwargs = check_monitor_kwargs(monitor_kwargs, type(self).__name__, stacklevel=3, own=own)
         owner = type(self).__name__
         if on_alert not in ON_ALERT:
             raise ValueError(f"{owner}(on_alert=) must be None, 'save' or 'stop'; got {on_alert!r}.")

@@ -194,7 +194,8 @@ class GSAMTrainerCallback(MonitorCallback, TrainerCallback):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{type(self).__name__}({name}=) must be None, True or False; got {value!r}.")
         if every_n_steps is not None:
-            positive_int(every_n_steps, "every_n_steps", ", or None to follow TrainingArguments.logging_steps")
+            name = f"{type(self).__name__}(every_n_steps=)"
+            positive_int(every_n_steps, name, ", or None to follow TrainingArguments.logging_steps")
         self.every_n_steps = every_n_steps
         self.tensorboard = tensorboard
         self.wandb = wandb

@@ -74,6 +74,8 @@ class ActivationCapture:
         on_error: Called with an exception caught in a hook and where it happened.
         warn_once: Called with a key and a message for a degradation worth one warning.
         attention: Where the attention entropies go (``attention_entropy=True``), or ``None``.
+        selection: Every monitored layer, when ``targets`` is this rank's share of them
+            (``shard_layers``): the attention check is on the whole selection.
 
     Raises:
         ValueError: with ``attention``, when no monitored block's attention returns probabilities.
@@ -91,6 +93,7 @@ class ActivationCapture:
         on_error: Callable[..., None],
         warn_once: Callable[[str, str], None],
         attention: AttentionFeed | None = None,
+        selection: Sequence[LayerTarget] | None = None,
     ) -> None:
         self.model = model
         self.targets = list(targets)
@@ -117,7 +120,7 @@ class ActivationCapture:
         self._eval_forwards = 0  # evaluation forwards in flight that opened the layer hooks
         self._attention = None if attention is None else build_attention_hooks(
             model, self.targets, self.context, attention, collecting=self.wants,
-            on_error=on_error, warn_once=warn_once,
+            on_error=on_error, warn_once=warn_once, selection=selection,
         )
         self._observer_key = add_observer(self._observe_traced)
         weakref.finalize(self, remove_observer, self._observer_key)

@@ -233,10 +233,11 @@ class AttentionHooks:
             return
         probs = output[site.index] if isinstance(output, (tuple, list)) and len(output) > site.index else None
         if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
-            self._warn_once(
+            self._warn_once(  # once per monitor: a fused kernel runs in every block alike
                 "attn-none",
                 f"CollectOptions(attention_entropy=True): {site.layer!r} returned no attention probabilities (its "
-                f"kernel never formed them); no attention entropy is logged for it. Load the model with "
+                f"kernel never formed them); no attention entropy is logged for it, nor for any other monitored "
+                f"attention layer that returns none (not warned again). Load the model with "
                 f"attn_implementation='eager'.",
             )
             return
@@ -270,15 +271,22 @@ def build_attention_hooks(
     collecting: Callable[[str], bool],
     on_error: Callable[..., None],
     warn_once: Callable[[str, str], None],
+    selection: Sequence[LayerTarget] | None = None,
 ) -> AttentionHooks:
     """The attention hooks of ``CollectOptions(attention_entropy=True)``, checked at setup.
+
+    Args:
+        targets: The layers this process hooks (under ``shard_layers``, the ones it owns).
+        selection: Every monitored layer (default: ``targets``). The check is on the whole
+            selection, so that every rank agrees; a rank whose own layers hold no attention
+            module gets no attention hooks and measures nothing.
 
     Raises:
         ValueError: if no monitored block holds an attention module that returns its
             probabilities (``_can_record_outputs["attentions"]`` of a Hugging Face model).
     """
     sites = attention_sites(model, targets)
-    if not sites:
+    if not sites and (selection is None or not attention_sites(model, selection)):
         raise ValueError(
             "attention_entropy=True: none of the monitored layers holds an attention module that returns its "
             "probabilities (a Hugging Face transformers model's _can_record_outputs['attentions']); monitor the "

@@ -291,10 +291,13 @@ class _Resolver:
         stacks = find_block_stacks(self.model)
         if not stacks:
             top = ", ".join(n for n in self.names if "." not in n)
+            fix = (
+                f"pass module names or globs instead. Top-level modules: {top}." if top
+                else "the model has no submodules (build its layers before the monitor)."
+            )
             raise ValueError(
                 f"{arg}={spec!r}: found no repeated block stack (an nn.ModuleList, or nn.Sequential of "
-                f"two or more, of same-typed blocks) in {type(unwrap_model(self.model)).__name__}; pass "
-                f"module names or globs instead. Top-level modules: {top}."
+                f"two or more, of same-typed blocks) in {type(unwrap_model(self.model)).__name__}; {fix}"
             )
         return stacks
 
@@ -404,9 +407,9 @@ def resolve_layers(
             ignored_ids.add((id(module), kind))
     chosen = [v for ident, v in selected.items() if ident not in ignored_ids and v[0] not in ignored_keys]
     if not chosen:
-        ignored = [_spec_repr(s) for s in _as_spec_list(ignore, "ignore")]
+        ignored = ", ".join(_spec_repr(s) for s in _as_spec_list(ignore, "ignore"))
         raise ValueError(
-            f"layers={[_spec_repr(s) for s in specs]} with ignore={ignored} selects no module; "
+            f"layers=[{', '.join(_spec_repr(s) for s in specs)}] with ignore=[{ignored}] selects no module; "
             f"narrow ignore= or widen layers=."
         )
 

@@ -212,14 +212,14 @@ def run_benchmark(
         trust_remote_code: passed to ``from_pretrained``.
         with_log_n: paper protocol: add log N.
         observer_factories: analyses for the token protocol's second pass.
-        analyses: ``--analyses`` value (see :mod:`gsam_monitor.eval.analyses`): their results
+        analyses: ``--analyses`` value (see ``gsam_monitor.eval.analyses``): their results
             go under each layer's ``"analyses"`` key.
         reservoir_size: values sampled per layer by the ``distributions`` analysis.
         fit_criterion: ranking criterion of the family fits.
         analysis_seed: seed of the reservoir samples and the fits.
         analysis_dims: dimensions per layer fitted separately (``-1``: all).
         concepts: settings of ``--analyses concepts`` (default
-            :class:`~gsam_monitor.eval.concepts.ConceptsConfig`); its results go under each
+            ``gsam_monitor.eval.concepts.ConceptsConfig``); its results go under each
             selected layer's ``"concepts"`` key.
         max_memory: token protocol: bytes (or a size such as ``"512MiB"``) of memory for the
             first pass's hidden states, replayed by the second pass.
@@ -229,7 +229,7 @@ def run_benchmark(
         progress: tqdm bars on stderr.
 
     Returns:
-        One :class:`ModelResult` per model, in order.
+        One ``ModelResult`` per model, in order.
 
     Raises:
         ValueError: for an unknown protocol, ``with_log_n`` with the token protocol, a
@@ -337,11 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     store_flags = [flag for flag, value in (("--max-memory", args.max_memory), ("--spill-dir", args.spill_dir))
                    if value is not None]
     if store_flags and args.protocol != "token":
-        parser.error(f"{', '.join(store_flags)}: apply to --protocol token only (the paper protocol keeps one "
+        parser.error(f"{_apply(store_flags)} to --protocol token only (the paper protocol keeps one "
                      f"vector per sentence and has no second pass)")
     concept_flags = [flag for flag, used in given.items() if used]
     if concept_flags and not wants_concepts:
-        parser.error(f"{', '.join(concept_flags)}: apply to --analyses concepts only; add it, e.g. "
+        parser.error(f"{_apply(concept_flags)} to --analyses concepts only; add it, e.g. "
                      f"--analyses concepts")
     progress = not args.quiet and sys.stderr.isatty()
     if not progress:
@@ -387,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown is not None:
         _note(args, f"wrote {markdown_report(args.protocol, corpus, results, args.markdown, plots)}")
     return 0
+
+
+def _apply(flags: Sequence[str]) -> str:
+    """``--a: applies`` or ``--a, --b: apply`` (the start of a message about where flags apply)."""
+    return f"{', '.join(flags)}: {'applies' if len(flags) == 1 else 'apply'}"
 
 
 def _note(args: argparse.Namespace, message: str) -> None:

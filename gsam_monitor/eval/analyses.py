@@ -1,19 +1,19 @@
 """Distribution and geometry analyses in the eval: ``--analyses distributions,spectrum,classes``.
 
 The token protocol's statistics see only the first two moments of each layer. The analyses
-of :mod:`gsam_monitor.analysis` add, per layer:
+of ``gsam_monitor.analysis`` add, per layer:
 
 - ``distributions``: a bounded, seeded reservoir sample of the pooled activation values
-  (every coordinate of every non-padding token; :class:`~gsam_monitor.stats.ReservoirSample`),
-  then parametric family fits (:func:`~gsam_monitor.analysis.fit_families`, best first by
+  (every coordinate of every non-padding token; ``gsam_monitor.stats.ReservoirSample``),
+  then parametric family fits (``gsam_monitor.analysis.fit_families``, best first by
   ``--fit-criterion``, with the best family under every criterion beside it), KDE modes
-  (:func:`~gsam_monitor.analysis.find_modes`) and tail fractions beyond 3, 5 and 10 sd
-  (:func:`~gsam_monitor.analysis.tail_fractions`);
+  (``gsam_monitor.analysis.find_modes``) and tail fractions beyond 3, 5 and 10 sd
+  (``gsam_monitor.analysis.tail_fractions``);
 - ``spectrum``: the power law of the covariance spectrum over ranks 10-150 with its 95%
-  interval (:func:`~gsam_monitor.analysis.powerlaw_fit`), on the eigenvalues the metrics
+  interval (``gsam_monitor.analysis.powerlaw_fit``), on the eigenvalues the metrics
   already computed (no second eigendecomposition), restricted to the support (the layer's
   ``rank``) as the ``powerlaw_alpha`` metric is, so ``alpha`` equals that metric;
-- ``classes``: LDA class separation (:func:`~gsam_monitor.analysis.class_separation`) from
+- ``classes``: LDA class separation (``gsam_monitor.analysis.class_separation``) from
   one ``LayerStats`` per class and layer, fed with the corpus labels; no activation is stored.
 
 ``classes`` uses the labels of the corpus being run. Every bundled corpus is labelled
@@ -25,7 +25,7 @@ Memory on top of the protocol: ``reservoir_size`` values (float32) per layer for
 ``distributions``; ``n_classes * 8 * d**2`` bytes per layer for ``classes``.
 
 The results go under each layer's ``"analyses"`` key (plain JSON values; the sampled values
-themselves are kept on :attr:`ModelResult.samples <gsam_monitor.eval.protocols.ModelResult>`
+themselves are kept on ``ModelResult.samples <gsam_monitor.eval.protocols.ModelResult>``
 for the plots, never written to the JSON).
 """
 
@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 ANALYSES: tuple[str, ...] = ("distributions", "spectrum", "classes")
 
 #: Analyses run only when named (not by ``all``): ``concepts`` trains a sparse autoencoder on
-#: its own corpus, minutes per layer (:mod:`gsam_monitor.eval.concepts`).
+#: its own corpus, minutes per layer (``gsam_monitor.eval.concepts``).
 NAMED_ANALYSES: tuple[str, ...] = ("concepts",)
 
 #: Values kept per layer by the reservoir sample (800 kB of float32). The fits use a seeded
@@ -148,7 +148,7 @@ def check_analyses(analyses: Sequence[str], corpus: Corpus, protocol: str = "tok
     """Refuse, before any model is loaded, analyses the run cannot do.
 
     Args:
-        analyses: parsed names (see :func:`parse_analyses`).
+        analyses: parsed names (see ``parse_analyses``).
         corpus: the corpus to run.
         protocol: ``token`` or ``paper``.
 
@@ -180,15 +180,15 @@ def check_analyses(analyses: Sequence[str], corpus: Corpus, protocol: str = "tok
 
 
 class AnalysisObserver:
-    """The eval's :class:`~gsam_monitor.eval.protocols.LayerObserver` for ``--analyses``.
+    """The eval's ``gsam_monitor.eval.protocols.LayerObserver`` for ``--analyses``.
 
-    Fed in the token protocol's second pass; :meth:`results` returns, per layer index,
-    ``{"analyses": {"distributions": ..., "classes": ...}}``; :meth:`finish` then adds
+    Fed in the token protocol's second pass; ``results`` returns, per layer index,
+    ``{"analyses": {"distributions": ..., "classes": ...}}``; ``finish`` then adds
     ``"spectrum"`` from the eigenvalues the protocol already computed and keeps the sampled
     values on the result for the plots.
 
     Args:
-        analyses: names from :data:`ANALYSES` (already checked with :func:`check_analyses`).
+        analyses: names from :data:`ANALYSES` (already checked with ``check_analyses``).
         corpus: the corpus being run (its labels feed ``classes``).
         reservoir_size: values kept per layer for ``distributions``.
         criterion: ranking criterion of the family fits (:data:`FIT_CRITERIA`).

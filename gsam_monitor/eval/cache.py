@@ -3,7 +3,7 @@
 Mardia's kurtosis (and the ``--analyses`` observers) need every row a second time, under the fit
 of the first pass. Re-running the model for it doubled the protocol's model time; keeping the
 rows costs ``n_layers × d × itemsize`` bytes per token (MiniLM in fp32: 7 × 384 × 4 = 10,752 B;
-a 7B model in fp16: 33 × 4096 × 2 = 270,336 B). :class:`HiddenStateStore` keeps them, non-padding
+a 7B model in fp16: 33 × 4096 × 2 = 270,336 B). ``HiddenStateStore`` keeps them, non-padding
 rows only, in the model's dtype, in one of three places:
 
 - **memory**, when every batch's rows fit ``max_memory`` (known before the first pass from the

@@ -2,10 +2,10 @@
 
 For each selected layer (``--layers``; default the middle block) of each model:
 
-1. **SAE** -- a :class:`~gsam_monitor.analysis.concepts.TopKSAE` trained on the layer's
-   hidden states, streamed through the library's hooks (:class:`LayerCapture`: the root
+1. **SAE** -- a ``gsam_monitor.analysis.concepts.TopKSAE`` trained on the layer's
+   hidden states, streamed through the library's hooks (``LayerCapture``: the root
    pre-hook's attention mask, special tokens dropped as well) from a corpus of prose, code
-   and math cut into 256-token blocks (:func:`default_documents`); one
+   and math cut into 256-token blocks (``default_documents``); one
    block in ``heldout_every`` is held out. Quality on the held-out blocks: explained
    variance and L0; dead fraction: features that never fire on any block.
 2. **Lobes** -- features fire in a block when their activation exceeds ``threshold`` on one
@@ -23,7 +23,7 @@ For each selected layer (``--layers``; default the middle block) of each model:
    power law of the layer's activation covariance on the same corpus.
 
 Per layer, the JSON gets ``"concepts": {"sae": ..., "lobes": ..., "crystals": ...,
-"powerlaw_alpha": ...}`` (see :func:`run_concepts`); the plots are the lobes on a 2-D
+"powerlaw_alpha": ...}`` (see ``run_concepts``); the plots are the lobes on a 2-D
 spectral embedding of the affinity (coloured by lobe and by the source each feature fires
 most on), the crystals' pairs on their first two principal components before and after the
 LDA projection, and the two eigen-spectra with their power-law fits.
@@ -100,7 +100,7 @@ CONCEPTS = "concepts"
 
 @dataclass(frozen=True)
 class ConceptsConfig:
-    """Settings of ``--analyses concepts`` (defaults: the run the README reports).
+    """Settings of ``--analyses concepts`` (defaults: the run docs/guides/analyses.md reports).
 
     Attributes:
         layers: hidden-state indices (0 = embeddings, i = block i); ``None`` = the middle block.
@@ -120,7 +120,7 @@ class ConceptsConfig:
             units where a token's centred norm is about sqrt(d), so a token's k active values
             have a root mean square of about sqrt(d / k), and ``None`` (the default) takes that:
             sqrt(384 / 32) = 3.46 for MiniLM. At 1, half of all (feature, block) cells fire
-            and the lobes mix the sources (see the README).
+            and the lobes mix the sources (see docs/guides/analyses.md).
         min_blocks: features firing in fewer blocks are left out of the lobes.
         n_lobes: number of lobes (and of geometry clusters).
         affinity: the headline affinity (one of ``AFFINITIES``).
@@ -163,7 +163,7 @@ class ConceptsConfig:
             raise ValueError(f"concepts heldout_every: expected at least 2 (one block in n held out), got "
                              f"{self.heldout_every}")
         if not 2 <= self.n_lobes:
-            raise ValueError(f"--lobes: expected at least 2 lobes, got {self.n_lobes}")
+            raise ValueError(f"concepts n_lobes: expected at least 2 lobes, got {self.n_lobes}")
         if self.affinity not in AFFINITIES:
             raise ValueError(f"concepts affinity: expected one of {', '.join(AFFINITIES)}, got {self.affinity!r}")
 
@@ -245,7 +245,7 @@ class LayerConcepts:
         crystals: word vectors before and after the LDA projection, pair indices, relations.
         feature_spectrum: eigenvalues of the decoder point cloud, descending.
         activation_spectrum: eigenvalues of the activation covariance on the concept corpus.
-        sae: the trained :class:`~gsam_monitor.analysis.concepts.TopKSAE`.
+        sae: the trained ``gsam_monitor.analysis.concepts.TopKSAE``.
         block_max: (blocks, m) largest activation of each feature in each block.
         block_sources: source of each block.
     """
@@ -273,13 +273,13 @@ def run_concepts(
 
     Args:
         loaded: the model.
-        config: settings (default :class:`ConceptsConfig`).
+        config: settings (default ``ConceptsConfig``).
         progress: tqdm bars on stderr.
         documents: source -> documents, replacing the default corpus (tests use small ones).
 
     Returns:
         ``(results, plots)``: per hidden-state index, ``{"concepts": {...}}`` for the layer's
-        JSON entry, and the :class:`LayerConcepts` the plots need. ``concepts`` holds
+        JSON entry, and the ``LayerConcepts`` the plots need. ``concepts`` holds
         ``sae`` (``n_features``, ``k``, ``l0``, ``explained_variance``, ``dead_fraction``,
         ``train_rows``, ``heldout_rows``), ``lobes`` (``k``, ``affinity``, ``ami``,
         ``ami_null_mean``, ``ami_null_sd``, ``ami_z``, ``logreg_accuracy``, ``chance``,
@@ -549,5 +549,5 @@ def _crystals(words: _Words, layer: int, config: ConceptsConfig, plot: LayerConc
 
 
 def has_concepts(results: Sequence[Any]) -> bool:
-    """Whether any layer of any :class:`~gsam_monitor.eval.protocols.ModelResult` has ``concepts``."""
+    """Whether any layer of any ``gsam_monitor.eval.protocols.ModelResult`` has ``concepts``."""
     return any(layer.get("concepts") for r in results for layer in r.layers)

@@ -30,7 +30,7 @@ __all__ = ["BUNDLED_CORPORA", "Corpus", "bundled_path", "load_corpus"]
 
 logger = logging.getLogger(__name__)
 
-#: Names accepted by :func:`load_corpus` for the files bundled with the package.
+#: Names accepted by ``load_corpus`` for the files bundled with the package.
 BUNDLED_CORPORA: tuple[str, ...] = ("sst2_300_filtered", "sst2_300_first", "sst2_dev", "sst2_train")
 
 # File of each bundled corpus inside gsam_monitor/data (the large one ships compressed).
@@ -90,7 +90,7 @@ def load_corpus(name_or_path: str | Path) -> Corpus:
             ``.gz`` or ``.xz`` (decompressed on reading).
 
     Returns:
-        The :class:`Corpus`, with the sha256 of the file's bytes (as stored: compressed files
+        The ``Corpus``, with the sha256 of the file's bytes (as stored: compressed files
         are hashed compressed).
 
     Raises:

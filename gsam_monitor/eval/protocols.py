@@ -2,15 +2,15 @@
 
 ``token`` is the benchmark report's description done right: the token-level hidden states
 of every layer (the embedding output is layer 0), padding masked, streamed through one
-:class:`~gsam_monitor.LayerStats` per layer, then a second pass over the same rows for
-:class:`~gsam_monitor.metrics.MardiaAccumulator`, then :func:`gsam_monitor.metrics.compute` per
+``gsam_monitor.LayerStats`` per layer, then a second pass over the same rows for
+``gsam_monitor.metrics.MardiaAccumulator``, then ``gsam_monitor.metrics.compute`` per
 layer. The second pass replays the first pass's non-padding rows from a
-:class:`~gsam_monitor.eval.cache.HiddenStateStore`: in memory while the corpus's rows fit
+``gsam_monitor.eval.cache.HiddenStateStore``: in memory while the corpus's rows fit
 ``max_memory``, else from a temporary spill file, else (no spill folder) by re-running the model
 for the batches beyond ``max_memory``. The process's memory beyond the model is then
 O(layers × d² + max_memory).
 
-``paper`` reproduces the original benchmark code exactly (see the README, "What the original code
+``paper`` reproduces the original benchmark code exactly (see docs/guides/eval.md, "What the original code
 computed, and why Table 1 ranks hidden sizes"):
 
 1. one vector per sentence = masked mean of the last hidden state + masked mean of the
@@ -23,10 +23,10 @@ computed, and why Table 1 ranks hidden sizes"):
 
 With N = 300 sentences and d > N the covariance has rank N - 1, so step 4 always fires and
 the score is dominated by the regulariser: ((d - N + 1)/2)·log(1/eps) grows linearly with
-the width. :func:`paper_score` is the pure scoring function (steps 2–5).
+the width. ``paper_score`` is the pure scoring function (steps 2–5).
 
 Analyses that need more than moments hook into the token protocol's second pass through
-:class:`LayerObserver` objects; their per-layer results are merged into the layer dicts.
+``LayerObserver`` objects; their per-layer results are merged into the layer dicts.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class ModelResult:
         samples: per layer index, the values sampled by ``--analyses distributions``, for
             the plots; not in the JSON.
         concepts: per layer index, what ``--analyses concepts`` keeps for its plots
-            (:class:`~gsam_monitor.eval.concepts.LayerConcepts`); not in the JSON.
+            (``gsam_monitor.eval.concepts.LayerConcepts``); not in the JSON.
         second_pass: token protocol: how the second pass got its rows (``replayed`` and
             ``rerun`` batches, ``where`` they were kept, ``bytes_in_memory``,
             ``bytes_spilled``, ``bytes_per_token``); empty when no second pass ran. Not in
@@ -287,18 +287,18 @@ def run_token_protocol(
     """Per-layer metrics of the token-level hidden states (the default protocol).
 
     The first pass runs the model once per batch and streams every layer's non-padding rows
-    into a :class:`~gsam_monitor.LayerStats`. When Mardia's kurtosis or an observer needs a
+    into a ``gsam_monitor.LayerStats``. When Mardia's kurtosis or an observer needs a
     second pass under that fit, it replays the rows the first pass kept (see
-    :mod:`gsam_monitor.eval.cache`) and re-runs the model only for batches it did not keep.
+    ``gsam_monitor.eval.cache``) and re-runs the model only for batches it did not keep.
     The results do not depend on where the rows were kept.
 
     Args:
-        loaded: the model (see :func:`gsam_monitor.eval.models.load_model`).
+        loaded: the model (see ``gsam_monitor.eval.models.load_model``).
         corpus: the sentences.
         batch_size: sentences per forward pass.
         max_length: truncate inputs to this many tokens (default: the model's limit).
         observers: analyses fed in the second pass; their results join the layer dicts.
-        metric_names: the metrics of :func:`gsam_monitor.metrics.compute` per layer
+        metric_names: the metrics of ``gsam_monitor.metrics.compute`` per layer
             (default every one); without ``mardia_kurtosis`` and observers there is no second
             pass.
         max_memory: bytes (or a size such as ``"512MiB"``) of memory for the first pass's rows.
@@ -308,7 +308,7 @@ def run_token_protocol(
         progress: show a tqdm bar over batches on stderr.
 
     Returns:
-        The :class:`ModelResult`; ``score`` is the last layer's gsam.
+        The ``ModelResult``; ``score`` is the last layer's gsam.
 
     Raises:
         ValueError: for a non-positive ``batch_size`` or ``max_length``, an unknown metric, a
@@ -482,7 +482,7 @@ def paper_fit(vectors: np.ndarray, with_log_n: bool = False) -> PaperFit:
         with_log_n: add log N (the report's formula; the original code omitted it).
 
     Returns:
-        The :class:`PaperFit`.
+        The ``PaperFit``.
 
     Raises:
         ValueError: if ``vectors`` is not a 2-D array of at least 2 finite rows.
@@ -528,7 +528,7 @@ def paper_fit(vectors: np.ndarray, with_log_n: bool = False) -> PaperFit:
 
 
 def paper_score(vectors: np.ndarray, with_log_n: bool = False) -> float:
-    """The original benchmark code's score of sentence vectors (see :func:`paper_fit`).
+    """The original benchmark code's score of sentence vectors (see ``paper_fit``).
 
     Args:
         vectors: (N, d) array, one row per sentence.
@@ -548,7 +548,7 @@ def run_paper_protocol(
 
     The single layer entry (index -1, name ``last+embeddings``) holds ``paper_score`` (the
     original number), ``paper_retries`` and ``paper_ridge``, and the metrics of
-    :func:`gsam_monitor.metrics.compute` on the raw sentence vectors (so ``gsam`` there is the
+    ``gsam_monitor.metrics.compute`` on the raw sentence vectors (so ``gsam`` there is the
     library's GSAM, scored on the support with ``rank`` beside it).
 
     Args:
@@ -560,7 +560,7 @@ def run_paper_protocol(
         progress: show a tqdm bar over batches on stderr.
 
     Returns:
-        The :class:`ModelResult`; ``score`` is the paper score.
+        The ``ModelResult``; ``score`` is the paper score.
     """
     check_run(batch_size, max_length)
     max_length = _max_length(loaded, max_length)

@@ -73,7 +73,7 @@ def build_results(
     Args:
         protocol: ``token`` or ``paper``.
         corpus: the corpus the models ran on.
-        results: one :class:`ModelResult` per model.
+        results: one ``ModelResult`` per model.
         include_text: add the corpus sentences (off by default: results are shareable
             without redistributing the text).
 
@@ -129,7 +129,7 @@ def markdown_report(
     Args:
         protocol: ``token`` or ``paper``.
         corpus: the corpus.
-        results: one :class:`ModelResult` per model.
+        results: one ``ModelResult`` per model.
         path: the ``.md`` file to write.
         plots: PNG files to embed (linked relative to the report).
 

@@ -11,7 +11,9 @@ from gsam_monitor.analysis.concepts import SOURCES
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.protocols import ModelResult
 
-__all__ = ["analysis_value", "cell", "format_analyses_table", "format_concepts_table", "format_table", "grid"]
+__all__ = [
+    "MODES_COLUMN", "analysis_value", "cell", "format_analyses_table", "format_concepts_table", "format_table", "grid",
+]
 
 # Each metric's column: header and format.
 _COLUMNS: dict[str, tuple[str, str]] = {
@@ -72,7 +74,7 @@ def format_table(protocol: str, corpus: Corpus, results: Sequence[ModelResult], 
     Args:
         protocol: ``token`` or ``paper``.
         corpus: the corpus.
-        results: one :class:`ModelResult` per model.
+        results: one ``ModelResult`` per model.
         markdown: Markdown tables instead of aligned text.
 
     Returns:
@@ -101,6 +103,11 @@ def format_table(protocol: str, corpus: Corpus, results: Sequence[ModelResult], 
 
 
 # ---------------------------------------------------------------------------- --analyses
+#: The analyses table's column of the secondary KDE modes of a layer's pooled values: their
+#: number, then each mode's offset from the main mode in standard deviations, e.g. ``2 (-1.3, +2.1)``.
+MODES_COLUMN = "2nd KDE modes: n (offsets, sd)"
+
+
 def analysis_value(layer: dict[str, Any], *keys: str) -> Any:
     """``layer["analyses"][keys[0]][keys[1]]...``, or ``None`` where a level is missing."""
     value: Any = layer.get("analyses")
@@ -115,22 +122,24 @@ def format_analyses_table(results: Sequence[ModelResult], *, markdown: bool = Fa
     """Per-layer table: best family, secondary modes, alpha with its 95% CI, Fisher ratio.
 
     Args:
-        results: one :class:`ModelResult` per model.
+        results: one ``ModelResult`` per model.
         markdown: a Markdown table instead of aligned text.
 
     Returns:
         One block per model with analyses (empty string if none has any).
     """
     blocks = []
-    header = ["layer", "name", "best family", "modes (sd)", "alpha [95% CI]", "fisher", "tail>5sd / gauss"]
+    header = ["layer", "name", "best family", MODES_COLUMN, "alpha [95% CI]", "fisher", "tail>5sd / gauss"]
     for r in results:
         if not any(layer.get("analyses") for layer in r.layers):
             continue
         criterion = next((str(d["criterion"]) for d in _all(r, "distributions") if d), "-")
         with_dims = any(analysis_value(layer, "distributions", "dims") for layer in r.layers)
         rows = [_analyses_row(layer, criterion, with_dims) for layer in r.layers]
-        title = f"analyses: {r.model} (fits ranked by {criterion})"
-        blocks.append(_block(title, header + (["per-dim best / with 2nd modes"] if with_dims else []), rows, markdown))
+        title = (f"analyses: {r.model} (fits ranked by {criterion}; 2nd KDE modes: the peaks of the density of "
+                 "all dimensions' values pooled beside the main peak, offset from it in standard deviations)")
+        dims_header = ["per dim: top families of n / n with 2nd modes"] if with_dims else []
+        blocks.append(_block(title, header + dims_header, rows, markdown))
     return "\n\n".join(blocks)
 
 
@@ -175,7 +184,7 @@ def format_concepts_table(results: Sequence[Any], *, markdown: bool = False) -> 
     """Per model and layer: SAE quality, lobes (AMI vs null, logistic regression), crystals, alphas.
 
     Args:
-        results: :class:`~gsam_monitor.eval.protocols.ModelResult` objects.
+        results: ``gsam_monitor.eval.protocols.ModelResult`` objects.
         markdown: a Markdown table instead of aligned text.
 
     Returns:

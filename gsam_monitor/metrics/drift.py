@@ -101,7 +101,10 @@ def kl_oas(
     Σ_R⁻¹ = U diag(1/σ) Uᵀ + (I - U Uᵀ)/σ₀, σ = (1 - s) Λ + s μ_R, σ₀ = s μ_R.
 
     Args:
-        mean, cov, evals, n: The current window: mean, MLE covariance, its eigenvalues, rows.
+        mean: The current window's mean.
+        cov: The current window's MLE covariance.
+        evals: The eigenvalues of ``cov``.
+        n: The current window's number of rows.
         reference: The reference window's fit.
         cov_u: ``cov @ reference.eigenvectors()`` when the caller has it already.
     """

@@ -40,6 +40,7 @@ __all__ = [
     "oas_shrinkage",
     "outlier_dims",
     "outlier_ratios",
+    "outlier_ratios_from_moments",
     "powerlaw_alpha",
     "spectral_metrics",
 ]
@@ -338,26 +339,49 @@ def anisotropy(stats: LayerStats) -> float:
     return (float(u @ u) - n) / (n * (n - 1.0))
 
 
+OUTLIER_MARGIN_Z = 4.0
+"""Standard errors taken off each dimension's mean square before it is compared (``outlier_ratios``)."""
+
+
 def outlier_ratios(stats: LayerStats) -> torch.Tensor:
-    """Per-dimension outlier ratio, fp64 on the CPU: max(var_j / median var, |mean_j| /
-    median |mean|), each term left out (0) where its median is 0 or not finite (the median of
-    ``torch.median``: the lower middle value when d is even).
+    """Per-dimension magnitude against the layer's typical magnitude, fp64 on the CPU: the
+    root mean square of dimension j over the median root mean square of the dimensions,
+
+        ratio_j = sqrt(max(m_j - z se_j, 0) / median_k m_k),   m_j = var_j + mean_j²,
+
+    with m_j lowered by ``OUTLIER_MARGIN_Z`` = 4 standard errors of a mean square over n rows
+    (se_j² = (2 var_j² + 4 mean_j² var_j) / n, Gaussian rows), so that a few rows cannot make a
+    dimension look large. The median is ``torch.median``'s (the lower middle value when d is
+    even); all zeros when it is 0, not finite, or the window is empty.
 
     A dimension is an outlier dimension (the "massive activations" of LLM residual streams,
-    Sun et al. 2024) when its ratio exceeds the factor: ``outlier_dims`` counts them and the
-    monitor tracks them by index, from this one rule.
+    Sun et al. 2024, whose magnitudes reach about 1,000 times the median) when its ratio exceeds
+    the factor (10 by default): ``outlier_dims`` counts them and the monitor tracks them by
+    index, from this one rule. It compares a magnitude with the typical magnitude, never a noise
+    with a noise: for rows of equal spread the ratios stay near 1 whatever the means are, and
+    a dimension offset by a constant (a massive activation is nearly constant over tokens)
+    counts by its magnitude.
     """
     var = stats.variance().to("cpu", torch.float64)
-    absmean = stats.mean.abs().to("cpu", torch.float64)
-    ratio = torch.zeros_like(var)
-    for v in (var, absmean):
-        med = float(v.median())
-        if med > 0 and math.isfinite(med):
-            ratio = torch.maximum(ratio, torch.nan_to_num(v / med, nan=0.0))
-    return ratio
+    return outlier_ratios_from_moments(stats.mean.to("cpu", torch.float64), var, float(stats.count))
+
+
+def outlier_ratios_from_moments(mean: torch.Tensor, var: torch.Tensor, n: float) -> torch.Tensor:
+    """``outlier_ratios`` from a window's per-dimension means and (MLE) variances over ``n`` rows."""
+    var = var.to(torch.float64).clamp_min(0.0)
+    mean = mean.to(torch.float64)
+    if n <= 0:
+        return torch.zeros_like(var)
+    square = var + mean * mean
+    med = float(square.median())
+    if not (med > 0 and math.isfinite(med)):
+        return torch.zeros_like(var)
+    se = torch.sqrt((2.0 * var * var + 4.0 * mean * mean * var) / n)
+    low = (square - OUTLIER_MARGIN_Z * se).clamp_min(0.0)
+    return torch.nan_to_num(torch.sqrt(low / med), nan=0.0)
 
 
 def outlier_dims(stats: LayerStats, factor: float = 10.0) -> int:
-    """Number of dimensions whose variance, or |mean|, exceeds ``factor`` × its median over
-    dimensions (``outlier_ratios(stats) > factor``)."""
+    """Number of dimensions whose root mean square exceeds ``factor`` × the median root mean
+    square of the dimensions, with a margin for sampling error (``outlier_ratios(stats) > factor``)."""
     return int((outlier_ratios(stats) > factor).sum())

@@ -20,7 +20,7 @@ baseline, so after a lasting shift the band moves to the new level. ``state_dict
 baselines and counters (plain values only): a resumed run alerts as an uninterrupted one.
 
 Why median/MAD over the last k logs and not a change-point test (CUSUM): on the tiny GPT's
-logged series (``examples/instability.py``, README "Diagnostics", benchmarks/RESULTS.md) the
+logged series (``examples/instability.py``, docs/guides/diagnostics.md, benchmarks/RESULTS.md) the
 band rules raised 3 alerts in 800 stable steps (3.75 per 1,000) against 13.75-27.5 for a
 one-sided CUSUM on the same robust z-scores (h = 10, 5), whose accumulation of small
 deviations fires on the slow, legitimate drift of training; on the diverging runs both alert
@@ -167,8 +167,12 @@ def _check(rule: AlertRule, where: str) -> None:
             f"{where}: a band of width 0 alerts on every change; give threshold > 0 (in scaled MADs), "
             f"min_relative or min_absolute."
         )
-    if not is_positive_int(rule.window) or (rule.method == "band" and rule.window < 3):
-        raise ValueError(f"{where}: window must be an int >= 3 (logs in the baseline); got {rule.window!r}.")
+    least = 3 if rule.method == "band" else 1
+    if not is_positive_int(rule.window) or rule.window < least:
+        raise ValueError(
+            f"{where}: window must be an int >= {least} for a method={rule.method!r} rule (logs in the baseline); "
+            f"got {rule.window!r}."
+        )
     for name in ("warmup", "cooldown"):
         value = getattr(rule, name)
         if value is None and name == "warmup":

@@ -7,11 +7,12 @@ held-out fits, reservoir samples; on the CPU) and the token sampler's generator 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from gsam_monitor.metrics.compute import HIGHER_MOMENT_METRICS
 from gsam_monitor.stats import LayerStats, ReservoirSample
 
 __all__ = ["STATE_FORMAT", "check_state", "pack", "unpack_samples", "unpack_stats"]
@@ -23,8 +24,10 @@ STATE_FORMAT = "gsam_monitor.GSAMMonitor"
 """The ``"format"`` entry of ``GSAMMonitor.state_dict()``."""
 
 
-def check_state(state: Mapping[str, Any], layers: Sequence[str]) -> None:
-    """Refuse a state that is not a monitor's, or that was saved for other layers.
+def check_state(state: Mapping[str, Any], layers: Sequence[str], metrics: Collection[str] = ()) -> None:
+    """Refuse a state that is not a monitor's, that was saved for other layers, or whose windows
+    lack the higher moments that this monitor's ``metrics`` need (a state that has them while
+    this monitor keeps none is fine: ``unpack_stats`` drops them).
 
     Raises:
         ValueError: naming what differs and how to construct a matching monitor.
@@ -40,6 +43,17 @@ def check_state(state: Mapping[str, Any], layers: Sequence[str]) -> None:
             f"load_state_dict: the state is for layers {saved}, this monitor watches {list(layers)}; construct "
             f"the monitor with the same layers= and ignore= as the run that saved it."
         )
+    needs = sorted(HIGHER_MOMENT_METRICS & set(metrics))
+    lean = any(
+        not sd.get("higher_moments", True) for part in ("stats", "reference")
+        for table in state.get(part, {}).values() for sd in table.values()
+    )  # fmt: skip
+    if needs and lean:
+        raise ValueError(
+            f"load_state_dict: the state was saved without the higher moments (3rd and 4th powers) that metrics= "
+            f"needs for {', '.join(needs)}; construct the monitor with the saved run's metrics= (without "
+            f"{', '.join(needs)}), or start it without loading this state."
+        )
 
 
 def pack(table: Mapping[Key, Any]) -> dict[str, dict[str, Any]]:
@@ -54,11 +68,19 @@ def pack(table: Mapping[Key, Any]) -> dict[str, dict[str, Any]]:
 
 
 def unpack_stats(
-    table: Table, device_of: Callable[[str], torch.device], product_dtype: torch.dtype | str | None
+    table: Table,
+    device_of: Callable[[str], torch.device],
+    product_dtype: torch.dtype | str | None,
+    higher_moments: bool = True,
 ) -> dict[Key, LayerStats]:
-    """``pack``'s statistics back, each on its layer's device (``device_of``)."""
+    """``pack``'s statistics back, each on its layer's device (``device_of``). Without
+    ``higher_moments`` (no selected metric needs them) saved higher moments are dropped, so that
+    the windows merge with the monitor's new buffers; the other sums are kept as they are."""
     return {
-        (name, phase): LayerStats.from_state_dict(sd, device=device_of(name), product_dtype=product_dtype)
+        (name, phase): LayerStats.from_state_dict(
+            {**sd, "higher_moments": bool(sd["higher_moments"]) and higher_moments},  # loads its own fields only
+            device=device_of(name), product_dtype=product_dtype,
+        )
         for phase, layers in table.items()
         for name, sd in layers.items()
     }

@@ -236,9 +236,16 @@ class MonitorConfig:
         """This process's group rank when the layers are sharded (the layers it plans for)."""
         return ranks.group_rank(self.process_group) if self.shard_layers else None
 
-    def window_bytes(self, dim: int, copies: int) -> int:
-        """Bytes of ``copies`` windows of feature size ``dim``."""
-        return LayerStats.state_bytes(dim, self.state_dtype) * copies
+    def device_bytes(self, dims: Sequence[int]) -> tuple[int, int]:
+        """``(device bytes, of which update workspace)`` of accumulation buffers of ``dims``,
+        counted as the plan and ``check_budget`` count them (``memory.plan_report``): the
+        buffers plus the workspace once."""
+        report = plan_report(
+            [(str(i), d) for i, d in enumerate(dims)], state_dtype=self.state_dtype,
+            product_dtype=self.product_dtype, device=self.device, phases=self.phases, heldout=self.heldout,
+            log_copies=self.log_copies,
+        )  # fmt: skip
+        return report["device_bytes"], report["workspace_bytes"]
 
     def layer_owners(self, targets: Sequence[LayerTarget]) -> dict[str, int] | None:
         """Under ``shard_layers`` the group rank collecting each layer in the world the monitor

@@ -195,7 +195,7 @@ class GSAMMonitor:
         self._capture = ActivationCapture(
             model, collected, config.phases, self._windows, seed=config.seed + ranks.global_rank(),
             max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
-            warn_once=self._faults.warn_once, attention=self._windows.attention,
+            warn_once=self._faults.warn_once, attention=self._windows.attention, selection=self.targets,
         )
         self._logs = WindowLogger(
             config, self.layer_names, self._windows, self._fanout, self._faults, own=[t.name for t in collected]
@@ -462,11 +462,14 @@ class GSAMMonitor:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output (e.g. from a checkpoint) to continue the windows.
 
+        A state saved with the higher moments (``anisotropy``, ``mean_kurtosis`` selected) loads
+        into a monitor whose ``metrics=`` needs none: they are dropped.
+
         Raises:
-            ValueError: if it is not a monitor state, or was saved for other layers or
-                another ``reservoir_size``.
+            ValueError: if it is not a monitor state, or was saved for other layers, another
+                ``reservoir_size``, or without the higher moments that ``metrics=`` needs.
         """
-        check_state(state_dict, self.layer_names)
+        check_state(state_dict, self.layer_names, self.metric_names)
         self._windows.load_windows(state_dict)
         self.step_count = int(state_dict["step_count"])
         self._logs.load_state_dict(state_dict)

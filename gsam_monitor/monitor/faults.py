@@ -63,10 +63,11 @@ class Faults:
                 f"GSAMMonitor(strict=True): the {kind} of {where} raised {type(err).__name__}: {err}"
             ) from err
         self.errors += 1
+        message = str(err).rstrip().removesuffix(".")  # "...: <message>; <outcome>", not ".;"
         self.warn_once(
             f"{kind}:{where}",
-            f"GSAMMonitor: the {kind} of {where} raised {type(err).__name__}: {err}; {outcome} and training goes on. "
-            f"Later {kind} errors of {where} are counted in '{META_PREFIX}/errors' and not warned about again.",
+            f"GSAMMonitor: the {kind} of {where} raised {type(err).__name__}: {message}; {outcome} and training goes "
+            f"on. Later {kind} errors of {where} are counted in '{META_PREFIX}/errors' and not warned about again.",
         )
 
     def hook_error(self, err: BaseException, where: str = "model") -> None:

@@ -128,5 +128,9 @@ def plan_report(
 
 
 def gib(n: float) -> str:
-    """``n`` bytes in GiB, three decimals."""
-    return f"{n / 2**30:.3f} GiB"
+    """``n`` bytes with three decimals in GiB, or in MiB or KiB below those (a small budget
+    reads ``0.250 MiB``, not ``0.000 GiB``), or in bytes below 1 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{int(n)} bytes"

@@ -154,16 +154,17 @@ class WindowStore:
         budget = self.config.max_state_bytes
         if budget is None:
             return True
-        held = sum(b.nbytes for b in self.buffers.values())
-        need = self.config.window_bytes(dim, 1)
-        if held + need <= budget:
+        dims = [*(b.dim for b in self.buffers.values()), dim]  # counted as at construction (check_budget)
+        need, workspace = self.config.device_bytes(dims)
+        if need <= budget:
             return True
         self.disabled.add(layer)
         self._warn_once(
             f"budget:{layer}",
-            f"GSAMMonitor: layer {layer!r} (d = {dim}) would take the accumulation buffers on the device to "
-            f"{gib(held + need)}, over max_state_bytes = {gib(budget)}; it is not monitored. Monitor fewer layers, "
-            f"use compute=ComputeOptions(state_dtype=torch.float32), or raise ComputeOptions(max_state_bytes=).",
+            f"GSAMMonitor: layer {layer!r} (d = {dim}) would take the device to {gib(need)} ({len(dims)} "
+            f"accumulation buffer(s) of d = {', '.join(map(str, dims))}, plus {gib(workspace)} of update workspace), "
+            f"over max_state_bytes = {gib(budget)}; it is not monitored. Monitor fewer layers, use "
+            f"compute=ComputeOptions(state_dtype=torch.float32), or raise ComputeOptions(max_state_bytes=).",
         )
         return False
 
@@ -400,8 +401,8 @@ class WindowStore:
         # On the host, with the product dtype of the layers' device (the buffers' error model).
         first = self.targets[0].name if self.targets else ""
         product = resolve_product_dtype(self.config.product_dtype, self.device_of(first), self.config.state_dtype)
-        live = unpack_stats(state["stats"], lambda _: HOST, product)
-        references = unpack_stats(state["reference"], lambda _: HOST, product)
+        live = unpack_stats(state["stats"], lambda _: HOST, product, self.config.higher_moments)
+        references = unpack_stats(state["reference"], lambda _: HOST, product, self.config.higher_moments)
         for key, window in self.windows.items():
             window.drop_rows()
             window.stats = live.get(key)

@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from gsam_monitor._install import install_hint
+
 __all__ = ["CallableSink", "Sink", "describe_alert", "describe_quantization", "log10_spectrum", "require_package"]
 
 
@@ -57,8 +59,7 @@ def require_package(package: str, extra: str) -> None:
     """
     if importlib.util.find_spec(package) is None:
         raise ImportError(
-            f"{package} is not installed; install it with `pip install gsam-monitor[{extra}]` "
-            f"(or `pip install {package}`)."
+            f"{package} is not installed; install it with {install_hint(extra, package)}."
         )
 
 

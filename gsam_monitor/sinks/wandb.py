@@ -166,3 +166,10 @@ class WandbSink:
 
     def close(self) -> None:
         return None  # the run belongs to the user (or to the Trainer / Lightning logger)
+
+    def __repr__(self) -> str:
+        run = self._run
+        if run is None:  # wandb.run, read at the first write
+            return "WandbSink(run=None)"
+        name = getattr(run, "name", None) or getattr(run, "id", None)
+        return f"WandbSink(run={name!r})" if isinstance(name, str) else f"WandbSink(run=<{type(run).__name__}>)"

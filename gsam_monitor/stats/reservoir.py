@@ -82,9 +82,9 @@ class ReservoirSample:
     Python loop over values), so memory is bounded by
     ``(capacity + len(dims) * dim_capacity) * dtype size`` whatever the stream length.
 
-    Non-finite values are dropped one by one (and counted in :attr:`nonfinite`); rows with
+    Non-finite values are dropped one by one (and counted in ``nonfinite``); rows with
     ``mask == False`` are dropped entirely. Values are stored in ``dtype`` (float32 by
-    default, enough for activations of any model dtype); :meth:`values` returns fp64 numpy.
+    default, enough for activations of any model dtype); ``values`` returns fp64 numpy.
 
     Args:
         capacity: size of the pooled sample.
@@ -158,7 +158,7 @@ class ReservoirSample:
         """Feed a batch of activations.
 
         Args:
-            x: (..., d) float tensor, any dtype and device (moved to :attr:`device`).
+            x: (..., d) float tensor, any dtype and device (moved to ``device``).
             mask: bool tensor of shape ``x.shape[:-1]``, True = keep the row; None keeps
                 every row.
 
@@ -235,7 +235,7 @@ class ReservoirSample:
         """Number of values the stream of dimension ``dim`` has seen.
 
         Raises:
-            ValueError: if ``dim`` is not one of :attr:`dims`.
+            ValueError: if ``dim`` is not one of ``dims``.
         """
         return int(self._dim_count[self._dim_position(dim)])
 
@@ -243,14 +243,14 @@ class ReservoirSample:
         """The sampled values as a 1-d numpy float64 array.
 
         Args:
-            dim: None for the pooled sample, or one of :attr:`dims` for that dimension's.
+            dim: None for the pooled sample, or one of ``dims`` for that dimension's.
 
         Returns:
             At most ``capacity`` (``dim_capacity``) values; while the stream is shorter than
             the capacity, all of its values in stream order.
 
         Raises:
-            ValueError: if ``dim`` is not one of :attr:`dims`.
+            ValueError: if ``dim`` is not one of ``dims``.
         """
         if dim is None:
             n = min(self.count, self.capacity)
@@ -324,7 +324,7 @@ class ReservoirSample:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` taken from a sample with the same configuration.
+        """Restore a ``state_dict`` taken from a sample with the same configuration.
 
         Raises:
             ValueError: if keys are missing, or capacity, dim_capacity or dims differ.

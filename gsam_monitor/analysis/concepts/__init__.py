@@ -7,18 +7,18 @@ projects out distractors such as word length), functional "lobes" (features that
 256-token blocks also cluster in space; math and code apart from prose) and a "galaxy"
 (a power law of the feature point cloud's eigenvalues).
 
-- :mod:`.sources`: a corpus with sources (review prose, standard-library code, seeded
+- ``sources``: a corpus with sources (review prose, standard-library code, seeded
   math), cut into 256-token blocks;
-- :mod:`.stream`: hidden states of chosen layers through the library's hooks;
-- :mod:`.sae`: a TopK SAE trained on streamed rows, and its held-out quality;
-- :mod:`.cooccurrence`: firing per block, pair counts, the five affinities;
-- :mod:`.lobes`: spectral lobes, geometry clusters, AMI against a shuffled null, logistic
+- ``stream``: hidden states of chosen layers through the library's hooks;
+- ``sae``: a TopK SAE trained on streamed rows, and its held-out quality;
+- ``cooccurrence``: firing per block, pair counts, the five affinities;
+- ``lobes``: spectral lobes, geometry clusters, AMI against a shuffled null, logistic
   regression, lobe x source;
-- :mod:`.crystals`: word-pair difference vectors, LDA from moments, distractor removal;
-- :mod:`.galaxy`: the point cloud's eigenvalue power law.
+- ``crystals``: word-pair difference vectors, LDA from moments, distractor removal;
+- ``galaxy``: the point cloud's eigenvalue power law.
 
 ``python -m gsam_monitor.eval --analyses concepts`` runs all of it
-(:mod:`gsam_monitor.eval.concepts`). Clustering, AMI and logistic regression need
+(``gsam_monitor.eval.concepts``). Clustering, AMI and logistic regression need
 scikit-learn (the ``eval`` extra).
 """
 

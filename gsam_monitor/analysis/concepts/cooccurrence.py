@@ -41,7 +41,7 @@ class BlockFiring:
     Args:
         n_features: number of features m.
         threshold: a feature fires in a block when its largest activation there is strictly
-            above this (:meth:`matrix` accepts another threshold).
+            above this (``matrix`` accepts another threshold).
 
     Example::
 

@@ -10,9 +10,9 @@ nearest, by cosine, to v(b_i) among every other word of the list).
 The study finds that the faces sharpen once global "distractor" directions such as word
 length are projected out, with linear discriminant analysis. Here the distractors are
 labels of each word (its length in characters, its number of tokens), LDA finds the
-directions that separate those classes (:func:`lda_directions`, from per-class streaming
+directions that separate those classes (``lda_directions``, from per-class streaming
 moments, the eigen-solver of scikit-learn's ``LinearDiscriminantAnalysis`` with a fixed
-shrinkage), and :func:`remove_directions` projects them out. A control removes as many
+shrinkage), and ``remove_directions`` projects them out. A control removes as many
 random directions.
 
 The word pairs are ``gsam_monitor/data/concepts_word_pairs.tsv`` (72 pairs, 24 per relation;

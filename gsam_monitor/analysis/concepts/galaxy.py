@@ -3,7 +3,7 @@
 The study reports that the point cloud of SAE feature vectors is not isotropic: the
 eigenvalues of its covariance fall off as a power law, steepest in the middle layers. The
 point cloud here is the SAE's unit decoder rows (one point per feature, alive or not); the
-power law is fitted by :func:`gsam_monitor.analysis.spectrum.powerlaw_fit` over the same
+power law is fitted by ``gsam_monitor.analysis.spectrum.powerlaw_fit`` over the same
 rank range as the activation spectrum the monitor reports, so the two alphas compare.
 """
 

@@ -18,7 +18,7 @@ Architecture and training follow Gao et al., "Scaling and evaluating sparse auto
 
 Training reads an iterator of (N, d) row batches, e.g. the model's hidden states with the
 padding dropped, through a bounded shuffle buffer (``buffer_rows``), never a stored dump.
-:func:`evaluate_sae` streams held-out rows and reports explained variance, L0 and the
+``evaluate_sae`` streams held-out rows and reports explained variance, L0 and the
 features that fired.
 
 Why not ``sae-lens``: its ``SAETrainer`` does accept any iterator of activation batches, and
@@ -115,7 +115,7 @@ class TopKSAE(nn.Module):
 
 @dataclass
 class SAEQuality:
-    """What :func:`evaluate_sae` measured on held-out rows.
+    """What ``evaluate_sae`` measured on held-out rows.
 
     Attributes:
         n_rows: rows seen.
@@ -136,7 +136,7 @@ class SAEQuality:
 
 
 class SAEEvaluator:
-    """Streams rows through an SAE and accumulates its quality (see :func:`evaluate_sae`).
+    """Streams rows through an SAE and accumulates its quality (see ``evaluate_sae``).
 
     Sums are fp64 and shifted by the first batch's mean, so the total variance has no
     cancellation error however far the activations sit from the origin.
@@ -175,7 +175,7 @@ class SAEEvaluator:
         self.n += x.shape[0]
 
     def result(self) -> SAEQuality:
-        """The :class:`SAEQuality` of the rows seen.
+        """The ``SAEQuality`` of the rows seen.
 
         Raises:
             ValueError: if no rows were given.
@@ -199,7 +199,7 @@ def evaluate_sae(sae: TopKSAE, batches: Iterable[torch.Tensor]) -> SAEQuality:
         batches: (N, d) row tensors (padding already dropped).
 
     Returns:
-        The :class:`SAEQuality`.
+        The ``SAEQuality``.
 
     Raises:
         ValueError: if no rows were given.
@@ -211,7 +211,7 @@ def evaluate_sae(sae: TopKSAE, batches: Iterable[torch.Tensor]) -> SAEQuality:
 
 
 class SAETrainer:
-    """Adam on the normalised MSE of a :class:`TopKSAE`, plus AuxK for dead features.
+    """Adam on the normalised MSE of a ``TopKSAE``, plus AuxK for dead features.
 
     Args:
         sae: the SAE to train (its scale and ``b_dec`` are set from the first buffer).

@@ -3,7 +3,7 @@
 Lobes can only specialise if the corpus mixes kinds of text, so the corpus has three sources
 (the study used the Pile's sources; these are what a package can ship or build offline):
 
-- ``prose``: review sentences, joined into one running text (:func:`prose_documents`; the eval
+- ``prose``: review sentences, joined into one running text (``prose_documents``; the eval
   takes the first 2,500 SST-2 train sentences of at least 10 words from the bundled
   ``sst2_train`` corpus);
 - ``code``: Python source read at run time from the standard library of the running
@@ -12,9 +12,9 @@ Lobes can only specialise if the corpus mixes kinds of text, so the corpus has t
   docstring (the docstring is prose); the eval takes at most 2 blocks per file, so that many
   modules are sampled. The selection depends on the Python version;
 - ``math``: a seeded generator of arithmetic and algebra problems with their answers
-  (:func:`math_documents`), one per line.
+  (``math_documents``), one per line.
 
-:func:`build_blocks` tokenizes each document without special tokens and cuts it into full
+``build_blocks`` tokenizes each document without special tokens and cuts it into full
 blocks of ``block_size`` tokens including the tokenizer's special tokens (256 as in the
 study: ``[CLS]`` + 254 + ``[SEP]`` for BERT); a document's last, partial block is dropped, so
 every block has the same length and co-occurrence counts are comparable across sources.
@@ -86,7 +86,7 @@ def prose_documents(sentences: Iterable[str], *, n_sentences: int = 2_500, min_w
     """The first ``n_sentences`` sentences of at least ``min_words`` whitespace tokens, as one text.
 
     Whole review sentences, not the short phrases that fill SST-2 train, joined by spaces into
-    one running text that :func:`build_blocks` cuts into blocks.
+    one running text that ``build_blocks`` cuts into blocks.
 
     Args:
         sentences: candidate sentences, in order.
@@ -95,7 +95,7 @@ def prose_documents(sentences: Iterable[str], *, n_sentences: int = 2_500, min_w
         name: the document's name.
 
     Returns:
-        A single :class:`Document` of source ``prose``.
+        A single ``Document`` of source ``prose``.
 
     Raises:
         ValueError: if no sentence qualifies.
@@ -122,13 +122,13 @@ def _after_docstring(text: str) -> str:
 def code_documents(directory: str | Path | None = None) -> Iterator[Document]:
     """Python source files of the running interpreter's standard library, sorted by name.
 
-    Files are read lazily, as :func:`build_blocks` asks for more.
+    Files are read lazily, as ``build_blocks`` asks for more.
 
     Args:
         directory: a folder of ``.py`` files (default: ``sysconfig.get_paths()["stdlib"]``).
 
     Yields:
-        One :class:`Document` (source ``code``) per top-level ``*.py`` file whose name does not
+        One ``Document`` (source ``code``) per top-level ``*.py`` file whose name does not
         start with ``_``, in sorted order, each starting after its module docstring.
 
     Raises:

@@ -1,8 +1,8 @@
 """Hidden states of chosen layers, one forward at a time, through the library's hooks.
 
-:class:`LayerCapture` registers the monitor's own hooks (:mod:`gsam_monitor.capture.hooks`): a
+``LayerCapture`` registers the monitor's own hooks (``gsam_monitor.capture.hooks``): a
 forward pre-hook on the root model that records the ``attention_mask``, and a hook per
-selected layer (:func:`gsam_monitor.capture.layers.resolve_layers` with ``"embeddings"`` and
+selected layer (``gsam_monitor.capture.layers.resolve_layers`` with ``"embeddings"`` and
 ``"auto"``: index 0 is the embedding output, index i the output of block i, as Hugging Face's
 ``hidden_states[i]``). Each call runs one forward and returns the selected layers' hidden
 states with the keep-mask (attention mask, minus the positions the caller marks as special
