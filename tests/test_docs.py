@@ -237,6 +237,22 @@ def test_every_public_object_is_in_the_api_reference(site: Path) -> None:
     assert not missing, f"not in the API reference: {missing}"
 
 
+def test_every_public_member_of_the_top_level_classes_is_documented(site: Path) -> None:
+    """Methods, properties and the monitor's read-only views (``last_metrics``, ``fired_alerts``,
+    ...: attributes made by a helper, documented through ``scripts/griffe_views.py``)."""
+    import gsam_monitor
+
+    html = (site / "reference" / "monitor" / "index.html").read_text(encoding="utf-8")
+    html += (site / "reference" / "stats" / "index.html").read_text(encoding="utf-8")
+    ids = set(re.findall(r'id="(gsam_monitor[\w.]*)"', html))
+    missing = []
+    for name in ("GSAMMonitor", "LayerStats", "ReservoirSample"):
+        cls = getattr(gsam_monitor, name)
+        members = [m for m in vars(cls) if not m.startswith("_")]
+        missing += [f"{name}.{m}" for m in members if f"gsam_monitor.{name}.{m}" not in ids]
+    assert not missing, f"public members without an entry in the API reference: {missing}"
+
+
 def test_no_docstring_markup_is_left_unrendered(site: Path) -> None:
     for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")

@@ -156,6 +156,7 @@ class LayerStats(Moments):
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
+        """Where the state lives (the Gram sum's device)."""
         return self._state["gram"].device
 
     @property
@@ -170,10 +171,12 @@ class LayerStats(Moments):
 
     @property
     def shift(self) -> torch.Tensor:
+        """The reference vector the sums are taken around (near the mean: keeps them exact)."""
         return self._state["shift"]
 
     @property
     def unit_sum(self) -> torch.Tensor:
+        """Sum of the kept rows scaled to unit norm (``anisotropy``; states with higher moments)."""
         self._require_higher("unit_sum")
         return self._state["unit_sum"]
 
