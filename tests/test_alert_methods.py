@@ -1,0 +1,97 @@
+"""The rules that see slow growth: a band around the baseline frozen at the end of the warm-up
+(``method="fixed"``) and a one-sided CUSUM of robust z-scores against it (``method="cusum"``),
+each against a hand computation in numpy; both continue exactly across ``state_dict``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gsam_monitor import AlertRule
+from gsam_monitor.monitor.alerts import MAD_TO_SD, AlertEngine
+
+
+def _series(rng: np.random.Generator, n: int = 120, slope: float = 0.02) -> np.ndarray:
+    """Noise of sd 0.1 around 1.0 for 10 logs, then a slow rise of ``slope`` per log."""
+    x = 1.0 + 0.1 * rng.standard_normal(n)
+    x[10:] += slope * np.arange(1, n - 9)
+    return x
+
+
+def _run(engine: AlertEngine, values: np.ndarray, start: int = 0) -> list[int]:
+    steps = []
+    for i, v in enumerate(values[start:], start):
+        steps += [a["step"] for a in engine.observe(i, "l", "train", {"anisotropy": v})]
+    return steps
+
+
+def test_a_fixed_band_alerts_on_slow_growth_where_the_rolling_band_follows(rng: np.random.Generator) -> None:
+    x = _series(rng)
+    median = np.median(x[:10])
+    half = max(6 * MAD_TO_SD * np.median(np.abs(x[:10] - median)), 0.0, 0.05)
+    expected = int(np.flatnonzero((x > median + half) & (np.arange(len(x)) >= 10))[0])
+    fixed = AlertEngine([AlertRule("anisotropy", "up", method="fixed", min_relative=0.0, min_absolute=0.05)])
+    assert _run(fixed, x)[0] == expected
+    alert = fixed.alerts[0]
+    assert alert["baseline"] == pytest.approx(median, rel=1e-12)
+    assert alert["band"][1] == pytest.approx(median + half, rel=1e-12)
+    rolling = AlertEngine([AlertRule("anisotropy", "up", method="band", min_relative=0.0, min_absolute=0.05)])
+    late = _run(rolling, x)
+    assert late == [] or late[0] >= expected + 20, (expected, late)
+
+
+def _hand_cusum(x: np.ndarray, h: float, k: float, floor: float, warmup: int = 10, cooldown: int = 10) -> list[int]:
+    median = np.median(x[:warmup])
+    unit = max(MAD_TO_SD * np.median(np.abs(x[:warmup] - median)), floor)
+    s, quiet, out = 0.0, 0, []
+    for i in range(warmup, len(x)):
+        if quiet:
+            quiet -= 1
+            continue
+        s = max(0.0, s + (x[i] - median) / unit - k)
+        if s > h:
+            out.append(i)
+            s, quiet = 0.0, cooldown
+    return out
+
+
+@pytest.mark.parametrize(("h", "k"), [(8.0, 0.5), (4.0, 1.0)])
+def test_cusum_alerts_where_the_hand_computed_sum_crosses(rng: np.random.Generator, h: float, k: float) -> None:
+    x = _series(rng, slope=0.005)
+    engine = AlertEngine([AlertRule("anisotropy", "up", method="cusum", threshold=h, drift=k, min_relative=0.0,
+                                    min_absolute=0.01)])
+    got = _run(engine, x)
+    assert got == _hand_cusum(x, h, k, 0.01) and got
+    # The same excess never leaves a band of 6 MADs around the frozen baseline so early.
+    fixed = AlertEngine([AlertRule("anisotropy", "up", method="fixed", min_relative=0.0, min_absolute=0.01)])
+    assert _run(fixed, x)[0] > got[0]
+
+
+def test_a_downward_cusum_sums_the_other_side(rng: np.random.Generator) -> None:
+    x = 2.0 - (_series(rng, slope=0.005) - 1.0)
+    engine = AlertEngine([AlertRule("anisotropy", "down", method="cusum", threshold=8.0, min_relative=0.0,
+                                    min_absolute=0.01)])
+    assert _run(engine, x) == _hand_cusum(2.0 - x, 8.0, 0.5, 0.01)
+
+
+@pytest.mark.parametrize("method", ["fixed", "cusum"])
+def test_frozen_baselines_and_sums_continue_across_state_dict(rng: np.random.Generator, method: str) -> None:
+    x = _series(rng, slope=0.005)
+    rule = AlertRule("anisotropy", "up", method=method, threshold=6.0, min_relative=0.0, min_absolute=0.01)
+    whole = AlertEngine([rule])
+    _run(whole, x)
+    first = AlertEngine([rule])
+    _run(first, x[:37])
+    resumed = AlertEngine([rule])
+    resumed.load_state_dict(first.state_dict())
+    _run(resumed, x, start=37)
+    assert resumed.alerts == whole.alerts and whole.alerts
+
+
+def test_bad_cusum_settings_fail_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="threshold > 0"):
+        AlertEngine([AlertRule("anisotropy", method="cusum", threshold=0.0)])
+    with pytest.raises(ValueError, match="drift must be"):
+        AlertEngine([AlertRule("anisotropy", method="cusum", drift=-1.0)])
+    with pytest.raises(ValueError, match="warmup of at least 3"):
+        AlertEngine([AlertRule("anisotropy", method="fixed", warmup=2)])
