@@ -40,18 +40,21 @@ def test_a_fixed_band_alerts_on_slow_growth_where_the_rolling_band_follows(rng: 
     assert late == [] or late[0] >= expected + 20, (expected, late)
 
 
-def _hand_cusum(x: np.ndarray, h: float, k: float, floor: float, warmup: int = 10, cooldown: int = 10) -> list[int]:
-    median = np.median(x[:warmup])
-    unit = max(MAD_TO_SD * np.median(np.abs(x[:warmup] - median)), floor)
-    s, quiet, out = 0.0, 0, []
-    for i in range(warmup, len(x)):
+def _hand_cusum(x: np.ndarray, h: float, k: float, floor: float, window: int = 10, cooldown: int = 10) -> list[int]:
+    """The CUSUM, by hand: baseline from the ``window`` values before the first check, and again
+    from the cool-down's values after each alert."""
+    s, quiet, out, base = 0.0, 0, [], None
+    for i in range(window, len(x)):
         if quiet:
             quiet -= 1
             continue
-        s = max(0.0, s + (x[i] - median) / unit - k)
+        if base is None:
+            median = np.median(x[i - window : i])
+            base = (median, max(MAD_TO_SD * np.median(np.abs(x[i - window : i] - median)), floor))
+        s = max(0.0, s + (x[i] - base[0]) / base[1] - k)
         if s > h:
             out.append(i)
-            s, quiet = 0.0, cooldown
+            s, quiet, base = 0.0, cooldown, None
     return out
 
 
@@ -61,7 +64,7 @@ def test_cusum_alerts_where_the_hand_computed_sum_crosses(rng: np.random.Generat
     engine = AlertEngine([AlertRule("anisotropy", "up", method="cusum", threshold=h, drift=k, min_relative=0.0,
                                     min_absolute=0.01)])
     got = _run(engine, x)
-    assert got == _hand_cusum(x, h, k, 0.01) and got
+    assert got == _hand_cusum(x, h, k, 0.01) and len(got) >= 2  # re-baselined after each alert
     # The same excess never leaves a band of 6 MADs around the frozen baseline so early.
     fixed = AlertEngine([AlertRule("anisotropy", "up", method="fixed", min_relative=0.0, min_absolute=0.01)])
     assert _run(fixed, x)[0] > got[0]
@@ -95,3 +98,13 @@ def test_bad_cusum_settings_fail_naming_the_field() -> None:
         AlertEngine([AlertRule("anisotropy", method="cusum", drift=-1.0)])
     with pytest.raises(ValueError, match="warmup of at least 3"):
         AlertEngine([AlertRule("anisotropy", method="fixed", warmup=2)])
+
+
+def test_an_attention_rule_without_attention_entropy_fails_at_setup_naming_the_option() -> None:
+    from gsam_monitor import GSAMMonitor
+    from tests.tiny_models import Stack
+
+    with pytest.raises(ValueError, match=r"CollectOptions\(attention_entropy=True\)"):
+        GSAMMonitor(Stack(dim=4, depth=1), "auto", sinks=[], alerts=["attn_entropy_min"])
+    default = GSAMMonitor(Stack(dim=4, depth=1), "auto", sinks=[])  # the default rule is left out quietly
+    assert "attn_entropy_min" not in {r.metric for r in default.config.alert_rules}

@@ -95,6 +95,7 @@ def test_entropy_per_head_equals_numpy_on_output_attentions(arch: str, right_pad
         heads = [logged[f"attn_entropy/{layer}/h{h}/eval"] for h in range(len(ent))]
         np.testing.assert_allclose(heads, ent, rtol=2e-6)  # fp32 probabilities, fp64 sums
         assert logged[f"attn_entropy/{layer}/eval"] == pytest.approx(float(np.mean(ent)), rel=2e-6)
+        assert logged[f"attn_entropy_min/{layer}/eval"] == pytest.approx(float(np.min(ent)), rel=2e-6)
         assert 0 < min(heads) and max(heads) < math.log(9)
     assert not any(k.startswith("attn_entropy") and "/h2" in k for k in logged)  # 2 heads
     # Padding matters: unmasked, every padded query row would count too.
@@ -202,6 +203,37 @@ def test_attention_windows_resume_mid_window(tmp_path) -> None:
         model(input_ids=batches[1][0], attention_mask=batches[1][1])
         got = resumed.log()
     keys = [k for k in expected if k.startswith("attn_entropy")]
-    assert len(keys) == 6
+    assert len(keys) == 8  # per head, the mean and the lowest head, for 2 layers
     for key in keys:
         assert got[key] == pytest.approx(expected[key], rel=1e-12)
+
+
+def test_a_gradual_attention_collapse_alerts_on_the_lowest_head_and_nothing_before_it() -> None:
+    """Queries scaled up by 20 % per step from step 31 (attention logits grow, the softmax
+    sharpens): the default rules alert ``attention_collapse`` on the lowest head's entropy, and
+    no rule alerts before the scaling starts."""
+    model = _model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
+        monitor = GSAMMonitor(
+            model,
+            every_n_steps=1,
+            sinks=[],
+            collection=CollectOptions(max_tokens_per_layer=None, attention_entropy=True, phases="eval"),
+        )
+    ids, mask = _batches()[1]
+    entropy = []
+    with monitor, torch.no_grad():
+        for step in range(1, 61):
+            if step > 30:
+                for layer in model.layers:
+                    layer.self_attn.q_proj.weight.mul_(1.2)
+            model(input_ids=ids, attention_mask=mask)
+            logged = monitor.step()
+            entropy.append(logged["attn_entropy_min/layers.0/eval"])
+    fired = monitor.fired_alerts
+    assert fired and min(a["step"] for a in fired) > 30
+    collapse = [a for a in fired if a["kind"] == "attention_collapse"]
+    assert collapse and collapse[0]["metric"] == "attn_entropy_min"
+    assert collapse[0]["value"] < 0.75 * collapse[0]["baseline"]
+    assert entropy[-1] < 0.5 * entropy[29]  # the collapse is real: the lowest head's entropy halved

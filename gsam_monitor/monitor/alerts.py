@@ -14,12 +14,13 @@ inside ``GSAMMonitor`` (``alerts="default"``) and offline on logged series alike
 * ``method="above"``: no baseline; a value above ``threshold`` alerts (non-finite rows).
 * ``method="fixed"``: the band of ``"band"``, but around the median and MAD of the first
   ``window`` values, frozen at the end of the warm-up: a slow drift that the rolling band would
-  follow is measured against where the series started.
+  follow is measured against where the series started. After an alert the baseline is frozen
+  again from the values of the cool-down, so that a lasting change alerts once.
 * ``method="cusum"``: a one-sided CUSUM (Page 1954) of robust z-scores against that frozen
   baseline, z = (x - m) / s with s = max(1.4826 · MAD, min_relative · |m|, min_absolute):
   S = max(0, S + z - drift) (z of the rule's side; both sides kept for ``"both"``) alerts when
-  S > ``threshold`` and restarts at 0. It accumulates a small, lasting excess that no single
-  log shows.
+  S > ``threshold`` and restarts at 0 (re-baselined as ``"fixed"``). It accumulates a small,
+  lasting excess that no single log shows.
 
 Each (layer, phase, metric) is quiet during its first ``warmup`` observations (default
 ``window``: the baseline needs them) and for ``cooldown`` observations after an alert, so a
@@ -63,9 +64,12 @@ ALERT_METRICS: tuple[str, ...] = (
     "mean_kurtosis",
     "nonfinite",
     "new_outlier_dims",
+    "attn_entropy",
+    "attn_entropy_min",
 )
 """The metrics a rule can watch (``new_outlier_dims``: dimensions flagged for the first time
-in the run, from the monitor's outlier tracker)."""
+in the run, from the monitor's outlier tracker; ``attn_entropy`` and ``attn_entropy_min``: the
+mean and the lowest head's attention entropy, with ``CollectOptions(attention_entropy=True)``)."""
 
 DIRECTIONS = ("up", "down", "both")
 METHODS = ("band", "above", "fixed", "cusum")
@@ -129,11 +133,14 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     AlertRule("mean_kurtosis", "up", "kurtosis_jump", threshold=6.0, min_relative=0.5, min_absolute=1.0),
     AlertRule("nonfinite", "up", "nonfinite_rows", method="above", threshold=0.0),
     AlertRule("new_outlier_dims", "up", "new_outlier_dim", method="above", threshold=0.0, warmup=10, cooldown=0),
+    AlertRule("attn_entropy_min", "down", "attention_collapse", method="fixed", threshold=6.0, min_relative=0.25),
 )
 """``alerts="default"``: rank collapse, anisotropy jump, a dominant direction, more outlier
-dimensions, heavier tails, non-finite rows and a dimension that becomes an outlier for the
+dimensions, heavier tails, non-finite rows, a dimension that becomes an outlier for the
 first time (after the warm-up; no cool-down: an index is new only once, so each new one is
-reported and the alerts of a layer are at most d)."""
+reported and the alerts of a layer are at most d) and, where attention entropy is measured, a
+head whose entropy collapses (the lowest head's mean entropy a quarter below where it was at the
+end of the warm-up: a fixed baseline, since a collapse is gradual and a rolling band follows it)."""
 
 
 def _rule(spec: Any, index: int) -> AlertRule:
@@ -327,15 +334,14 @@ class AlertEngine:
         self, stream: _Stream, rules: Sequence[AlertRule], step: int, layer: str, phase: str, metric: str, value: float
     ) -> dict[str, Any] | None:
         """The first rule on this metric that fires (one alert per metric and log), or None."""
-        for rule in rules:
-            if rule.method in FROZEN and stream.seen >= rule.quiet_start and rule.name not in stream.frozen:
-                stream.frozen[rule.name] = list(_median_mad(list(stream.history)[-rule.window :]))
         if stream.quiet > 0:
             stream.quiet -= 1
             return None
         for rule in rules:
             if stream.seen < rule.quiet_start:
                 continue
+            if rule.method in FROZEN and rule.name not in stream.frozen:
+                stream.frozen[rule.name] = list(_median_mad(list(stream.history)[-rule.window :]))
             extra: dict[str, Any] = {}
             if rule.method == "cusum":
                 baseline, low, high, total = _cusum(rule, stream, value)
@@ -349,8 +355,9 @@ class AlertEngine:
                 )
             if fires:
                 stream.quiet = rule.cooldown
-                if rule.method == "cusum":
-                    stream.sums[rule.name] = [0.0, 0.0]
+                if rule.method in FROZEN:  # a lasting change alerts once: re-baseline after the cool-down
+                    stream.frozen.pop(rule.name, None)
+                    stream.sums.pop(rule.name, None)
                 return extra | {
                     "step": int(step),
                     "layer": layer,

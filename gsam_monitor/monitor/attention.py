@@ -7,7 +7,8 @@ statistics' window kind (``"interval"`` restarts after a log, ``"cumulative"`` n
 ``"ema"`` decays at every step) and a distributed log sums them over the ranks with one
 ``all_reduce``. ``attention_report`` turns a closed window into the logged scalars:
 ``attn_entropy/{layer}/h{i}`` (the mean entropy of head i over the window's query rows, in
-nats) and ``attn_entropy/{layer}`` (the mean over heads).
+nats), ``attn_entropy/{layer}`` (the mean over heads) and ``attn_entropy_min/{layer}`` (the
+lowest head: a collapsing head shows there first); the last two per (layer, phase) for the alerts.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch
 from gsam_monitor.monitor import ranks
 from gsam_monitor.sinks.keys import layer_key, metric_key
 
-__all__ = ["ATTENTION_METRIC", "AttentionWindows", "attention_report"]
+__all__ = ["ATTENTION_METRIC", "ATTENTION_MIN_METRIC", "AttentionWindows", "attention_report"]
 
 ATTENTION_METRIC = "attn_entropy"
 """First segment of the attention-entropy keys."""
+ATTENTION_MIN_METRIC = "attn_entropy_min"
+"""The lowest head's mean entropy of a layer."""
 
 Key = tuple[str, str]
 
@@ -126,10 +129,14 @@ def _comm_device(dist: Any, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def attention_report(windows: Mapping[Key, torch.Tensor]) -> tuple[dict[str, float], list[tuple[str, str]]]:
-    """The logged scalars of closed windows, and the warnings they call for (rows dropped
+def attention_report(
+    windows: Mapping[Key, torch.Tensor],
+) -> tuple[dict[str, float], dict[Key, dict[str, float]], list[tuple[str, str]]]:
+    """The logged scalars of closed windows, the per-layer values the alerts watch
+    (``attn_entropy``, ``attn_entropy_min``), and the warnings they call for (rows dropped
     because their probabilities did not sum to 1)."""
     flat: dict[str, float] = {}
+    alertable: dict[Key, dict[str, float]] = {}
     dropped = []
     for (layer, phase), acc in windows.items():
         values = acc.to("cpu", torch.float64)
@@ -140,7 +147,9 @@ def attention_report(windows: Mapping[Key, torch.Tensor]) -> tuple[dict[str, flo
             if rows[i] > 0:
                 flat[metric_key(ATTENTION_METRIC, f"{layer}/h{i}", phase)] = float(sums[i] / rows[i])
         if means:
+            alertable[(layer, phase)] = {ATTENTION_METRIC: sum(means) / len(means), ATTENTION_MIN_METRIC: min(means)}
             flat[metric_key(ATTENTION_METRIC, layer, phase)] = sum(means) / len(means)
+            flat[metric_key(ATTENTION_MIN_METRIC, layer, phase)] = min(means)
         if lost > 0:
             dropped.append(f"{layer_key(layer, phase)}: {lost:g}")
     warnings = []
@@ -151,4 +160,4 @@ def attention_report(windows: Mapping[Key, torch.Tensor]) -> tuple[dict[str, flo
             f"sum to 1 were left out ({', '.join(dropped)} head-rows); the module puts probability on padding or "
             f"returns its weights after dropout or rescaling.",
         ))
-    return flat, warnings
+    return flat, alertable, warnings

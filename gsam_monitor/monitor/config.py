@@ -77,16 +77,29 @@ def state_bytes_per_layer(
     )
 
 
-def _rules_for(rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool) -> tuple[AlertRule, ...]:
+ATTENTION_ALERT_METRICS = ("attn_entropy", "attn_entropy_min")
+
+
+def _rules_for(
+    rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool, attention: bool
+) -> tuple[AlertRule, ...]:
     """The rules whose metric each log computes: ``"default"`` keeps those, a rule given
-    explicitly on a metric that ``metrics=`` leaves out is an error.
+    explicitly on a metric that ``metrics=`` leaves out (or on attention entropy without
+    ``CollectOptions(attention_entropy=True)``) is an error.
 
     Raises:
         ValueError: naming the rule's metric and both fixes.
     """
     computed = {*metric_names, "nonfinite", "new_outlier_dims"}  # counted always; tracked always
+    if attention:
+        computed |= set(ATTENTION_ALERT_METRICS)
     missing = [r.metric for r in rules if r.metric not in computed]
     if missing and explicit:
+        if missing[0] in ATTENTION_ALERT_METRICS:
+            raise ValueError(
+                f"alerts: a rule watches {missing[0]!r}, which is measured only with "
+                f"collection=CollectOptions(attention_entropy=True) (eager attention); turn it on or drop the rule."
+            )
         raise ValueError(
             f"alerts: a rule watches {missing[0]!r}, which metrics= does not compute; add {missing[0]!r} to "
             f"metrics= or drop the rule."
@@ -189,7 +202,12 @@ class MonitorConfig:
         if background is None:
             background = device.type != "cpu"
         heldout = bool(REFERENCE_METRICS & set(metric_names))
-        alert_rules = _rules_for(parse_alert_rules(alerts), metric_names, explicit=alerts != "default")
+        alert_rules = _rules_for(
+            parse_alert_rules(alerts),
+            metric_names,
+            explicit=alerts != "default",
+            attention=collection.attention_entropy,
+        )
         distributed = ranks.world_size(process_group) > 1
         return cls(
             every_n_steps=every,

@@ -102,8 +102,9 @@ def build_report(
             layers a rank whose own layers saw nothing still reports them missing.
     """
     result = LogResult(step)
+    attention_values: dict[Key, dict[str, float]] = {}
     if attention:
-        flat, warned = attention_report(attention)
+        flat, attention_values, warned = attention_report(attention)
         result.flat.update(flat)
         result.warnings.extend(warned)
     counts = {key: float(stats.count) for key, stats in windows.items()}
@@ -160,6 +161,8 @@ def build_report(
                 f"'nonfinite/{{layer}}'. Training goes on; later ones are only counted.",
             )
         )
+    for key, values in attention_values.items():  # alertable like the layer's own metrics
+        result.values.setdefault(key, {}).update(values)
     return result
 
 
