@@ -108,3 +108,22 @@ def test_an_attention_rule_without_attention_entropy_fails_at_setup_naming_the_o
         GSAMMonitor(Stack(dim=4, depth=1), "auto", sinks=[], alerts=["attn_entropy_min"])
     default = GSAMMonitor(Stack(dim=4, depth=1), "auto", sinks=[])  # the default rule is left out quietly
     assert "attn_entropy_min" not in {r.metric for r in default.config.alert_rules}
+
+
+def test_warm_up_and_cool_down_counted_in_steps() -> None:
+    """Logs every 100 steps: a 10-log warm-up would stay quiet until step 1,000; warmup_steps=300
+    alerts at the first log from step 300 with a baseline of 3 logs, and cooldown_steps=500
+    keeps the stream quiet until step 800."""
+    values = [1.0, 1.02, 0.98, 5.0, 5.0, 1.0, 1.0, 1.0, 5.0, 1.0, 1.0, 5.0]  # logs at steps 0, 100, ...
+    rule = AlertRule("anisotropy", "up", warmup_steps=300, cooldown_steps=500, min_relative=0.0, min_absolute=0.5)
+    engine = AlertEngine([rule])
+    fired = [a["step"] for i, v in enumerate(values) for a in engine.observe(100 * i, "l", "train", {"anisotropy": v})]
+    # 300: the first alert (baseline 1.0 from three logs); 400 falls in the cool-down, which ends
+    # at 800, where 5.0 alerts again; 1100 falls in the next one (until 1300).
+    assert fired == [300, 800]
+    by_logs = AlertEngine([AlertRule("anisotropy", "up", min_relative=0.0, min_absolute=0.5)])
+    for i, v in enumerate(values):
+        by_logs.observe(100 * i, "l", "train", {"anisotropy": v})
+    assert [a["step"] for a in by_logs.alerts] == [1100]  # the 10-log warm-up hides 300 and 800
+    with pytest.raises(ValueError, match=r"cooldown_steps must be an int >= 0 \(steps\)"):
+        AlertEngine([AlertRule("anisotropy", cooldown_steps=-5)])

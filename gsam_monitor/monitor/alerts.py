@@ -96,8 +96,13 @@ class AlertRule:
         window: Values in the baseline (k logs).
         drift: Cusum: the allowance k subtracted from each z-score (half the shift, in z units,
             it is tuned to detect).
-        warmup: Observations before the first alert; default ``window`` (0 for ``"above"``).
+        warmup: Observations before the first alert; default ``window`` (0 for ``"above"``), or
+            3 (the least a baseline needs) when ``warmup_steps`` is given.
         cooldown: Observations after an alert during which this (layer, phase, metric) is quiet.
+        warmup_steps: No alert at a log of a step below this (training steps, whatever the log
+            interval: at ``every_n_steps=100`` the default 10-log warm-up lasts 1,000 steps).
+        cooldown_steps: After an alert at step s, quiet until step s + ``cooldown_steps``; it
+            replaces ``cooldown`` when given.
     """
 
     metric: str
@@ -111,6 +116,8 @@ class AlertRule:
     warmup: int | None = None
     cooldown: int = 10
     drift: float = 0.5
+    warmup_steps: int | None = None
+    cooldown_steps: int | None = None
 
     @property
     def name(self) -> str:
@@ -122,7 +129,9 @@ class AlertRule:
         """Observations before this rule may alert."""
         if self.warmup is not None:
             return self.warmup
-        return 0 if self.method == "above" else self.window
+        if self.method == "above":
+            return 0
+        return 3 if self.warmup_steps is not None else self.window
 
 
 DEFAULT_RULES: tuple[AlertRule, ...] = (
@@ -201,12 +210,13 @@ def _check(rule: AlertRule, where: str) -> None:
             f"{where}: window must be an int >= {least} for a method={rule.method!r} rule (logs in the baseline); "
             f"got {rule.window!r}."
         )
-    for name in ("warmup", "cooldown"):
+    for name in ("warmup", "cooldown", "warmup_steps", "cooldown_steps"):
         value = getattr(rule, name)
-        if value is None and name == "warmup":
+        if value is None and name != "cooldown":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{where}: {name} must be an int >= 0 (logs); got {value!r}.")
+            unit = "steps" if name.endswith("_steps") else "logs"
+            raise ValueError(f"{where}: {name} must be an int >= 0 ({unit}); got {value!r}.")
     if rule.method != "above" and rule.quiet_start < 3:
         raise ValueError(
             f"{where}: a {rule.method} rule needs a warmup of at least 3 logs to have a baseline; got {rule.warmup!r}."
@@ -254,6 +264,7 @@ class _Stream:
     history: deque[float]
     seen: int = 0
     quiet: int = 0  # observations left in the cool-down
+    quiet_until: int = 0  # the first step after a cool-down counted in steps
     frozen: dict[str, list[float]] = field(default_factory=dict)  # rule kind -> [median, MAD] at warm-up end
     sums: dict[str, list[float]] = field(default_factory=dict)  # rule kind -> CUSUM [up, down]
 
@@ -337,8 +348,10 @@ class AlertEngine:
         if stream.quiet > 0:
             stream.quiet -= 1
             return None
+        if step < stream.quiet_until:
+            return None
         for rule in rules:
-            if stream.seen < rule.quiet_start:
+            if stream.seen < rule.quiet_start or (rule.warmup_steps is not None and step < rule.warmup_steps):
                 continue
             if rule.method in FROZEN and rule.name not in stream.frozen:
                 stream.frozen[rule.name] = list(_median_mad(list(stream.history)[-rule.window :]))
@@ -354,7 +367,10 @@ class AlertEngine:
                     rule.direction in ("down", "both") and value < low
                 )
             if fires:
-                stream.quiet = rule.cooldown
+                if rule.cooldown_steps is None:
+                    stream.quiet = rule.cooldown
+                else:
+                    stream.quiet_until = int(step) + rule.cooldown_steps
                 if rule.method in FROZEN:  # a lasting change alerts once: re-baseline after the cool-down
                     stream.frozen.pop(rule.name, None)
                     stream.sums.pop(rule.name, None)
@@ -377,7 +393,7 @@ class AlertEngine:
             "rules": [asdict(r) for r in self.rules],
             "streams": [
                 {"layer": layer, "phase": phase, "metric": metric, "history": list(s.history), "seen": s.seen,
-                 "quiet": s.quiet, "frozen": {k: list(v) for k, v in s.frozen.items()},
+                 "quiet": s.quiet, "quiet_until": s.quiet_until, "frozen": {k: list(v) for k, v in s.frozen.items()},
                  "sums": {k: list(v) for k, v in s.sums.items()}}
                 for (layer, phase, metric), s in self._streams.items()
             ],
@@ -400,10 +416,11 @@ class AlertEngine:
             width = widths.get(entry["metric"], len(entry["history"]) or 1)
             self._streams[(entry["layer"], entry["phase"], entry["metric"])] = _Stream(
                 deque((float(v) for v in entry["history"]), maxlen=width),
-                int(entry["seen"]),
-                int(entry["quiet"]),
-                {k: [float(x) for x in v] for k, v in entry.get("frozen", {}).items()},
-                {k: [float(x) for x in v] for k, v in entry.get("sums", {}).items()},
+                seen=int(entry["seen"]),
+                quiet=int(entry["quiet"]),
+                quiet_until=int(entry.get("quiet_until", 0)),
+                frozen={k: [float(x) for x in v] for k, v in entry.get("frozen", {}).items()},
+                sums={k: [float(x) for x in v] for k, v in entry.get("sums", {}).items()},
             )
         self.alerts = [dict(a) for a in state["alerts"]]
 
