@@ -101,3 +101,15 @@ def test_a_dimension_that_becomes_massive_is_named_at_the_first_log_after() -> N
     new = [(a["step"], a["dims"]) for a in monitor.fired_alerts if a["kind"] == "new_outlier_dim"]
     assert new == [(26, [17])]
     assert min(a["step"] for a in monitor.fired_alerts) == 26  # nothing before it
+
+
+def test_max_dim_rms_is_the_largest_dimensions_root_mean_square(rng: np.random.Generator) -> None:
+    from gsam_monitor import metrics
+
+    x = rng.standard_normal((300, 24)) + rng.normal(0, 2, 24)
+    x[:, 11] = 250.0 + 3.0 * rng.standard_normal(300)
+    stats = LayerStats(24)
+    stats.update(torch.from_numpy(x))
+    expected = float(np.sqrt((x**2).mean(0)).max())  # mean square = var + mean², per dimension
+    assert metrics.compute(stats, names=["max_dim_rms"])["max_dim_rms"] == pytest.approx(expected, rel=1e-10)
+    assert "max_dim_rms" not in metrics.DEFAULT_METRICS  # asked for by name (metrics=[..., "max_dim_rms"])

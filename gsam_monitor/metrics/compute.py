@@ -31,6 +31,7 @@ from gsam_monitor.metrics.scores import (
     correlation_score,
     gaussian_score,
     heldout_loglik,
+    max_dim_rms,
     oas_score,
     outlier_dims,
     spectral_metrics,
@@ -86,6 +87,8 @@ METRICS: dict[str, MetricSpec] = {
     "rankme": MetricSpec(spectrum=True),
     "anisotropy": MetricSpec(higher_moments=True),
     "outlier_dims": MetricSpec(),
+    # The residual stream's largest dimension: massive activations grow there before training fails.
+    "max_dim_rms": MetricSpec(default=False),
     "heldout_loglik": MetricSpec(reference=True),
     # drift_w2 costs a second eigendecomposition per layer, and against the previous window the
     # drift metrics mostly measure sampling noise: WindowOptions(reference="first") selects them.
@@ -258,6 +261,8 @@ def _fill(
         out["anisotropy"] = anisotropy(stats)
     if "outlier_dims" in wanted:
         out["outlier_dims"] = outlier_dims(stats, outlier_factor)
+    if "max_dim_rms" in wanted:
+        out["max_dim_rms"] = max_dim_rms(stats)
     ref = _reference_fit(reference, rank_rtol) if wanted & REFERENCE_METRICS else None
     if ref is None:
         out.update(dict.fromkeys(wanted & REFERENCE_METRICS, math.nan))

@@ -36,6 +36,7 @@ __all__ = [
     "correlation_score",
     "gaussian_score",
     "heldout_loglik",
+    "max_dim_rms",
     "oas_score",
     "oas_shrinkage",
     "outlier_dims",
@@ -379,6 +380,17 @@ def outlier_ratios_from_moments(mean: torch.Tensor, var: torch.Tensor, n: float)
     se = torch.sqrt((2.0 * var * var + 4.0 * mean * mean * var) / n)
     low = (square - OUTLIER_MARGIN_Z * se).clamp_min(0.0)
     return torch.nan_to_num(torch.sqrt(low / med), nan=0.0)
+
+
+def max_dim_rms(stats: LayerStats) -> float:
+    """The root mean square of the layer's largest dimension, max_j sqrt(var_j + mean_j²), in the
+    activations' units (NaN for an empty window): the size of its most massive activation, whose
+    growth precedes loss spikes in large transformers."""
+    if float(stats.count) <= 0:
+        return math.nan
+    var = stats.variance().to("cpu", torch.float64).clamp_min(0.0)
+    mean = stats.mean.to("cpu", torch.float64)
+    return float(torch.sqrt(var + mean * mean).max())
 
 
 def outlier_dims(stats: LayerStats, factor: float = 10.0) -> int:

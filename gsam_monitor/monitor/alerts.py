@@ -61,6 +61,7 @@ ALERT_METRICS: tuple[str, ...] = (
     "anisotropy",
     "top1_variance_fraction",
     "outlier_dims",
+    "max_dim_rms",
     "mean_kurtosis",
     "nonfinite",
     "new_outlier_dims",
