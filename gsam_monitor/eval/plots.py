@@ -56,7 +56,7 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "powerlaw_alpha": (f"power-law exponent α of the spectrum, λ_k ∝ k^-α ({_RANKS})", "α (dimensionless)"),
     "condition_number": ("condition number λmax / λmin on the support", "λmax / λmin (ratio, log scale)"),
     "anisotropy": ("anisotropy: mean pairwise cosine similarity of the tokens", "mean cosine (dimensionless)"),
-    "outlier_dims": ("outlier dimensions: variance or |mean| > 10× the median", "outlier dimensions (count)"),
+    "outlier_dims": ("outlier dimensions: root mean square > 10× the median", "outlier dimensions (count)"),
     "mean_kurtosis": ("mean excess kurtosis of the dimensions", "excess kurtosis (dimensionless)"),
     "mardia_kurtosis": ("Mardia's kurtosis, normalised excess (b2 - r(r+2)) / r", "normalised excess (dimensionless)"),
 }

@@ -363,8 +363,7 @@ def outlier_ratios(stats: LayerStats) -> torch.Tensor:
     a dimension offset by a constant (a massive activation is nearly constant over tokens)
     counts by its magnitude.
     """
-    var = stats.variance().to("cpu", torch.float64)
-    return outlier_ratios_from_moments(stats.mean.to("cpu", torch.float64), var, float(stats.count))
+    return outlier_ratios_from_moments(*_cpu_moments(stats), float(stats.count))
 
 
 def outlier_ratios_from_moments(mean: torch.Tensor, var: torch.Tensor, n: float) -> torch.Tensor:
@@ -388,9 +387,13 @@ def max_dim_rms(stats: LayerStats) -> float:
     growth precedes loss spikes in large transformers."""
     if float(stats.count) <= 0:
         return math.nan
-    var = stats.variance().to("cpu", torch.float64).clamp_min(0.0)
-    mean = stats.mean.to("cpu", torch.float64)
-    return float(torch.sqrt(var + mean * mean).max())
+    mean, var = _cpu_moments(stats)
+    return float(torch.sqrt(var.clamp_min(0.0) + mean * mean).max())
+
+
+def _cpu_moments(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and MLE variance of a window, fp64 on the CPU."""
+    return stats.mean.to("cpu", torch.float64), stats.variance().to("cpu", torch.float64)
 
 
 def outlier_dims(stats: LayerStats, factor: float = 10.0) -> int:

@@ -362,8 +362,7 @@ class AlertEngine:
                 fires = total > rule.threshold
                 extra["cusum"] = total
             else:
-                history = stream.frozen[rule.name] if rule.method == "fixed" else list(stream.history)[-rule.window :]
-                baseline, low, high = _band(rule, history)
+                baseline, low, high = _band(rule, stream)
                 fires = (rule.direction in ("up", "both") and value > high) or (
                     rule.direction in ("down", "both") and value < low
                 )
@@ -444,24 +443,27 @@ def _cusum(rule: AlertRule, stream: _Stream, value: float) -> tuple[float, float
     up, down = max(0.0, up + z - rule.drift), max(0.0, down - z - rule.drift)
     stream.sums[rule.name] = [up, down]
     total = {"up": up, "down": down, "both": max(up, down)}[rule.direction]
-    low = median - rule.drift * unit if rule.direction in ("down", "both") else -math.inf
-    high = median + rule.drift * unit if rule.direction in ("up", "both") else math.inf
-    return median, low, high, total
+    return (median, *_sides(rule, median, rule.drift * unit), total)
 
 
-def _band(rule: AlertRule, history: Sequence[float]) -> tuple[float | None, float, float]:
-    """(baseline, low, high) of ``rule`` over ``history`` (or the frozen [median, MAD] of a
-    ``"fixed"`` rule); one-sided rules get ±inf on the quiet side."""
+def _band(rule: AlertRule, stream: _Stream) -> tuple[float | None, float, float]:
+    """(baseline, low, high) of ``rule`` on ``stream``: around the median and MAD of the last
+    ``window`` values, or of the frozen ones of a ``"fixed"`` rule."""
     if rule.method == "above":
         return None, -math.inf, float(rule.threshold)
     if rule.method == "fixed":
-        median, mad = history
+        median, mad = stream.frozen[rule.name]
     else:
-        median, mad = _median_mad(history)
+        median, mad = _median_mad(list(stream.history)[-rule.window :])
     half = max(rule.threshold * MAD_TO_SD * mad, rule.min_relative * abs(median), rule.min_absolute)
+    return (median, *_sides(rule, median, half))
+
+
+def _sides(rule: AlertRule, median: float, half: float) -> tuple[float, float]:
+    """(low, high) = median ∓ half on the rule's side(s); ±inf on the side that never alerts."""
     low = median - half if rule.direction in ("down", "both") else -math.inf
     high = median + half if rule.direction in ("up", "both") else math.inf
-    return median, low, high
+    return low, high
 
 
 def _median(ordered: Sequence[float]) -> float:

@@ -148,8 +148,8 @@ def attention_report(
                 flat[metric_key(ATTENTION_METRIC, f"{layer}/h{i}", phase)] = float(sums[i] / rows[i])
         if means:
             alertable[(layer, phase)] = {ATTENTION_METRIC: sum(means) / len(means), ATTENTION_MIN_METRIC: min(means)}
-            flat[metric_key(ATTENTION_METRIC, layer, phase)] = sum(means) / len(means)
-            flat[metric_key(ATTENTION_MIN_METRIC, layer, phase)] = min(means)
+            for metric, value in alertable[(layer, phase)].items():
+                flat[metric_key(metric, layer, phase)] = value
         if lost > 0:
             dropped.append(f"{layer_key(layer, phase)}: {lost:g}")
     warnings = []

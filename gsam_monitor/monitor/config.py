@@ -30,6 +30,7 @@ from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics.compute import DRIFT_METRICS, HIGHER_MOMENT_METRICS, REFERENCE_METRICS, validate_names
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.alerts import AlertRule, parse_alert_rules
+from gsam_monitor.monitor.attention import ATTENTION_METRIC, ATTENTION_MIN_METRIC
 from gsam_monitor.monitor.memory import gib, host_bytes_per_layer, plan_report
 from gsam_monitor.monitor.options import (
     DEFAULT_MAX_STATE_BYTES,
@@ -77,7 +78,7 @@ def state_bytes_per_layer(
     )
 
 
-ATTENTION_ALERT_METRICS = ("attn_entropy", "attn_entropy_min")
+ATTENTION_ALERT_METRICS = (ATTENTION_METRIC, ATTENTION_MIN_METRIC)
 
 
 def _rules_for(

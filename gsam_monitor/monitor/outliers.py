@@ -1,7 +1,7 @@
 """Outlier dimensions by identity: which indices, since when, how large at their peak.
 
-A dimension of a layer is an outlier in a log when its ratio ``metrics.outlier_ratios`` (the
-larger of var_j / median var and |mean_j| / median |mean|) exceeds the factor: the rule of
+A dimension of a layer is an outlier in a log when its ratio ``metrics.outlier_ratios`` (its
+root mean square, less a sampling margin, over the median root mean square) exceeds the factor: the rule of
 ``metrics.outlier_dims``, which only counts them. ``OutlierTracker`` remembers each index
 that ever crossed it: the step it first did, its peak ratio and the step of the peak, and
 whether the last log still flagged it. New indices (never flagged before in the run) are

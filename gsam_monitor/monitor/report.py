@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gsam_monitor import metrics
+from gsam_monitor.metrics.scores import outlier_ratios_from_moments
 from gsam_monitor.monitor.attention import attention_report
 from gsam_monitor.monitor.reference import Reference
 from gsam_monitor.sinks.keys import META_PREFIX, layer_key, metric_key
@@ -193,10 +194,11 @@ def _add_layer(
         result.fits[(layer, phase)] = values.fit
     if float(stats.count) >= 2:
         cpu = torch.device("cpu")
+        mean, variance = stats.mean.to(cpu, torch.float64), stats.variance().to(cpu, torch.float64)
         result.dims[(layer, phase)] = DimStats(
-            ratios=metrics.outlier_ratios(stats),
-            mean=stats.mean.to(cpu, torch.float64),
-            variance=stats.variance().to(cpu, torch.float64),
+            ratios=outlier_ratios_from_moments(mean, variance, float(stats.count)),
+            mean=mean,
+            variance=variance,
             absmax=stats.absmax.to(cpu, torch.float64) if stats.higher_moments else None,
         )
 
