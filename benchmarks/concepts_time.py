@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/concepts_time.py                       # the default: middle block of MiniLM
     python benchmarks/concepts_time.py --args "--layers all" --json results/concepts_time.json
+    python benchmarks/concepts_time.py --args "--sae-seeds 3"  # three SAEs per layer
 """
 
 from __future__ import annotations

@@ -58,8 +58,9 @@ def text_corpus(tmp_path):
 
 
 def _check_schema(doc: dict, protocol: str, n_sentences: int) -> None:
-    assert set(doc) == {"protocol", "corpus", "models", "versions"}
+    assert set(doc) == {"protocol", "corpus", "models", "settings", "parallel", "versions"}
     assert doc["protocol"] == protocol
+    assert doc["parallel"] == {"world_size": 1, "sentences_per_rank": [n_sentences]}
     assert set(doc["corpus"]) == {"name", "n_sentences", "sha256"}
     assert doc["corpus"]["n_sentences"] == n_sentences and len(doc["corpus"]["sha256"]) == 64
     assert set(doc["versions"]) == {"python", "torch", "transformers", "gsam_monitor", "numpy",

@@ -6,8 +6,9 @@ path). Two protocols: ``token`` (default; every layer's token-level hidden state
 metrics) and ``paper`` (the original benchmark code's exact recipe, kept for comparison).
 
 Modules: ``corpus`` (bundled SST-2 files and user files), ``models`` (``minilm``,
-``tiny:<arch>``, local folders and hub ids), ``protocols`` (the two recipes, and the pure
-``paper_score``), ``analyses`` (``--analyses``: distributions, spectrum, classes) and
+``tiny:<arch>``, local folders and hub ids), ``placement`` (``--device-map``), ``protocols``
+(the two recipes), ``paper`` (the pure ``paper_score``), ``parallel`` (``torchrun``: shards and
+exact sums over the ranks), ``analyses`` (``--analyses``: distributions, spectrum, classes) and
 ``concepts`` (``--analyses concepts``), ``tables`` (text and Markdown), ``plots`` (PNG),
 ``report`` (JSON and Markdown), ``__main__`` (the CLI).
 """

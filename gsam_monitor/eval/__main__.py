@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from gsam_monitor.analysis import FIT_CRITERIA
 from gsam_monitor.eval.analyses import (
@@ -36,6 +37,8 @@ from gsam_monitor.eval.cache import DEFAULT_MAX_MEMORY, check_spill_dir, parse_b
 from gsam_monitor.eval.concepts import CONCEPTS, ConceptsConfig, parse_layers
 from gsam_monitor.eval.corpus import BUNDLED_CORPORA, Corpus, load_corpus
 from gsam_monitor.eval.models import TINY_ARCHS, LoadedModel, load_model, parse_dtype
+from gsam_monitor.eval.parallel import DataParallel, RankFailed, from_env, rank_device, together
+from gsam_monitor.eval.placement import STRATEGIES, parse_device_map, parse_max_memory
 from gsam_monitor.eval.protocols import (
     PROTOCOLS,
     LayerObserver,
@@ -89,7 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         "float32 on CPU.",
     )
     parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda when available, else cpu).")
+                        help="torch device (default: cuda when available, else cpu). Under torchrun, "
+                        "'cuda' gives each rank its own GPU (cuda:LOCAL_RANK).")
+    parser.add_argument(
+        "--device-map", default=None, metavar="STRATEGY|JSON",
+        help=f"place a model larger than one device over several (accelerate): {', '.join(STRATEGIES)}, "
+        "or a JSON object (inline or a .json file) of module name to device ('cpu', 'disk', a GPU "
+        "index, 'cuda:1'). Each layer's statistics stay on its layer's device. Instead of --device.",
+    )
+    parser.add_argument(
+        "--device-max-memory", default=None, metavar="DEV=SIZE,...",
+        help="with a --device-map strategy: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+    )
     parser.add_argument("--batch-size", type=int, default=32,
                         help="sentences per forward pass (default 32).")
     parser.add_argument(
@@ -142,8 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ConceptsConfig.blocks_per_source})."))
     concepts.add_argument("--concept-threshold", type=float, default=None, metavar="X", help=(
         "--analyses concepts: a feature fires in a block when its SAE activation exceeds X on one of the block's "
-        "tokens. Default sqrt(d / k), the typical size of an active feature on the SAE's scale (3.46 for "
-        "MiniLM); the study's value on its own SAE is 1."))
+        "tokens. Default: the threshold at which activations above it are as frequent per token and feature as in "
+        "the study's SAE (41 of 16,384), found from the run's own activations; the study's value on its own SAE "
+        "is 1."))
+    concepts.add_argument("--sae-seeds", type=int, default=ConceptsConfig.sae_seeds, metavar="N", help=(
+        "--analyses concepts: SAEs trained per layer, each with its own seed; the study's AMI, balanced accuracy "
+        "and the explained variance are reported as mean and sd over them (lobes.over_seeds.sae_seeds). Each "
+        f"adds about a minute per layer on a 2-core CPU (default {ConceptsConfig.sae_seeds})."))
+    concepts.add_argument("--save-artifacts", default=None, metavar="DIR", help=(
+        "--analyses concepts: write concepts_<model>_<layer>.npz per layer into DIR: the SAE weights, the "
+        "per-block firing, the lobe labels of both recipes and the word-pair vectors."))
     parser.add_argument(
         "--fit-criterion", choices=FIT_CRITERIA, default="bic",
         help="ranking of the family fits of --analyses distributions (default bic; sse "
@@ -162,7 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         "dimension. Default 0 (pooled values only).",
     )
     parser.add_argument("--output", type=Path, default=None, metavar="PATH",
-                        help="write the results as JSON.")
+                        help="write the results as JSON (after each model, atomically: a temporary file "
+                        "renamed over it).")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="with --output: skip the models already in that file (written by the same command: "
+        "same protocol, corpus and settings) and add the others, one at a time; a run stopped "
+        "mid-model loses only that model.",
+    )
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write PNG plots: per-layer metric curves and eigen-spectra.")
     parser.add_argument("--markdown", type=Path, default=None, metavar="PATH",
@@ -198,6 +227,10 @@ def run_benchmark(
     spill: bool = True,
     spill_dir: str | Path | None = None,
     progress: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    device_max_memory: str | dict[Any, str] | None = None,
+    parallel: DataParallel | None = None,
+    on_result: Callable[[ModelResult], None] | None = None,
 ) -> list[ModelResult]:
     """Run one protocol over several models, loading one model at a time.
 
@@ -227,6 +260,14 @@ def run_benchmark(
             re-run the model for the second pass).
         spill_dir: the temporary file's folder (default: the system's temporary folder).
         progress: tqdm bars on stderr.
+        device_map: ``--device-map`` (``gsam_monitor.eval.placement``): the layers placed over
+            several devices instead of ``device``.
+        device_max_memory: ``--device-max-memory``, the limits of a placement strategy.
+        parallel: under ``torchrun``, the process group (``gsam_monitor.eval.parallel.from_env``):
+            each rank runs its share of the batches and the results are combined; observers need
+            a ``reduce(parallel)`` method; ``--analyses concepts`` runs on rank 0 only.
+        on_result: called with each model's result as soon as it is complete (``--output``
+            writes the file there).
 
     Returns:
         One ``ModelResult`` per model, in order.
@@ -236,8 +277,8 @@ def run_benchmark(
             non-positive batch size or truncation length, analyses requested with the paper
             protocol, an unknown analysis or fit criterion, a bad reservoir size, ``classes`` on
             a corpus without labels, a device this machine does not have, a bad ``max_memory``
-            or a ``spill_dir`` that is not a folder (all before any model is loaded), each naming
-            its command-line flag.
+            or a ``spill_dir`` that is not a folder, a bad device map, or fewer batches than
+            ranks (all before any model is loaded), each naming its command-line flag.
     """
     from gsam_monitor.eval.models import resolve_device
 
@@ -267,6 +308,13 @@ def run_benchmark(
         AnalysisObserver(selected, corpus, reservoir_size=reservoir_size,
                          criterion=fit_criterion, seed=analysis_seed, n_dims=analysis_dims)
     torch_dtype = parse_dtype(dtype, torch_device)
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("--device-map: places the model itself; drop --device")
+        device_map, device_max_memory = parse_device_map(device_map), parse_max_memory(device_max_memory)
+    elif device_max_memory is not None:
+        raise ValueError("--device-max-memory: applies to --device-map strategies only; add e.g. --device-map auto")
+    first_sentence = 0 if parallel is None else parallel.shard(corpus, batch_size).first_sentence
     results = []
     models = model_specs
     if progress and len(model_specs) > 1:
@@ -274,37 +322,53 @@ def run_benchmark(
 
         models = tqdm(model_specs, desc="models", file=sys.stderr, unit="model")
     for spec in models:
-        loaded = load_model(spec, device=torch_device, dtype=torch_dtype,
-                            trust_remote_code=trust_remote_code)
+        with together(parallel, f"loading {spec}"):
+            loaded = load_model(spec, device=torch_device, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                device_map=device_map, max_memory=device_max_memory)
         if protocol == "token":
             observers = [factory(loaded, corpus) for factory in observer_factories]
+            unreducible = [type(o).__name__ for o in observers if not hasattr(o, "reduce")]
+            if parallel is not None and unreducible:
+                raise ValueError(f"observer_factories: {', '.join(unreducible)} cannot run under torchrun (no "
+                                 f"reduce(parallel) method to combine the ranks); add one or run one process")
             analysis = None
             if selected:
                 analysis = AnalysisObserver(selected, corpus, reservoir_size=reservoir_size,
                                             criterion=fit_criterion, seed=analysis_seed,
-                                            n_dims=analysis_dims)
+                                            n_dims=analysis_dims, first_sentence=first_sentence)
                 observers.append(analysis)
             result = run_token_protocol(loaded, corpus, batch_size=batch_size,
                                         max_length=max_length, observers=observers,
                                         max_memory=max_memory, spill=spill, spill_dir=spill_dir,
-                                        progress=progress)
+                                        progress=progress, parallel=parallel)
             if analysis is not None:
                 analysis.finish(result)
             if with_concepts:
-                from gsam_monitor.eval.concepts import run_concepts
-
-                extra, result.concepts = run_concepts(loaded, concepts, progress=progress)
-                for index, values in extra.items():
-                    result.layers[index].update(values)
+                _run_concepts(loaded, concepts, result, parallel, progress)
         else:
             result = run_paper_protocol(loaded, corpus, batch_size=batch_size,
                                         max_length=max_length, with_log_n=with_log_n,
-                                        progress=progress)
+                                        progress=progress, parallel=parallel)
         results.append(result)
+        if on_result is not None:
+            on_result(result)
         logger.info("%s: score %.4f", spec, result.score)
         # One model in memory at a time: a 7B model in fp16 is 14 GB.
         del loaded
     return results
+
+
+def _run_concepts(loaded: LoadedModel, concepts: ConceptsConfig | None, result: ModelResult,
+                  parallel: DataParallel | None, progress: bool) -> None:
+    """``--analyses concepts`` into ``result``; under torchrun on rank 0 only (its own corpus,
+    not sharded), the other ranks waiting for it."""
+    from gsam_monitor.eval.concepts import run_concepts
+
+    with together(parallel, f"{loaded.name}: --analyses concepts"):
+        if parallel is None or parallel.rank == 0:
+            extra, result.concepts = run_concepts(loaded, concepts, progress=progress)
+            for index, values in extra.items():
+                result.layers[index].update(values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -316,9 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success. Usage and input errors exit with status 2 and a message on stderr.
     """
-    from gsam_monitor.eval.plots import write_plots
-    from gsam_monitor.eval.report import build_results, markdown_report, write_json
-    from gsam_monitor.eval.tables import format_table
+    from gsam_monitor.eval.models import resolve_device
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -333,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         wants_concepts = True  # the bad name is reported below, with the valid ones
     given = {"--layers": args.layers is not None,
              "--concept-blocks": args.concept_blocks != ConceptsConfig.blocks_per_source,
-             "--concept-threshold": args.concept_threshold is not None}
+             "--concept-threshold": args.concept_threshold is not None,
+             "--sae-seeds": args.sae_seeds != ConceptsConfig.sae_seeds,
+             "--save-artifacts": args.save_artifacts is not None}
     store_flags = [flag for flag, value in (("--max-memory", args.max_memory), ("--spill-dir", args.spill_dir))
                    if value is not None]
     if store_flags and args.protocol != "token":
@@ -343,40 +407,91 @@ def main(argv: Sequence[str] | None = None) -> int:
     if concept_flags and not wants_concepts:
         parser.error(f"{_apply(concept_flags)} to --analyses concepts only; add it, e.g. "
                      f"--analyses concepts")
+    if args.resume and args.output is None:
+        parser.error("--resume: needs --output, the results file to resume")
     progress = not args.quiet and sys.stderr.isatty()
     if not progress:
         _quiet_transformers()
+    parallel = None
     try:  # everything else is checked by the library, before any model is loaded
         analysis_dims = parse_analysis_dims(args.analysis_dims)
         concepts = ConceptsConfig(layers=parse_layers(args.layers), blocks_per_source=args.concept_blocks,
-                                  threshold=args.concept_threshold)
+                                  threshold=args.concept_threshold, sae_seeds=args.sae_seeds,
+                                  save_artifacts=args.save_artifacts)
         corpus = load_corpus(args.corpus or DEFAULT_CORPUS[args.protocol])
-        results = run_benchmark(
-            args.model or ["minilm"],
-            corpus,
-            protocol=args.protocol,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            trust_remote_code=args.trust_remote_code,
-            with_log_n=args.with_log_n,
-            analyses=args.analyses,
-            reservoir_size=args.reservoir_size,
-            fit_criterion=args.fit_criterion,
-            analysis_dims=analysis_dims,
-            concepts=concepts,
-            max_memory=DEFAULT_MAX_MEMORY if args.max_memory is None else args.max_memory,
-            spill=(args.spill_dir or "").lower() != "none",
-            spill_dir=None if (args.spill_dir or "none").lower() == "none" else args.spill_dir,
-            progress=progress,
-        )
+        device = rank_device(args.device)
+        try:
+            torch_device = resolve_device(device)
+        except ValueError as err:
+            raise ValueError(f"--device: {err}") from None
+        parallel = from_env(torch_device)
+        return _run(args, corpus, concepts, analysis_dims, device, parallel, progress)
+    except RankFailed as err:  # another rank's error: that rank reports it in full
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:
         parser.error(str(err))
+    finally:
+        if parallel is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, corpus: Corpus, concepts: ConceptsConfig, analysis_dims: int,
+         device: str | None, parallel: DataParallel | None, progress: bool) -> int:
+    """Run the benchmark as parsed by ``main``; rank 0 alone writes the table and the files."""
+    from gsam_monitor.eval.plots import write_plots
+    from gsam_monitor.eval.report import build_results, markdown_report, read_for_resume, run_settings, write_json
+    from gsam_monitor.eval.tables import format_table
+
+    lead = parallel is None or parallel.rank == 0
+    specs = args.model or ["minilm"]
+    settings = run_settings(args, concepts if CONCEPTS in parse_analyses(args.analyses) else None)
+    previous = read_for_resume(args.output, args.protocol, corpus, settings) if args.resume else []
+    done = [m["model"] for m in previous if m["model"] in specs]
+    if done:
+        _note(args, f"--resume: {len(done)} model(s) already in {args.output}: {', '.join(done)}", lead)
+    shares = ([len(corpus)] if parallel is None
+              else list(parallel.shard(corpus, args.batch_size).sentences_per_rank))
+    run_info = {"world_size": 1 if parallel is None else parallel.world_size, "sentences_per_rank": shares}
+    finished: list[ModelResult] = []
+
+    def save(result: ModelResult) -> None:  # after each model: a stop loses only the model under way
+        finished.append(result)
+        if lead and args.output is not None:
+            write_json(build_results(args.protocol, corpus, finished, include_text=args.include_text,
+                                     settings=settings, parallel=run_info, previous=previous), args.output)
+
+    results = run_benchmark(
+        [spec for spec in specs if spec not in done],
+        corpus,
+        protocol=args.protocol,
+        device=device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        trust_remote_code=args.trust_remote_code,
+        with_log_n=args.with_log_n,
+        analyses=args.analyses,
+        reservoir_size=args.reservoir_size,
+        fit_criterion=args.fit_criterion,
+        analysis_dims=analysis_dims,
+        concepts=concepts,
+        max_memory=DEFAULT_MAX_MEMORY if args.max_memory is None else args.max_memory,
+        spill=(args.spill_dir or "").lower() != "none",
+        spill_dir=None if (args.spill_dir or "none").lower() == "none" else args.spill_dir,
+        progress=progress and lead,
+        device_map=args.device_map,
+        device_max_memory=args.device_max_memory,
+        parallel=parallel,
+        on_result=save,
+    )
+    if not lead or not results:
+        return 0
     sys.stdout.write(format_table(args.protocol, corpus, results))
     if args.output is not None:
-        document = build_results(args.protocol, corpus, results, include_text=args.include_text)
-        _note(args, f"wrote {write_json(document, args.output)}")
+        _note(args, f"wrote {args.output}")
     plots: list[Path] = []
     plot_dir = args.plots
     if plot_dir is None and args.markdown is not None:
@@ -394,8 +509,8 @@ def _apply(flags: Sequence[str]) -> str:
     return f"{', '.join(flags)}: {'applies' if len(flags) == 1 else 'apply'}"
 
 
-def _note(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
+def _note(args: argparse.Namespace, message: str, lead: bool = True) -> None:
+    if not args.quiet and lead:
         print(message, file=sys.stderr)
 
 

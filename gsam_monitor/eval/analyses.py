@@ -44,6 +44,7 @@ from gsam_monitor._validate import is_positive_int
 from gsam_monitor.analysis import FIT_CRITERIA, analyze_layer, find_modes, fit_families, powerlaw_fit
 from gsam_monitor.analysis.distributions import MIN_VALUES
 from gsam_monitor.eval.corpus import Corpus
+from gsam_monitor.eval.parallel import DataParallel, MergedSample
 from gsam_monitor.eval.protocols import ModelResult
 from gsam_monitor.metrics.scores import POWERLAW_RANGE
 from gsam_monitor.stats import LayerStats, ReservoirSample
@@ -198,6 +199,9 @@ class AnalysisObserver:
             (``distributions`` only; about 0.25 s per dimension on one CPU core); ``-1``
             for every dimension, 0 for none.
         dim_capacity: values kept per sampled dimension.
+        first_sentence: under ``torchrun``, the corpus index of this rank's first sentence
+            (``gsam_monitor.eval.parallel.Shard``); ``corpus`` stays the whole corpus, so
+            every rank knows every class.
 
     Raises:
         ValueError: for an unknown analysis or criterion, a non-positive ``reservoir_size``
@@ -207,6 +211,7 @@ class AnalysisObserver:
     def __init__(
         self, analyses: Sequence[str], corpus: Corpus, *, reservoir_size: int = DEFAULT_RESERVOIR_SIZE,
         criterion: str = "bic", seed: int = 0, n_dims: int = 0, dim_capacity: int = DEFAULT_DIM_CAPACITY,
+        first_sentence: int = 0,
     ) -> None:
         self.analyses = parse_analyses(list(analyses))
         if criterion not in FIT_CRITERIA:
@@ -224,7 +229,7 @@ class AnalysisObserver:
         self._labels = corpus.labels
         self._classes: list[Any] = sorted(set(corpus.labels or ()), key=str)
         self._class_index = {label: i for i, label in enumerate(self._classes)}
-        self._offset = 0  # sentences seen at layer 0, to slice non-integer corpus labels
+        self._offset = first_sentence  # sentences seen at layer 0, to slice non-integer corpus labels
         self._batch_classes: torch.Tensor | None = None
         self.samples: dict[int, ReservoirSample] = {}
         self.class_stats: dict[int, list[LayerStats]] = {}
@@ -270,6 +275,15 @@ class AnalysisObserver:
                 f"the corpus labels and sentences are out of step"
             )
         return torch.tensor([self._class_index[v] for v in values], dtype=torch.int64)
+
+    def reduce(self, parallel: DataParallel) -> None:
+        """Under ``torchrun``, after the second pass: sum the per-class statistics over the ranks
+        and merge the ranks' samples into one uniform sample of the union (a collective:
+        ``gsam_monitor.eval.parallel``)."""
+        for layer in sorted(self.class_stats):
+            parallel.sum_stats(self.class_stats[layer])
+        for layer in sorted(self.samples):
+            self.samples[layer] = MergedSample.merge(parallel, self.samples[layer])  # type: ignore[assignment]
 
     def results(self, stats: Sequence[LayerStats]) -> dict[int, dict[str, Any]]:
         """Per-layer ``{"analyses": {...}}`` for ``distributions`` and ``classes``."""
@@ -361,6 +375,9 @@ def _distribution_entry(
             "capacity": sample.capacity,
             "seed": sample.seed,
             "nonfinite": summary["nonfinite"],
+            # Under torchrun: merged from each rank's sample (the same distribution as one
+            # process's sample, not the same values).
+            "merged_from_ranks": getattr(sample, "ranks", 1),
         },
         "criterion": observer.criterion,
         "best_family": summary["best_family"],

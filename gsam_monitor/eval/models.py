@@ -27,6 +27,14 @@ from typing import Any
 import torch
 
 from gsam_monitor._install import install_hint
+from gsam_monitor.eval.placement import (
+    available_devices,
+    check_coverage,
+    input_device,
+    offload_folder,
+    parse_device_map,
+    parse_max_memory,
+)
 
 __all__ = [
     "TINY_ARCHS",
@@ -104,21 +112,6 @@ class LoadedModel:
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def available_devices() -> list[str]:
-    """The torch devices this machine can run on: ``cpu``, then ``cuda`` and each ``cuda:i``,
-    ``mps``, ``xpu`` and its indices where present."""
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        devices += ["xpu", *(f"xpu:{i}" for i in range(xpu.device_count()))]
-    return devices
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -208,6 +201,8 @@ def load_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, str] | None = None,
 ) -> LoadedModel:
     """Load a model and tokenizer from a ``--model`` specification.
 
@@ -217,12 +212,19 @@ def load_model(
         dtype: parameter dtype; default ``default_dtype`` of the device.
         trust_remote_code: let ``from_pretrained`` run Python code shipped with the model
             repository. Off by default: it executes that code on this machine.
+        device_map: place the layers over several devices instead of moving the model to
+            ``device`` (``--device-map``: a strategy or a module-to-device map; see
+            ``gsam_monitor.eval.placement``); ``LoadedModel.device`` is then where the inputs go.
+        max_memory: per-device limits of a strategy (``--device-max-memory``).
 
     Returns:
         The ``LoadedModel``.
 
     Raises:
-        ValueError: for an unknown ``tiny:`` architecture, or a device that is not present.
+        ValueError: for an unknown ``tiny:`` architecture, a device that is not present, or a
+            device map that names an absent device or leaves weights unplaced (checked on the
+            model's skeleton, before any weight is read).
+        ImportError: for a device map without accelerate installed.
         FileNotFoundError: if ``spec`` looks like a path and does not exist.
         OSError: if the model cannot be loaded from the folder, cache or hub.
     """
@@ -230,15 +232,24 @@ def load_model(
 
     device = resolve_device(device)
     dtype = dtype if dtype is not None else default_dtype(device)
+    placing = {}
+    if device_map is not None:
+        device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+        _need_accelerate()
+        placing = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder(device_map)}
     if spec.startswith("tiny:"):
         model, tokenizer = _tiny_model(spec[len("tiny:"):])
         model = model.to(dtype=dtype)
+        if placing:
+            model = _dispatch(model, spec, **placing)
     else:
         source = _resolve_source(spec)
+        if isinstance(device_map, dict):
+            check_coverage(device_map, _skeleton(source, trust_remote_code), spec)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = AutoModel.from_pretrained(
-                source, dtype=dtype, trust_remote_code=trust_remote_code
+                source, dtype=dtype, trust_remote_code=trust_remote_code, **placing
             )
         except (OSError, ValueError) as err:
             raise OSError(
@@ -248,7 +259,10 @@ def load_model(
                 f"need --trust-remote-code"
             ) from err
     ensure_pad_token(tokenizer)
-    model = model.to(device).eval()
+    if placing:
+        model, device = model.eval(), input_device(model)
+    else:
+        model = model.to(device).eval()
     config = model.config
     return LoadedModel(
         name=spec,
@@ -260,6 +274,38 @@ def load_model(
         device=device,
         dtype=dtype,
     )
+
+
+def _need_accelerate() -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as err:
+        hint = install_hint("eval", "accelerate")
+        raise ImportError(f"--device-map: needs accelerate; install it with {hint}") from err
+
+
+def _skeleton(source: str, trust_remote_code: bool) -> Any:
+    """The model built from its config on the meta device: its module and weight names, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _dispatch(model: Any, spec: str, *, device_map: str | dict[str, Any], max_memory: dict[Any, str] | None,
+              offload_folder: str | None) -> Any:
+    """Place a model built in memory (``tiny:<arch>``) with accelerate, as ``from_pretrained``
+    places a loaded one."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, dict):
+        check_coverage(device_map, model, spec)
+    else:
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=getattr(model, "_no_split_modules", None))
+    return dispatch_model(model, device_map, offload_dir=offload_folder, force_hooks=True)
 
 
 def _resolve_source(spec: str) -> str:

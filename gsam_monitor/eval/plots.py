@@ -398,8 +398,10 @@ def write_concepts_plots(results: Sequence[Any], directory: str | os.PathLike[st
 
     Per model and layer: ``concepts_lobes_<model>_<layer>.png`` (the features on a 2-D
     spectral embedding of the headline affinity, coloured by lobe and by the source they fire
-    on most) and ``concepts_crystals_<model>_<layer>.png`` (each relation's pairs on their
-    first two principal components, before and after the LDA projection); per model
+    on most), ``concepts_crystals_<model>_<layer>.png`` (each relation's pairs on their
+    first two principal components, before and after the LDA projection) and
+    ``concepts_sweeps_<model>_<layer>.png`` (the AMI of both recipes against the lobe count,
+    and against the firing threshold beside the fraction of cells that fire); per model
     ``concepts_powerlaw_<model>.png`` (the decoder point cloud's and the activations'
     eigenvalues per layer, log-log, with the fitted power laws).
 
@@ -418,6 +420,8 @@ def write_concepts_plots(results: Sequence[Any], directory: str | os.PathLike[st
                 written.append(_lobes_plot(plt, r.model, plot, out / f"concepts_lobes_{name}.png"))
             if plot.crystals:
                 written.append(_crystal_plot(plt, r.model, plot, out / f"concepts_crystals_{name}.png"))
+            if plot.sweeps.get("k_sweep") and plot.sweeps.get("threshold_sweep"):
+                written.append(_sweeps_plot(plt, r.model, plot, out / f"concepts_sweeps_{name}.png"))
         if plots:
             written.append(_powerlaw_plot(plt, r.model, plots, out / f"concepts_powerlaw_{slug(r.model)}.png"))
     return written
@@ -440,6 +444,34 @@ def _lobes_plot(plt: Any, model: str, plot: LayerConcepts, path: Path) -> Path:
         ax.set_xlabel("spectral embedding 1 (dimensionless)")
         ax.set_ylabel("spectral embedding 2 (dimensionless)")
         ax.legend(fontsize="x-small", markerscale=3)
+    return _save(plt, fig, path)
+
+
+def _sweeps_plot(plt: Any, model: str, plot: LayerConcepts, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    ks, thresholds = plot.sweeps["k_sweep"], plot.sweeps["threshold_sweep"]
+    recipes = (("study", "study: spectral on phi + 1 and on angular similarity", "tab:red"),
+               ("library", "library: spectral on clipped phi, k-means geometry", "tab:blue"))
+    for key, label, colour in recipes:
+        amis = [row["ami"] if row else math.nan for row in ks[key]]
+        axes[0].plot(ks["k"], amis, marker="o", color=colour, label=label)
+        axes[1].plot([row["threshold"] for row in thresholds], [row[f"ami_{key}"] for row in thresholds],
+                     marker="o", color=colour, label=label)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("lobes k (log scale)")
+    axes[0].set_title(f"{model} {plot.name}: lobes vs geometry, by lobe count", fontsize="small")
+    axes[1].set_xlabel("firing threshold (SAE activation units)")
+    axes[1].set_title("by firing threshold (dotted: default)", fontsize="small")
+    density = axes[1].twinx()
+    density.plot([row["threshold"] for row in thresholds], [row["firing_density"] for row in thresholds],
+                 color="tab:gray", ls="--", label="cells that fire")
+    density.set_ylabel("fraction of (feature, block) cells that fire", color="tab:gray")
+    if "threshold" in plot.sweeps:
+        axes[1].axvline(plot.sweeps["threshold"], color="k", ls=":", lw=0.8)
+    for ax in axes:
+        ax.set_ylabel("AMI, co-occurrence lobes vs geometry clusters")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
     return _save(plt, fig, path)
 
 

@@ -23,7 +23,11 @@ computed, and why Table 1 ranks hidden sizes"):
 
 With N = 300 sentences and d > N the covariance has rank N - 1, so step 4 always fires and
 the score is dominated by the regulariser: ((d - N + 1)/2)·log(1/eps) grows linearly with
-the width. ``paper_score`` is the pure scoring function (steps 2–5).
+the width. ``paper_score`` is the pure scoring function (steps 2–5; ``gsam_monitor.eval.paper``).
+
+Under ``torchrun`` both protocols take a ``DataParallel`` (``gsam_monitor.eval.parallel``): each
+rank runs a share of whole batches, and the statistics (token) or sentence vectors (paper) are
+combined exactly, so the result equals one process's.
 
 Analyses that need more than moments hook into the token protocol's second pass through
 ``LayerObserver`` objects; their per-layer results are merged into the layer dicts.
@@ -52,6 +56,8 @@ from gsam_monitor.eval.cache import DEFAULT_MAX_MEMORY, HiddenStateStore, Stored
 from gsam_monitor.eval.corpus import Corpus
 from gsam_monitor.eval.models import LoadedModel
 from gsam_monitor.eval.names import monitor_names
+from gsam_monitor.eval.paper import PAPER_EPS, PAPER_MAX_RETRIES, PaperFit, paper_fit, paper_score
+from gsam_monitor.eval.parallel import DataParallel, together
 from gsam_monitor.metrics import MardiaAccumulator
 from gsam_monitor.stats import LayerStats
 
@@ -78,11 +84,6 @@ except (OSError, AttributeError, TypeError):
     _MALLOC_TRIM = None
 
 PROTOCOLS: tuple[str, ...] = ("token", "paper")
-
-#: First ridge of the original code's Cholesky retry loop, its growth and its retry limit.
-PAPER_EPS = 1e-6
-PAPER_EPS_GROWTH = 10.0
-PAPER_MAX_RETRIES = 10
 
 PAPER_LAYER_NAME = "last+embeddings"
 
@@ -144,25 +145,6 @@ class ModelResult:
     samples: dict[int, np.ndarray] = field(default_factory=dict)
     concepts: dict[int, Any] = field(default_factory=dict)
     second_pass: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PaperFit:
-    """The paper protocol's score and how it was reached.
-
-    Attributes:
-        score: mean log p (plus log N when asked).
-        retries: Cholesky retries needed (each adds a ridge).
-        ridge: total eps added to the diagonal.
-        n: number of vectors.
-        d: their dimension.
-    """
-
-    score: float
-    retries: int
-    ridge: float
-    n: int
-    d: int
 
 
 # ---------------------------------------------------------------------------- batching
@@ -283,6 +265,7 @@ def run_token_protocol(
     spill: bool = True,
     spill_dir: str | Path | None = None,
     progress: bool = False,
+    parallel: DataParallel | None = None,
 ) -> ModelResult:
     """Per-layer metrics of the token-level hidden states (the default protocol).
 
@@ -306,6 +289,10 @@ def run_token_protocol(
             model is re-run for the batches beyond it).
         spill_dir: the spill file's folder (default: the system's temporary folder).
         progress: show a tqdm bar over batches on stderr.
+        parallel: under ``torchrun``, the process group (``gsam_monitor.eval.parallel``): this
+            rank runs its share of the batches, the statistics are summed over the ranks, and
+            the observers' ``results`` run on rank 0 only (each observer needs a
+            ``reduce(parallel)`` method).
 
     Returns:
         The ``ModelResult``; ``score`` is the last layer's gsam.
@@ -319,38 +306,47 @@ def run_token_protocol(
     if "gsam" not in names:  # the headline score
         names = ("gsam", *names)
     max_length = _max_length(loaded, max_length)
-    tokens, n_truncated = _count_tokens(loaded, corpus.sentences, max_length)
+    local = corpus if parallel is None else parallel.shard(corpus, batch_size).corpus
     second_pass = bool(observers) or "mardia_kurtosis" in names
-    store = HiddenStateStore(max_memory, tokens,
-                             (spill_dir or default_spill_dir()) if spill and second_pass else None)
-    n_batches = math.ceil(len(corpus) / batch_size)
+    n_batches = math.ceil(len(local) / batch_size)
     stats: list[LayerStats] = []
     accumulators: list[MardiaAccumulator | None] = []
     modules: list[str | None] = []  # the monitor's name of each hidden state
     info: dict[str, Any] = {}
+    with together(parallel, f"{loaded.name}: counting tokens"):
+        tokens, n_truncated = _count_tokens(loaded, local.sentences, max_length)
+        store = HiddenStateStore(max_memory, tokens,
+                                 (spill_dir or default_spill_dir()) if spill and second_pass else None)
     # no_grad, not inference_mode: LayerStats reuses workspace buffers across calls, and an
     # inference tensor cached here could not be updated in place by a later call outside it.
     with store, torch.no_grad():
-        for batch in _progress(_forward(loaded, corpus, batch_size, max_length, modules=modules), total=n_batches,
-                               desc=f"{loaded.name} pass 1", enabled=progress):
-            if not stats:
-                stats = [LayerStats(r.shape[-1], device=loaded.device) for r in batch.rows]
-            for layer_stats, rows in zip(stats, batch.rows, strict=True):
-                layer_stats.update(rows)
-            if second_pass:
-                store.add(batch.rows, batch.mask, batch.labels)
-            del batch
-            _release_heap(store)
-        if second_pass:
-            if "mardia_kurtosis" in names:
-                accumulators = [_mardia(s) for s in stats]
-            replayed = len(store)
-            batches = itertools.chain(store.replay(),
-                                      _forward(loaded, corpus, batch_size, max_length, first=replayed))
-            for batch in _progress(batches, total=n_batches, desc=f"{loaded.name} pass 2", enabled=progress):
-                _second_pass(batch, accumulators, observers, loaded.device)
+        with together(parallel, f"{loaded.name}: first pass"):
+            for batch in _progress(_forward(loaded, local, batch_size, max_length, modules=modules),
+                                   total=n_batches, desc=f"{loaded.name} pass 1", enabled=progress):
+                if not stats:  # each layer's statistics where its hidden states are (--device-map)
+                    stats = [LayerStats(r.shape[-1], device=r.device) for r in batch.rows]
+                for layer_stats, rows in zip(stats, batch.rows, strict=True):
+                    layer_stats.update(rows)
+                if second_pass:
+                    store.add(batch.rows, batch.mask, batch.labels)
                 del batch
                 _release_heap(store)
+        if parallel is not None:
+            parallel.sum_stats(stats)
+            n_truncated = parallel.sum_int(n_truncated)
+        if second_pass:
+            with together(parallel, f"{loaded.name}: second pass"):
+                if "mardia_kurtosis" in names:
+                    accumulators = [_mardia(s) for s in stats]
+                replayed = len(store)
+                batches = itertools.chain(store.replay(),
+                                          _forward(loaded, local, batch_size, max_length, first=replayed))
+                for batch in _progress(batches, total=n_batches, desc=f"{loaded.name} pass 2", enabled=progress):
+                    _second_pass(batch, accumulators, observers, [s.device for s in stats])
+                    del batch
+                    _release_heap(store)
+            if parallel is not None:
+                _sum_second_pass(parallel, accumulators, observers)
             info = {"replayed": replayed, "rerun": n_batches - replayed, "where": store.where,
                     "bytes_in_memory": store.bytes_in_memory, "bytes_spilled": store.bytes_spilled,
                     "bytes_per_token": store.bytes_per_token}
@@ -362,9 +358,10 @@ def run_token_protocol(
         module = modules[index] if index < len(modules) else None
         layers.append({"index": index, "name": _layer_name(index), "module": module, **values})
         spectra.append(spectrum)
-    for observer in observers:
-        for index, extra in observer.results(stats).items():
-            layers[index].update(extra)
+    if parallel is None or parallel.rank == 0:  # the analyses' fits: once, where the outputs are written
+        for observer in observers:
+            for index, extra in observer.results(stats).items():
+                layers[index].update(extra)
     return ModelResult(
         model=loaded.name,
         d=loaded.hidden_size,
@@ -378,6 +375,16 @@ def run_token_protocol(
         device=str(loaded.device),
         second_pass=info,
     )
+
+
+def _sum_second_pass(parallel: DataParallel, accumulators: Sequence[MardiaAccumulator | None],
+                     observers: Sequence[LayerObserver]) -> None:
+    """Sum the second pass over the ranks: Mardia's sums, then each observer's own state."""
+    for acc in accumulators:
+        if acc is not None:
+            acc.all_reduce_(parallel.group, device=parallel.device)
+    for observer in observers:
+        observer.reduce(parallel)  # type: ignore[attr-defined]  # checked by check_observers
 
 
 def _release_heap(store: HiddenStateStore) -> None:
@@ -401,8 +408,8 @@ def _forward(loaded: LoadedModel, corpus: Corpus, batch_size: int, max_length: i
             match(hidden_states)
         mask = inputs["attention_mask"].bool()
         # Packed rows: half of a padded SST-2 batch is padding, which the updates would
-        # multiply as zero rows.
-        rows = [h[mask] for h in hidden_states]
+        # multiply as zero rows. Each layer's rows stay on its device (--device-map).
+        rows = [h[mask.to(h.device)] for h in hidden_states]
         del hidden_states  # not held beside the rows while the caller works on them
         yield StoredBatch(rows, mask, labels)
 
@@ -411,15 +418,16 @@ def _second_pass(
     batch: StoredBatch,
     accumulators: Sequence[MardiaAccumulator | None],
     observers: Sequence[LayerObserver],
-    device: torch.device,
+    devices: Sequence[torch.device],
 ) -> None:
-    """Feed one batch's rows to the Mardia accumulators and, padded back to (B, T, d), to the
-    observers."""
-    mask = batch.mask.to(device)
+    """Feed one batch's rows to the Mardia accumulators and, padded back to (B, T, d) on each
+    layer's device, to the observers."""
     for index, rows in enumerate(batch.rows):
         if accumulators and accumulators[index] is not None:
             accumulators[index].update(rows)
         if observers:
+            device = devices[index]
+            mask = batch.mask.to(device)
             hidden = rows.new_zeros((*mask.shape, rows.shape[-1]), device=device)
             hidden[mask] = rows.to(device)
             for observer in observers:
@@ -458,91 +466,23 @@ def sentence_vectors(
         for inputs, _ in _progress(batches, total=n_batches, desc=f"{loaded.name} vectors",
                                    enabled=progress):
             hidden_states = loaded.model(**inputs, output_hidden_states=True).hidden_states
-            # fp64 means: fp16 sums over 30 tokens of large activations can overflow.
+            # fp64 means: fp16 sums over 30 tokens of large activations can overflow. Each
+            # on its layer's device (--device-map), added on the host.
             weights = inputs["attention_mask"].to(torch.float64)[..., None]  # (B, T, 1)
-            count = weights.sum(1)  # (B, 1)
-            last = (hidden_states[-1].double() * weights).sum(1) / count  # (B, d)
-            embedded = (hidden_states[0].double() * weights).sum(1) / count  # (B, d)
-            vectors.append((last + embedded).cpu())
+            last, embedded = (_masked_mean(hidden_states[i], weights) for i in (-1, 0))  # (B, d)
+            vectors.append(last + embedded)
     return torch.cat(vectors).numpy()
 
 
-def paper_fit(vectors: np.ndarray, with_log_n: bool = False) -> PaperFit:
-    """Score sentence vectors exactly as the original benchmark code did.
-
-    z-score per dimension (ddof 0, zero-variance dimensions left unscaled); ``np.cov``
-    (ddof 1); Cholesky, adding eps·I on failure with eps = 1e-6 ×10 per retry, accumulating,
-    up to 10 retries; mean log-density of the z-scored vectors under N(mean, cov) with
-    ``torch.distributions.MultivariateNormal`` on the Cholesky factor that succeeded (the
-    same density as ``scipy.stats.multivariate_normal(mean, cov).logpdf``, at the cost of
-    one Cholesky instead of an eigendecomposition).
-
-    Args:
-        vectors: (N, d) array, one row per sentence.
-        with_log_n: add log N (the report's formula; the original code omitted it).
-
-    Returns:
-        The ``PaperFit``.
-
-    Raises:
-        ValueError: if ``vectors`` is not a 2-D array of at least 2 finite rows.
-        numpy.linalg.LinAlgError: if Cholesky still fails after 10 retries.
-    """
-    x = np.asarray(vectors, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(
-            f"vectors: expected a 2-D array (N sentences, d) with N >= 2, got shape {x.shape}"
-        )
-    if not np.isfinite(x).all():
-        raise ValueError(
-            "vectors: expected finite values, got NaN or Inf (run the model in float32: "
-            "--dtype float32)"
-        )
-    n, d = x.shape
-    sd = x.std(axis=0)
-    sd[sd == 0] = 1.0
-    z = (x - x.mean(axis=0)) / sd
-    cov = np.cov(z, rowvar=False)
-    eps, ridge, retries = PAPER_EPS, 0.0, 0
-    while True:
-        factor, info = torch.linalg.cholesky_ex(torch.from_numpy(cov))
-        if int(info) == 0:
-            break
-        if retries == PAPER_MAX_RETRIES:
-            raise np.linalg.LinAlgError(
-                f"paper protocol: the covariance is not positive definite even after "
-                f"{PAPER_MAX_RETRIES} ridge retries (total ridge {ridge:g}); the vectors are "
-                f"degenerate"
-            )
-        cov = cov + eps * np.eye(d)
-        ridge += eps
-        eps *= PAPER_EPS_GROWTH
-        retries += 1
-    gaussian = torch.distributions.MultivariateNormal(
-        torch.from_numpy(z.mean(axis=0)), scale_tril=factor, validate_args=False
-    )
-    score = float(gaussian.log_prob(torch.from_numpy(z)).mean())
-    if with_log_n:
-        score += math.log(n)
-    return PaperFit(score=score, retries=retries, ridge=ridge, n=n, d=d)
-
-
-def paper_score(vectors: np.ndarray, with_log_n: bool = False) -> float:
-    """The original benchmark code's score of sentence vectors (see ``paper_fit``).
-
-    Args:
-        vectors: (N, d) array, one row per sentence.
-        with_log_n: add log N, which the original code omitted.
-
-    Returns:
-        Mean log p of the z-scored vectors under the ridge-regularised Gaussian fit.
-    """
-    return paper_fit(vectors, with_log_n).score
+def _masked_mean(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """fp64 mean over the tokens of ``hidden`` (B, T, d) weighted by ``weights`` (B, T, 1), on the host."""
+    weights = weights.to(hidden.device)
+    return ((hidden.double() * weights).sum(1) / weights.sum(1)).cpu()
 
 
 def run_paper_protocol(
     loaded: LoadedModel, corpus: Corpus, *, batch_size: int = 32, max_length: int | None = None,
-    with_log_n: bool = False, progress: bool = False,
+    with_log_n: bool = False, progress: bool = False, parallel: DataParallel | None = None,
 ) -> ModelResult:
     """The original benchmark code's recipe, plus the library's metrics on the same vectors.
 
@@ -558,16 +498,21 @@ def run_paper_protocol(
         max_length: truncate inputs to this many tokens (default: the model's limit).
         with_log_n: add log N to the paper score.
         progress: show a tqdm bar over batches on stderr.
+        parallel: under ``torchrun``, the process group: this rank computes its share's
+            sentence vectors, and every rank scores all of them, gathered in corpus order.
 
     Returns:
         The ``ModelResult``; ``score`` is the paper score.
     """
     check_run(batch_size, max_length)
     max_length = _max_length(loaded, max_length)
-    n_truncated = _count_tokens(loaded, corpus.sentences, max_length)[1]
-    vectors = sentence_vectors(
-        loaded, corpus, batch_size=batch_size, max_length=max_length, progress=progress
-    )
+    local = corpus if parallel is None else parallel.shard(corpus, batch_size).corpus
+    with together(parallel, f"{loaded.name}: sentence vectors"):
+        n_truncated = _count_tokens(loaded, local.sentences, max_length)[1]
+        vectors = sentence_vectors(loaded, local, batch_size=batch_size, max_length=max_length, progress=progress)
+    if parallel is not None:
+        vectors = np.concatenate(parallel.gather(vectors))
+        n_truncated = parallel.sum_int(n_truncated)
     fit = paper_fit(vectors, with_log_n=with_log_n)
     rows = torch.from_numpy(vectors)
     stats = LayerStats(vectors.shape[1])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,6 +61,19 @@ class MardiaAccumulator:
         m = (z * z).sum(1)
         self._sum += (m * m).sum()
         self._n += keep.sum()
+
+    @torch.no_grad()
+    def all_reduce_(self, group: Any = None, *, device: torch.device | str | None = None) -> MardiaAccumulator:
+        """Sum the rows seen over the ranks of ``group``, in place, in one ``all_reduce``
+        (on ``device`` when given: the backend's device). Every rank must hold the same fit:
+        build it from a ``LayerStats`` already summed with ``LayerStats.all_reduce_``."""
+        import torch.distributed as dist
+
+        packed = torch.stack([self._sum, self._n]).to(device if device is not None else self._sum.device)
+        dist.all_reduce(packed, group=group)
+        self._sum.copy_(packed[0])
+        self._n.copy_(packed[1])
+        return self
 
     def b2(self) -> float:
         """Mardia's b2 over the rows seen so far."""

@@ -13,8 +13,12 @@ projects out distractors such as word length), functional "lobes" (features that
 - ``sae``: a TopK SAE trained on streamed rows, and its held-out quality;
 - ``cooccurrence``: firing per block, pair counts, the five affinities;
 - ``lobes``: spectral lobes, geometry clusters, AMI against a shuffled null, logistic
-  regression, lobe x source;
-- ``crystals``: word-pair difference vectors, LDA from moments, distractor removal;
+  regression, lobe x source (the library's recipe);
+- ``study``: the study's own recipe (phi + 1, spectral clustering of the angular similarity,
+  balanced accuracy against random directions), blocks that mix the sources, the firing
+  threshold matched to the study's activation rate;
+- ``crystals``: word-pair difference vectors, LDA from moments, distractor removal, and the
+  study's supervised LDA scored by silhouette (``supervised_crystals``);
 - ``galaxy``: the point cloud's eigenvalue power law.
 
 ``python -m gsam_monitor.eval --analyses concepts`` runs all of it
@@ -31,6 +35,7 @@ from .crystals import (
     load_word_pairs,
     parallelogram_quality,
     remove_directions,
+    supervised_crystals,
 )
 from .galaxy import point_cloud_powerlaw, point_cloud_spectrum
 from .lobes import (
@@ -41,7 +46,7 @@ from .lobes import (
     spectral_embedding_2d,
     spectral_lobes,
 )
-from .sae import SAEEvaluator, SAEQuality, SAETrainer, TopKSAE, evaluate_sae
+from .sae import SAEEvaluator, SAEQuality, SAETrainer, TopKSAE, evaluate_sae, pca_explained_variance
 from .sources import (
     BLOCK_SIZE,
     SOURCES,
@@ -53,12 +58,26 @@ from .sources import (
     prose_documents,
 )
 from .stream import LayerCapture, hidden_layer_names
+from .study import (
+    STUDY_ACTIVATION_RATE,
+    STUDY_SEED,
+    ActivationHistogram,
+    angular_similarity,
+    balanced_accuracy_with_null,
+    mixed_source_blocks,
+    shifted_phi,
+    spectral_clusters,
+    threshold_for_rate,
+)
 
 __all__ = [
     "AFFINITIES",
     "BLOCK_SIZE",
     "LENGTH_BINS",
     "SOURCES",
+    "STUDY_ACTIVATION_RATE",
+    "STUDY_SEED",
+    "ActivationHistogram",
     "Block",
     "BlockFiring",
     "CooccurrenceCounts",
@@ -71,6 +90,8 @@ __all__ = [
     "WordPair",
     "affinity",
     "ami_with_null",
+    "angular_similarity",
+    "balanced_accuracy_with_null",
     "build_blocks",
     "code_documents",
     "cooccurrence_counts",
@@ -83,11 +104,17 @@ __all__ = [
     "lobe_by_source",
     "lobe_from_geometry",
     "math_documents",
+    "mixed_source_blocks",
     "parallelogram_quality",
+    "pca_explained_variance",
     "point_cloud_powerlaw",
     "point_cloud_spectrum",
     "prose_documents",
     "remove_directions",
+    "shifted_phi",
+    "spectral_clusters",
     "spectral_embedding_2d",
     "spectral_lobes",
+    "supervised_crystals",
+    "threshold_for_rate",
 ]

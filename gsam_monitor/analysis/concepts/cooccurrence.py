@@ -92,12 +92,9 @@ class BlockFiring:
         if block.numel() and not 0 <= int(block.min()) <= int(block.max()) < n_blocks:
             raise ValueError(f"BlockFiring.update_rows: block indices must lie in 0..{n_blocks - 1}")
         # -inf for a block without kept tokens: nothing fires there.
-        top = torch.full((n_blocks, self.n_features), -math.inf, dtype=torch.float32)
-        for b in range(n_blocks):
-            rows = codes[block == b]
-            if rows.shape[0]:
-                top[b] = rows.amax(dim=0).float().cpu()
-        self._rows.append(top.numpy())
+        top = torch.full((n_blocks, self.n_features), -math.inf, dtype=torch.float32, device=codes.device)
+        top.scatter_reduce_(0, block.long()[:, None].expand(-1, self.n_features), codes.float(), reduce="amax")
+        self._rows.append(top.cpu().numpy())
         self.sources.extend(str(s) for s in sources)
 
     def block_max(self) -> np.ndarray:

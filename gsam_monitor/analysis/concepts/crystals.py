@@ -15,6 +15,11 @@ moments, the eigen-solver of scikit-learn's ``LinearDiscriminantAnalysis`` with 
 shrinkage), and ``remove_directions`` projects them out. A control removes as many
 random directions.
 
+``supervised_crystals`` measures the crystals as the study's code does (``atom/crystal_lda.py``):
+LDA fitted on the difference vectors *with their relation labels*, the vectors projected onto
+its components and the relations' clusters scored by their silhouette, in-sample (the study)
+and on pairs held out of the fit, each beside the same with shuffled relation labels.
+
 The word pairs are ``gsam_monitor/data/concepts_word_pairs.tsv`` (72 pairs, 24 per relation;
 see ``PROVENANCE.md``).
 """
@@ -40,6 +45,7 @@ __all__ = [
     "load_word_pairs",
     "parallelogram_quality",
     "remove_directions",
+    "supervised_crystals",
 ]
 
 #: Upper edges (inclusive) of the word-length classes, in characters; longer words form the last class.
@@ -199,3 +205,77 @@ def parallelogram_quality(vectors_a: np.ndarray, vectors_b: np.ndarray, relation
         "per_relation": per_relation,
         "analogy_accuracy": hits / n,
     }
+
+
+def _mean_sd(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan")}
+
+
+def supervised_crystals(vectors_a: np.ndarray, vectors_b: np.ndarray, relations: Sequence[str], *,
+                        components: Sequence[int] = tuple(range(2, 12)), folds: int = 5, n_shuffles: int = 20,
+                        seed: int = 0) -> dict[str, Any]:
+    """Silhouette of the relations' difference vectors after an LDA fitted on the relation labels.
+
+    The difference vectors d_i = v(b_i) - v(a_i) are labelled by relation;
+    ``LinearDiscriminantAnalysis(n_components=n)`` (scikit-learn's default SVD solver, as the
+    study) is fitted on them and ``silhouette_score`` (Euclidean) scores the projected
+    clusters, for n in ``components`` up to C - 1 (C relations; LDA has no more components):
+
+    - ``in_sample``: fitted and scored on every pair (the study's number; partly circular,
+      since the fit has seen the labels it is scored on);
+    - ``heldout``: ``StratifiedKFold(folds, shuffle=True, random_state=seed)``, fitted on the
+      other folds and scored on the held-out pairs; mean and sd over the folds;
+    - ``in_sample_shuffled``, ``heldout_shuffled``: the same with the relation labels permuted
+      (``n_shuffles`` seeded permutations; mean and sd over them), what the procedure finds
+      where there is nothing to find;
+    - ``before``: the silhouette of the difference vectors themselves, before any projection.
+
+    Returns:
+        ``n_relations``, ``components`` (the n used), ``before``, and per key above a dict
+        from n (as a string) to the score (``in_sample``) or its ``mean`` and ``sd``.
+
+    Raises:
+        ValueError: fewer than 3 relations (LDA would have fewer than 2 components), a relation
+            with fewer pairs than ``folds``, ``folds < 2`` or ``n_shuffles < 2``.
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import StratifiedKFold
+
+    diffs = np.asarray(vectors_b, dtype=np.float64) - np.asarray(vectors_a, dtype=np.float64)
+    names, y = np.unique(np.asarray(relations), return_inverse=True)
+    if names.size < 3:
+        raise ValueError(f"relations: expected at least 3 relations for a 2-component LDA, got {names.size}")
+    if folds < 2 or n_shuffles < 2:
+        raise ValueError(f"supervised_crystals: expected folds >= 2 and n_shuffles >= 2, got {folds} and {n_shuffles}")
+    if np.bincount(y).min() < folds:
+        raise ValueError(f"relations: every relation needs at least {folds} pairs for {folds}-fold held-out scores, "
+                         f"the smallest has {np.bincount(y).min()}; pass fewer folds")
+    used = [int(n) for n in components if 1 <= n <= min(names.size - 1, diffs.shape[1])]
+    if not used:
+        raise ValueError(f"components: expected numbers between 1 and {min(names.size - 1, diffs.shape[1])}, got "
+                         f"{list(components)}")
+
+    def in_sample(labels: np.ndarray, n: int) -> float:
+        projected = LinearDiscriminantAnalysis(n_components=n).fit_transform(diffs, labels)
+        return float(silhouette_score(projected, labels))
+
+    def heldout(labels: np.ndarray, n: int) -> list[float]:
+        scores = []
+        for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(diffs, labels):
+            lda = LinearDiscriminantAnalysis(n_components=n).fit(diffs[train], labels[train])
+            scores.append(float(silhouette_score(lda.transform(diffs[test]), labels[test])))
+        return scores
+
+    rng = np.random.default_rng(seed)
+    shuffles = [rng.permutation(y) for _ in range(n_shuffles)]
+    out: dict[str, Any] = {"n_relations": int(names.size), "components": used,
+                           "before": float(silhouette_score(diffs, y)),
+                           "in_sample": {}, "heldout": {}, "in_sample_shuffled": {}, "heldout_shuffled": {}}
+    for n in used:
+        out["in_sample"][str(n)] = in_sample(y, n)
+        out["heldout"][str(n)] = _mean_sd(heldout(y, n))
+        out["in_sample_shuffled"][str(n)] = _mean_sd([in_sample(s, n) for s in shuffles])
+        out["heldout_shuffled"][str(n)] = _mean_sd([float(np.mean(heldout(s, n))) for s in shuffles])
+    return out
