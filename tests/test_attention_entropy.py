@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gsam_monitor import CollectOptions, GSAMMonitor
+from gsam_monitor import CollectOptions, GSAMMonitor, _compat
 from gsam_monitor.capture.attention import entropy_sums
 from tests.options import with_defaults
 from tests.tiny_models import Stack, tiny_config
@@ -125,15 +125,46 @@ def test_kv_cache_steps_use_the_last_mask_columns_as_queries() -> None:
         np.testing.assert_allclose([logged[f"attn_entropy/{layer}/h{h}/eval"] for h in range(2)], ent, rtol=2e-6)
 
 
-def test_training_forwards_count_without_attention_dropout_and_are_skipped_with_it() -> None:
+@pytest.fixture
+def no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention modules that do not look their function up in transformers' registry: only the
+    eager probabilities remain."""
+    monkeypatch.setattr(_compat, "calls_attention_registry", lambda cls: False)
+
+
+def test_training_forwards_with_attention_dropout_count_from_the_logits_taken_before_the_dropout() -> None:
     ids, mask = _batches()[0]
+    logged = {}
     for dropout in (0.0, 0.1):
-        model = _model("bert", attention_probs_dropout_prob=dropout).train()
+        model = _model("bert", attention_probs_dropout_prob=dropout, hidden_dropout_prob=0.0).train()
         monitor = _monitor(model, collection=CollectOptions(phases="train"))
         with monitor, warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+            logged[dropout] = monitor.log()
+        assert not any("applies dropout" in str(w.message) for w in seen)
+        if dropout == 0:
+            expected = _numpy_entropy([list(out.attentions)], [mask])[0]
+            np.testing.assert_allclose([logged[0.0][f"attn_entropy/encoder.layer.0/h{h}"] for h in range(2)], expected,
+                                       rtol=2e-6)
+    # The first block's logits see the same input with and without attention dropout.
+    for key in ("attn_entropy/encoder.layer.0/h1", "attn_logit_max/encoder.layer.0/h1"):
+        assert logged[0.1][key] == pytest.approx(logged[0.0][key], rel=1e-6)
+
+
+@pytest.mark.usefixtures("no_registry")
+def test_without_the_registry_training_forwards_with_attention_dropout_are_skipped() -> None:
+    ids, mask = _batches()[0]
+    for dropout in (0.0, 0.1):
+        model = _model("bert", attention_probs_dropout_prob=dropout).train()
+        with pytest.warns(UserWarning, match="its logits cannot be sampled: attention entropy comes from its eager"):
+            monitor = GSAMMonitor(model, collection=CollectOptions(phases="train", attention_entropy=True,
+                                                                   max_tokens_per_layer=None))
+        with monitor, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
             logged = monitor.log()
+        assert not any(k.startswith("attn_logit_max") for k in logged)
         if dropout == 0:
             expected = _numpy_entropy([list(out.attentions)], [mask])[0]
             np.testing.assert_allclose([logged[f"attn_entropy/encoder.layer.0/h{h}"] for h in range(2)], expected,
@@ -144,23 +175,42 @@ def test_training_forwards_count_without_attention_dropout_and_are_skipped_with_
             assert sum("applies dropout (p = 0.1)" in str(w.message) for w in seen) == 1
 
 
-def test_fused_kernels_warn_at_setup_and_other_models_are_refused() -> None:
-    with pytest.warns(UserWarning, match=r"attn_implementation='sdpa'.*attn_implementation='eager'"):
-        GSAMMonitor(_model("bert", impl="sdpa"), collection=CollectOptions(attention_entropy=True))
+def test_fused_kernels_are_measured_and_other_models_are_refused() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        monitor = GSAMMonitor(_model("bert", impl="sdpa"), sinks=[],
+                              collection=CollectOptions(attention_entropy=True, max_tokens_per_layer=None))
+    ids, mask = _batches()[0]
+    with monitor, torch.no_grad():
+        monitor.model(input_ids=ids, attention_mask=mask)
+        logged = monitor.log()
+    assert {"attn_entropy/encoder.layer.0/eval", "attn_logit_max/encoder.layer.1/eval"} <= set(logged)
     with pytest.raises(ValueError, match="none of the monitored layers holds an attention module"):
         GSAMMonitor(Stack(), collection=CollectOptions(attention_entropy=True))
     with pytest.raises(TypeError, match=r"CollectOptions\(attention_entropy=\) must be True or False"):
         GSAMMonitor(Stack(), collection=CollectOptions(attention_entropy="yes"))
+
+
+@pytest.mark.usefixtures("no_registry")
+def test_without_the_registry_fused_kernels_warn_at_setup_and_at_the_first_forward() -> None:
+    with pytest.warns(UserWarning, match=r"attn_implementation='sdpa'.*attn_implementation='eager'"):
+        GSAMMonitor(_model("bert", impl="sdpa"), collection=CollectOptions(attention_entropy=True))
     # A forward that returns no probabilities (the kernel switched after setup): one warning, nothing logged.
     model = _model("bert")
-    monitor = _monitor(model)
+    with pytest.warns(UserWarning, match="no attn_logit_max is logged"):
+        monitor = _monitor_warned(model)
     model.set_attn_implementation("sdpa")
     ids, mask = _batches()[0]
     with monitor, torch.no_grad(), pytest.warns(RuntimeWarning, match="returned no attention probabilities") as seen:
         model(input_ids=ids, attention_mask=mask)
-        assert not any(k.startswith("attn_entropy") for k in monitor.log())
+        assert not any(k.startswith("attn_") for k in monitor.log())
     (warned,) = [w for w in seen if "returned no attention probabilities" in str(w.message)]  # once, for both blocks
     assert "nor for any other monitored attention layer that returns none (not warned again)" in str(warned.message)
+
+
+def _monitor_warned(model: torch.nn.Module) -> GSAMMonitor:
+    return GSAMMonitor(model, every_n_steps=1000, metrics=["n"],
+                       collection=CollectOptions(max_tokens_per_layer=None, attention_entropy=True))
 
 
 def test_entropy_sums_mask_and_drop_rows_that_are_not_distributions() -> None:
@@ -202,8 +252,8 @@ def test_attention_windows_resume_mid_window(tmp_path) -> None:
     with resumed, torch.no_grad():
         model(input_ids=batches[1][0], attention_mask=batches[1][1])
         got = resumed.log()
-    keys = [k for k in expected if k.startswith("attn_entropy")]
-    assert len(keys) == 8  # per head, the mean and the lowest head, for 2 layers
+    keys = [k for k in expected if k.startswith(("attn_entropy", "attn_logit_max"))]
+    assert len(keys) == 14  # per head, the mean and the lowest head; per head and the top head; for 2 layers
     for key in keys:
         assert got[key] == pytest.approx(expected[key], rel=1e-12)
 

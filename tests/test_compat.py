@@ -70,3 +70,38 @@ def test_the_trainer_still_has_what_the_callback_reads() -> None:
     assert "resume_from_checkpoint" in loop.__code__.co_varnames
     name = _compat.trainer_default_logdir()
     assert isinstance(name, str) and name
+
+
+def test_the_attention_registry_lookup_is_routed_with_the_kernel_and_restored() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama import modeling_llama
+
+    from tests.tiny_models import tiny_config
+
+    original = transformers.AttentionInterface.__dict__["get_interface"]
+    seen: list[tuple] = []
+
+    def route(function, fused, module, *args, **kwargs):
+        seen.append((function, fused, type(module), args[0].shape, "scaling" in kwargs))
+        return function(module, *args, **kwargs)
+
+    ids = torch.randint(1, 64, (2, 5))
+    for impl, kernel, fused in (("sdpa", sdpa_attention_forward, True),
+                                ("eager", modeling_llama.eager_attention_forward, False)):
+        torch.manual_seed(0)
+        model = transformers.AutoModel.from_config(tiny_config("llama"), attn_implementation=impl).eval()
+        with torch.no_grad():
+            plain = model(input_ids=ids).last_hidden_state
+            restore = _compat.route_attention_functions(route)
+            try:
+                routed = model(input_ids=ids).last_hidden_state
+            finally:
+                restore()
+        assert transformers.AttentionInterface.__dict__["get_interface"] is original
+        assert torch.equal(plain, routed)
+        # Each layer's call: the kernel the model would have run, its module, q (B, H, T, D), scaling.
+        assert seen == [(kernel, fused, modeling_llama.LlamaAttention, (2, 2, 5, 8), True)] * 2
+        seen.clear()
+    assert _compat.calls_attention_registry(modeling_llama.LlamaAttention)
+    assert not _compat.calls_attention_registry(torch.nn.MultiheadAttention)

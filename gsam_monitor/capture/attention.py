@@ -6,16 +6,25 @@ probabilities; a window's value per head is the mean over its query rows (Zhai e
 watch it fall towards 0 before a divergence). log(number of keys) is the ceiling: a head
 attending uniformly to 20 tokens has entropy log 20 ≈ 3.0.
 
-Where the probabilities are reachable: Hugging Face models name, in ``_can_record_outputs``
-(what ``output_attentions=True`` itself hooks), the attention module whose output holds the
-probabilities, shape (batch, heads, queries, keys). With ``attn_implementation="eager"`` the
-module forms them and returns them on every forward, so a forward hook reads them without
-``output_attentions`` and without changing the model's outputs. The fused kernels (``"sdpa"``,
-``"flash_attention_2"``, flex attention) never form the probabilities: nothing can be read
-there, which the monitor says once at setup (the fix: ``attn_implementation="eager"``, at
-the eager kernel's cost in memory, a (queries × keys) matrix per head).
+Two sources, per forward of each monitored attention module:
 
-Masking: padding keys are left out of the sum (their probability is 0 under the model's
+* **The attention logits** (``capture.attention_logits``): a Hugging Face v5 attention module
+  looks its attention function up in ``transformers``' registry at every forward; the monitor
+  wraps that lookup while it collects and, from the q, k the function receives, computes on a
+  sample of at most 64 query rows per sequence the entropy above and the max attention logit,
+  ``attn_logit_max``, then calls the function unchanged. This works under every implementation
+  (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``; not flex attention's block masks) and is the
+  source wherever the call is seen: under eager too, so that every kernel gives the same numbers,
+  and before attention dropout, so that training forwards count.
+* **The eager probabilities**, the fallback for a forward whose call was not seen (an attention
+  module that does not use the registry, or GPT-2's ``reorder_and_upcast_attn`` path): the
+  models name, in ``_can_record_outputs`` (what ``output_attentions=True`` itself hooks), the
+  attention module whose output holds the probabilities, shape (batch, heads, queries, keys);
+  with ``attn_implementation="eager"`` a forward hook reads them there. Entropy only, over every
+  query row. A fused kernel never forms them: such a module gives nothing, which the monitor
+  says once at setup (the fix: ``attn_implementation="eager"``).
+
+Masking (the probabilities): padding keys are left out of the sum (their probability is 0 under the model's
 own mask; a row that put mass there is not a distribution over the real tokens and is
 dropped, below), and padding queries are left out of the mean (the root's ``attention_mask``,
 its last ``queries`` columns under a KV cache). A row whose probabilities over the real keys
@@ -37,6 +46,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from gsam_monitor import _compat
+from gsam_monitor.capture.attention_logits import ROUTER, logit_stats
 from gsam_monitor.capture.hooks import ForwardContext, HookHandles, in_backward, infer_phase
 from gsam_monitor.capture.layers import LayerTarget, unwrap_model
 
@@ -68,19 +79,23 @@ class AttentionSite:
         module: The attention module.
         index: Where the probabilities are in its output tuple.
         dropout: The attention dropout it applies in training mode (0 when none was found).
+        routed: Whether it looks its attention function up in ``transformers``' registry, so
+            that its logits can be sampled.
     """
 
     layer: str
     module: nn.Module
     index: int
     dropout: float
+    routed: bool = False
 
 
 class AttentionFeed(Protocol):
     """Where the per-forward sums go (the monitor's attention windows)."""
 
-    def add(self, layer: str, phase: str, sums: torch.Tensor) -> None:
-        """Add ``[entropy sums (H), rows (H), dropped rows (1)]`` to ``layer``'s ``phase`` window."""
+    def add(self, layer: str, phase: str, sums: torch.Tensor, maxima: torch.Tensor | None = None) -> None:
+        """Add ``[entropy sums (H), rows (H), dropped rows (1)]`` and the max logit per head
+        (H, when the logits were sampled) to ``layer``'s ``phase`` window."""
 
 
 def attention_implementation(model: nn.Module) -> str | None:
@@ -134,7 +149,8 @@ def attention_sites(model: nn.Module, targets: Sequence[LayerTarget]) -> list[At
                     break
         for sub, module, index in found:
             layer = target.name if len(found) == 1 else f"{target.name}.{sub}"
-            sites.append(AttentionSite(layer, module, index, _dropout(module)))
+            routed = _compat.calls_attention_registry(type(module))
+            sites.append(AttentionSite(layer, module, index, _dropout(module), routed))
     return sites
 
 
@@ -174,7 +190,8 @@ def entropy_sums(probs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Te
 
 
 class AttentionHooks:
-    """Forward hooks on the attention modules of the monitored blocks.
+    """The attention observers of the monitored blocks: each module's registry calls (the
+    sampled logits) and its forward hook (the eager probabilities, where no call was seen).
 
     They read the forward's mask and phase from the monitor's ``ForwardContext`` (filled by
     the activation hooks' root pre-hook) and count a forward only when ``collecting(phase)`` says so.
@@ -205,14 +222,38 @@ class AttentionHooks:
         self._on_error = on_error
         self._warn_once = warn_once
         self._handles = HookHandles()
+        self._routes: list[tuple[nn.Module, Callable[..., None]]] = []
+        self._seen: set[nn.Module] = set()  # modules whose call this forward's logits came from
 
     def register(self) -> None:
-        if not len(self._handles):
-            for site in self.sites:
-                self._handles.add(site.module.register_forward_hook(self._make_hook(site)))
+        if len(self._handles):
+            return
+        for site in self.sites:
+            self._handles.add(site.module.register_forward_hook(self._make_hook(site)))
+            if site.routed:
+                observer = self._make_observer(site)
+                try:
+                    ROUTER.add(site.module, observer)
+                except Exception as err:  # transformers moved its registry: the probabilities remain
+                    self._warn_once(
+                        "attn-registry",
+                        f"CollectOptions(attention_entropy=True): could not wrap transformers' attention-function "
+                        f"registry ({type(err).__name__}: {err}); no attn_logit_max is logged, and attention entropy "
+                        f"only where the eager kernel returns its probabilities.",
+                    )
+                    continue
+                self._routes.append((site.module, observer))
 
     def remove(self) -> None:
         self._handles.remove()
+        routes, self._routes = self._routes, []
+        for module, observer in routes:
+            ROUTER.remove(module, observer)
+        self._seen.clear()
+
+    def _phase(self, module: nn.Module) -> str:
+        context = self._context
+        return context.phase if context.active and context.phase else infer_phase(module)
 
     def _make_hook(self, site: AttentionSite) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -226,9 +267,72 @@ class AttentionHooks:
 
         return hook
 
+    def _make_observer(self, site: AttentionSite) -> Callable[..., None]:
+        def observe(module: nn.Module, fused: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if in_backward():
+                return
+            try:
+                self._on_call(site, module, fused, args, kwargs)
+            except Exception as err:  # never let monitoring stop the model
+                self._on_error(err, site.layer)
+
+        return observe
+
+    def _on_call(
+        self, site: AttentionSite, module: nn.Module, fused: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        phase = self._phase(module)
+        if not self._collecting(phase):
+            return
+        query, key = (args[0], args[1]) if len(args) > 1 else (kwargs.get("query"), kwargs.get("key"))
+        mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+        readable = isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == key.dim() == 4
+        if not readable or len(args) > 4 or not (mask is None or isinstance(mask, torch.Tensor)):
+            self._warn_once(
+                "attn-call",
+                f"CollectOptions(attention_entropy=True): the attention function of {site.layer!r} was called with "
+                f"arguments the monitor cannot read (a {type(mask).__name__} mask, as flex attention's block masks, or "
+                f"positional arguments after the mask); its logits are not sampled there (not warned again).",
+            )
+            return
+        if query.shape[1] % key.shape[1]:
+            raise ValueError(f"attention logits: {query.shape[1]} query heads over {key.shape[1]} key heads")
+        scaling = kwargs.get("scaling")
+        is_causal = kwargs.get("is_causal")
+        sums, maxima = logit_stats(
+            query.detach(), key.detach(), None if mask is None else mask.detach(),
+            scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
+            # A mask-less call is causal only in the fused kernels (eager applies the mask it gets).
+            is_causal=fused and bool(getattr(module, "is_causal", False) if is_causal is None else is_causal),
+            query_mask=self._query_mask(site, query.shape[0], query.shape[2], key.shape[2]),
+            softcap=kwargs.get("softcap"),
+            bias=kwargs.get("position_bias") if isinstance(kwargs.get("position_bias"), torch.Tensor) else None,
+        )  # fmt: skip
+        self._feed.add(site.layer, phase, sums, maxima)
+        self._seen.add(module)
+
+    def _query_mask(self, site: AttentionSite, batch: int, queries: int, keys: int) -> torch.Tensor | None:
+        """The root mask's last ``queries`` columns, when it matches the call's batch and keys."""
+        mask = self._context.mask if self._context.active else None
+        if mask is None:
+            return None
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[-1] != keys:
+            self._warn_mask(site, tuple(mask.shape), f"attended over {keys} keys in a batch of {batch}")
+            return None
+        return mask[:, keys - queries :]
+
+    def _warn_mask(self, site: AttentionSite, mask: tuple[int, ...], got: str) -> None:
+        self._warn_once(
+            "attn-mask-shape",
+            f"CollectOptions(attention_entropy=True): the attention_mask has shape {mask} but {site.layer!r} "
+            f"{got}; padding cannot be left out there, so every position counts.",
+        )
+
     def _on_output(self, site: AttentionSite, module: nn.Module, output: Any) -> None:
-        context = self._context
-        phase = context.phase if context.active and context.phase else infer_phase(module)
+        if module in self._seen:  # counted from its logits
+            self._seen.discard(module)
+            return
+        phase = self._phase(module)
         if not self._collecting(phase):
             return
         probs = output[site.index] if isinstance(output, (tuple, list)) and len(output) > site.index else None
@@ -236,9 +340,9 @@ class AttentionHooks:
             self._warn_once(  # once per monitor: a fused kernel runs in every block alike
                 "attn-none",
                 f"CollectOptions(attention_entropy=True): {site.layer!r} returned no attention probabilities (its "
-                f"kernel never formed them); no attention entropy is logged for it, nor for any other monitored "
-                f"attention layer that returns none (not warned again). Load the model with "
-                f"attn_implementation='eager'.",
+                f"kernel never formed them) and its attention function was not seen in transformers' registry; no "
+                f"attention entropy is logged for it, nor for any other monitored attention layer that returns none "
+                f"(not warned again). Load the model with attn_implementation='eager'.",
             )
             return
         if module.training and site.dropout > 0:
@@ -250,14 +354,9 @@ class AttentionHooks:
                 f"are). Set the model's attention dropout to 0 to count them.",
             )
             return
-        mask = context.mask if context.active else None
+        mask = self._context.mask if self._context.active else None
         if mask is not None and (mask.shape[0] != probs.shape[0] or mask.shape[-1] != probs.shape[-1]):
-            self._warn_once(
-                "attn-mask-shape",
-                f"CollectOptions(attention_entropy=True): the attention_mask has shape {tuple(mask.shape)} but "
-                f"{site.layer!r} returned probabilities of shape {tuple(probs.shape)}; padding cannot be left "
-                f"out there, so every position counts.",
-            )
+            self._warn_mask(site, tuple(mask.shape), f"returned probabilities of shape {tuple(probs.shape)}")
             mask = None
         self._feed.add(site.layer, phase, entropy_sums(probs.detach(), mask))
 
@@ -273,7 +372,9 @@ def build_attention_hooks(
     warn_once: Callable[[str, str], None],
     selection: Sequence[LayerTarget] | None = None,
 ) -> AttentionHooks:
-    """The attention hooks of ``CollectOptions(attention_entropy=True)``, checked at setup.
+    """The attention hooks of ``CollectOptions(attention_entropy=True)``, checked at setup: a
+    warning names the monitored attention modules whose logits cannot be sampled (not in the
+    registry), and says whether their eager probabilities remain.
 
     Args:
         targets: The layers this process hooks (under ``shard_layers``, the ones it owns).
@@ -293,12 +394,23 @@ def build_attention_hooks(
             "transformer blocks (layers='auto') of such a model, or drop attention_entropy."
         )
     impl = attention_implementation(model)
-    if impl is not None and impl != "eager":
+    unrouted = [site.layer for site in sites if not site.routed]
+    if unrouted and impl is not None and impl != "eager":
         warnings.warn(
             f"CollectOptions(attention_entropy=True): the model runs attn_implementation={impl!r}, a fused kernel "
-            f"that never forms the attention probabilities, so no attention entropy can be logged. Load it with "
-            f"from_pretrained(..., attn_implementation='eager') or call model.set_attn_implementation('eager') "
-            f"(the eager kernel keeps a queries x keys matrix per head in memory).",
+            f"that never forms the attention probabilities, and the attention of {', '.join(unrouted)} does not go "
+            f"through transformers' attention-function registry, so no attention entropy or attn_logit_max can be "
+            f"logged for it. Load it with from_pretrained(..., attn_implementation='eager') or call "
+            f"model.set_attn_implementation('eager') (for the entropy; the eager kernel keeps a queries x keys "
+            f"matrix per head in memory).",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif unrouted:
+        warnings.warn(
+            f"CollectOptions(attention_entropy=True): the attention of {', '.join(unrouted)} does not go through "
+            f"transformers' attention-function registry, so its logits cannot be sampled: attention entropy comes "
+            f"from its eager probabilities, and no attn_logit_max is logged for it.",
             UserWarning,
             stacklevel=4,
         )

@@ -67,10 +67,12 @@ ALERT_METRICS: tuple[str, ...] = (
     "new_outlier_dims",
     "attn_entropy",
     "attn_entropy_min",
+    "attn_logit_max",
 )
 """The metrics a rule can watch (``new_outlier_dims``: dimensions flagged for the first time
 in the run, from the monitor's outlier tracker; ``attn_entropy`` and ``attn_entropy_min``: the
-mean and the lowest head's attention entropy, with ``CollectOptions(attention_entropy=True)``)."""
+mean and the lowest head's attention entropy, ``attn_logit_max``: the largest attention logit
+over heads, with ``CollectOptions(attention_entropy=True)``)."""
 
 DIRECTIONS = ("up", "down", "both")
 METHODS = ("band", "above", "fixed", "cusum")
@@ -144,13 +146,20 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     AlertRule("nonfinite", "up", "nonfinite_rows", method="above", threshold=0.0),
     AlertRule("new_outlier_dims", "up", "new_outlier_dim", method="above", threshold=0.0, warmup=10, cooldown=0),
     AlertRule("attn_entropy_min", "down", "attention_collapse", method="fixed", threshold=6.0, min_relative=0.25),
+    AlertRule(
+        "attn_logit_max", "up", "attention_logit_growth", method="fixed", threshold=6.0, min_relative=1.0,
+        min_absolute=0.5,
+    ),
 )
 """``alerts="default"``: rank collapse, anisotropy jump, a dominant direction, more outlier
 dimensions, heavier tails, non-finite rows, a dimension that becomes an outlier for the
 first time (after the warm-up; no cool-down: an index is new only once, so each new one is
 reported and the alerts of a layer are at most d) and, where attention entropy is measured, a
 head whose entropy collapses (the lowest head's mean entropy a quarter below where it was at the
-end of the warm-up: a fixed baseline, since a collapse is gradual and a rolling band follows it)."""
+end of the warm-up: a fixed baseline, since a collapse is gradual and a rolling band follows it)
+and attention logits that grow (the largest logit above twice where it was at the end of the
+warm-up, and at least 0.5 above it: the margin is far outside a stationary run's spread, a few per
+cent, so the rule is quiet on noise; ``tests/test_attention_logits.py`` pins 0 alerts)."""
 
 
 def _rule(spec: Any, index: int) -> AlertRule:

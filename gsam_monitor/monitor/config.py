@@ -30,7 +30,7 @@ from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics.compute import DRIFT_METRICS, HIGHER_MOMENT_METRICS, REFERENCE_METRICS, validate_names
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.alerts import AlertRule, parse_alert_rules
-from gsam_monitor.monitor.attention import ATTENTION_METRIC, ATTENTION_MIN_METRIC
+from gsam_monitor.monitor.attention import ATTENTION_ALERT_METRICS
 from gsam_monitor.monitor.memory import gib, host_bytes_per_layer, plan_report
 from gsam_monitor.monitor.options import (
     DEFAULT_MAX_STATE_BYTES,
@@ -78,9 +78,6 @@ def state_bytes_per_layer(
     )
 
 
-ATTENTION_ALERT_METRICS = (ATTENTION_METRIC, ATTENTION_MIN_METRIC)
-
-
 def _rules_for(
     rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool, attention: bool
 ) -> tuple[AlertRule, ...]:
@@ -99,7 +96,7 @@ def _rules_for(
         if missing[0] in ATTENTION_ALERT_METRICS:
             raise ValueError(
                 f"alerts: a rule watches {missing[0]!r}, which is measured only with "
-                f"collection=CollectOptions(attention_entropy=True) (eager attention); turn it on or drop the rule."
+                f"collection=CollectOptions(attention_entropy=True); turn it on or drop the rule."
             )
         raise ValueError(
             f"alerts: a rule watches {missing[0]!r}, which metrics= does not compute; add {missing[0]!r} to "

@@ -81,8 +81,12 @@ class CollectOptions:
         seed: Seed of the token subsampling (offset by the distributed rank).
         reservoir_size: Also keep a bounded uniform sample of this many activation values per
             (layer, phase) for the distribution analyses (``GSAMMonitor.sample``); ``None``: none.
-        attention_entropy: Also log the mean attention entropy per head of the monitored blocks,
-            ``attn_entropy/{layer}/h{i}`` (eager attention only).
+        attention_entropy: Also log, for the attention module of each monitored block of a
+            Hugging Face model, the mean attention entropy per head, ``attn_entropy/{layer}/h{i}``,
+            and the max attention logit per head, ``attn_logit_max/{layer}/h{i}``, from q·k on at
+            most 64 query rows per sequence, read where the attention function receives them
+            (any ``attn_implementation``: eager, sdpa, flash); where the attention does not go
+            through transformers' registry, the entropy from eager attention's probabilities.
 
     Raises:
         ValueError: a non-positive count, an unknown or repeated phase.
