@@ -42,6 +42,7 @@ from gsam_monitor.capture.hooks import (
     register_layer_hook,
 )
 from gsam_monitor.capture.layers import LayerTarget, unwrap_model
+from gsam_monitor.capture.logit_partition import LogitPartitionHooks
 from gsam_monitor.capture.rows import TokenSampler, activation_rows
 
 __all__ = ["ActivationCapture", "WindowFeed"]
@@ -76,9 +77,12 @@ class ActivationCapture:
         attention: Where the attention entropies go (``attention_entropy=True``), or ``None``.
         selection: Every monitored layer, when ``targets`` is this rank's share of them
             (``shard_layers``): the attention check is on the whole selection.
+        logits: Where the output logits' log-partition goes (``logit_partition=``), or ``None``.
+        logit_head: ``CollectOptions(logit_partition=)``: ``True`` or the head's module name.
 
     Raises:
-        ValueError: with ``attention``, when no monitored block's attention returns probabilities.
+        ValueError: with ``attention``, when no monitored block's attention returns probabilities;
+            with ``logits``, when the model has no such head.
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class ActivationCapture:
         warn_once: Callable[[str, str], None],
         attention: AttentionFeed | None = None,
         selection: Sequence[LayerTarget] | None = None,
+        logits: AttentionFeed | None = None,
+        logit_head: bool | str = True,
     ) -> None:
         self.model = model
         self.targets = list(targets)
@@ -121,6 +127,9 @@ class ActivationCapture:
         self._attention = None if attention is None else build_attention_hooks(
             model, self.targets, self.context, attention, collecting=self.wants,
             on_error=on_error, warn_once=warn_once, selection=selection,
+        )
+        self._logits = None if logits is None else LogitPartitionHooks(
+            model, logit_head, self.context, logits, collecting=self.wants, on_error=on_error, warn_once=warn_once
         )
         self._observer_key = add_observer(self._observe_traced)
         weakref.finalize(self, remove_observer, self._observer_key)
@@ -171,8 +180,9 @@ class ActivationCapture:
 
     def _remove_layer_hooks(self) -> None:
         self._handles.remove()
-        if self._attention is not None:
-            self._attention.remove()
+        for hooks in (self._attention, self._logits):
+            if hooks is not None:
+                hooks.remove()
 
     def report_unreadable(self) -> None:
         """Warn about the layers whose traced output held no hidden state (a compiled graph
@@ -219,8 +229,9 @@ class ActivationCapture:
     def _register(self) -> None:
         for index, target in enumerate(self.targets):
             self._handles.add(register_layer_hook(target.module, target.kind, self._make_callback(index, target)))
-        if self._attention is not None:
-            self._attention.register()
+        for hooks in (self._attention, self._logits):
+            if hooks is not None:
+                hooks.register()
         first, self.attach_pending = self.attach_pending, False
         if first or self.compiled or has_compiled_code(type(unwrap_model(self.model)).forward):
             self._drop_compiled_code()

@@ -68,11 +68,15 @@ ALERT_METRICS: tuple[str, ...] = (
     "attn_entropy",
     "attn_entropy_min",
     "attn_logit_max",
+    "logit_lse_mean",
+    "logit_lse_max",
 )
 """The metrics a rule can watch (``new_outlier_dims``: dimensions flagged for the first time
 in the run, from the monitor's outlier tracker; ``attn_entropy`` and ``attn_entropy_min``: the
 mean and the lowest head's attention entropy, ``attn_logit_max``: the largest attention logit
-over heads, with ``CollectOptions(attention_entropy=True)``)."""
+over heads, with ``CollectOptions(attention_entropy=True)``; ``logit_lse_mean`` and
+``logit_lse_max``: the mean and the largest log-partition of the output logits' sampled tokens,
+with ``CollectOptions(logit_partition=True)``)."""
 
 DIRECTIONS = ("up", "down", "both")
 METHODS = ("band", "above", "fixed", "cusum")
@@ -150,6 +154,10 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
         "attn_logit_max", "up", "attention_logit_growth", method="fixed", threshold=6.0, min_relative=1.0,
         min_absolute=0.5,
     ),
+    AlertRule(
+        "logit_lse_max", "up", "output_logit_growth", method="fixed", threshold=6.0, min_relative=1.0,
+        min_absolute=5.0,
+    ),
 )
 """``alerts="default"``: rank collapse, anisotropy jump, a dominant direction, more outlier
 dimensions, heavier tails, non-finite rows, a dimension that becomes an outlier for the
@@ -159,7 +167,11 @@ head whose entropy collapses (the lowest head's mean entropy a quarter below whe
 end of the warm-up: a fixed baseline, since a collapse is gradual and a rolling band follows it)
 and attention logits that grow (the largest logit above twice where it was at the end of the
 warm-up, and at least 0.5 above it: the margin is far outside a stationary run's spread, a few per
-cent, so the rule is quiet on noise; ``tests/test_attention_logits.py`` pins 0 alerts)."""
+cent, so the rule is quiet on noise; ``tests/test_attention_logits.py`` pins 0 alerts) and, where
+the output logits' log-partition is measured, a log-partition that grows (the largest log Z above
+twice where it was at the end of the warm-up, and at least 5 nats above it: the output-logit
+divergence that z-loss prevents; quiet on noise, ``tests/test_logit_partition.py`` pins 0 alerts;
+a log Z that drifts down is not watched by default)."""
 
 
 def _rule(spec: Any, index: int) -> AlertRule:

@@ -31,6 +31,7 @@ from gsam_monitor.metrics.compute import DRIFT_METRICS, HIGHER_MOMENT_METRICS, R
 from gsam_monitor.monitor import ranks
 from gsam_monitor.monitor.alerts import AlertRule, parse_alert_rules
 from gsam_monitor.monitor.attention import ATTENTION_ALERT_METRICS
+from gsam_monitor.monitor.logit_partition import LOGIT_ALERT_METRICS
 from gsam_monitor.monitor.memory import gib, host_bytes_per_layer, plan_report
 from gsam_monitor.monitor.options import (
     DEFAULT_MAX_STATE_BYTES,
@@ -79,11 +80,11 @@ def state_bytes_per_layer(
 
 
 def _rules_for(
-    rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool, attention: bool
+    rules: tuple[AlertRule, ...], metric_names: Sequence[str], *, explicit: bool, attention: bool, logits: bool = False
 ) -> tuple[AlertRule, ...]:
     """The rules whose metric each log computes: ``"default"`` keeps those, a rule given
     explicitly on a metric that ``metrics=`` leaves out (or on attention entropy without
-    ``CollectOptions(attention_entropy=True)``) is an error.
+    ``CollectOptions(attention_entropy=True)``, or on the log-partition without ``logit_partition=``) is an error.
 
     Raises:
         ValueError: naming the rule's metric and both fixes.
@@ -91,7 +92,14 @@ def _rules_for(
     computed = {*metric_names, "nonfinite", "new_outlier_dims"}  # counted always; tracked always
     if attention:
         computed |= set(ATTENTION_ALERT_METRICS)
+    if logits:
+        computed |= set(LOGIT_ALERT_METRICS)
     missing = [r.metric for r in rules if r.metric not in computed]
+    if missing and explicit and missing[0] in LOGIT_ALERT_METRICS:
+        raise ValueError(
+            f"alerts: a rule watches {missing[0]!r}, which is measured only with "
+            f"collection=CollectOptions(logit_partition=True); turn it on or drop the rule."
+        )
     if missing and explicit:
         if missing[0] in ATTENTION_ALERT_METRICS:
             raise ValueError(
@@ -133,6 +141,7 @@ class MonitorConfig:
     log_copies: int
     reference: str
     attention_entropy: bool
+    logit_partition: bool | str
     alert_rules: tuple[AlertRule, ...]
     device: torch.device
     shard_layers: bool
@@ -205,6 +214,7 @@ class MonitorConfig:
             metric_names,
             explicit=alerts != "default",
             attention=collection.attention_entropy,
+            logits=collection.logit_partition is not False,
         )
         distributed = ranks.world_size(process_group) > 1
         return cls(
@@ -228,6 +238,7 @@ class MonitorConfig:
             log_copies=1 if background or (windows.kind != "interval" and (heldout or distributed)) else 0,
             reference=windows.reference,
             attention_entropy=collection.attention_entropy,
+            logit_partition=collection.logit_partition,
             alert_rules=alert_rules,
             device=device,
             shard_layers=compute.shard_layers,

@@ -195,7 +195,8 @@ class GSAMMonitor:
         self._capture = ActivationCapture(
             model, collected, config.phases, self._windows, seed=config.seed + ranks.global_rank(),
             max_tokens=config.max_tokens_per_layer, on_error=self._faults.hook_error,
-            warn_once=self._faults.warn_once, attention=self._windows.attention, selection=self.targets,
+            warn_once=self._faults.warn_once, attention=self._windows.probes.attention, selection=self.targets,
+            logits=self._windows.probes.logits, logit_head=config.logit_partition,
         )
         self._logs = WindowLogger(
             config, self.layer_names, self._windows, self._fanout, self._faults, own=[t.name for t in collected]

@@ -99,11 +99,11 @@ class WindowLogger:
                 windows, owned, active = self._own_windows(phases)
             else:  # each window summed onto the rank that owns it (round robin), which computes it
                 windows, owned = self._windows.reduced(phases, in_place=self.config.window == "interval", spread=True)
-            attention = self._windows.close_attention(phases)  # summed over ranks: the writer reports it
+            probes = self._windows.close_probes(phases)  # summed over ranks: the writer reports it
             refs = self._windows.references_for(owned)
             result = self._metrics_of(
                 windows, refs, step, self.n_logs, frozenset(self._windows.disabled),
-                owned=owned, attention=attention if self._is_writer() else None, active=active,
+                owned=owned, probes=probes if self._is_writer() else None, active=active,
             )  # fmt: skip
             self._windows.advance(windows, owned=owned)
         except Exception as err:
@@ -124,7 +124,7 @@ class WindowLogger:
             windows, owned = self._windows.reduced(
                 self.config.phases, in_place=self.config.window == "interval", spread=False
             )
-            attention = self._windows.close_attention(self.config.phases)
+            probes = self._windows.close_probes(self.config.phases)
             if self._is_writer():
                 refs = self._windows.references_for(windows)
                 snapshot = self._windows.hand_off(windows)
@@ -136,7 +136,7 @@ class WindowLogger:
         self._count(step)
         if snapshot is not None:
             job = functools.partial(
-                self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled), attention=attention
+                self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled), probes=probes
             )
             self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
 
@@ -153,12 +153,12 @@ class WindowLogger:
         phases, n_logs = self.config.phases, self.n_logs
         try:
             windows, owned, active = self._own_windows(phases)
-            attention = self._windows.close_attention(phases)
+            probes = self._windows.close_probes(phases)
             refs = self._windows.references_for(owned)
             snapshot = self._windows.hand_off(windows)
             job = functools.partial(
                 self._metrics_of, snapshot, refs, step, n_logs, frozenset(self._windows.disabled),
-                owned=set(snapshot), attention=attention if self._is_writer() else None, active=active,
+                owned=set(snapshot), probes=probes if self._is_writer() else None, active=active,
             )  # fmt: skip
             self._background.submit(job, {stats.device for stats in snapshot.values()}, step)
         except Exception as err:
@@ -229,7 +229,7 @@ class WindowLogger:
         disabled: frozenset[str],
         *,
         owned: Collection[Key] | None = None,
-        attention: Mapping[Key, Any] | None = None,
+        probes: Mapping[str, Mapping[Key, Any]] | None = None,
         active: Collection[str] | None = None,
     ) -> LogResult:
         """The report of closed windows (``report.build_report``: pure, it reads only its
@@ -245,7 +245,7 @@ class WindowLogger:
             disabled=disabled,
             step=step,
             want_spectrum=every is not None and n_logs % every == 0,
-            attention=attention,
+            probes=probes,
             want_fits=self.config.fits_windows,
             owned=owned,
             active=active,

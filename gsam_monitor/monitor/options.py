@@ -87,6 +87,11 @@ class CollectOptions:
             most 64 query rows per sequence, read where the attention function receives them
             (any ``attn_implementation``: eager, sdpa, flash); where the attention does not go
             through transformers' registry, the entropy from eager attention's probabilities.
+        logit_partition: Also log the output logits' log-partition (what z-loss penalises), the
+            mean and the max of logsumexp over the vocabulary on at most 256 non-padding tokens
+            per forward, ``logit_lse_mean/{head}`` and ``logit_lse_max/{head}``, from a hook on the
+            language-model head: ``True`` finds it with ``model.get_output_embeddings()`` (Hugging
+            Face models), a string names its module (e.g. ``"lm_head"``); ``False``: off.
 
     Raises:
         ValueError: a non-positive count, an unknown or repeated phase.
@@ -99,6 +104,7 @@ class CollectOptions:
     seed: int = 0
     reservoir_size: int | None = None
     attention_entropy: bool = False
+    logit_partition: bool | str = False
 
     def __post_init__(self) -> None:
         if self.steps not in ("auto", None):
@@ -127,6 +133,11 @@ class CollectOptions:
         if not isinstance(self.attention_entropy, bool):
             raise TypeError(
                 f"CollectOptions(attention_entropy=) must be True or False; got {self.attention_entropy!r}."
+            )
+        if not isinstance(self.logit_partition, (bool, str)) or self.logit_partition == "":
+            raise TypeError(
+                f"CollectOptions(logit_partition=) must be True, False or the head's module name; "
+                f"got {self.logit_partition!r}."
             )
 
 

@@ -18,6 +18,7 @@ import torch
 from gsam_monitor import metrics
 from gsam_monitor.metrics.scores import outlier_ratios_from_moments
 from gsam_monitor.monitor.attention import attention_report
+from gsam_monitor.monitor.logit_partition import logit_partition_report
 from gsam_monitor.monitor.reference import Reference
 from gsam_monitor.sinks.keys import META_PREFIX, layer_key, metric_key
 from gsam_monitor.stats import LayerStats
@@ -78,7 +79,7 @@ def build_report(
     disabled: Collection[str],
     step: int,
     want_spectrum: bool,
-    attention: Mapping[Key, torch.Tensor] | None = None,
+    probes: Mapping[str, Mapping[Key, torch.Tensor]] | None = None,
     want_fits: bool = False,
     owned: Collection[Key] | None = None,
     active: Collection[str] | None = None,
@@ -94,7 +95,8 @@ def build_report(
         disabled: Layers left out (over the memory budget): not reported.
         step: The step the log belongs to (in messages).
         want_spectrum: Return each layer's eigenvalues too.
-        attention: The closed attention-entropy windows (``attention_entropy=True``).
+        probes: The closed probe windows by kind (``WindowStore.close_probes``): ``"attention"``
+            (``attention_entropy=True``) and ``"logit_partition"`` (``logit_partition=``).
         want_fits: Return each window's ``GaussianFit`` too (held-out references).
         owned: Compute the metrics of these windows only (default all): under
             torch.distributed each rank computes the windows it owns; the others need only
@@ -104,10 +106,15 @@ def build_report(
     """
     result = LogResult(step)
     attention_values: dict[Key, dict[str, float]] = {}
+    attention, logits = (probes or {}).get("attention"), (probes or {}).get("logit_partition")
     if attention:
         flat, attention_values, warned = attention_report(attention)
         result.flat.update(flat)
         result.warnings.extend(warned)
+    if logits:
+        flat, logit_values = logit_partition_report(logits)
+        result.flat.update(flat)
+        attention_values.update(logit_values)
     counts = {key: float(stats.count) for key, stats in windows.items()}
     # Rows dropped for NaN/Inf, read here at log time (the hook path never syncs).
     nonfinite = {key: int(stats.nonfinite) for key, stats in windows.items()}

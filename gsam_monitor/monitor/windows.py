@@ -29,9 +29,9 @@ from torch import nn
 from gsam_monitor.capture.layers import LayerTarget
 from gsam_monitor.metrics import GaussianFit
 from gsam_monitor.monitor import ranks, sync
-from gsam_monitor.monitor.attention import AttentionWindows
 from gsam_monitor.monitor.checkpoint import pack, unpack_samples, unpack_stats
 from gsam_monitor.monitor.config import PHASES, MonitorConfig, gib
+from gsam_monitor.monitor.probes import ProbeWindows
 from gsam_monitor.monitor.reference import Reference, ReferencePolicy, check_reference_mode
 from gsam_monitor.monitor.window import HOST, Transfer, Window, empty_totals, host_copy
 from gsam_monitor.stats import LayerStats, ReservoirSample
@@ -65,7 +65,9 @@ class WindowStore:
         self.targets = list(targets)
         self.windows: dict[Key, Window] = {(t.name, p): Window() for t in self.targets for p in PHASES}
         self.policy = ReferencePolicy(config.reference)
-        self.attention = AttentionWindows(config.window, config.process_group) if config.attention_entropy else None
+        self.probes = ProbeWindows(  # attention and output-logit windows
+            config.window, config.process_group, attention=config.attention_entropy, logits=bool(config.logit_partition)
+        )
         self.disabled: set[str] = set()  # layers left out over the memory budget
         self.transfer: Transfer = host_copy  # how a flush copies a buffer to the host (injectable)
         self._warn_once = warn_once
@@ -349,12 +351,11 @@ class WindowStore:
         buffers' now, the totals' at their next flush (``Window.decay``)."""
         for window in self.windows.values():
             window.decay(factor)
-        if self.attention is not None:
-            self.attention.decay(factor)
+        self.probes.decay(factor)
 
-    def close_attention(self, phases: Sequence[str]) -> dict[Key, torch.Tensor]:
-        """The attention-entropy windows of ``phases`` for a log (summed over ranks), then the next ones."""
-        return {} if self.attention is None else self.attention.close(phases)
+    def close_probes(self, phases: Sequence[str]) -> dict[str, dict[Key, torch.Tensor]]:
+        """The probes' windows of ``phases`` for a log, by kind (``ProbeWindows.close``), then the next ones."""
+        return self.probes.close(phases)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -367,8 +368,7 @@ class WindowStore:
             window.set_reference(None)
             if window.sample is not None:
                 window.sample.reset()
-        if self.attention is not None:
-            self.attention.reset()
+        self.probes.reset()
 
     def clear(self) -> None:
         """Free the statistics, references, fits and samples."""
@@ -376,8 +376,7 @@ class WindowStore:
             window.drop_rows()
             window.buffer = window.stats = window.sample = None
             window.set_reference(None)
-        if self.attention is not None:
-            self.attention.reset()
+        self.probes.reset()
 
     def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{"stats", "reference", "samples"}``, each ``{phase: {layer: state}}`` on the CPU, and
@@ -388,7 +387,7 @@ class WindowStore:
             "reference": pack(self.references),
             "reference_mode": self.config.reference,
             "samples": pack({k: w.sample for k, w in self.windows.items() if w.sample is not None}),
-            "attention": {} if self.attention is None else self.attention.state_dict(),
+            **self.probes.state_dict(),  # "attention", "logit_partition"
         }
 
     def load_windows(self, state: Mapping[str, Any]) -> None:
@@ -407,8 +406,7 @@ class WindowStore:
             window.drop_rows()
             window.stats = live.get(key)
             window.set_reference(references.get(key))
-        if self.attention is not None:
-            self.attention.load_state_dict(state.get("attention", {}))
+        self.probes.load_state_dict(state)
 
     def load_samples(self, samples: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore the ``"samples"`` part of ``state_dict()`` (nothing without ``reservoir_size``).
