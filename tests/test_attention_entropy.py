@@ -13,30 +13,12 @@ import torch
 
 from gsam_monitor import CollectOptions, GSAMMonitor, _compat
 from gsam_monitor.capture.attention import entropy_sums
-from tests.options import with_defaults
-from tests.tiny_models import Stack, tiny_config
+from tests.tiny_models import Stack, attention_monitor, sharp_attention_model
+
+_model = sharp_attention_model
 
 
-def _model(arch: str, impl: str = "eager", **overrides) -> torch.nn.Module:
-    import transformers as tr
-
-    torch.manual_seed(0)
-    config = tiny_config(arch)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    model = tr.AutoModel.from_config(config, attn_implementation=impl).eval()
-    with torch.no_grad():  # sharper attention than a random init's near-uniform one
-        for name, param in model.named_parameters():
-            if any(part in name for part in ("query.weight", "q_proj.weight", "c_attn.weight", "query_key_value")):
-                param.mul_(6.0)
-    return model
-
-
-def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
-        kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None, "attention_entropy": True})
-        return GSAMMonitor(model, every_n_steps=1000, metrics=["n"], **kwargs)
+_monitor = attention_monitor
 
 
 def _numpy_entropy(attentions: list[list[torch.Tensor]], masks: list[torch.Tensor]) -> list[np.ndarray]:

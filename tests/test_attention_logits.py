@@ -20,8 +20,7 @@ from gsam_monitor import CollectOptions, GSAMMonitor
 from gsam_monitor.capture import attention_logits
 from gsam_monitor.capture.attention_logits import ROUTER, logit_stats
 from gsam_monitor.monitor.alerts import AlertEngine
-from tests.options import with_defaults
-from tests.tiny_models import tiny_config
+from tests.tiny_models import attention_monitor, sharp_attention_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # -inf - -inf
 ARCHS = ("llama", "gptneox", "bert")
@@ -29,28 +28,12 @@ BLOCKS = {"bert": "encoder.layer", "llama": "layers", "gptneox": "layers"}
 
 
 def _model(arch: str, impl: str = "eager", **overrides) -> torch.nn.Module:
-    import transformers as tr
-
-    torch.manual_seed(0)
-    config = tiny_config(arch)
     if arch == "llama":  # grouped-query attention: 4 query heads over 2 key heads
-        config.num_attention_heads, config.num_key_value_heads = 4, 2
-        config.head_dim = 4
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    model = tr.AutoModel.from_config(config, attn_implementation=impl).eval()
-    with torch.no_grad():  # sharper attention than a random init's near-uniform one
-        for name, param in model.named_parameters():
-            if any(part in name for part in ("query.weight", "q_proj.weight", "query_key_value")):
-                param.mul_(6.0)
-    return model
+        overrides = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, **overrides}
+    return sharp_attention_model(arch, impl, **overrides)
 
 
-def _monitor(model: torch.nn.Module, **kwargs) -> GSAMMonitor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
-        kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None, "attention_entropy": True})
-        return GSAMMonitor(model, every_n_steps=1000, metrics=["n"], **kwargs)
+_monitor = attention_monitor
 
 
 def _batches(length: int = 9, right_padded: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -81,6 +81,38 @@ def tiny_model(arch: str) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=1)
+def sharp_attention_model(arch: str, impl: str = "eager", **overrides) -> nn.Module:
+    """A tiny Hugging Face model of ``arch`` (``tiny_config``, ``overrides`` set on the config),
+    seeded, in eval mode, its query weights scaled by 6: sharper attention than a random init's
+    near-uniform one, for the attention tests."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    config = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = tr.AutoModel.from_config(config, attn_implementation=impl).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("query.weight", "q_proj.weight", "c_attn.weight", "query_key_value")):
+                param.mul_(6.0)
+    return model
+
+
+def attention_monitor(model: nn.Module, **kwargs):
+    """A ``GSAMMonitor`` with attention entropy on, every token collected, logging only ``n``
+    every 1,000 steps (the tests call ``log`` themselves)."""
+    import warnings
+
+    from gsam_monitor import GSAMMonitor
+    from tests.options import with_defaults
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # every_n_steps < 10 in tests
+        kwargs = with_defaults(kwargs, collection={"max_tokens_per_layer": None, "attention_entropy": True})
+        return GSAMMonitor(model, every_n_steps=1000, metrics=["n"], **kwargs)
+
+
 def llama_7b_on_meta() -> nn.Module:
     """A Llama-2-7B-shaped causal LM (32 blocks, d = 4096) on the meta device: no weights."""
     import transformers as tr
