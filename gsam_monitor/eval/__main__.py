@@ -435,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if parallel is not None:
             import torch.distributed as dist
 
+            # Every rank has printed its error (or finished) before any exits: torchrun ends the
+            # others as soon as one rank exits non-zero, which could cut a message short.
+            dist.barrier()
             dist.destroy_process_group()
 
 
