@@ -287,4 +287,4 @@ def test_parse_rules_default_and_none() -> None:
     assert parse_alert_rules(None) == ()
     assert parse_alert_rules(["effective_rank"])[0].name == "rank_collapse"
     assert AlertRule("anisotropy", "up").name == "anisotropy_up"
-    assert repr(AlertEngine()) == "AlertEngine(10 rules, 0 alerts)"
+    assert repr(AlertEngine()) == "AlertEngine(11 rules, 0 alerts)"

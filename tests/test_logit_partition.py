@@ -122,9 +122,10 @@ def test_a_growing_head_alerts_and_nothing_alerts_before_it() -> None:
     assert top[-1] > 2 * max(top[:30])
 
 
-def test_the_default_rule_is_quiet_on_stationary_maxima() -> None:
+def test_the_default_rules_are_quiet_on_stationary_streams() -> None:
     """The default rules on 2,000 logs of each of 12 stationary streams of log-partition maxima
-    (the max over 256 tokens of a log Z with a level from -10 to 30 and a sd from 0.05 to 2): no alert."""
+    (the max over 256 tokens of a log Z with a level from -10 to 30 and a sd from 0.05 to 2) and
+    means (the mean over 256 tokens of the same log Z): no alert."""
     rng = random.Random(0)
     engine = AlertEngine("default")
     for stream in range(12):
@@ -132,8 +133,27 @@ def test_the_default_rule_is_quiet_on_stationary_maxima() -> None:
         a = math.sqrt(2 * math.log(SAMPLE))
         for step in range(2000):
             gumbel = -math.log(-math.log(rng.random()))  # the max of n Gaussians: the Gumbel limit
-            engine.observe(step, f"s{stream}", "train", {"logit_lse_max": level + sd * (a + gumbel / a)})
+            mean = level + sd * rng.gauss(0.0, 1.0) / math.sqrt(SAMPLE)
+            engine.observe(step, f"s{stream}", "train", {"logit_lse_max": level + sd * (a + gumbel / a),
+                                                         "logit_lse_mean": mean})
     assert engine.alerts == []
+
+
+@pytest.mark.parametrize(("level", "fires_below"), [(10.8, 0.0), (2.0, -3.0), (-8.0, -16.0)])
+def test_a_mean_log_partition_that_drifts_down_alerts_once_past_its_margin(level, fires_below) -> None:
+    """``output_logit_drift``: the mean log Z frozen at m after 10 logs (small noise), then falling
+    0.35 nats per log: quiet while above m - max(|m|, 5) (``fires_below``), an alert at the first
+    log below it, none before; the maximum stays where it was (the growth rule stays quiet)."""
+    rng = random.Random(1)
+    engine = AlertEngine("default")
+    values = []
+    for step in range(80):
+        value = level + 0.001 * rng.gauss(0.0, 1.0) - 0.35 * max(0, step - 9)  # never within 0.05 of the limit
+        values.append(value)
+        engine.observe(step, "lm_head", "train", {"logit_lse_mean": value, "logit_lse_max": level + 3.0})
+    first_below = next(step for step, value in enumerate(values) if value < fires_below)
+    assert [(a["kind"], a["step"]) for a in engine.alerts][:1] == [("output_logit_drift", first_below)]
+    assert {a["kind"] for a in engine.alerts} == {"output_logit_drift"}
 
 
 def test_a_model_without_a_language_model_head_or_a_wrong_name_is_a_setup_error() -> None:

@@ -158,6 +158,10 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
         "logit_lse_max", "up", "output_logit_growth", method="fixed", threshold=6.0, min_relative=1.0,
         min_absolute=5.0,
     ),
+    AlertRule(
+        "logit_lse_mean", "down", "output_logit_drift", method="fixed", threshold=6.0, min_relative=1.0,
+        min_absolute=5.0,
+    ),
 )
 """``alerts="default"``: rank collapse, anisotropy jump, a dominant direction, more outlier
 dimensions, heavier tails, non-finite rows, a dimension that becomes an outlier for the
@@ -170,8 +174,9 @@ warm-up, and at least 0.5 above it: the margin is far outside a stationary run's
 cent, so the rule is quiet on noise; ``tests/test_attention_logits.py`` pins 0 alerts) and, where
 the output logits' log-partition is measured, a log-partition that grows (the largest log Z above
 twice where it was at the end of the warm-up, and at least 5 nats above it: the output-logit
-divergence that z-loss prevents; quiet on noise, ``tests/test_logit_partition.py`` pins 0 alerts;
-a log Z that drifts down is not watched by default)."""
+divergence that z-loss prevents; quiet on noise, ``tests/test_logit_partition.py`` pins 0 alerts)
+or drifts down (the mean log Z below where it was at the end of the warm-up by its own size, and
+by at least 5 nats: the logits going very negative, the divergence Wortsman et al. 2023 report)."""
 
 
 def _rule(spec: Any, index: int) -> AlertRule:
