@@ -282,6 +282,17 @@ def test_a_rule_on_a_metric_not_computed_fails_at_setup() -> None:
         _monitor(Stack(dim=4, depth=1), metrics=["gsam"], alerts=["anisotropy"])
 
 
+@pytest.mark.parametrize(
+    ("metric", "option"),
+    [("attn_entropy_min", "attention_entropy=True"), ("attn_logit_max", "attention_entropy=True"),
+     ("logit_lse_mean", "logit_partition=True"), ("logit_lse_max", "logit_partition=True")],
+)
+def test_a_rule_on_a_probe_metric_without_its_option_names_the_option(metric, option) -> None:
+    with pytest.raises(ValueError, match=rf"alerts: a rule watches '{metric}', which is measured only with "
+                                         rf"collection=CollectOptions\({option}\); turn it on or drop the rule"):
+        _monitor(Stack(dim=4, depth=1), alerts=[metric])
+
+
 def test_parse_rules_default_and_none() -> None:
     assert parse_alert_rules("default") == DEFAULT_RULES
     assert parse_alert_rules(None) == ()

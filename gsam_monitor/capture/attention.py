@@ -56,6 +56,7 @@ __all__ = [
     "AttentionFeed",
     "AttentionHooks",
     "AttentionSite",
+    "ProbeHooks",
     "attention_implementation",
     "attention_sites",
     "build_attention_hooks",
@@ -189,7 +190,42 @@ def entropy_sums(probs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Te
     return torch.cat([sums, rows, dropped])
 
 
-class AttentionHooks:
+class ProbeHooks:
+    """What the per-forward probes' hooks share (the attention observers, the log-partition's
+    head hook): the monitor's forward context, where the sums go, whether a phase is collected
+    now, the error and warning callbacks, and the hook handles.
+
+    Args:
+        context: The monitor's forward context (mask and phase of the forward in flight).
+        feed: Where the sums go.
+        collecting: Whether the monitor collects a forward of this phase now.
+        on_error: Called with an exception caught in a hook and where it happened.
+        warn_once: Called with a key and a message for a degradation worth one warning.
+    """
+
+    def __init__(
+        self,
+        context: ForwardContext,
+        feed: AttentionFeed,
+        *,
+        collecting: Callable[[str], bool],
+        on_error: Callable[..., None],
+        warn_once: Callable[[str, str], None],
+    ) -> None:
+        self._context = context
+        self._feed = feed
+        self._collecting = collecting
+        self._on_error = on_error
+        self._warn_once = warn_once
+        self._handles = HookHandles()
+
+    def _phase(self, module: nn.Module) -> str:
+        """The phase of the forward in flight (the context's, else the module's mode)."""
+        context = self._context
+        return context.phase if context.active and context.phase else infer_phase(module)
+
+
+class AttentionHooks(ProbeHooks):
     """The attention observers of the monitored blocks: each module's registry calls (the
     sampled logits) and its forward hook (the eager probabilities, where no call was seen).
 
@@ -215,13 +251,8 @@ class AttentionHooks:
         on_error: Callable[..., None],
         warn_once: Callable[[str, str], None],
     ) -> None:
+        super().__init__(context, feed, collecting=collecting, on_error=on_error, warn_once=warn_once)
         self.sites = list(sites)
-        self._context = context
-        self._feed = feed
-        self._collecting = collecting
-        self._on_error = on_error
-        self._warn_once = warn_once
-        self._handles = HookHandles()
         self._routes: list[tuple[nn.Module, Callable[..., None]]] = []
         self._seen: set[nn.Module] = set()  # modules whose call this forward's logits came from
 
@@ -250,10 +281,6 @@ class AttentionHooks:
         for module, observer in routes:
             ROUTER.remove(module, observer)
         self._seen.clear()
-
-    def _phase(self, module: nn.Module) -> str:
-        context = self._context
-        return context.phase if context.active and context.phase else infer_phase(module)
 
     def _make_hook(self, site: AttentionSite) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

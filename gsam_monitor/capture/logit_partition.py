@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gsam_monitor.capture.attention import AttentionFeed
-from gsam_monitor.capture.hooks import ForwardContext, HookHandles, context_root, in_backward, infer_phase
+from gsam_monitor.capture.attention import AttentionFeed, ProbeHooks
+from gsam_monitor.capture.hooks import ForwardContext, context_root, in_backward, infer_phase
 from gsam_monitor.capture.layers import unwrap_model
 
 __all__ = ["LOGIT_SAMPLE", "SILENT_FORWARDS", "LogitPartitionHooks", "find_head", "lse_stats", "token_sample"]
@@ -114,7 +114,7 @@ def lse_stats(
     return sums, torch.where(valid, lse, -torch.inf).amax().reshape(1)
 
 
-class LogitPartitionHooks:
+class LogitPartitionHooks(ProbeHooks):
     """The head's forward hook (the sampled log Z of each collected forward) and the root's,
     which counts the collected forwards in which the head was not called.
 
@@ -142,14 +142,9 @@ class LogitPartitionHooks:
         on_error: Callable[..., None],
         warn_once: Callable[[str, str], None],
     ) -> None:
+        super().__init__(context, feed, collecting=collecting, on_error=on_error, warn_once=warn_once)
         self.name, self.module = find_head(model, head)
         self._root = context_root(model)
-        self._context = context
-        self._feed = feed
-        self._collecting = collecting
-        self._on_error = on_error
-        self._warn_once = warn_once
-        self._handles = HookHandles()
         self._called = False  # the head ran during the root forward in flight
         self.silent = 0  # collected root forwards since the head's last call
 
@@ -167,8 +162,7 @@ class LogitPartitionHooks:
             return None
         self._called = True
         try:
-            context = self._context
-            phase = context.phase if context.active and context.phase else infer_phase(module)
+            phase = self._phase(module)
             if self._collecting(phase) and isinstance(output, torch.Tensor) and output.is_floating_point():
                 self._feed.add(self.name, phase, *lse_stats(output.detach(), self._keep(output)))
         except Exception as err:  # never let monitoring stop the model

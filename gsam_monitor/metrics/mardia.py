@@ -67,10 +67,10 @@ class MardiaAccumulator:
         """Sum the rows seen over the ranks of ``group``, in place, in one ``all_reduce``
         (on ``device`` when given: the backend's device). Every rank must hold the same fit:
         build it from a ``LayerStats`` already summed with ``LayerStats.all_reduce_``."""
-        import torch.distributed as dist
+        from gsam_monitor.stats.distributed import sum_over_ranks
 
         packed = torch.stack([self._sum, self._n]).to(device if device is not None else self._sum.device)
-        dist.all_reduce(packed, group=group)
+        sum_over_ranks([packed], group)
         self._sum.copy_(packed[0])
         self._n.copy_(packed[1])
         return self

@@ -90,22 +90,20 @@ def _rules_for(
         ValueError: naming the rule's metric and both fixes.
     """
     computed = {*metric_names, "nonfinite", "new_outlier_dims"}  # counted always; tracked always
-    if attention:
-        computed |= set(ATTENTION_ALERT_METRICS)
-    if logits:
-        computed |= set(LOGIT_ALERT_METRICS)
+    # The probes' metrics, measured only with their collection option.
+    probes = ((attention, ATTENTION_ALERT_METRICS, "attention_entropy=True"),
+              (logits, LOGIT_ALERT_METRICS, "logit_partition=True"))
+    for on, names, _ in probes:
+        if on:
+            computed |= set(names)
     missing = [r.metric for r in rules if r.metric not in computed]
-    if missing and explicit and missing[0] in LOGIT_ALERT_METRICS:
-        raise ValueError(
-            f"alerts: a rule watches {missing[0]!r}, which is measured only with "
-            f"collection=CollectOptions(logit_partition=True); turn it on or drop the rule."
-        )
     if missing and explicit:
-        if missing[0] in ATTENTION_ALERT_METRICS:
-            raise ValueError(
-                f"alerts: a rule watches {missing[0]!r}, which is measured only with "
-                f"collection=CollectOptions(attention_entropy=True); turn it on or drop the rule."
-            )
+        for _, names, option in probes:
+            if missing[0] in names:
+                raise ValueError(
+                    f"alerts: a rule watches {missing[0]!r}, which is measured only with "
+                    f"collection=CollectOptions({option}); turn it on or drop the rule."
+                )
         raise ValueError(
             f"alerts: a rule watches {missing[0]!r}, which metrics= does not compute; add {missing[0]!r} to "
             f"metrics= or drop the rule."
